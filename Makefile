@@ -1,0 +1,45 @@
+# stable-avatar-serve: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+
+.PHONY: setup system-deps test demo lint bench clean
+
+setup: $(STAMP) system-deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# ffmpeg/ffprobe from Debian when missing (the pipeline also runs on imageio-ffmpeg's binary, but the tests probe
+# outputs with ffprobe).
+system-deps:
+	@if ! command -v ffprobe >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+		else echo "please install ffmpeg (ffmpeg + ffprobe)"; exit 1; fi; \
+	fi
+
+test: setup
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/stable-avatar generate --preset tiny \
+		--image examples/portrait.png --audio examples/speech.wav \
+		--prompt "A person speaking to the camera, neutral background" --seed 42 -o demo.mp4
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/bench_inprocess.py
+
+clean:
+	rm -rf $(VENV) demo.mp4 .pytest_cache .ruff_cache

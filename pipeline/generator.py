@@ -1,0 +1,226 @@
+"""The in-process StableAvatar pipeline: prepare (media + conditioning) -> denoise (windows) -> finish (mp4).
+
+The three stages are separate methods with explicit inputs and outputs, because the service runs them in three
+different deployments (Preprocessor, Denoiser replicas driven by the Orchestrator, Postprocessor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from pipeline.conditioning import build_clip_context, build_y
+from pipeline.denoise import (
+    InProcessExecutor,
+    RequestConditioning,
+    StepCallback,
+    WindowDenoiser,
+    WindowStepExecutor,
+    denoise,
+    initial_noise,
+)
+from pipeline.loading import ModelBundle
+from pipeline.media.audio import decode_audio
+from pipeline.media.image import choose_size, load_image, resize_cover
+from pipeline.media.video import VideoWriter
+from pipeline.models.audio_encoder import audio_features
+from pipeline.models.vae import StreamingVaeDecoder, frames_to_uint8
+from pipeline.schema import AspectRatio
+from pipeline.text import NEGATIVE_PROMPT, PromptEncoder
+from pipeline.windows import FPS, SAMPLE_RATE, WeightScheme, WindowPlan, WindowPolicy, plan_windows
+
+LATENT_CHANNELS = 16
+VAE_SPATIAL = 8
+PATCH = 2
+MAX_SEED = 2**32 - 1
+
+
+class PipelineSettings(BaseModel):
+    """Knobs that are not part of the fal schema (service configuration, not per request)."""
+
+    overlap: int = Field(10, ge=2, le=20, description="Latent frames shared by neighbouring windows (fal: 10).")
+    window_policy: WindowPolicy = Field("full", description="'full' (default) or 'upstream' (bit parity).")
+    audio_window_frames: int = Field(
+        81, ge=81, le=84, description="Video frames of audio per window: 81 as trained; 84 is upstream HEAD.",
+    )
+    weight_scheme: WeightScheme = "uniform"
+    negative_prompt: str = NEGATIVE_PROMPT
+    decode_chunk_latents: int = Field(4, ge=1, le=64, description="Latent frames per streaming VAE decode chunk.")
+
+
+@dataclass
+class GenerationParams:
+    """One request's resolved parameters (the fal input minus the URLs)."""
+
+    prompt: str
+    aspect_ratio: AspectRatio = "auto"
+    guidance_scale: float = 5.0
+    audio_guidance_scale: float = 4.0
+    num_inference_steps: int = 50
+    seed: int | None = None
+
+
+@dataclass
+class PreparedRequest:
+    """Output of ``prepare``: the conditioning for the window-steps plus what ``finish`` needs."""
+
+    request_id: str
+    seed: int
+    width: int
+    height: int
+    plan: WindowPlan
+    conditioning: RequestConditioning
+    audio_bytes: bytes  # the original audio, muxed into the mp4
+    audio_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, LATENT_CHANNELS, self.plan.latent_frames, self.height // VAE_SPATIAL, self.width // VAE_SPATIAL)
+
+
+@dataclass
+class VideoResult:
+    path: Path
+    frames: int
+    width: int
+    height: int
+    file_size: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[str], None]
+
+
+def resolve_seed(seed: int | None) -> int:
+    return random.SystemRandom().randrange(MAX_SEED) if seed is None else int(seed)
+
+
+class StableAvatarPipeline:
+    """Holds the loaded components; each stage uses only the ones it needs."""
+
+    def __init__(self, models: ModelBundle, settings: PipelineSettings | None = None):
+        self.models = models
+        self.settings = settings or PipelineSettings()
+        self._prompt_encoder: PromptEncoder | None = None
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        if self._prompt_encoder is None:
+            self._prompt_encoder = PromptEncoder(
+                self.models.tokenizer, self.models.text_encoder, self.settings.negative_prompt)
+        return self._prompt_encoder
+
+    # -- stage 1: preprocess --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, image: bytes | Path, audio: bytes | Path, params: GenerationParams,
+                request_id: str | None = None, progress: ProgressCallback | None = None) -> PreparedRequest:
+        timings: dict[str, float] = {}
+        say = progress or (lambda _msg: None)
+        models, settings = self.models, self.settings
+
+        started = time.perf_counter()
+        audio_bytes = audio.read_bytes() if isinstance(audio, Path) else audio
+        samples = decode_audio(audio_bytes, SAMPLE_RATE)  # [n] float32 mono 16 kHz
+        plan = plan_windows(len(samples), settings.overlap, settings.window_policy, settings.audio_window_frames)
+        padded = np.zeros(plan.padded_audio_samples, dtype=np.float32)
+        padded[: len(samples)] = samples
+        features = [
+            audio_features(models.audio_encoder, models.feature_extractor, padded[w.audio_start:w.audio_end])
+            for w in plan.windows
+        ]  # per window: [1, N_k, audio_dim], computed once per request
+        timings["audio"] = time.perf_counter() - started
+        seconds = len(samples) / SAMPLE_RATE
+        say(f"decoded audio {seconds:.2f} s: {plan.output_frames} frames, {plan.num_windows} windows")
+
+        started = time.perf_counter()
+        picture = load_image(image)
+        width, height = choose_size(params.aspect_ratio, picture.width, picture.height, models.preset.resolutions)
+        image_u8 = resize_cover(picture, width, height)  # [H, W, 3] uint8
+        y = build_y(models.vae, image_u8)  # [1, 20, 21, h, w]
+        clip_context = build_clip_context(models.image_encoder, image_u8)  # [1, 257, image_dim]
+        timings["image"] = time.perf_counter() - started
+        say(f"conditioned on the image at {width}x{height}")
+
+        started = time.perf_counter()
+        positive = self.prompt_encoder.encode(params.prompt)
+        negative = self.prompt_encoder.negative()
+        timings["text"] = time.perf_counter() - started
+
+        tokens_per_frame = (height // VAE_SPATIAL // PATCH) * (width // VAE_SPATIAL // PATCH)
+        conditioning = RequestConditioning(
+            request_id=request_id or uuid.uuid4().hex,
+            text_positive=positive.cpu(), text_negative=negative.cpu(), clip_context=clip_context.cpu(),
+            y=y.cpu(), audio_features=[f.cpu() for f in features], seq_len=tokens_per_frame * 21,
+            num_steps=params.num_inference_steps, text_scale=params.guidance_scale,
+            audio_scale=params.audio_guidance_scale,
+        )
+        return PreparedRequest(
+            request_id=conditioning.request_id, seed=resolve_seed(params.seed), width=width, height=height,
+            plan=plan, conditioning=conditioning, audio_bytes=audio_bytes, audio_seconds=seconds, timings=timings,
+        )
+
+    # -- stage 2: denoise -----------------------------------------------------------------------------------
+    def initial_latents(self, prepared: PreparedRequest) -> torch.Tensor:
+        return initial_noise(prepared.seed, prepared.latent_shape, self.models.state_dtype)
+
+    def in_process_executor(self, prepared: PreparedRequest) -> InProcessExecutor:
+        return InProcessExecutor(WindowDenoiser(self.models.transformer), prepared.conditioning)
+
+    async def denoise(self, prepared: PreparedRequest, executor: WindowStepExecutor | None = None,
+                      on_step: StepCallback | None = None) -> torch.Tensor:
+        started = time.perf_counter()
+        latents = await denoise(
+            prepared.plan, self.initial_latents(prepared), prepared.conditioning.num_steps,
+            executor or self.in_process_executor(prepared), self.settings.weight_scheme, on_step=on_step,
+        )
+        prepared.timings["denoise"] = time.perf_counter() - started
+        return latents  # [1, 16, T, h, w]
+
+    # -- stage 3: decode + encode ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
+               progress: ProgressCallback | None = None) -> VideoResult:
+        """Stream-decode the latents chunk by chunk into ffmpeg: memory does not grow with the video length."""
+        say = progress or (lambda _msg: None)
+        started = time.perf_counter()
+        plan = prepared.plan
+        latents = latents[:, :, : plan.decoded_latent_frames].float()
+        decoder = StreamingVaeDecoder(self.models.vae)
+        decoder.reset()
+        chunk = self.settings.decode_chunk_latents
+        written = 0
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stable-avatar-")))
+            audio_path = tmp / "audio"
+            audio_path.write_bytes(prepared.audio_bytes)
+            writer = stack.enter_context(VideoWriter(out_path, prepared.width, prepared.height, fps=FPS,
+                                                     audio_path=audio_path, num_frames=plan.output_frames))
+            for start in range(0, latents.shape[2], chunk):
+                frames = decoder.feed(latents[:, :, start:start + chunk])  # [1, 3, f, H, W] in [-1, 1]
+                pixels = frames_to_uint8(frames)[: plan.output_frames - written]  # [f, H, W, 3]
+                if len(pixels):
+                    writer.write(pixels)
+                    written += len(pixels)
+        prepared.timings["decode_encode"] = time.perf_counter() - started
+        say(f"encoded {written} frames")
+        return VideoResult(out_path, written, prepared.width, prepared.height, out_path.stat().st_size,
+                           dict(prepared.timings))
+
+    async def generate(self, image: bytes | Path, audio: bytes | Path, params: GenerationParams, out_path: Path,
+                       executor_factory: Callable[[PreparedRequest], WindowStepExecutor] | None = None,
+                       progress: ProgressCallback | None = None) -> tuple[PreparedRequest, VideoResult]:
+        prepared = self.prepare(image, audio, params, progress=progress)
+        executor = executor_factory(prepared) if executor_factory else None
+        latents = await self.denoise(prepared, executor)
+        return prepared, self.finish(prepared, latents, out_path, progress=progress)

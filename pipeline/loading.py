@@ -1,0 +1,207 @@
+"""Builds the model components of a preset: random weights from a fixed seed, or the official checkpoints.
+
+Components load independently (the Ray deployments each need a different subset). Every checkpoint goes through
+an explicit key map that refuses missing or unexpected keys. Dtypes: on a GPU the DiT and T5 run in bf16 and the
+VAE, CLIP and wav2vec in fp32 (as upstream); on the CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipeline.presets import ModelPreset, TransformerVariant
+
+log = logging.getLogger(__name__)
+
+Component = Literal["transformer", "vae", "text_encoder", "image_encoder", "audio_encoder"]
+ALL_COMPONENTS: tuple[Component, ...] = ("transformer", "vae", "text_encoder", "image_encoder", "audio_encoder")
+SEED_OFFSETS: dict[str, int] = {name: i for i, name in enumerate(ALL_COMPONENTS)}
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A file of the official layout is missing; names the file and how to get it."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The official directory layout (as in the ``FrancisRing/StableAvatar`` download)."""
+
+    root: Path
+    variant: TransformerVariant = "square"
+
+    @property
+    def wan_dir(self) -> Path:
+        return self.root / "Wan2.1-Fun-V1.1-1.3B-InP"
+
+    @property
+    def transformer_base(self) -> Path:
+        return self.wan_dir / "diffusion_pytorch_model.safetensors"
+
+    @property
+    def transformer_audio(self) -> Path:
+        return self.root / "StableAvatar-1.3B" / f"transformer3d-{self.variant}.pt"
+
+    @property
+    def vae(self) -> Path:
+        return self.wan_dir / "Wan2.1_VAE.pth"
+
+    @property
+    def text_encoder(self) -> Path:
+        return self.wan_dir / "models_t5_umt5-xxl-enc-bf16.pth"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.wan_dir / "google" / "umt5-xxl"
+
+    @property
+    def image_encoder(self) -> Path:
+        return self.wan_dir / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+    @property
+    def audio_encoder(self) -> Path:
+        return self.root / "wav2vec2-base-960h"
+
+    def require(self, *paths: Path) -> None:
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise CheckpointNotFoundError(
+                "checkpoint files not found: " + ", ".join(str(p) for p in missing)
+                + f" (expected the official layout under {self.root}; "
+                "get it with `stable-avatar download-weights --dir DIR`)"
+            )
+
+
+@dataclass
+class ModelBundle:
+    """The loaded components (``None`` for those not asked for) and the dtypes the pipeline must use."""
+
+    preset: ModelPreset
+    device: torch.device
+    state_dtype: torch.dtype  # dtype of the sampling state (latents, CFG arithmetic)
+    transformer: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    image_encoder: Any = None
+    audio_encoder: Any = None
+    feature_extractor: Any = None
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def component_dtype(component: Component, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if component in ("transformer", "text_encoder") else torch.float32
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Skip random initialisation while constructing a module whose weights are loaded right after."""
+    names = ["normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_", "orthogonal_"]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def _build(factory: Callable[[], torch.nn.Module], preset: ModelPreset, component: Component,
+           device: torch.device) -> torch.nn.Module:
+    """Random presets: seeded init directly on the device. Checkpoint presets: skip init, weights come next."""
+    if preset.is_random:
+        torch.manual_seed(preset.random_seed + SEED_OFFSETS[component])
+        with torch.device(device):
+            return factory().eval()
+    with _skip_weight_init():
+        return factory().eval()
+
+
+def load_models(
+    preset: ModelPreset,
+    components: Iterable[Component] = ALL_COMPONENTS,
+    checkpoints: Path | None = None,
+    device: str | torch.device = "cpu",
+    variant: TransformerVariant = "square",
+) -> ModelBundle:
+    """Load the requested components of ``preset`` onto ``device``."""
+    from pipeline.keymaps.files import read_state_dict
+    from pipeline.models.audio_encoder import build_audio_encoder, build_feature_extractor, load_audio_encoder
+    from pipeline.models.image_encoder import build_image_encoder
+    from pipeline.models.text_encoder import build_text_encoder
+    from pipeline.models.transformer import StableAvatarTransformer3DModel
+    from pipeline.models.vae import build_vae
+    from pipeline.text import ByteTokenizer, HFTokenizer
+
+    device = torch.device(device)
+    wanted = list(dict.fromkeys(components))
+    layout: CheckpointLayout | None = None
+    if not preset.is_random:
+        if checkpoints is None:
+            raise CheckpointNotFoundError(f"preset {preset.name!r} needs --checkpoints DIR (the official layout)")
+        layout = CheckpointLayout(Path(checkpoints), variant)
+    bundle = ModelBundle(preset, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+    for component in wanted:
+        started = time.perf_counter()
+        dtype = component_dtype(component, device)
+        if component == "transformer":
+            model = _build(lambda: StableAvatarTransformer3DModel(**preset.transformer), preset, component, device)
+            if layout:
+                from pipeline.keymaps.transformer import load_transformer_state_dict, transformer_state_dict_from_files
+
+                layout.require(layout.transformer_base, layout.transformer_audio)
+                state = transformer_state_dict_from_files([layout.transformer_base, layout.transformer_audio])
+                load_transformer_state_dict(model, state)
+            bundle.transformer = model.to(device, dtype)
+        elif component == "vae":
+            model = _build(lambda: build_vae(**preset.vae), preset, component, device)
+            if layout:
+                from pipeline.keymaps.vae import load_vae_weights
+
+                layout.require(layout.vae)
+                load_vae_weights(model, read_state_dict(layout.vae))
+            bundle.vae = model.to(device, dtype)
+        elif component == "text_encoder":
+            model = _build(lambda: build_text_encoder(**preset.text_encoder), preset, component, device)
+            if layout:
+                from pipeline.keymaps.text_encoder import load_text_encoder_weights
+
+                layout.require(layout.text_encoder, layout.tokenizer)
+                load_text_encoder_weights(model, read_state_dict(layout.text_encoder))
+                bundle.tokenizer = HFTokenizer(layout.tokenizer)
+            else:
+                bundle.tokenizer = ByteTokenizer(preset.text_encoder["vocab_size"])
+            bundle.text_encoder = model.to(device, dtype)
+        elif component == "image_encoder":
+            model = _build(lambda: build_image_encoder(**preset.image_encoder), preset, component, device)
+            if layout:
+                from pipeline.keymaps.image_encoder import load_image_encoder_weights
+
+                layout.require(layout.image_encoder)
+                load_image_encoder_weights(model, read_state_dict(layout.image_encoder))
+            bundle.image_encoder = model.to(device, dtype)
+        elif component == "audio_encoder":
+            if layout:
+                layout.require(layout.audio_encoder)
+                model, extractor = load_audio_encoder(layout.audio_encoder, device, dtype)
+            else:
+                model = _build(lambda: build_audio_encoder(**preset.audio_encoder), preset, component, device)
+                extractor = build_feature_extractor(**preset.feature_extractor)
+            bundle.audio_encoder, bundle.feature_extractor = model.to(device, dtype), extractor
+        else:
+            raise ValueError(f"unknown component {component!r}")
+        bundle.load_seconds[component] = time.perf_counter() - started
+        log.info("loaded %s (%s) in %.1f s", component, preset.name, bundle.load_seconds[component])
+    return bundle

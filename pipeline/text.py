@@ -1,0 +1,86 @@
+"""Prompt tokenisation and T5 encoding, with the fixed negative prompt encoded once per process.
+
+The real preset uses the umt5-xxl tokenizer shipped in the checkpoint folder. Presets with random weights use a
+byte-level tokenizer (no files to download): their text embeddings are meaningless anyway, but the shapes, the
+512-token padding and the masking are the same as the real path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+TEXT_LENGTH = 512  # T5 tokens; the DiT hard-codes a 512-row text context
+
+# Wan's default negative prompt, hard-coded by StableAvatar's inference.py and fal's fork.
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"  # noqa: RUF001
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"  # noqa: RUF001
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # noqa: RUF001
+)
+
+Tokenizer = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def clean_prompt(text: str) -> str:
+    """Collapse whitespace, as Wan's prompt cleaner does."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (2..257 folded into the vocabulary), EOS = 1, pad = 0, padded to 512."""
+
+    def __init__(self, vocab_size: int, max_length: int = TEXT_LENGTH):
+        self.vocab_size, self.max_length = vocab_size, max_length
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            tokens = [2 + b % (self.vocab_size - 2) for b in clean_prompt(prompt).encode()][: self.max_length - 1]
+            tokens.append(1)
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        return ids, mask
+
+
+class HFTokenizer:
+    """The umt5-xxl tokenizer from the checkpoint folder (offline), padded to 512 with truncation."""
+
+    def __init__(self, folder: Path, max_length: int = TEXT_LENGTH):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.max_length = max_length
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tokenizer(
+            [clean_prompt(p) for p in prompts], padding="max_length", max_length=self.max_length,
+            truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        return out.input_ids, out.attention_mask
+
+
+class PromptEncoder:
+    """Encodes prompts to unpadded T5 rows ``[n_tokens, d]``; the negative prompt is computed once and cached."""
+
+    def __init__(self, tokenizer: Tokenizer, text_encoder: torch.nn.Module, negative_prompt: str = NEGATIVE_PROMPT):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.negative_prompt = negative_prompt
+        self._negative: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> torch.Tensor:
+        from pipeline.models.text_encoder import encode_prompts
+
+        ids, mask = self.tokenizer([prompt])
+        device = next(self.text_encoder.parameters()).device
+        return encode_prompts(self.text_encoder, ids.to(device), mask.to(device))[0]
+
+    def negative(self) -> torch.Tensor:
+        if self._negative is None:
+            self._negative = self.encode(self.negative_prompt)
+        return self._negative
