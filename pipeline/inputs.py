@@ -21,7 +21,7 @@ DEFAULT_TIMEOUT_S = 30.0
 def decode_data_uri(uri: str, field: str) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep:
-        raise MediaError(f"malformed data URI (no comma)", field=field)
+        raise MediaError("malformed data URI (no comma)", field=field)
     try:
         if header.endswith(";base64"):
             return base64.b64decode(payload, validate=True)
@@ -52,5 +52,5 @@ def read_source(ref: str | Path, field: str, max_bytes: int = DEFAULT_MAX_BYTES,
     if len(data) > max_bytes:
         raise MediaError(f"larger than the limit of {max_bytes} bytes", field=field)
     if not data:
-        raise MediaError(f"empty input", field=field)
+        raise MediaError("empty input", field=field)
     return data

@@ -117,6 +117,12 @@ def _skip_weight_init() -> Iterator[None]:
             setattr(torch.nn.init, n, fn)
 
 
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to the device; cast only when the dtype changes (diffusers warns on no-op casts)."""
+    model = model.to(device)
+    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
+
+
 def _build(factory: Callable[[], torch.nn.Module], preset: ModelPreset, component: Component,
            device: torch.device) -> torch.nn.Module:
     """Random presets: seeded init directly on the device. Checkpoint presets: skip init, weights come next."""
@@ -159,12 +165,16 @@ def load_models(
         if component == "transformer":
             model = _build(lambda: StableAvatarTransformer3DModel(**preset.transformer), preset, component, device)
             if layout:
-                from pipeline.keymaps.transformer import load_transformer_state_dict, transformer_state_dict_from_files
+                from pipeline.keymaps.transformer import (
+                    load_transformer_state_dict,
+                    transformer_state_dict_from_files,
+                )
 
                 layout.require(layout.transformer_base, layout.transformer_audio)
                 state = transformer_state_dict_from_files([layout.transformer_base, layout.transformer_audio])
                 load_transformer_state_dict(model, state)
-            bundle.transformer = model.to(device, dtype)
+            # Keep diffusers' fp32 modules (norms, modulation tables, time embedder) in fp32 under bf16.
+            bundle.transformer = model.to(device).to_inference_dtype(dtype)
         elif component == "vae":
             model = _build(lambda: build_vae(**preset.vae), preset, component, device)
             if layout:
@@ -172,7 +182,7 @@ def load_models(
 
                 layout.require(layout.vae)
                 load_vae_weights(model, read_state_dict(layout.vae))
-            bundle.vae = model.to(device, dtype)
+            bundle.vae = _place(model, device, dtype)
         elif component == "text_encoder":
             model = _build(lambda: build_text_encoder(**preset.text_encoder), preset, component, device)
             if layout:
@@ -183,7 +193,7 @@ def load_models(
                 bundle.tokenizer = HFTokenizer(layout.tokenizer)
             else:
                 bundle.tokenizer = ByteTokenizer(preset.text_encoder["vocab_size"])
-            bundle.text_encoder = model.to(device, dtype)
+            bundle.text_encoder = _place(model, device, dtype)
         elif component == "image_encoder":
             model = _build(lambda: build_image_encoder(**preset.image_encoder), preset, component, device)
             if layout:
@@ -191,7 +201,7 @@ def load_models(
 
                 layout.require(layout.image_encoder)
                 load_image_encoder_weights(model, read_state_dict(layout.image_encoder))
-            bundle.image_encoder = model.to(device, dtype)
+            bundle.image_encoder = _place(model, device, dtype)
         elif component == "audio_encoder":
             if layout:
                 layout.require(layout.audio_encoder)
@@ -199,7 +209,7 @@ def load_models(
             else:
                 model = _build(lambda: build_audio_encoder(**preset.audio_encoder), preset, component, device)
                 extractor = build_feature_extractor(**preset.feature_extractor)
-            bundle.audio_encoder, bundle.feature_extractor = model.to(device, dtype), extractor
+            bundle.audio_encoder, bundle.feature_extractor = _place(model, device, dtype), extractor
         else:
             raise ValueError(f"unknown component {component!r}")
         bundle.load_seconds[component] = time.perf_counter() - started
