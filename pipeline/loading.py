@@ -7,10 +7,9 @@ VAE, CLIP and wav2vec in fp32 (as upstream); on the CPU everything is fp32.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,21 +101,6 @@ def component_dtype(component: Component, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if component in ("transformer", "text_encoder") else torch.float32
 
 
-@contextlib.contextmanager
-def _skip_weight_init() -> Iterator[None]:
-    """Skip random initialisation while constructing a module whose weights are loaded right after."""
-    names = ["normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-             "trunc_normal_", "zeros_", "ones_", "constant_", "orthogonal_"]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
-
-
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move to the device; cast only when the dtype changes (diffusers warns on no-op casts)."""
     model = model.to(device)
@@ -125,12 +109,16 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 def _build(factory: Callable[[], torch.nn.Module], preset: ModelPreset, component: Component,
            device: torch.device) -> torch.nn.Module:
-    """Random presets: seeded init directly on the device. Checkpoint presets: skip init, weights come next."""
+    """Random presets: seeded init directly on the device. Checkpoint presets: parameters on the meta device (no
+    memory, no init; buffers stay real), so the checkpoint tensors are assigned in place: the 6.7B T5 is never
+    materialised in fp32 first."""
     if preset.is_random:
         torch.manual_seed(preset.random_seed + SEED_OFFSETS[component])
         with torch.device(device):
             return factory().eval()
-    with _skip_weight_init():
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
         return factory().eval()
 
 
@@ -181,7 +169,7 @@ def load_models(
                 from pipeline.keymaps.vae import load_vae_weights
 
                 layout.require(layout.vae)
-                load_vae_weights(model, read_state_dict(layout.vae))
+                load_vae_weights(model, read_state_dict(layout.vae), assign=True)
             bundle.vae = _place(model, device, dtype)
         elif component == "text_encoder":
             model = _build(lambda: build_text_encoder(**preset.text_encoder), preset, component, device)
@@ -189,7 +177,7 @@ def load_models(
                 from pipeline.keymaps.text_encoder import load_text_encoder_weights
 
                 layout.require(layout.text_encoder, layout.tokenizer)
-                load_text_encoder_weights(model, read_state_dict(layout.text_encoder))
+                load_text_encoder_weights(model, read_state_dict(layout.text_encoder), assign=True)
                 bundle.tokenizer = HFTokenizer(layout.tokenizer)
             else:
                 bundle.tokenizer = ByteTokenizer(preset.text_encoder["vocab_size"])
@@ -200,7 +188,7 @@ def load_models(
                 from pipeline.keymaps.image_encoder import load_image_encoder_weights
 
                 layout.require(layout.image_encoder)
-                load_image_encoder_weights(model, read_state_dict(layout.image_encoder))
+                load_image_encoder_weights(model, read_state_dict(layout.image_encoder), assign=True)
             bundle.image_encoder = _place(model, device, dtype)
         elif component == "audio_encoder":
             if layout:
