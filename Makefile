@@ -31,9 +31,7 @@ test: setup
 	$(BIN)/pytest -q
 
 demo: setup
-	$(BIN)/stable-avatar generate --preset tiny \
-		--image examples/portrait.png --audio examples/speech.wav \
-		--prompt "A person speaking to the camera, neutral background" --seed 42 -o demo.mp4
+	$(BIN)/python examples/run_demo.py
 
 lint: setup
 	$(BIN)/ruff check .

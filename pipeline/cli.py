@@ -90,6 +90,12 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from deployments.launcher import serve_main
+
+    return serve_main(args.config)
+
+
 def run_download(args: argparse.Namespace) -> int:
     from pipeline.weights import download_weights
 
@@ -103,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_download(sub)
+    serve = sub.add_parser("serve", help="run the service locally (Ray Serve) from a Serve config file")
+    serve.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
     return parser
 
 
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=os.environ.get("STABLE_AVATAR_LOG_LEVEL", "WARNING"))
     args = build_parser().parse_args(argv)
-    handlers = {"generate": run_generate, "download-weights": run_download}
+    handlers = {"generate": run_generate, "download-weights": run_download, "serve": run_serve}
     try:
         return handlers[args.command](args)
     except MediaError as exc:

@@ -7,6 +7,7 @@ different deployments (Preprocessor, Denoiser replicas driven by the Orchestrato
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import tempfile
 import time
@@ -79,10 +80,14 @@ class PreparedRequest:
     width: int
     height: int
     plan: WindowPlan
-    conditioning: RequestConditioning
+    conditioning: RequestConditioning | None
     audio_bytes: bytes  # the original audio, muxed into the mp4
     audio_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+
+    def without_conditioning(self) -> PreparedRequest:
+        """A light copy for the decode stage, which needs the geometry and the audio but not the tensors."""
+        return dataclasses.replace(self, conditioning=None, timings=dict(self.timings))
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:

@@ -138,6 +138,8 @@ def load_models(
     from pipeline.models.vae import build_vae
     from pipeline.text import ByteTokenizer, HFTokenizer
 
+    if preset.torch_threads is not None:
+        torch.set_num_threads(preset.torch_threads)
     device = torch.device(device)
     wanted = list(dict.fromkeys(components))
     layout: CheckpointLayout | None = None

@@ -77,6 +77,9 @@ class ModelPreset:
     resolutions: dict[str, tuple[int, int]]
     feature_extractor: dict[str, Any] = field(default_factory=lambda: dict(FEATURE_EXTRACTOR))
     random_seed: int = 20250821
+    # CPU float results depend on torch's thread count; the tiny preset pins it so that a Ray replica computes
+    # exactly what the CLI computes. None leaves torch's default (GPU presets).
+    torch_threads: int | None = None
 
     @property
     def is_random(self) -> bool:
@@ -90,6 +93,7 @@ PRESETS: dict[str, ModelPreset] = {
         weights="random", tokenizer="bytes",
         transformer=TINY_TRANSFORMER, vae=TINY_VAE, text_encoder=TINY_TEXT_ENCODER,
         image_encoder=TINY_IMAGE_ENCODER, audio_encoder=TINY_AUDIO_ENCODER, resolutions=TINY_RESOLUTIONS,
+        torch_threads=1,
     ),
     "stableavatar-1.3b": ModelPreset(
         name="stableavatar-1.3b",

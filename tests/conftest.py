@@ -36,3 +36,7 @@ class Golden:
 @pytest.fixture(scope="session")
 def golden():
     return Golden
+
+
+# A real SeaweedFS S3 server (session scope), started on first use.
+from tests.seaweedfs import seaweedfs  # noqa: E402, F401

@@ -31,3 +31,50 @@ def probe(path: Path) -> dict:
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def data_uri(path: Path, mime: str) -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def http_json(method: str, url: str, body: dict | None = None, headers: dict | None = None,
+              timeout: float = 300) -> tuple[int, dict, dict]:
+    """(status, json body, headers) without raising on 4xx/5xx."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, _parse(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, _parse(err.read()), dict(err.headers)
+
+
+def _parse(payload: bytes):
+    """JSON, or ``{"raw": text}`` for the plain-text answers of a proxy that is still starting."""
+    if not payload:
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return {"raw": payload.decode(errors="replace")}
+
+
+def http_bytes(url: str, timeout: float = 60) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()

@@ -1,0 +1,31 @@
+"""The application builder: ``serve_config.yaml`` points at ``deployments.app:build_app``.
+
+    Gateway (FastAPI ingress) -> Orchestrator -> Preprocessor
+                                              -> Denoiser x N (autoscaled, GPU)
+                                              -> Postprocessor
+"""
+
+
+from ray.serve import Application
+
+from deployments.config import APP_NAME, AppArgs
+from deployments.denoiser import Denoiser
+from deployments.gateway import Gateway
+from deployments.orchestrator import Orchestrator
+from deployments.postprocessor import Postprocessor
+from deployments.preprocessor import Preprocessor
+from deployments.storage import LocalStorageConfig
+
+__all__ = ["APP_NAME", "AppArgs", "build_app"]
+
+
+def build_app(args: AppArgs) -> Application:
+    if isinstance(args.storage, LocalStorageConfig) and not args.storage.root.is_absolute():
+        # Replicas may run in another working directory: pin the path where the config was read.
+        args = args.model_copy(update={"storage": args.storage.model_copy(update={"root": args.storage.root.resolve()})})
+    preprocessor = Preprocessor.options(**args.preprocessor.serve_options()).bind(args)
+    denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
+    postprocessor = Postprocessor.options(**args.postprocessor.serve_options()).bind(args)
+    orchestrator = Orchestrator.options(**args.orchestrator.serve_options()).bind(
+        preprocessor, denoiser, postprocessor, args)
+    return Gateway.options(**args.gateway.serve_options()).bind(orchestrator, args)

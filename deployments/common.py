@@ -1,0 +1,21 @@
+"""Helpers shared by the deployments: model loading per replica and logging."""
+
+from __future__ import annotations
+
+import logging
+
+from deployments.config import AppArgs, DeploymentOptions
+from pipeline.loading import Component, ModelBundle, load_models
+from pipeline.presets import get_preset
+
+logger = logging.getLogger("ray.serve")
+
+
+def load_replica_models(args: AppArgs, options: DeploymentOptions, components: list[Component]) -> ModelBundle:
+    """Load the components this replica needs, once, in its constructor."""
+    device = args.torch_device(options.num_gpus)
+    bundle = load_models(get_preset(args.preset), components, checkpoints=args.checkpoints, device=device,
+                         variant=args.variant)
+    logger.info("loaded %s of preset %s on %s in %s", ", ".join(components), args.preset, device,
+                {k: round(v, 2) for k, v in bundle.load_seconds.items()})
+    return bundle

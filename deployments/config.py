@@ -1,0 +1,111 @@
+"""``AppArgs``: the typed arguments of the application builder (the ``args:`` block of ``serve_config.yaml``).
+
+Ray Serve validates the block against this model before deploying, so a typo or an out-of-range value stops the
+deploy with a message instead of starting a half-configured service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.storage import LocalStorageConfig, StorageConfig
+from pipeline.generator import PipelineSettings
+from pipeline.presets import PRESETS
+
+APP_NAME = "stable-avatar"  # serve.get_app_handle(APP_NAME)
+DEFAULT_APP_ID = "fal-ai/stable-avatar"
+
+
+class Autoscaling(BaseModel):
+    """The subset of Ray Serve's ``autoscaling_config`` we expose, with values checked up front."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(1.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class DeploymentOptions(BaseModel):
+    """Resources and scaling of one deployment: fixed ``num_replicas`` or ``autoscaling``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+
+    def serve_options(self) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gb:
+            actor["memory"] = int(self.memory_gb * 2**30)
+        options: dict[str, Any] = {"ray_actor_options": actor}
+        if self.autoscaling is not None:
+            options["num_replicas"] = "auto"
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas
+        if self.max_ongoing_requests is not None:
+            options["max_ongoing_requests"] = self.max_ongoing_requests
+        return options
+
+
+def _denoiser_defaults() -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=1,
+                             autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1))
+
+
+class AppArgs(BaseModel):
+    """Everything the service needs to know; defaults are the embedded, CPU-only, tiny set-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: str = Field(DEFAULT_APP_ID, description="fal application id served under /run/<app_id>")
+    preset: str = Field("tiny", description="model preset: " + ", ".join(PRESETS))
+    checkpoints: Path | None = Field(None, description="official checkpoint layout (preset stableavatar-1.3b)")
+    variant: Literal["square", "rec-vec"] = "square"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    storage: StorageConfig = Field(default_factory=LocalStorageConfig)
+    window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
+    conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
+
+    gateway: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    orchestrator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
+    preprocessor: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    denoiser: DeploymentOptions = Field(default_factory=_denoiser_defaults)
+    postprocessor: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if PRESETS[self.preset].weights == "checkpoint" and self.checkpoints is None:
+            raise ValueError(f"preset {self.preset!r} needs 'checkpoints' (the official checkpoint layout)")
+        return self
+
+    def torch_device(self, num_gpus: float) -> str:
+        """``auto`` means CUDA when the replica was given a GPU share and CUDA is there."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

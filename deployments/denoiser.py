@@ -1,0 +1,60 @@
+"""Denoiser: one window, one step per call (batch-3 CFG forward + Euler step); the GPU deployment.
+
+Conditioning is published once per request into the object store; the Orchestrator passes its ``ObjectRef``
+wrapped in a list (so Ray does not resolve it on every call) and the replica caches the value per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import ray
+import torch
+from ray import serve
+
+from deployments.common import load_replica_models
+from deployments.config import AppArgs
+from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
+
+
+@serve.deployment(name="Denoiser", max_ongoing_requests=1)
+class Denoiser:
+    def __init__(self, args: AppArgs):
+        bundle = load_replica_models(args, args.denoiser, ["transformer"])
+        self.denoiser = WindowDenoiser(bundle.transformer)
+        self.cache: OrderedDict[str, RequestConditioning] = OrderedDict()
+        self.cache_size = args.conditioning_cache_size
+        self._gpu = asyncio.Lock()
+        self.window_steps = 0
+
+    async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
+        if request_id in self.cache:
+            self.cache.move_to_end(request_id)
+            return self.cache[request_id]
+        conditioning = await ref
+        self.cache[request_id] = conditioning
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return conditioning
+
+    async def step(self, conditioning: list[ray.ObjectRef], request_id: str, work: WindowStep) -> torch.Tensor:
+        cond = await self._conditioning(request_id, conditioning[0])
+        async with self._gpu:
+            # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
+            # runs, keep the lock until it has finished, so a cancelled job never overlaps the next one on the GPU.
+            task = asyncio.ensure_future(asyncio.to_thread(self.denoiser, cond, work))
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await asyncio.wait([task])
+                raise
+        self.window_steps += 1
+        return result
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's conditioning (called by broadcast when the job ends)."""
+        self.cache.pop(request_id, None)
+
+    def stats(self) -> dict:
+        return {"window_steps": self.window_steps, "cached_requests": list(self.cache)}

@@ -1,0 +1,31 @@
+"""Map exceptions (raised here or inside another deployment) to fal-style HTTP error bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.media.errors import MediaError
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """Unwrap Ray's ``RayTaskError`` (which carries the remote exception as ``cause``)."""
+    seen = 0
+    while getattr(exc, "cause", None) is not None and seen < 8:
+        exc = exc.cause  # type: ignore[assignment]
+        seen += 1
+    return exc
+
+
+def validation_detail(field: str, message: str, kind: str = "value_error") -> list[dict[str, Any]]:
+    """fal's (FastAPI's) 422 ``detail`` list format."""
+    return [{"loc": ["body", field], "msg": message, "type": kind}]
+
+
+def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(status, body) for an exception; client errors are 4xx with the field named, the rest 500."""
+    cause = root_cause(exc)
+    if isinstance(cause, MediaError):
+        return 422, {"detail": validation_detail(cause.field, str(cause))}
+    if isinstance(cause, ValueError):
+        return 422, {"detail": validation_detail("audio_url", str(cause))}
+    return 500, {"detail": f"internal error ({type(cause).__name__}); see the server logs"}

@@ -1,0 +1,74 @@
+"""``serve run serve_config.yaml`` as a new user runs it: the app gets healthy, the sync route returns an mp4 URL.
+
+Only the port and the data folder are changed (a copy of the file), so the test does not collide with anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.helpers import (
+    EXAMPLE_AUDIO,
+    EXAMPLE_IMAGE,
+    REPO_ROOT,
+    data_uri,
+    free_port,
+    http_bytes,
+    http_json,
+    probe,
+)
+
+
+def test_serve_run_with_the_shipped_config(tmp_path):
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    storage = config["applications"][0]["args"]["storage"]
+    storage.update(root=str(tmp_path / "data"), public_base_url=f"http://127.0.0.1:{port}")
+    config_path = tmp_path / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    serve_bin = Path(sys.executable).with_name("serve")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([str(serve_bin), "run", str(config_path)], cwd=REPO_ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            output = (tmp_path / "serve.log").read_text()
+            assert server.poll() is None and "Exception importing application" not in output, output[-3000:]
+            try:
+                code, body, _ = http_json("GET", f"{base}/health", timeout=5)
+                if code == 200 and body["status"] == "ok":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "not healthy in time"
+            time.sleep(1)
+        request = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(EXAMPLE_AUDIO, "audio/wav"),
+                   "prompt": "a person talking", "num_inference_steps": 2}
+        code, result, _ = http_json("POST", f"{base}/run/fal-ai/stable-avatar", request)
+        assert code == 200, result
+        assert result["video"]["url"].startswith(f"{base}/files/")
+        video = tmp_path / "out.mp4"
+        video.write_bytes(http_bytes(result["video"]["url"]))
+        info = probe(video)
+        assert {s["codec_name"] for s in info["streams"]} == {"h264", "aac"}
+        assert abs(float(info["format"]["duration"]) - 5.68) < 0.04
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
