@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps test demo lint bench clean
+.PHONY: setup system-deps js-deps test demo lint bench clean
 
 setup: $(STAMP) system-deps
 
@@ -27,7 +27,14 @@ system-deps:
 		else echo "please install ffmpeg (ffmpeg + ffprobe)"; exit 1; fi; \
 	fi
 
-test: setup
+# The official JS client (@fal-ai/client, pinned in tests/js/package-lock.json) for tests/test_fal_clients.py.
+js-deps: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package-lock.json tests/js/package.json
+	npm ci --prefix tests/js --no-audit --no-fund
+	touch $@
+
+test: setup js-deps
 	$(BIN)/pytest -q
 
 demo: setup

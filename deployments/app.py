@@ -1,8 +1,8 @@
 """The application builder: ``serve_config.yaml`` points at ``deployments.app:build_app``.
 
-    Gateway (FastAPI ingress) -> Orchestrator -> Preprocessor
-                                              -> Denoiser x N (autoscaled, GPU)
-                                              -> Postprocessor
+    Gateway (FastAPI ingress) -> JobQueue (1 replica, durable) -> Orchestrator -> Preprocessor
+                              -> Orchestrator (sync route)                  -> Denoiser x N (autoscaled, GPU)
+                                                                            -> Postprocessor
 """
 
 
@@ -11,6 +11,7 @@ from ray.serve import Application
 from deployments.config import APP_NAME, AppArgs
 from deployments.denoiser import Denoiser
 from deployments.gateway import Gateway
+from deployments.job_queue import JobQueue
 from deployments.orchestrator import Orchestrator
 from deployments.postprocessor import Postprocessor
 from deployments.preprocessor import Preprocessor
@@ -28,4 +29,8 @@ def build_app(args: AppArgs) -> Application:
     postprocessor = Postprocessor.options(**args.postprocessor.serve_options()).bind(args)
     orchestrator = Orchestrator.options(**args.orchestrator.serve_options()).bind(
         preprocessor, denoiser, postprocessor, args)
-    return Gateway.options(**args.gateway.serve_options()).bind(orchestrator, args)
+    # The JobQueue owns the queue's order and state in memory: exactly one replica.
+    queue_options = args.job_queue.serve_options() | {"num_replicas": 1}
+    queue_options.pop("autoscaling_config", None)
+    job_queue = JobQueue.options(**queue_options).bind(orchestrator, args)
+    return Gateway.options(**args.gateway.serve_options()).bind(orchestrator, job_queue, args)

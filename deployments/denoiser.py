@@ -27,6 +27,7 @@ class Denoiser:
         self.cache_size = args.conditioning_cache_size
         self._gpu = asyncio.Lock()
         self.window_steps = 0
+        self.replica_id = serve.get_replica_context().replica_tag
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:
@@ -38,7 +39,9 @@ class Denoiser:
             self.cache.popitem(last=False)
         return conditioning
 
-    async def step(self, conditioning: list[ray.ObjectRef], request_id: str, work: WindowStep) -> torch.Tensor:
+    async def step(self, conditioning: list[ray.ObjectRef], request_id: str,
+                   work: WindowStep) -> tuple[torch.Tensor, str]:
+        """Returns the window's post-step latents and this replica's id (for progress reporting)."""
         cond = await self._conditioning(request_id, conditioning[0])
         async with self._gpu:
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
@@ -50,7 +53,7 @@ class Denoiser:
                 await asyncio.wait([task])
                 raise
         self.window_steps += 1
-        return result
+        return result, self.replica_id
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's conditioning (called by broadcast when the job ends)."""

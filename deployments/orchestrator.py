@@ -1,14 +1,19 @@
 """Orchestrator: runs one job (prepare -> denoise loop over Denoiser replicas -> finish), async.
 
 The denoising loop is the pipeline's own ``denoise``; only the executor differs from the CLI, which is why the
-service's output is bit-identical to ``stable-avatar generate``.
+service's output is bit-identical to ``stable-avatar generate``. Fused latents are checkpointed to storage every
+few steps, so a job whose Orchestrator died resumes where it was instead of starting over.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
+import random
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import ray
@@ -17,13 +22,16 @@ from ray import serve
 
 from deployments.config import AppArgs
 from deployments.ray_executor import RayDenoiserExecutor
+from deployments.results import public_result, stored_output
+from deployments.storage import make_storage
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest
 from pipeline.presets import get_preset
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
 
 logger = logging.getLogger("ray.serve")
-PROGRESS_KEEP = 1000  # finished jobs whose progress stays readable
+PROGRESS_KEEP = 1000  # finished jobs whose progress stays readable here
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -35,11 +43,6 @@ class JobProgress:
     total_steps: int = 0
     windows: int = 0
     logs: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
-
-    def log(self, message: str) -> None:
-        self.logs.append(message)
-        logger.info(message)
 
     def as_dict(self) -> dict:
         fraction = self.step / self.total_steps if self.total_steps else 0.0
@@ -47,66 +50,77 @@ class JobProgress:
                 "progress": 1.0 if self.stage == "completed" else round(fraction, 4), "logs": list(self.logs)}
 
 
-@serve.deployment(name="Orchestrator", max_ongoing_requests=16)
+class Reporter:
+    """Progress sink of one run: in-memory for the sync route, forwarded to the JobQueue for queued jobs."""
+
+    def __init__(self, progress: JobProgress, job_queue=None, request_id: str = ""):
+        self.progress, self.job_queue, self.request_id = progress, job_queue, request_id
+
+    async def __call__(self, stage: str | None = None, message: str | None = None, level: str = "INFO") -> None:
+        p = self.progress
+        if stage:
+            p.stage = stage
+        if message:
+            p.logs.append(message)
+            logger.info("%s: %s", self.request_id, message)
+        if self.job_queue is not None:
+            fraction = p.step / p.total_steps if p.total_steps else 0.0
+            cancelled = await self.job_queue.report.remote(self.request_id, stage, fraction, message, level)
+            if cancelled:
+                raise asyncio.CancelledError("the job was cancelled")
+
+
+@serve.deployment(name="Orchestrator", max_ongoing_requests=64)
 class Orchestrator:
     def __init__(self, preprocessor, denoiser, postprocessor, args: AppArgs):
         self.preprocessor, self.denoiser, self.postprocessor = preprocessor, denoiser, postprocessor
         self.args = args
+        self.storage = make_storage(args.storage)
         self.state_dtype = torch.float32 if args.torch_device(args.denoiser.num_gpus) == "cpu" else torch.bfloat16
-        self.progress: dict[str, JobProgress] = {}
-        if get_preset(args.preset).torch_threads is not None:
-            torch.set_num_threads(get_preset(args.preset).torch_threads)
+        self.progress: OrderedDict[str, JobProgress] = OrderedDict()
+        self.active: dict[str, asyncio.Task] = {}
+        threads = get_preset(args.preset).torch_threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    def _job_queue(self):
+        return serve.get_deployment_handle("JobQueue", serve.get_replica_context().app_name)
 
     def _track(self, request_id: str) -> JobProgress:
         while len(self.progress) >= PROGRESS_KEEP:
-            self.progress.pop(next(iter(self.progress)))
+            self.progress.popitem(last=False)
         self.progress[request_id] = JobProgress()
         return self.progress[request_id]
 
+    # -- entry points ------------------------------------------------------------------------------------------
     async def generate(self, request: StableAvatarInput, request_id: str | None = None) -> StableAvatarOutput:
+        """Synchronous generation (sync HTTP route and the Python handle); no queue, no checkpoints."""
         request_id = request_id or uuid.uuid4().hex
-        progress = self._track(request_id)
+        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_SEED)
+        reporter = Reporter(self._track(request_id), None, request_id)
         try:
-            output = await self._run(request, request_id, progress)
+            result = await self._execute(request_id, request, seed, reporter, checkpoints=False)
         except BaseException as exc:
-            progress.stage = "failed"
-            progress.log(f"failed: {type(exc).__name__}: {exc}")
+            reporter.progress.stage = "failed"
+            reporter.progress.logs.append(f"failed: {type(exc).__name__}: {exc}")
             raise
-        progress.stage = "completed"
-        return output
+        reporter.progress.stage = "completed"
+        return StableAvatarOutput.model_validate(public_result(result, self.storage))
 
-    async def _run(self, request: StableAvatarInput, request_id: str, progress: JobProgress) -> StableAvatarOutput:
-        started = time.perf_counter()
-        progress.stage = "preprocessing"
-        prepared: PreparedRequest = await self.preprocessor.prepare.remote(request_id, request)
-        plan = prepared.plan
-        progress.windows, progress.total_steps = plan.num_windows, prepared.conditioning.num_steps
-        progress.log(f"prepared in {time.perf_counter() - started:.1f} s: {prepared.audio_seconds:.2f} s of audio, "
-                     f"{prepared.width}x{prepared.height}, {plan.output_frames} frames, {plan.num_windows} windows")
-
-        progress.stage = "denoising"
-        conditioning_ref = ray.put(prepared.conditioning)
-        executor = RayDenoiserExecutor(
-            self.denoiser, conditioning_ref, request_id, self.args.window_step_retries,
-            on_retry=lambda w, n, exc: progress.log(f"window {w.window} step {w.step + 1}: replica lost "
-                                                    f"({type(exc).__name__}), retry {n}"))
-        latents = initial_noise(prepared.seed, prepared.latent_shape, self.state_dtype)
-        step_started = time.perf_counter()
-
-        def on_step(step: int, _latents: torch.Tensor) -> None:
-            progress.step = step + 1
-            progress.log(f"denoising step {step + 1}/{progress.total_steps}, {plan.num_windows} windows "
-                         f"({time.perf_counter() - step_started:.1f} s)")
-
-        latents = await denoise(plan, latents, progress.total_steps, executor,
-                                self.args.pipeline.weight_scheme, on_step=on_step)
-        del conditioning_ref
-
-        progress.stage = "postprocessing"
-        video = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents)
-        progress.log(f"encoded {plan.output_frames} frames, uploaded {video.file_size / 2**20:.1f} MB "
-                     f"in {time.perf_counter() - started:.1f} s total")
-        return StableAvatarOutput(video=video, seed=prepared.seed)
+    async def run_job(self, request_id: str, request: StableAvatarInput, seed: int) -> dict:
+        """Run a queued job; a second call for a job still running here joins the first run."""
+        task = self.active.get(request_id)
+        if task is None or task.done():
+            reporter = Reporter(self._track(request_id), self._job_queue(), request_id)
+            task = asyncio.get_running_loop().create_task(
+                self._execute(request_id, request, seed, reporter, checkpoints=True))
+            self.active[request_id] = task
+            task.add_done_callback(lambda _t: self.active.pop(request_id, None))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()  # the caller cancelled the job: stop at the next step boundary
+            raise
 
     def get_progress(self, request_id: str) -> dict | None:
         progress = self.progress.get(request_id)
@@ -114,3 +128,76 @@ class Orchestrator:
 
     def ping(self) -> bool:
         return True
+
+    # -- one run -----------------------------------------------------------------------------------------------
+    async def _execute(self, request_id: str, request: StableAvatarInput, seed: int, report: Reporter,
+                       checkpoints: bool) -> dict:
+        started = time.perf_counter()
+        await report(stage="preprocessing", message="preprocessing: fetching and decoding the inputs")
+        prepared: PreparedRequest = await self.preprocessor.prepare.remote(request_id, request, seed)
+        plan, progress = prepared.plan, report.progress
+        progress.windows, progress.total_steps = plan.num_windows, prepared.conditioning.num_steps
+        for note in prepared.notes:
+            await report(message=note)
+        await report(message=f"prepared in {time.perf_counter() - started:.1f} s: {prepared.width}x{prepared.height}"
+                             f", {plan.output_frames} frames, {plan.num_windows} windows x "
+                             f"{progress.total_steps} steps")
+
+        latents, start_step = initial_noise(seed, prepared.latent_shape, self.state_dtype), 0
+        if checkpoints:
+            resumed = await asyncio.to_thread(self._load_checkpoint, request_id, prepared, seed)
+            if resumed is not None:
+                start_step, latents = resumed
+                progress.step = start_step
+                await report(message=f"resumed from the checkpoint after step {start_step}/{progress.total_steps}")
+
+        await report(stage="denoising")
+        conditioning_ref = ray.put(prepared.conditioning)
+        executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, request_id, self.args.window_step_retries)
+        step_started = [time.perf_counter()]
+        every = self.args.checkpoint_every_steps if checkpoints else 0
+
+        async def on_step(step: int, fused: torch.Tensor) -> None:
+            progress.step = step + 1
+            replicas = len(executor.last_replicas)
+            await report(message=f"denoising step {step + 1}/{progress.total_steps}, {plan.num_windows} windows on "
+                                 f"{replicas} replica{'s' if replicas != 1 else ''} "
+                                 f"({time.perf_counter() - step_started[0]:.2f} s)")
+            step_started[0] = time.perf_counter()
+            if every and (step + 1) % every == 0 and step + 1 < progress.total_steps:
+                await asyncio.to_thread(self._save_checkpoint, request_id, prepared, seed, step, fused)
+
+        latents = await denoise(plan, latents, progress.total_steps, executor, self.args.pipeline.weight_scheme,
+                                start_step=start_step, on_step=on_step)
+        del conditioning_ref
+
+        await report(stage="postprocessing", message="decoding and encoding the video")
+        stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents)
+        await report(message=f"encoded {stored['frames']} frames in {stored['encode_s']:.1f} s, uploaded "
+                             f"{stored['file_size'] / 1e6:.2f} MB")
+        if checkpoints:
+            await asyncio.to_thread(self.storage.delete, self._checkpoint_key(request_id))
+        return stored_output(stored["key"], stored["file_size"], seed)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _checkpoint_key(request_id: str) -> str:
+        return f"checkpoints/{request_id}/latents.pt"
+
+    def _save_checkpoint(self, request_id: str, prepared: PreparedRequest, seed: int, step: int,
+                         latents: torch.Tensor) -> None:
+        buffer = io.BytesIO()
+        torch.save({"step": step, "seed": seed, "shape": list(prepared.latent_shape), "latents": latents,
+                    "num_steps": prepared.conditioning.num_steps}, buffer)
+        self.storage.put_bytes(self._checkpoint_key(request_id), buffer.getvalue(), "application/octet-stream")
+
+    def _load_checkpoint(self, request_id: str, prepared: PreparedRequest,
+                         seed: int) -> tuple[int, torch.Tensor] | None:
+        key = self._checkpoint_key(request_id)
+        if not self.storage.exists(key):
+            return None
+        state = torch.load(io.BytesIO(self.storage.get_bytes(key)), weights_only=True)
+        if (state["seed"], state["shape"], state["num_steps"]) != (
+                seed, list(prepared.latent_shape), prepared.conditioning.num_steps):
+            return None
+        return state["step"] + 1, state["latents"].to(self.state_dtype)

@@ -1,4 +1,4 @@
-"""Postprocessor: streaming VAE decode into ffmpeg (H.264 + AAC), upload to storage, return the fal ``File``."""
+"""Postprocessor: streaming VAE decode into ffmpeg (H.264 + AAC) and upload of the mp4 to storage."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from deployments.common import load_replica_models
 from deployments.config import AppArgs
 from deployments.storage import make_storage
 from pipeline.generator import PipelineSettings, PreparedRequest, StableAvatarPipeline
-from pipeline.schema import File
 
 
 def result_key(request_id: str) -> str:
@@ -28,12 +27,13 @@ class Postprocessor:
         self.storage = make_storage(args.storage)
         self._lock = asyncio.Lock()  # one streaming decode per VAE at a time
 
-    async def finish(self, prepared: PreparedRequest, latents: torch.Tensor) -> File:
+    async def finish(self, prepared: PreparedRequest, latents: torch.Tensor) -> dict:
+        """Returns ``{"key", "file_size", "frames", "encode_s"}`` of the uploaded mp4."""
         with tempfile.TemporaryDirectory(prefix="stable-avatar-post-") as tmp:
             out = Path(tmp) / "output.mp4"
             async with self._lock:
-                await asyncio.to_thread(self.pipeline.finish, prepared, latents, out)
+                result = await asyncio.to_thread(self.pipeline.finish, prepared, latents, out)
             key = result_key(prepared.request_id)
             size = await asyncio.to_thread(self.storage.put_file, key, out, "video/mp4")
-        url = self.storage.url(key, filename="output.mp4")
-        return File(url=url, content_type="video/mp4", file_name="output.mp4", file_size=size)
+        return {"key": key, "file_size": size, "frames": result.frames,
+                "encode_s": result.timings.get("decode_encode", 0.0)}

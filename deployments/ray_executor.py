@@ -27,14 +27,16 @@ class RayDenoiserExecutor:
                  on_retry: Callable[[WindowStep, int, BaseException], None] | None = None):
         self.handle, self.ref, self.request_id = denoiser_handle, conditioning_ref, request_id
         self.retries, self.on_retry = retries, on_retry
+        self.last_replicas: set[str] = set()  # replicas that served the last batch
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
+        self.last_replicas = set()
         return list(await asyncio.gather(*(self._run_one(work) for work in steps)))
 
     async def _run_one(self, work: WindowStep) -> torch.Tensor:
         for attempt in range(self.retries + 1):
             try:
-                return await self.handle.step.remote([self.ref], self.request_id, work)
+                result = await self.handle.step.remote([self.ref], self.request_id, work)
             except RETRYABLE as exc:
                 if attempt == self.retries:
                     raise
@@ -42,4 +44,9 @@ class RayDenoiserExecutor:
                                work.window, work.step, type(exc).__name__, attempt + 1, self.retries)
                 if self.on_retry is not None:
                     self.on_retry(work, attempt + 1, exc)
+                continue
+            if isinstance(result, tuple):  # (latents, replica id) from the Denoiser deployment
+                result, replica = result
+                self.last_replicas.add(replica)
+            return result
         raise AssertionError("unreachable")

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -155,6 +155,27 @@ class Storage(ABC):
     @abstractmethod
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """A URL a client can GET for ``key``; ``filename`` asks for a download under that name."""
+
+    def upload_url(self, key: str, content_type: str, expires_s: int = 3600) -> str | None:
+        """A URL a client can PUT the bytes of ``key`` to without credentials, or None when the Gateway must
+        accept the upload itself (local storage)."""
+        return None
+
+    def key_for_url(self, url: str) -> str | None:
+        """The key behind a URL this storage made (uploads are then read directly, without a network hop)."""
+        return None
+
+    def signing_secret(self) -> bytes:
+        """A secret shared by every process using this storage, for upload tokens and signed routes."""
+        env = os.environ.get("STABLE_AVATAR_URL_SECRET")
+        if env:
+            return env.encode()
+        key = "_internal/signing-secret"
+        try:
+            return self.get_bytes(key)
+        except StorageNotFoundError:
+            self.put_bytes(key, secrets.token_urlsafe(32).encode(), "application/octet-stream")
+            return self.get_bytes(key)
 
     @abstractmethod
     def describe(self) -> str:
@@ -314,6 +335,26 @@ class LocalStorage(Storage):
         if filename:
             query["filename"] = filename
         return f"{self.public_base_url}/files/{quote(key, safe='/')}?{urlencode(query)}"
+
+    def key_for_url(self, url: str) -> str | None:
+        parsed = urlsplit(url)
+        base_path = urlsplit(self.public_base_url).path.rstrip("/") if self.public_base_url else ""
+        marker = f"{base_path}/files/"
+        if not parsed.path.startswith(marker):
+            return None
+        if self.public_base_url and parsed.netloc and parsed.netloc != urlsplit(self.public_base_url).netloc:
+            return None
+        key = unquote(parsed.path[len(marker):])
+        query = parse_qs(parsed.query)
+        exp, sig = (query.get("exp") or ["0"])[0], (query.get("sig") or [""])[0]
+        try:
+            valid = self.verify_signature(key, int(exp), sig)
+        except ValueError:
+            valid = False
+        return key if valid else None
+
+    def signing_secret(self) -> bytes:
+        return self._secret
 
     def describe(self) -> str:
         return f"local storage at {self.root} (signed URLs under {self.public_base_url or ''}/files/)"
@@ -542,6 +583,33 @@ class S3Storage(Storage):
             return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
         except Exception as e:
             raise self._error(e, "sign a URL for", key) from None
+
+    def upload_url(self, key: str, content_type: str, expires_s: int = 3600) -> str | None:
+        params = {"Bucket": self.bucket, "Key": self._key(key), "ContentType": content_type}
+        try:
+            return self.client.generate_presigned_url("put_object", Params=params,
+                                                      ExpiresIn=_check_expiry(expires_s, _MAX_PRESIGN_S))
+        except Exception as e:
+            raise self._error(e, "sign an upload URL for", key) from None
+
+    def key_for_url(self, url: str) -> str | None:
+        parsed = urlsplit(url)
+        candidates = []
+        if self.public_base_url:
+            candidates.append(urlsplit(self.public_base_url))
+        if self.config.endpoint_url:
+            endpoint = urlsplit(self.config.endpoint_url)
+            candidates.append(endpoint._replace(path=endpoint.path.rstrip("/") + "/" + self.bucket))
+        for base in candidates:
+            prefix = base.path.rstrip("/") + "/"
+            if parsed.netloc == base.netloc and parsed.path.startswith(prefix):
+                full = unquote(parsed.path[len(prefix):])
+                if full.startswith(self.prefix):
+                    try:
+                        return validate_key(full[len(self.prefix):])
+                    except ValueError:
+                        return None
+        return None
 
     def describe(self) -> str:
         return (

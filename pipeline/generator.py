@@ -84,6 +84,7 @@ class PreparedRequest:
     audio_bytes: bytes  # the original audio, muxed into the mp4
     audio_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # human-readable progress lines from preprocessing
 
     def without_conditioning(self) -> PreparedRequest:
         """A light copy for the decode stage, which needs the geometry and the audio but not the tensors."""

@@ -1,0 +1,153 @@
+"""The OFFICIAL Python ``fal-client`` 1.0.3 over HTTPS, set up the documented way: environment variables only
+(``FAL_RUN_HOST``/``FAL_QUEUE_RUN_HOST``, trusted through ``SSL_CERT_FILE``), against Ray Serve's own TLS
+(``http_options`` ``ssl_keyfile``/``ssl_certfile``) with a certificate authority this module creates.
+
+That is how a user points unmodified code at the service, so the URLs the server hands back must be absolute
+``https://`` URLs on the host the client called. Uploads also patch ``REST_URL``/``CDN_URL`` (the client has no
+environment variable for them). Plain HTTP and the JS client: tests/test_fal_clients.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.test_fal_clients import (
+    APP,
+    assert_field_error,
+    assert_subscribe_updates,
+    assert_video,
+    make_media,
+    run_python_client,
+    same_output,
+    serve_cluster,
+)
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """(CA cert, server key, server cert): a throwaway CA and a leaf for 127.0.0.1 and localhost.
+
+    A separate CA (rather than one self-signed leaf) is what TLS stacks accept everywhere as a trust anchor.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, issuer: x509.Name | None, key, signer, ca: bool) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                decipher_only=False), critical=True)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False,
+            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("stable-avatar-serve test CA", None, ca_key, ca_key, ca=True)
+    server_cert = build("127.0.0.1", ca_cert.subject, server_key, ca_key, ca=False)
+    paths = folder / "ca.pem", folder / "server-key.pem", folder / "server.pem"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    paths[2].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> dict[str, Any]:
+    ca, key, cert = make_certificates(tmp_path_factory.mktemp("tls"))
+    return {"ca": ca, "key": key, "cert": cert, "context": ssl.create_default_context(cafile=str(ca))}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    return make_media(tmp_path_factory.mktemp("media"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tls) -> Iterator[str]:
+    with serve_cluster(tmp_path_factory.mktemp("storage"), "https", (tls["key"], tls["cert"])) as base:
+        yield base
+
+
+def python_https(scenario: str, media: dict[str, Path], base: str, tls: dict[str, Any],
+                 run_host: str | None = None, *extra: str) -> dict[str, Any]:
+    """The client configured by environment only; ``run_host`` defaults to the queue host."""
+    host = base.removeprefix("https://")
+    env = {"FAL_RUN_HOST": run_host or host, "FAL_QUEUE_RUN_HOST": host, "SSL_CERT_FILE": str(tls["ca"])}
+    return run_python_client(scenario, media, env, *extra)
+
+
+def test_subscribe_with_logs(server, tls, media, tmp_path):
+    line = python_https("subscribe", media, server, tls)
+    assert_subscribe_updates(line["types"])
+    in_progress = [u for u in line["updates"] if u["type"] == "InProgress"]
+    assert in_progress and all(u["logs"] for u in in_progress), line["updates"]
+    assert {"message", "level", "source", "timestamp"} <= set(in_progress[0]["log_keys"])
+    assert_video(line["result"], server, tmp_path, tls["context"])
+
+
+def test_submit_status_result_urls_are_absolute_https(server, tls, media, tmp_path):
+    line = python_https("queue", media, server, tls)
+    root = f"{server}/{APP}/requests/{line['request_id']}"
+    assert (line["response_url"], line["status_url"], line["cancel_url"]) == (root, f"{root}/status",
+                                                                               f"{root}/cancel")
+    assert line["rebuilt_equal"]  # fal's own invariant: get_handle() == the handle submit() returned
+    assert all(p["logs"] is None for p in line["polled"] if p["type"] != "Queued"), line["polled"]
+    assert line["polled"][-1]["type"] == "Completed"
+    assert line["with_logs"]["type"] == "Completed" and line["with_logs"]["logs"] > 0
+    assert line["with_logs"]["metrics"]["inference_time"] > 0
+    assert line["status_by_id"] == "Completed" and same_output(line["result"], line["result_by_id"])
+    assert_video(line["result"], server, tmp_path, tls["context"])
+
+
+def test_cancel_queued_and_completed(server, tls, media):
+    line = python_https("cancel", media, server, tls)
+    assert line["middle_before"] == "Queued" and line["last_position_before"] == line["middle_position"] + 1
+    assert line["middle_after"] == {"type": "Completed", "error": "Request cancelled",
+                                    "error_type": "client_cancelled"}
+    assert line["last_position_after"] in (None, line["last_position_before"] - 1), line
+    cancelled = line["cancelled_result"]
+    assert cancelled["status_code"] == 499 and cancelled["error_type"] == "client_cancelled", cancelled
+    completed = line["cancel_completed"]
+    assert completed["raised"] == "FalClientHTTPError" and completed["status_code"] == 400, completed
+    assert line["cancel_unknown"]["status_code"] == 404
+    assert line["last_result_has_video"]
+
+
+def test_upload_file_then_use_the_urls(server, tls, media, tmp_path):
+    line = python_https("upload", media, server, tls, None, "--rest-base", server)
+    for url in line["urls"].values():
+        assert url.startswith(f"{server}/files/uploads/"), line["urls"]
+    assert line["round_trip_equal"]
+    assert_video(line["result"], server, tmp_path, tls["context"])
+
+
+def test_validation_error_names_the_field(server, tls, media):
+    line = python_https("validation", media, server, tls)
+    assert_field_error(line["zero_steps"], "num_inference_steps")
+    assert_field_error(line["missing_prompt"], "prompt")
+
+
+def test_sync_run_through_fal_run_host(server, tls, media, tmp_path):
+    """``FAL_RUN_HOST=127.0.0.1:PORT/run``: run() posts to the sync route, not to the queue submit route."""
+    line = python_https("run", media, server, tls, server.removeprefix("https://") + "/run")
+    assert line["run_url"] == f"{server}/run/"
+    assert_video(line["result"], server, tmp_path, tls["context"])

@@ -1,0 +1,391 @@
+"""Offline validation of ``k8s/``: kustomize rendering, KubeRay CRD schemas, the embedded Serve config and
+``AppArgs``, and the issue's production requirements. Broken copies must fail with a message naming the field.
+
+The logic lives in ``deployments/k8s_validate.py``; this file only feeds it manifests and corrupted copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments.k8s_validate import (
+    K8S_DIR,
+    REPO_ROOT,
+    CrdSchemas,
+    KustomizeError,
+    Manifest,
+    TreeReport,
+    app_deployments,
+    check_manifest,
+    default_crd_dir,
+    deployment_names_in_source,
+    json6902,
+    render_kustomization,
+    serve_config_drift,
+    validate_tree,
+)
+
+CORE_DEPLOYMENTS = {"Gateway", "Orchestrator", "Preprocessor", "Denoiser", "Postprocessor"}
+
+
+@pytest.fixture(scope="module")
+def schemas() -> CrdSchemas:
+    """The CRD files are ~1 MB each: parse them once for the whole module."""
+    crd_dir = default_crd_dir()
+    if not crd_dir.is_dir():
+        pytest.fail(f"KubeRay CRDs not found at {crd_dir} (set KUBERAY_CRDS)")
+    return CrdSchemas(crd_dir)
+
+
+@pytest.fixture(scope="module")
+def report(schemas: CrdSchemas) -> TreeReport:
+    return validate_tree(K8S_DIR, schemas)
+
+
+def rayservice(report: TreeReport, kustomization: str) -> dict[str, Any]:
+    (doc,) = report.rendered[kustomization].of_kind("RayService")
+    return copy.deepcopy(doc)
+
+
+def groups(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["groupName"]: g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+
+def serve_args(doc: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+# ------------------------------------------------------------------------------------------ the real tree
+
+
+def test_every_manifest_is_valid(report: TreeReport) -> None:
+    assert not report.problems, "\n".join(report.problems)
+
+
+def test_renders_the_expected_objects(report: TreeReport) -> None:
+    kinds = {name: sorted(m.doc["kind"] for m in r.manifests) for name, r in report.rendered.items()}
+    assert kinds == {
+        "k8s/base": ["PodMonitor", "RayService"],
+        "k8s/overlays/dev": ["PodMonitor", "RayService"],
+        "k8s/weights": ["Job", "PersistentVolumeClaim"],
+    }
+    assert [m.doc["kind"] for m in report.loose] == ["Secret"]  # the example, applied by hand
+    for r in report.rendered.values():
+        for m in r.manifests:
+            assert m.doc["metadata"]["namespace"] == "stable-avatar"
+            assert m.doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stable-avatar"
+
+
+@pytest.mark.parametrize("kustomization", ["k8s/base", "k8s/overlays/dev"])
+def test_production_requirements(report: TreeReport, kustomization: str) -> None:
+    doc = rayservice(report, kustomization)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["metadata"]["annotations"]["ray.io/initializing-timeout"]
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu = groups(doc)["gpu"]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+    gpu_spec = gpu["template"]["spec"]
+    assert gpu_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {t["key"] for t in gpu_spec["tolerations"]} >= {"nvidia.com/gpu"}
+    models = [v for v in gpu_spec["volumes"] if "persistentVolumeClaim" in v]
+    assert models and models[0]["persistentVolumeClaim"]["claimName"] == "stable-avatar-models"
+    mounts = {m["mountPath"]: m for m in gpu_spec["containers"][0]["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] is True
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in groups(doc).values())]
+    for template in templates:  # /dev/shm as a memory emptyDir on every pod (Ray's object store)
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        shm = [m["name"] for m in template["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm and volumes[shm[0]]["emptyDir"]["medium"] == "Memory"
+    for group in groups(doc).values():  # S3 credentials from the Secret on every worker
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "stable-avatar-s3", "key": key}
+    args = serve_args(doc)
+    assert args["preset"] == "stableavatar-1.3b" and args["checkpoints"] == "/models/stableavatar"
+    assert args["storage"]["kind"] == "s3"
+    assert "api_key" not in doc["spec"]["serveConfigV2"].lower()  # not implemented in the app yet
+
+
+def test_dev_overlay_is_a_small_cluster(report: TreeReport) -> None:
+    base, dev = rayservice(report, "k8s/base"), rayservice(report, "k8s/overlays/dev")
+    assert groups(dev)["gpu"]["maxReplicas"] == 1 < groups(base)["gpu"]["maxReplicas"]
+    assert serve_args(dev)["denoiser"]["autoscaling"]["max_replicas"] == 1
+    assert set(serve_args(dev)) == set(serve_args(base))  # the overlay changes values, not the shape
+
+
+def test_one_image_everywhere(report: TreeReport) -> None:
+    """The weights Job and the service run the same image, mapped from the placeholder name in both places."""
+    images = {c["image"] for r in report.rendered.values() for m in r.manifests for c in _all_containers(m.doc)}
+    assert len(images) == 1 and images.pop().endswith("/stable-avatar-serve:0.1.0")
+
+
+def _all_containers(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        found = [c for k in ("containers", "initContainers") for c in node.get(k) or []]
+        return found + [c for k, v in node.items() if k not in ("containers", "initContainers")
+                        for c in _all_containers(v)]
+    if isinstance(node, list):
+        return [c for item in node for c in _all_containers(item)]
+    return []
+
+
+def test_weights_job_fills_what_the_service_waits_for(report: TreeReport) -> None:
+    (job,) = report.rendered["k8s/weights"].of_kind("Job")
+    (pvc,) = report.rendered["k8s/weights"].of_kind("PersistentVolumeClaim")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "stable-avatar download-weights --dir /models/stableavatar" in script
+    gpu_spec = groups(rayservice(report, "k8s/base"))["gpu"]["template"]["spec"]
+    wait = " ".join(gpu_spec["initContainers"][0]["command"])
+    assert "/models/stableavatar/.download-complete" in script and "/models/stableavatar/.download-complete" in wait
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in gpu_spec["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {pvc["metadata"]["name"]}
+
+
+def test_podmonitor_selects_the_ray_pods(report: TreeReport) -> None:
+    (monitor,) = report.rendered["k8s/base"].of_kind("PodMonitor")
+    doc = rayservice(report, "k8s/base")
+    cluster = doc["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in groups(doc).values())]:
+        labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}  # the latter set by KubeRay
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert "metrics" in {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+
+
+@pytest.mark.parametrize("kustomization", ["k8s/base", "k8s/overlays/dev"])
+def test_consistent_with_serve_config_yaml(report: TreeReport, kustomization: str) -> None:
+    local = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    cluster = yaml.safe_load(rayservice(report, kustomization)["spec"]["serveConfigV2"])
+    assert serve_config_drift(local, cluster) == []
+
+
+def test_serve_config_drift_is_detected() -> None:
+    local = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    cluster = copy.deepcopy(local)
+    cluster["applications"][0]["import_path"] = "deployments.other:build_app"
+    del cluster["applications"][0]["args"]["pipeline"]
+    cluster["applications"][0]["args"]["conditioning_cache_size"] = 8
+    drift = "\n".join(serve_config_drift(local, cluster))
+    assert "import_path: serve_config.yaml 'deployments.app:build_app'" in drift
+    assert "args.pipeline: set in serve_config.yaml but not in the RayService" in drift
+    assert "args.conditioning_cache_size: set in the RayService but not in serve_config.yaml" in drift
+
+
+def test_deployment_names_come_from_the_bound_application() -> None:
+    from deployments.app import build_app
+    from deployments.config import AppArgs
+
+    names = set(app_deployments(build_app(AppArgs())))
+    assert names >= CORE_DEPLOYMENTS
+    assert names == deployment_names_in_source()  # the fallback agrees with the DAG walk
+
+
+# ------------------------------------------------------------------------ corrupted copies, file by file
+
+
+@pytest.mark.parametrize(("file", "old", "new", "expected"), [
+    ("base/rayservice.yaml", "  rayClusterConfig:\n", "  rayClusterConfg:\n",
+     "spec.rayClusterConfg: unknown field (did you mean 'rayClusterConfig'?)"),
+    ("base/rayservice.yaml", "preset: stableavatar-1.3b", "preset: nope",
+     "spec.serveConfigV2.applications[0].args: Value error, unknown preset 'nope'"),
+    ("base/rayservice.yaml", "claimName: stable-avatar-models", "claimName: stable-avatar-model",
+     "claimName 'stable-avatar-model': no PersistentVolumeClaim of that name"),
+    ("overlays/dev/rayservice-patch.yaml", "workerGroupSpecs/1/groupName, value: gpu}",
+     "workerGroupSpecs/1/groupName, value: gpus}", "expected 'gpus', found 'gpu'"),
+    ("overlays/dev/rayservice-patch.yaml", "workerGroupSpecs/0/maxReplicas", "workerGroupSpecs/0/maxReplica",
+     "replace /spec/rayClusterConfig/workerGroupSpecs/0/maxReplica: the path does not exist"),
+    ("weights/download-weights-job.yaml", "          volumeMounts:", "          volumeMount:",
+     "spec.template.spec.containers[0].volumeMount: unknown field (did you mean 'volumeMounts'?)"),
+    ("base/kustomization.yaml", "images:", "imagez:", "imagez: not in the supported kustomize subset"),
+    ("s3-credentials.example.yaml", "  name: stable-avatar-s3\n", "  nme: stable-avatar-s3\n",
+     "metadata.name: required field is missing"),
+], ids=["misspelled-spec-field", "bad-appargs-preset", "dangling-claim", "patch-test-guard", "patch-bad-path",
+        "job-pod-typo", "unsupported-kustomize-field", "secret-without-name"])
+def test_corrupted_file_fails_with_the_field_named(schemas: CrdSchemas, tmp_path: Path, file: str, old: str,
+                                                   new: str, expected: str) -> None:
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, root)
+    text = (root / file).read_text()
+    assert old in text, f"the corruption no longer applies to {file}: update the test"
+    (root / file).write_text(text.replace(old, new, 1))
+    problems = "\n".join(validate_tree(root, schemas).problems)
+    assert expected in problems, problems
+
+
+# ---------------------------------------------------------------- corrupted copies of the rendered object
+
+
+def _group(i: int, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][i][key] = value
+    return mutate
+
+
+def _rename_in_group(i: int, old: str, new: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][i]
+        group[new] = group.pop(old)
+    return mutate
+
+
+def _serve(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        edit(config)
+        doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    return mutate
+
+
+def _override(**entry: Any) -> Callable[[dict[str, Any]], None]:
+    """Add a ``deployments:`` entry to the application."""
+    return _serve(lambda c: c["applications"][0].__setitem__("deployments", [entry]))
+
+
+def _args(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        node = config["applications"][0]["args"]
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return _serve(edit)
+
+
+_GROUPS = "spec.rayClusterConfig.workerGroupSpecs[1]"
+_APP = "spec.serveConfigV2.applications[0]"
+_DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (_rename_in_group(1, "minReplicas", "minReplica"),
+     [f"{_GROUPS}.minReplica: unknown field (did you mean 'minReplicas'?)", f"{_GROUPS}.minReplicas: required"]),
+    (_group(1, "replicas", "two"), [f"{_GROUPS}.replicas: 'two' is not of type 'integer'"]),
+    (_group(1, "minReplicas", 12), [f"{_GROUPS}.minReplicas: 12 is above maxReplicas (9)"]),
+    (_group(1, "maxReplicas", 4), ["need 9 GPUs at their maximum scale but the pods offer at most 4"]),
+    (_override(name="Denoizer", max_ongoing_requests=1),
+     [f"{_DENOISER_OVERRIDE}.name: 'Denoizer' is not a deployment of application 'stable-avatar'"]),
+    (_override(name="Denoiser", max_ongoing_request=1),
+     [f"{_DENOISER_OVERRIDE}.max_ongoing_request: unknown field (did you mean 'max_ongoing_requests'?)"]),
+    (_args("preset", "nope"), [f"{_APP}.args: Value error, unknown preset 'nope'"]),
+    (_args("denoiser.num_gpu", 1), [f"{_APP}.args.denoiser.num_gpu: Extra inputs are not permitted"]),
+    (_args("denoiser.autoscaling.min_replicas", 9),
+     [f"{_APP}.args.denoiser.autoscaling: Value error, min_replicas must not exceed max_replicas"]),
+    (_args("denoiser.autoscaling.target_ongoing_requests", 4),
+     ["<Denoiser as built from args>.autoscaling_config.target_ongoing_requests: 4.0 is above "
+      "max_ongoing_requests (1)"]),
+    (_override(name="Denoiser", autoscaling_config={"min_replicas": 3, "max_replicas": 2}),
+     [f"{_DENOISER_OVERRIDE}.autoscaling_config: Value error, max_replicas (2) must be greater than or equal "
+      "to min_replicas (3)"]),
+    (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 0}),
+     [f"{_DENOISER_OVERRIDE}.autoscaling_config.max_replicas: Input should be greater than 0"]),
+    (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 2, "initial_replicas": 5}),
+     ["must be greater than or equal to initial_replicas (5)"]),
+    (_override(name="Denoiser", max_ongoing_requests=1,
+               autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 3}),
+     [f"{_DENOISER_OVERRIDE}.autoscaling_config.target_ongoing_requests: 3.0 is above max_ongoing_requests"]),
+    (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 2, "max_replica": 3}),
+     [f"{_DENOISER_OVERRIDE}.autoscaling_config.max_replica: unknown field (did you mean 'max_replicas'?)"]),
+    (_serve(lambda c: c.__setitem__("http_option", {})),
+     ["spec.serveConfigV2.http_option: unknown field (did you mean 'http_options'?)"]),
+    (_serve(lambda c: c["http_options"].__setitem__("host", "127.0.0.1")),
+     ["spec.serveConfigV2.http_options.host: must be 0.0.0.0 on Kubernetes"]),
+    (_args("gateway.num_cpus", 0), ["deployment Gateway asks for no CPU and no GPU"]),
+    (_args("preprocessor.memory_gb", 200), ["no pod fits one Preprocessor replica"]),
+    (lambda d: d["spec"]["rayClusterConfig"].__setitem__("rayVersion", "2.9.0"),
+     ["spec.rayClusterConfig.rayVersion: '2.9.0' but the project pins ray"]),
+    (lambda d: d["spec"]["rayClusterConfig"].__setitem__("enableInTreeAutoscaling", False),
+     ["spec.rayClusterConfig.enableInTreeAutoscaling: Serve autoscaling is configured"]),
+    (lambda d: d["metadata"]["annotations"].__setitem__("ray.io/initializing-timeout", 30),
+     ["metadata.annotations.ray.io/initializing-timeout: must be a string"]),
+])
+def test_corrupted_rayservice_fails_with_the_field_named(report: TreeReport, schemas: CrdSchemas,
+                                                         mutate: Callable[[dict[str, Any]], None],
+                                                         expected: list[str]) -> None:
+    doc = rayservice(report, "k8s/base")
+    mutate(doc)
+    problems = "\n".join(check_manifest(doc, schemas))
+    for text in expected:
+        assert text in problems, problems
+
+
+# -------------------------------------------------------------------------------------- kustomize subset
+
+
+def _write(root: Path, files: dict[str, Any]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+
+
+def test_kustomize_subset_renders_like_kustomize(tmp_path: Path) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"initContainers": [{"name": "i", "image": "app"}],
+                    "containers": [{"name": "c", "image": "app:old"}, {"name": "d", "image": "other:1"}]}}
+    _write(tmp_path, {
+        "base/pod.yaml": pod,
+        "base/ns.yaml": {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "keep"}},
+        "base/kustomization.yaml": {"resources": ["pod.yaml", "ns.yaml"], "namespace": "n1"},
+        "overlay/patch.yaml": [{"op": "add", "path": "/spec/containers/-", "value": {"name": "e", "image": "x"}},
+                               {"op": "remove", "path": "/spec/containers/1"},
+                               {"op": "test", "path": "/spec/containers/0/name", "value": "c"}],
+        "overlay/kustomization.yaml": {
+            "resources": ["../base"], "namespace": "n2", "labels": [{"pairs": {"team": "avatar"}}],
+            "images": [{"name": "app", "newName": "reg/app", "newTag": "2"}],
+            "patches": [{"path": "patch.yaml", "target": {"kind": "Pod", "name": "p"}}]},
+    })
+    out = render_kustomization(tmp_path / "overlay")
+    rendered_pod, ns = (m.doc for m in out.manifests)
+    assert [c["image"] for c in rendered_pod["spec"]["containers"]] == ["reg/app:2", "x"]
+    assert rendered_pod["spec"]["initContainers"][0]["image"] == "reg/app:2"
+    assert rendered_pod["metadata"] == {"name": "p", "namespace": "n2", "labels": {"team": "avatar"}}
+    assert "namespace" not in ns["metadata"]  # cluster-scoped
+    assert out.files == {(tmp_path / f).resolve() for f in ("base/kustomization.yaml", "base/pod.yaml",
+                                                             "base/ns.yaml", "overlay/kustomization.yaml",
+                                                             "overlay/patch.yaml")}
+
+
+@pytest.mark.parametrize(("kustomization", "expected"), [
+    ({"resources": ["pod.yaml"], "commonLabels": {"a": "b"}}, "commonLabels: not in the supported kustomize subset"),
+    ({"resources": ["missing.yaml"]}, "resources: 'missing.yaml' does not exist"),
+    ({"resources": ["https://github.com/x/y"]}, "only local files and directories are supported"),
+    ({"resources": ["pod.yaml"], "patches": [{"patch": "metadata: {name: p}", "target": {"kind": "Pod"}}]},
+     "only JSON6902 patches (a list of ops) are supported, not strategic merge"),
+    ({"resources": ["pod.yaml"], "patches": [{"patch": "[]", "target": {"kind": "Deployment"}}]},
+     "matches no resource"),
+    ({"resources": ["pod.yaml"], "labels": [{"pairs": {"a": "b"}, "includeSelectors": True}]},
+     "only pairs (with includeSelectors/includeTemplates false) is supported"),
+])
+def test_kustomize_subset_rejects_what_it_does_not_implement(tmp_path: Path, kustomization: dict[str, Any],
+                                                             expected: str) -> None:
+    _write(tmp_path, {"pod.yaml": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}},
+                      "kustomization.yaml": kustomization})
+    with pytest.raises(KustomizeError) as info:
+        render_kustomization(tmp_path)
+    assert expected in str(info.value)
+
+
+def test_json6902_ops() -> None:
+    doc: dict[str, Any] = {"a": {"b/c": [1, 2]}}
+    json6902(doc, {"op": "add", "path": "/a/b~1c/1", "value": 9}, "t")
+    json6902(doc, {"op": "replace", "path": "/a/b~1c/0", "value": 0}, "t")
+    assert doc == {"a": {"b/c": [0, 9, 2]}}
+    with pytest.raises(KustomizeError, match="replace /a/x: the path does not exist"):
+        json6902(doc, {"op": "replace", "path": "/a/x", "value": 1}, "t")
+    with pytest.raises(KustomizeError, match="op must be one of"):
+        json6902(doc, {"op": "move", "from": "/a", "path": "/b"}, "t")
+
+
+def test_unknown_kinds_are_not_waved_through(schemas: CrdSchemas) -> None:
+    doc = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}
+    assert check_manifest(doc, schemas) == ["kind: no offline check for 'Deployment'; add one to "
+                                            "deployments/k8s_validate.py"]
+    assert Manifest(doc, K8S_DIR / "x.yaml").where == "k8s/x.yaml: Deployment/x"

@@ -1,0 +1,313 @@
+"""The fal queue protocol over plain HTTP, durable jobs, webhooks and uploads, on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from pipeline.cli import main as cli_main  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    EXAMPLE_AUDIO,
+    EXAMPLE_IMAGE,
+    data_uri,
+    free_port,
+    http_bytes,
+    http_json,
+    synthetic_speech,
+)
+
+APP = "fal-ai/stable-avatar"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("queue-data")
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=400 * 2**20)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    args = AppArgs.model_validate({
+        "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
+        "storage": {"kind": "local", "root": str(root), "public_base_url": base},
+        "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
+    })
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    yield {"base": base, "args": args, "root": root}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def long_audio(tmp_path_factory):
+    return synthetic_speech(tmp_path_factory.mktemp("audio") / "long.wav", 24.0)
+
+
+def job_body(audio=EXAMPLE_AUDIO, steps=2, seed=7, **extra) -> dict:
+    return {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
+            "prompt": "a person talking", "num_inference_steps": steps, "seed": seed, "aspect_ratio": "1:1",
+            **extra}
+
+
+def submit(base: str, body: dict, query: str = "", headers: dict | None = None) -> dict:
+    code, result, response_headers = http_json("POST", f"{base}/{APP}{query}", body, headers)
+    assert code == 200, result
+    assert response_headers.get("x-fal-request-id") == result["request_id"]
+    return result
+
+
+def status(base: str, request_id: str, logs: str = "1") -> tuple[int, dict]:
+    code, body, _ = http_json("GET", f"{base}/{APP}/requests/{request_id}/status?logs={logs}")
+    return code, body
+
+
+def wait_status(base: str, request_id: str, want=("COMPLETED",), timeout_s: float = 240, **check) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, body = status(base, request_id)
+        if body["status"] in want and all(body.get(k) == v for k, v in check.items()):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} did not reach {want}: {body}")
+
+
+def wait_progress(base: str, request_id: str, min_fraction: float, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, body = status(base, request_id)
+        if body["status"] == "IN_PROGRESS" and body["progress"]["fraction"] >= min_fraction:
+            return body
+        assert body["status"] != "COMPLETED", body
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+def test_submit_status_result_roundtrip(service):
+    base = service["base"]
+    submitted = submit(base, job_body())
+    rid = submitted["request_id"]
+    assert submitted["status"] == "IN_QUEUE" and submitted["queue_position"] >= 0
+    assert submitted["status_url"] == f"{base}/{APP}/requests/{rid}/status"
+    assert submitted["response_url"] == f"{base}/{APP}/requests/{rid}"
+    assert submitted["cancel_url"] == f"{base}/{APP}/requests/{rid}/cancel"
+    seen = set()
+    while True:
+        code, body = status(base, rid, logs="true")
+        seen.add(body["status"])
+        if body["status"] == "COMPLETED":
+            assert code == 200
+            break
+        assert code == 202
+        if body["status"] == "IN_QUEUE":
+            assert "queue_position" in body
+        time.sleep(0.05)
+    assert isinstance(body["logs"], list) and body["metrics"]["inference_time"] > 0 and "error" not in body
+    messages = [entry["message"] for entry in body["logs"]]
+    assert any(m.startswith("downloaded image") for m in messages)
+    assert any(m.startswith("denoising step 2/2") and "replica" in m for m in messages)
+    assert any(m.startswith("encoded") and "uploaded" in m for m in messages)
+    assert {"message", "level", "source", "timestamp"} <= set(body["logs"][0])
+    for flag in ("0", "false"):
+        assert status(base, rid, logs=flag)[1]["logs"] is None
+    code, output, headers = http_json("GET", f"{base}/{APP}/requests/{rid}")
+    assert code == 200 and headers["x-fal-request-id"] == rid
+    assert output["seed"] == 7 and output["video"]["content_type"] == "video/mp4"
+    assert len(http_bytes(output["video"]["url"])) == output["video"]["file_size"]
+    assert status(base, rid)[0] == 200  # COMPLETED is stable
+
+
+def test_validation_errors(service):
+    base = service["base"]
+    code, body, _ = http_json("POST", f"{base}/{APP}", job_body(num_inference_steps=0))
+    assert code == 422 and body["detail"][0]["loc"] == ["body", "num_inference_steps"]
+    code, body, _ = http_json("POST", f"{base}/{APP}", {"image_url": "x", "audio_url": "y"})
+    assert code == 422 and ["body", "prompt"] in [d["loc"] for d in body["detail"]]
+    # Bad media is found while the job runs: it completes with an error; the result is the 422.
+    rid = submit(base, job_body(image_url="data:image/png;base64,bm90IGFuIGltYWdl"))["request_id"]
+    done = wait_status(base, rid)
+    assert done["error"] and done["error_type"] == "validation_error"
+    code, body, _ = http_json("GET", f"{base}/{APP}/requests/{rid}")
+    assert code == 422 and body["detail"][0]["loc"] == ["body", "image_url"]
+    code, body, _ = http_json("GET", f"{base}/{APP}/requests/nope/status")
+    assert code == 404
+
+
+def test_cancel_queued_and_running_and_completed(service, long_audio):
+    base = service["base"]
+    running = submit(base, job_body(long_audio, steps=40))["request_id"]
+    queued = submit(base, job_body())["request_id"]
+    wait_progress(base, running, 0.02)
+    assert status(base, queued)[1]["status"] == "IN_QUEUE"
+    code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{queued}/cancel")
+    assert (code, body) == (202, {"status": "CANCELLATION_REQUESTED"})
+    assert wait_status(base, queued)["error_type"] == "client_cancelled"
+    code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")
+    assert code == 202
+    cancelled_at = time.monotonic()
+    done = wait_status(base, running, timeout_s=30)
+    assert done["error_type"] == "client_cancelled"
+    assert time.monotonic() - cancelled_at < 10
+    assert http_json("GET", f"{base}/{APP}/requests/{running}")[0] == 499
+    code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")
+    assert (code, body) == (400, {"status": "ALREADY_COMPLETED"})
+    assert http_json("PUT", f"{base}/{APP}/requests/unknown/cancel")[:2] == (404, {"status": "NOT_FOUND"})
+    # The Denoiser replicas are free: the next job runs at once.
+    started = time.monotonic()
+    wait_status(base, submit(base, job_body())["request_id"])
+    assert time.monotonic() - started < 60
+
+
+def test_queue_order_priority_limits_and_start_timeout(service, long_audio):
+    base = service["base"]
+    blocker = submit(base, job_body(long_audio, steps=30))["request_id"]
+    wait_progress(base, blocker, 0.0)
+    normal_1 = submit(base, job_body())["request_id"]
+    low = submit(base, job_body(), headers={"X-Fal-Queue-Priority": "low"})["request_id"]
+    normal_2 = submit(base, job_body())["request_id"]
+    positions = {rid: status(base, rid)[1]["queue_position"] for rid in (normal_1, normal_2, low)}
+    assert positions == {normal_1: 0, normal_2: 1, low: 2}
+    code, body, headers = http_json("POST", f"{base}/{APP}?fal_max_queue_length=3", job_body())
+    assert code == 429 and "retry-after" in {k.lower() for k in headers}
+    timed = submit(base, job_body(), headers={"X-Fal-Request-Timeout": "1.5"})["request_id"]
+    done = wait_status(base, timed, timeout_s=30)
+    assert done["error_type"] == "request_timeout"
+    code, body, headers = http_json("GET", f"{base}/{APP}/requests/{timed}")
+    assert code == 504 and headers.get("x-fal-request-timeout-type") == "user"
+    http_json("PUT", f"{base}/{APP}/requests/{blocker}/cancel")
+    finished = [wait_status(base, rid) for rid in (normal_1, normal_2, low)]
+    assert all("error" not in f for f in finished)
+
+
+def test_status_stream_sends_new_logs_and_closes(service):
+    base = service["base"]
+    rid = submit(base, job_body())["request_id"]
+    request = urllib.request.Request(f"{base}/{APP}/requests/{rid}/status/stream?logs=1",
+                                     headers={"accept": "text/event-stream"})
+    events = []
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["status"] == "COMPLETED"
+    all_logs = [entry["message"] for event in events for entry in event["logs"]]
+    final = status(base, rid)[1]["logs"]
+    assert [e["message"] for e in final] == all_logs  # each event carried only the new lines
+
+
+class WebhookReceiver(http.server.BaseHTTPRequestHandler):
+    calls: list[tuple[int, dict]] = []
+    fail_first = 1
+
+    def do_POST(self):  # noqa: N802 - http.server naming
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        code = 500 if sum(1 for c, _ in self.calls) < self.fail_first else 200
+        self.calls.append((code, body))
+        self.send_response(code)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhook_is_retried_then_delivered_once(service):
+    base = service["base"]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebhookReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        rid = submit(base, job_body(), query=f"?fal_webhook={hook}")["request_id"]
+        wait_status(base, rid)
+        deadline = time.monotonic() + 30
+        while not any(code == 200 for code, _ in WebhookReceiver.calls) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert [code for code, _ in WebhookReceiver.calls] == [500, 200]
+        payload = WebhookReceiver.calls[-1][1]
+        assert payload["request_id"] == rid and payload["status"] == "OK" and payload["error"] is None
+        assert payload["payload"]["video"]["url"].startswith(base)
+        logs = [e["message"] for e in status(base, rid)[1]["logs"]]
+        assert any("webhook attempt 1/5 failed (HTTP 500)" in m for m in logs)
+        assert any("webhook delivered (attempt 2/5" in m for m in logs)
+    finally:
+        server.shutdown()
+
+
+def test_uploads_are_usable_as_inputs(service):
+    base = service["base"]
+    # JS flow: initiate, then PUT to the returned URL (no credentials), then use file_url.
+    code, init, _ = http_json("POST", f"{base}/storage/upload/initiate?storage_type=fal-cdn-v3",
+                              {"content_type": "image/png", "file_name": "portrait.png"})
+    assert code == 200
+    put = urllib.request.Request(init["upload_url"], data=EXAMPLE_IMAGE.read_bytes(), method="PUT",
+                                 headers={"content-type": "image/png"})
+    with urllib.request.urlopen(put, timeout=30) as response:
+        assert response.status == 200
+    assert http_bytes(init["file_url"]) == EXAMPLE_IMAGE.read_bytes()
+    # Python flow: token, then POST the bytes with the token.
+    code, token, _ = http_json("POST", f"{base}/storage/auth/token?storage_type=fal-cdn-v3", {})
+    assert code == 200 and token["token_type"] == "Bearer"
+    upload = urllib.request.Request(f"{base}/files/upload", data=EXAMPLE_AUDIO.read_bytes(), method="POST",
+                                    headers={"content-type": "audio/wav", "x-fal-file-name": "speech.wav",
+                                             "authorization": f"Bearer {token['token']}"})
+    with urllib.request.urlopen(upload, timeout=30) as response:
+        access_url = json.loads(response.read())["access_url"]
+    bad = urllib.request.Request(f"{base}/files/upload", data=b"x", method="POST",
+                                 headers={"authorization": "Bearer 1.forged"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bad, timeout=30)
+    assert err.value.code == 401
+    rid = submit(base, job_body(image_url=init["file_url"], audio_url=access_url))["request_id"]
+    assert "error" not in wait_status(base, rid)
+
+
+def cli_reference(tmp_path, audio, steps, seed) -> bytes:
+    out = tmp_path / "cli.mp4"
+    assert cli_main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(audio), "--prompt", "a person talking",
+                     "--steps", str(steps), "--seed", str(seed), "--aspect-ratio", "1:1", "--quiet",
+                     "-o", str(out)]) == 0
+    return out.read_bytes()
+
+
+def test_killed_orchestrator_resumes_from_checkpoint(service, long_audio, tmp_path):
+    base = service["base"]
+    rid = submit(base, job_body(long_audio, steps=8, seed=21))["request_id"]
+    wait_progress(base, rid, 5 / 8)  # past the checkpoint after step 4
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA::") and "#Orchestrator#" in a["name"]]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    done = wait_status(base, rid)
+    assert "error" not in done, done
+    messages = [e["message"] for e in done["logs"]]
+    assert any("Orchestrator replica was lost" in m for m in messages)
+    assert any("resumed from the checkpoint after step" in m for m in messages)
+    output = http_json("GET", f"{base}/{APP}/requests/{rid}")[1]
+    assert http_bytes(output["video"]["url"]) == cli_reference(tmp_path, long_audio, 8, 21)
+
+
+def test_restarted_application_finishes_queued_and_running_jobs(service, long_audio):
+    base = service["base"]
+    running = submit(base, job_body(long_audio, steps=8, seed=3))["request_id"]
+    queued = submit(base, job_body(seed=4))["request_id"]
+    wait_progress(base, running, 0.3)
+    serve.delete(APP_NAME)
+    serve.run(build_app(service["args"]), name=APP_NAME, route_prefix="/")
+    for rid in (running, queued):
+        done = wait_status(base, rid)
+        assert "error" not in done, done
+    messages = [e["message"] for e in status(base, running)[1]["logs"]]
+    assert any("service restarted" in m for m in messages)
