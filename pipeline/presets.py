@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,6 +81,9 @@ class ModelPreset:
     # CPU float results depend on torch's thread count; the tiny preset pins it so that a Ray replica computes
     # exactly what the CLI computes. None leaves torch's default (GPU presets).
     torch_threads: int | None = None
+    # When set, the DiT is replaced by a stand-in that sleeps this long per window-step and returns a deterministic
+    # tensor: benchmarks of the fan-out measure scheduling, not arithmetic.
+    simulated_step_s: float | None = None
 
     @property
     def is_random(self) -> bool:
@@ -110,6 +114,12 @@ PRESETS: dict[str, ModelPreset] = {
         image_encoder=REAL_IMAGE_ENCODER, audio_encoder=REAL_AUDIO_ENCODER, resolutions=REAL_RESOLUTIONS,
     ),
 }
+
+
+PRESETS["simulated"] = dataclasses.replace(
+    PRESETS["tiny"], name="simulated", simulated_step_s=0.2,
+    description="tiny preset whose DiT sleeps 0.2 s per window-step (fan-out benchmarks; output is noise)",
+)
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -8,7 +8,7 @@ the HTTPS test sets those (plus ``SSL_CERT_FILE``) in the environment; the plain
 instead, which patches ``QUEUE_URL_FORMAT``/``RUN_URL_FORMAT`` (the client only ever builds ``https://`` from the
 environment). Uploads always need ``--rest-base``: ``REST_URL``/``CDN_URL`` have no environment variable.
 
-Scenarios: subscribe, queue, cancel, upload, validation, run. Each prints one JSON line
+Scenarios: subscribe, queue, cancel, priority, upload, validation, run. Each prints one JSON line
 ``{"scenario", "ok", ...observations}``; tests/test_fal_clients*.py assert on them. Exit status 1 when a scenario
 raised unexpectedly (its line then has ``"ok": false`` and ``"error"``).
 """
@@ -132,6 +132,19 @@ class Checks:
             "cancel_unknown": self.http_error(lambda: fal_client.cancel(APP, "no-such-request")),
             "last_result_has_video": "video" in last.get(),
         }
+
+    def priority(self) -> dict[str, Any]:
+        """submit(hint=, start_timeout=, priority=) on a one-job server: a low-priority job yields to a later
+        normal one (the client sends X-Fal-Runner-Hint, X-Fal-Request-Timeout "60.0", X-Fal-Queue-Priority)."""
+        first = fal_client.submit(APP, arguments=self.input(), hint="any-runner", start_timeout=60)
+        low = fal_client.submit(APP, arguments=self.input(seed=1), priority="low", start_timeout=60)
+        normal = fal_client.submit(APP, arguments=self.input(seed=2), priority="normal")
+        positions = {"low": getattr(low.status(), "position", None),
+                     "normal": getattr(normal.status(), "position", None)}
+        low.cancel()
+        normal.cancel()
+        self.wait(first)
+        return {"positions": positions, "first_has_video": "video" in first.get()}
 
     def upload(self) -> dict[str, Any]:
         """upload_file (token + files/upload) for both inputs, then a job that reads those URLs."""

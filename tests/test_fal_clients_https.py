@@ -132,6 +132,13 @@ def test_cancel_queued_and_completed(server, tls, media):
     assert line["last_result_has_video"]
 
 
+def test_priority_hint_and_start_timeout_are_accepted(server, tls, media):
+    line = python_https("priority", media, server, tls)
+    positions = line["positions"]
+    assert None not in positions.values() and positions["normal"] < positions["low"], positions
+    assert line["first_has_video"]
+
+
 def test_upload_file_then_use_the_urls(server, tls, media, tmp_path):
     line = python_https("upload", media, server, tls, None, "--rest-base", server)
     for url in line["urls"].values():
