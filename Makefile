@@ -45,6 +45,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench_inprocess.py
+	$(BIN)/python bench/bench_fanout.py
 
 clean:
 	rm -rf $(VENV) demo.mp4 .pytest_cache .ruff_cache

@@ -11,8 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.auth import AuthConfig
 from deployments.storage import LocalStorageConfig, StorageConfig
+from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
+from pipeline.media.validate import MediaLimits
 from pipeline.presets import PRESETS
 
 APP_NAME = "stable-avatar"  # serve.get_app_handle(APP_NAME)
@@ -68,6 +71,34 @@ class DeploymentOptions(BaseModel):
         return options
 
 
+class InputLimits(BaseModel):
+    """How ``image_url``/``audio_url`` are fetched and what they must contain (the ``inputs:`` block).
+
+    ``allow_private_hosts`` lists hostnames, IPs or CIDRs the fetcher may reach although they are private or
+    loopback (an in-cluster MinIO, a test server); everything else private is refused (SSRF guard).
+    ``s3_input_buckets`` lists the buckets ``s3://bucket/key`` inputs may name (read with the service's S3
+    credentials, so only buckets meant for client inputs belong here).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fetch: FetchLimits = Field(default_factory=FetchLimits)
+    media: MediaLimits = Field(default_factory=MediaLimits)
+    allow_private_hosts: list[str] = Field(default_factory=list)
+    s3_input_buckets: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> InputLimits:
+        AddressGuard(self.allow_private_hosts)  # raises ValueError naming a malformed entry
+        for bucket in self.s3_input_buckets:
+            if not 3 <= len(bucket) <= 63 or "/" in bucket:
+                raise ValueError(f"s3_input_buckets entry {bucket!r} is not a bucket name")
+        return self
+
+    def guard(self) -> AddressGuard:
+        return AddressGuard(self.allow_private_hosts)
+
+
 def _denoiser_defaults() -> DeploymentOptions:
     return DeploymentOptions(max_ongoing_requests=1,
                              autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1))
@@ -91,8 +122,11 @@ class AppArgs(BaseModel):
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")
     job_attempts: int = Field(3, ge=1, le=10, description="runs of a job whose Orchestrator replica died")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits")
+    max_request_body_mb: float = Field(64.0, gt=0, description="JSON bodies above this get 413 (upload instead)")
     webhook_attempts: int = Field(5, ge=1, le=20)
     webhook_first_delay_s: float = Field(1.0, ge=0.0, le=600.0, description="doubles after each failed attempt")
+    inputs: InputLimits = Field(default_factory=InputLimits)
 
     gateway: DeploymentOptions = Field(default_factory=DeploymentOptions)
     job_queue: DeploymentOptions = Field(default_factory=DeploymentOptions)

@@ -7,12 +7,14 @@ wrapped in a list (so Ray does not resolve it on every call) and the replica cac
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 
 import ray
 import torch
 from ray import serve
 
+from deployments import metrics
 from deployments.common import load_replica_models
 from deployments.config import AppArgs
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
@@ -46,12 +48,14 @@ class Denoiser:
         async with self._gpu:
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
             # runs, keep the lock until it has finished, so a cancelled job never overlaps the next one on the GPU.
+            started = time.perf_counter()
             task = asyncio.ensure_future(asyncio.to_thread(self.denoiser, cond, work))
             try:
                 result = await asyncio.shield(task)
             except asyncio.CancelledError:
                 await asyncio.wait([task])
                 raise
+        metrics.window_step_latency().observe(time.perf_counter() - started)
         self.window_steps += 1
         return result, self.replica_id
 

@@ -21,11 +21,23 @@ def validation_detail(field: str, message: str, kind: str = "value_error") -> li
     return [{"loc": ["body", field], "msg": message, "type": kind}]
 
 
+# The statuses a MediaError may ask for with its ``status_code`` hint.
+_MEDIA_STATUSES = frozenset({413, 415, 422})
+
+
 def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """(status, body) for an exception; client errors are 4xx with the field named, the rest 500."""
+    """(status, body) for an exception; client errors are 4xx with the field named, the rest 500.
+
+    Media and fetch errors carry a ``status_code`` hint (413 too large, 415 unsupported type, 422 otherwise)
+    and an ``error_type`` for the detail's ``type`` (fal's names: ``file_too_large``, ``image_too_small``, ...);
+    any other status falls back to 422, so a bad hint can never turn a client error into a 2xx or 5xx.
+    """
     cause = root_cause(exc)
     if isinstance(cause, MediaError):
-        return 422, {"detail": validation_detail(cause.field, str(cause))}
+        status = getattr(cause, "status_code", 422)
+        status = status if status in _MEDIA_STATUSES else 422
+        kind = getattr(cause, "error_type", None) or "value_error"
+        return status, {"detail": validation_detail(cause.field, str(cause), kind)}
     if isinstance(cause, ValueError):
         return 422, {"detail": validation_detail("audio_url", str(cause))}
     return 500, {"detail": f"internal error ({type(cause).__name__}); see the server logs"}

@@ -19,6 +19,8 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 
+from deployments import metrics
+from deployments.auth import TokenBucket
 from deployments.config import AppArgs
 from deployments.errors import error_response, root_cause
 from deployments.jobs import JobError, JobRecord, JobStore, Priority, queue_order
@@ -34,6 +36,17 @@ class QueueFullError(Exception):
     """More jobs are queued than the submitter allowed (``fal_max_queue_length``) or the server allows."""
 
 
+class RateLimitedError(Exception):
+    """The key submitted faster than its rate; ``retry_after_s`` says when the next submit is allowed."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @serve.deployment(name="JobQueue", num_replicas=1, max_ongoing_requests=1000)
 class JobQueue:
     def __init__(self, orchestrator, args: AppArgs):
@@ -45,6 +58,7 @@ class JobQueue:
         self.running: set[str] = set()
         self.sequence = 0
         self._wake: asyncio.Event | None = None
+        self.rate_limit = TokenBucket(args.auth.submit_rate_per_minute / 60.0, args.auth.submit_burst)
         self._dispatcher: asyncio.Task | None = None
         for job in self.store.load_all():
             self.jobs[job.request_id] = job
@@ -86,6 +100,13 @@ class JobQueue:
         limit = min(x for x in (max_queue_length, self.args.max_queue_length) if x is not None)
         if len(queued) >= limit:
             raise QueueFullError(f"the queue holds {len(queued)} jobs (limit {limit})")
+        mine = sum(j.owner == owner for j in queued)
+        if mine >= self.args.auth.max_queued_per_key:
+            raise QueueFullError(f"this API key already has {mine} queued jobs (limit "
+                                 f"{self.args.auth.max_queued_per_key})")
+        wait = self.rate_limit.take(owner)
+        if wait > 0:
+            raise RateLimitedError(f"too many submits for this API key; retry in {wait:.1f} s", wait)
         self.sequence += 1
         seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         job = JobRecord(
@@ -96,22 +117,29 @@ class JobQueue:
         job.log(f"queued ({priority} priority)")
         self.store.save(job)  # durable before it is acknowledged
         self.jobs[job.request_id] = job
+        metrics.jobs_total().inc(tags={"outcome": "submitted"})
+        self._update_gauges()
         self._wakeup()
         return {"request_id": job.request_id, "queue_position": self.position(job)}
 
-    async def get(self, request_id: str) -> JobRecord | None:
-        self._ensure_dispatcher()
+    def _owned(self, request_id: str, owner: str) -> JobRecord | None:
+        """Another key's job does not exist for this caller (404, not 403: ids are not confirmed)."""
         job = self.jobs.get(request_id)
+        return job if job is not None and job.owner == owner else None
+
+    async def get(self, request_id: str, owner: str = "") -> JobRecord | None:
+        self._ensure_dispatcher()
+        job = self._owned(request_id, owner)
         if job is None:
             return None
         return job.model_copy(update={"input": {}}, deep=False)
 
-    async def get_with_position(self, request_id: str) -> tuple[JobRecord, int] | None:
-        job = await self.get(request_id)
+    async def get_with_position(self, request_id: str, owner: str = "") -> tuple[JobRecord, int] | None:
+        job = await self.get(request_id, owner)
         return None if job is None else (job, self.position(self.jobs[request_id]))
 
-    async def cancel(self, request_id: str) -> str:
-        job = self.jobs.get(request_id)
+    async def cancel(self, request_id: str, owner: str = "") -> str:
+        job = self._owned(request_id, owner)
         if job is None:
             return "NOT_FOUND"
         if job.finished:
@@ -141,6 +169,10 @@ class JobQueue:
             job.log(message, level)
         self.store.save(job)
         return job.cancel_requested
+
+    def _update_gauges(self) -> None:
+        metrics.queue_length().set(self.queue_length())
+        metrics.running_jobs().set(len(self.running))
 
     def queue_length(self) -> int:
         return sum(j.status == "IN_QUEUE" for j in self.jobs.values())
@@ -184,12 +216,16 @@ class JobQueue:
         job.log(f"started (attempt {job.attempts})" if job.attempts > 1 else "started")
         self.store.save(job)
         self.running.add(job.request_id)
+        if job.attempts == 1:
+            metrics.time_in_queue().observe(job.started_at - job.created_at)
+        self._update_gauges()
         self._spawn(self._run(job))
 
     async def _run(self, job: JobRecord) -> None:
         request_id = job.request_id
         try:
-            response = self.orchestrator.run_job.remote(request_id, StableAvatarInput(**job.input), job.seed)
+            response = self.orchestrator.run_job.remote(request_id, StableAvatarInput(**job.input), job.seed,
+                                                        job.owner)
             self.responses[request_id] = response
             result = await response
             self._complete(job, result=result)
@@ -215,6 +251,7 @@ class JobQueue:
         finally:
             self.responses.pop(request_id, None)
             self.running.discard(request_id)
+            self._update_gauges()
             self._wakeup()
 
     def _requeue_or_fail(self, job: JobRecord, reason: str) -> None:
@@ -235,6 +272,12 @@ class JobQueue:
     def _complete(self, job: JobRecord, result: dict | None = None, error: JobError | None = None) -> None:
         job.status, job.completed_at = "COMPLETED", time.time()
         job.result, job.error = result, error
+        outcome = "completed" if error is None else (
+            "cancelled" if error.error_type == "client_cancelled" else "failed")
+        metrics.jobs_total().inc(tags={"outcome": outcome})
+        if error is None:
+            metrics.job_latency().observe(job.completed_at - job.created_at)
+        self._update_gauges()
         if error is None:
             job.stage, job.progress = "completed", 1.0
             job.log(f"completed in {job.inference_time or 0:.1f} s")

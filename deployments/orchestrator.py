@@ -20,12 +20,14 @@ import ray
 import torch
 from ray import serve
 
+from deployments import metrics
 from deployments.config import AppArgs
 from deployments.ray_executor import RayDenoiserExecutor
 from deployments.results import public_result, stored_output
 from deployments.storage import make_storage
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest
+from pipeline.media.errors import MediaError
 from pipeline.presets import get_preset
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
 
@@ -93,8 +95,10 @@ class Orchestrator:
         return self.progress[request_id]
 
     # -- entry points ------------------------------------------------------------------------------------------
-    async def generate(self, request: StableAvatarInput, request_id: str | None = None) -> StableAvatarOutput:
+    async def generate(self, request: StableAvatarInput, request_id: str | None = None,
+                       owner: str = "") -> StableAvatarOutput:
         """Synchronous generation (sync HTTP route and the Python handle); no queue, no checkpoints."""
+        self._check_upload_owner(request, owner)
         request_id = request_id or uuid.uuid4().hex
         seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_SEED)
         reporter = Reporter(self._track(request_id), None, request_id)
@@ -107,8 +111,9 @@ class Orchestrator:
         reporter.progress.stage = "completed"
         return StableAvatarOutput.model_validate(public_result(result, self.storage))
 
-    async def run_job(self, request_id: str, request: StableAvatarInput, seed: int) -> dict:
+    async def run_job(self, request_id: str, request: StableAvatarInput, seed: int, owner: str = "") -> dict:
         """Run a queued job; a second call for a job still running here joins the first run."""
+        self._check_upload_owner(request, owner)
         task = self.active.get(request_id)
         if task is None or task.done():
             reporter = Reporter(self._track(request_id), self._job_queue(), request_id)
@@ -121,6 +126,13 @@ class Orchestrator:
         except asyncio.CancelledError:
             task.cancel()  # the caller cancelled the job: stop at the next step boundary
             raise
+
+    def _check_upload_owner(self, request: StableAvatarInput, owner: str) -> None:
+        """Files uploaded with one API key are not inputs for another key's jobs."""
+        for field_name in ("image_url", "audio_url"):
+            key = self.storage.key_for_url(getattr(request, field_name))
+            if key is not None and key.startswith("uploads/") and key.split("/")[1] != (owner or "public"):
+                raise MediaError("the uploaded file was not found", field=field_name)
 
     def get_progress(self, request_id: str) -> dict | None:
         progress = self.progress.get(request_id)
@@ -135,6 +147,8 @@ class Orchestrator:
         started = time.perf_counter()
         await report(stage="preprocessing", message="preprocessing: fetching and decoding the inputs")
         prepared: PreparedRequest = await self.preprocessor.prepare.remote(request_id, request, seed)
+        metrics.stage_duration().observe(time.perf_counter() - started, tags={"stage": "preprocess"})
+        metrics.bytes_total().inc(prepared.input_bytes, tags={"direction": "downloaded"})
         plan, progress = prepared.plan, report.progress
         progress.windows, progress.total_steps = plan.num_windows, prepared.conditioning.num_steps
         for note in prepared.notes:
@@ -167,12 +181,18 @@ class Orchestrator:
             if every and (step + 1) % every == 0 and step + 1 < progress.total_steps:
                 await asyncio.to_thread(self._save_checkpoint, request_id, prepared, seed, step, fused)
 
+        denoise_started = time.perf_counter()
         latents = await denoise(plan, latents, progress.total_steps, executor, self.args.pipeline.weight_scheme,
                                 start_step=start_step, on_step=on_step)
         del conditioning_ref
+        metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
         await report(stage="postprocessing", message="decoding and encoding the video")
+        post_started = time.perf_counter()
         stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents)
+        metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
+        metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
+        metrics.output_seconds().inc(stored["frames"] / 25.0)
         await report(message=f"encoded {stored['frames']} frames in {stored['encode_s']:.1f} s, uploaded "
                              f"{stored['file_size'] / 1e6:.2f} MB")
         if checkpoints:

@@ -1,18 +1,26 @@
-"""Preprocessor: fetch the inputs, decode audio, wav2vec per window, image conditioning (CLIP + VAE), T5."""
+"""Preprocessor: fetch the inputs, decode audio, wav2vec per window, image conditioning (CLIP + VAE), T5.
+
+Inputs are untrusted: URLs go through :func:`pipeline.fetch.fetch_input` (SSRF guard, size and time limits) and
+the bytes through :mod:`pipeline.media.validate` before the models see them, image first (cheap) so a bad image
+is refused before a large audio file is downloaded. Every refusal is a ``MediaError`` naming the field.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from typing import Any
 
 from ray import serve
 
 from deployments.common import load_replica_models
 from deployments.config import AppArgs
-from deployments.storage import StorageNotFoundError, make_storage
+from deployments.storage import S3Storage, StorageNotFoundError, StorageTooLargeError, make_storage
+from pipeline.fetch import FetchError, InputField, InputTooLargeError, fetch_input
 from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline
-from pipeline.inputs import read_source
 from pipeline.media.errors import MediaError
+from pipeline.media.validate import check_audio, validate_image
 from pipeline.schema import StableAvatarInput
 
 
@@ -24,26 +32,69 @@ class Preprocessor:
         self.pipeline = StableAvatarPipeline(bundle, PipelineSettings.model_validate(args.pipeline.model_dump()))
         self._lock = asyncio.Lock()  # the VAE keeps a causal cache on the module: one request at a time
         self.storage = make_storage(args.storage)
+        self.inputs = args.inputs
+        self.guard = args.inputs.guard()
+        self._s3_client: Any = None
 
-    def _read(self, url: str, field: str) -> bytes:
-        """Files uploaded to our storage are read directly; otherwise only http(s) and data: URLs."""
+    def _read(self, url: str, field: InputField) -> bytes:
+        """Files uploaded to our storage are read directly (no network hop); anything else is fetched."""
+        limit = self.inputs.fetch.max_bytes(field)
         key = self.storage.key_for_url(url)
-        if key is not None:
-            try:
-                return self.storage.get_bytes(key)
-            except StorageNotFoundError:
-                raise MediaError("the uploaded file does not exist (or has expired)", field=field) from None
-        if not url.startswith(("http://", "https://", "data:")):
-            raise MediaError("only http(s) URLs, data: URIs and uploaded files are accepted", field=field)
-        return read_source(url, field)
+        if key is None:
+            return fetch_input(url, field, self.inputs.fetch, self.guard,
+                               read_s3=functools.partial(self._read_s3, limit),
+                               s3_buckets=self.inputs.s3_input_buckets)
+        try:
+            data = self.storage.get_bytes(key, max_bytes=limit)
+        except StorageNotFoundError:
+            raise MediaError("the uploaded file does not exist (or has expired)", field=field) from None
+        except StorageTooLargeError:
+            raise InputTooLargeError(f"{field} is too large: more than the limit of {limit} bytes",
+                                     field=field) from None
+        if not data:
+            raise FetchError(f"{field} is empty (0 bytes)", field=field)
+        return data
+
+    def _read_s3(self, max_bytes: int, bucket: str, key: str) -> bytes:
+        """``s3://bucket/key`` (bucket already checked against ``inputs.s3_input_buckets``): at most
+        ``max_bytes + 1`` bytes, so the fetcher can refuse an oversized object without reading all of it."""
+        if isinstance(self.storage, S3Storage):
+            client = self.storage.client  # same endpoint and credentials as the service's own bucket
+        else:
+            if self._s3_client is None:
+                import boto3
+
+                self._s3_client = boto3.session.Session().client("s3")
+            client = self._s3_client
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise KeyError(key) from None
+            raise
+        body = response["Body"]
+        try:
+            return body.read(max_bytes + 1)
+        finally:
+            body.close()
 
     async def prepare(self, request_id: str, request: StableAvatarInput, seed: int | None = None) -> PreparedRequest:
         notes: list[str] = []
         started = time.perf_counter()
+        media = self.inputs.media
         image = await asyncio.to_thread(self._read, request.image_url, "image_url")
+        fetch_s = time.perf_counter() - started
+        picture = await asyncio.to_thread(validate_image, image, media)
+        started_audio = time.perf_counter()
         audio = await asyncio.to_thread(self._read, request.audio_url, "audio_url")
+        fetch_s += time.perf_counter() - started_audio
+        checked = await asyncio.to_thread(check_audio, audio, media)
         notes.append(f"downloaded image {len(image) / 1e6:.2f} MB and audio {len(audio) / 1e6:.2f} MB "
-                     f"in {time.perf_counter() - started:.1f} s")
+                     f"in {fetch_s:.1f} s")
+        notes.append(f"validated the inputs: image {picture.width}x{picture.height}, audio "
+                     f"{checked.duration_s:.2f} s")
+        del picture, checked  # the pipeline decodes from the bytes (see pipeline.media.validate)
         params = GenerationParams(
             prompt=request.prompt, aspect_ratio=request.aspect_ratio, guidance_scale=request.guidance_scale,
             audio_guidance_scale=request.audio_guidance_scale, num_inference_steps=request.num_inference_steps,
@@ -53,4 +104,5 @@ class Preprocessor:
             prepared = await asyncio.to_thread(self.pipeline.prepare, image, audio, params, request_id,
                                                notes.append)
         prepared.notes = notes
+        prepared.input_bytes = len(image) + len(audio)
         return prepared

@@ -85,6 +85,7 @@ class PreparedRequest:
     audio_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # human-readable progress lines from preprocessing
+    input_bytes: int = 0  # bytes of image + audio as received
 
     def without_conditioning(self) -> PreparedRequest:
         """A light copy for the decode stage, which needs the geometry and the audio but not the tensors."""

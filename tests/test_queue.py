@@ -35,8 +35,9 @@ APP = "fal-ai/stable-avatar"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("queue-data")
+    metrics_port = free_port()
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=400 * 2**20)
+             object_store_memory=400 * 2**20, _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
@@ -46,7 +47,7 @@ def service(tmp_path_factory):
         "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
     })
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield {"base": base, "args": args, "root": root}
+    yield {"base": base, "args": args, "root": root, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
     ray.shutdown()
 
@@ -127,6 +128,43 @@ def test_submit_status_result_roundtrip(service):
     assert output["seed"] == 7 and output["video"]["content_type"] == "video/mp4"
     assert len(http_bytes(output["video"]["url"])) == output["video"]["file_size"]
     assert status(base, rid)[0] == 200  # COMPLETED is stable
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Our metrics (Ray exports them with a ``ray_`` prefix), summed over tags other than outcome/stage/direction."""
+    import re
+
+    values: dict[str, float] = {}
+    for line in http_bytes(url).decode().splitlines():
+        match = re.match(r"^ray_(stable_avatar_\w+?)(\{[^}]*\})? (\S+)$", line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        keep = re.findall(r'(outcome|stage|direction)="([^"]*)"', labels or "")
+        key = name + "".join(f"[{v}]" for _, v in keep)
+        values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+def test_metrics_move_with_a_job(service):
+    base, url = service["base"], service["metrics"]
+    before = scrape(url)
+    rid = submit(base, job_body())["request_id"]
+    wait_status(base, rid)
+    wanted = {"stable_avatar_jobs_total[submitted]", "stable_avatar_jobs_total[completed]",
+              "stable_avatar_window_step_seconds_count", "stable_avatar_job_latency_seconds_count",
+              "stable_avatar_time_in_queue_seconds_count", "stable_avatar_stage_seconds_count[denoise]",
+              "stable_avatar_bytes_total[downloaded]", "stable_avatar_bytes_total[uploaded]",
+              "stable_avatar_output_video_seconds_total"}
+    deadline = time.monotonic() + 60
+    while True:  # replicas push metrics to the node's agent every few seconds
+        after = scrape(url)
+        moved = {name for name in wanted if after.get(name, 0) > before.get(name, 0)}
+        if moved == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert moved == wanted, wanted - moved
+    assert "stable_avatar_queue_length" in after
 
 
 def test_validation_errors(service):

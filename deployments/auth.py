@@ -1,0 +1,95 @@
+"""API keys (``Authorization: Key <key>``, as fal clients send ``FAL_KEY``) and per-key submit rate limits.
+
+Keys come from an environment variable or a mounted secret file, are kept only as SHA-256 digests, and are compared
+in constant time. A key's fingerprint (the first 16 hex digits of its digest) owns the jobs and uploads it made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPEN_OWNER = ""  # owner of everything on a server that runs without keys
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys_env: str = Field("STABLE_AVATAR_API_KEYS", description="env var with comma/space separated keys")
+    keys_file: Path | None = Field(None, description="file with one key per line (e.g. a mounted Secret)")
+    submit_rate_per_minute: float = Field(60.0, gt=0, description="sustained submits per key")
+    submit_burst: int = Field(10, ge=1, description="submits a key may make at once before the rate applies")
+    max_queued_per_key: int = Field(50, ge=1, description="queued jobs one key may have")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def fingerprint(key: str) -> str:
+    return _digest(key).hex()[:16]
+
+
+@dataclass
+class AuthResult:
+    owner: str | None  # None when refused
+    status: int = 200  # 401 missing, 403 wrong
+    message: str = ""
+
+
+class ApiKeys:
+    """The configured keys as digests; ``check`` answers an ``Authorization`` header."""
+
+    def __init__(self, config: AuthConfig):
+        raw: list[str] = os.environ.get(config.keys_env, "").replace(",", " ").split()
+        keys_file = config.keys_file or (Path(p) if (p := os.environ.get(config.keys_env + "_FILE")) else None)
+        if keys_file is not None:
+            lines = Path(keys_file).read_text().splitlines()
+            raw += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        self._digests = [_digest(k) for k in dict.fromkeys(raw)]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def check(self, authorization: str | None) -> AuthResult:
+        if not self.enabled:
+            return AuthResult(OPEN_OWNER)
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() not in ("key", "bearer") or not key:
+            return AuthResult(None, 401, "missing API key: send the header 'Authorization: Key <your key>'")
+        given = _digest(key)
+        matched = False
+        for stored in self._digests:  # no early exit: the time taken does not depend on which key matched
+            matched |= hmac.compare_digest(stored, given)
+        if not matched:
+            return AuthResult(None, 403, "invalid API key")
+        return AuthResult(fingerprint(key))
+
+
+@dataclass
+class TokenBucket:
+    """Per-owner submit budget: ``burst`` at once, refilled at ``rate_per_s``."""
+
+    rate_per_s: float
+    burst: int
+    tokens: dict[str, float] = field(default_factory=dict)
+    stamp: dict[str, float] = field(default_factory=dict)
+
+    def take(self, owner: str) -> float:
+        """0 when allowed, else the seconds to wait before the next submit is allowed."""
+        now = time.monotonic()
+        tokens = min(self.burst, self.tokens.get(owner, self.burst) + (now - self.stamp.get(owner, now)) * self.rate_per_s)
+        self.stamp[owner] = now
+        if tokens >= 1:
+            self.tokens[owner] = tokens - 1
+            return 0.0
+        self.tokens[owner] = tokens
+        return (1 - tokens) / self.rate_per_s

@@ -1,0 +1,66 @@
+"""Prometheus metrics of the service, through ``ray.serve.metrics`` (so they carry deployment/replica tags).
+
+Ray exports them from each node's metrics agent (``ray start --metrics-export-port``; on KubeRay the pods'
+``metrics`` port, scraped by the PodMonitor). Metric objects are created lazily inside the replica that uses them.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+SECONDS_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400, 3600, 7200]
+STEP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32]
+
+
+@cache
+def jobs_total() -> Counter:
+    return Counter("stable_avatar_jobs_total", description="Jobs by outcome: submitted, completed, failed, "
+                   "cancelled.", tag_keys=("outcome",))
+
+
+@cache
+def queue_length() -> Gauge:
+    return Gauge("stable_avatar_queue_length", description="Jobs waiting in the queue.")
+
+
+@cache
+def running_jobs() -> Gauge:
+    return Gauge("stable_avatar_running_jobs", description="Jobs being processed.")
+
+
+@cache
+def job_latency() -> Histogram:
+    return Histogram("stable_avatar_job_latency_seconds", description="Submit to completion, successful jobs.",
+                     boundaries=SECONDS_BUCKETS)
+
+
+@cache
+def time_in_queue() -> Histogram:
+    return Histogram("stable_avatar_time_in_queue_seconds", description="Submit to start of processing.",
+                     boundaries=SECONDS_BUCKETS)
+
+
+@cache
+def window_step_latency() -> Histogram:
+    return Histogram("stable_avatar_window_step_seconds",
+                     description="One window-step on a Denoiser replica (CFG forward + Euler step).",
+                     boundaries=STEP_BUCKETS)
+
+
+@cache
+def stage_duration() -> Histogram:
+    return Histogram("stable_avatar_stage_seconds", description="Duration of a job stage.",
+                     boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+
+
+@cache
+def bytes_total() -> Counter:
+    return Counter("stable_avatar_bytes_total", description="Bytes downloaded (inputs) and uploaded (results).",
+                   tag_keys=("direction",))
+
+
+@cache
+def output_seconds() -> Counter:
+    return Counter("stable_avatar_output_video_seconds_total", description="Seconds of video generated.")
