@@ -1,6 +1,8 @@
 """Denoiser: one window, one step per call (batch-3 CFG forward + Euler step); the GPU deployment.
 
-Conditioning is published once per request into the object store; the Orchestrator passes its ``ObjectRef``
+One window-step runs at a time per replica (an asyncio lock around the GPU work); ``max_ongoing_requests`` 2 lets
+the next one wait inside the replica rather than in the router's retry back-off. Conditioning is published once per
+request into the object store; the Orchestrator passes its ``ObjectRef``
 wrapped in a list (so Ray does not resolve it on every call) and the replica caches the value per request.
 """
 
@@ -20,7 +22,7 @@ from deployments.config import AppArgs
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 
 
-@serve.deployment(name="Denoiser", max_ongoing_requests=1)
+@serve.deployment(name="Denoiser", max_ongoing_requests=2)
 class Denoiser:
     def __init__(self, args: AppArgs):
         bundle = load_replica_models(args, args.denoiser, ["transformer"])

@@ -204,7 +204,8 @@ def _fail(exc: ApiError, args: argparse.Namespace) -> int:
         print(f"error: {line}", file=sys.stderr)
     if exc.status in (401, 403):
         return EXIT_AUTH
-    return EXIT_BAD_INPUT if exc.status == 422 else EXIT_FAILED
+    # 422, and 413/415 for media that is too large or not an image/audio: the input must change
+    return EXIT_BAD_INPUT if exc.status == 422 or (exc.status < 500 and exc.field_errors()) else EXIT_FAILED
 
 
 def run_client(args: argparse.Namespace) -> int:

@@ -42,8 +42,9 @@ class ApiError(Exception):
         super().__init__(self.describe())
 
     def field_errors(self) -> list[tuple[str, str]]:
-        """``(field, message)`` for each entry of a 422 ``detail`` list (``loc`` is ``["body", field]``)."""
-        if not isinstance(self.detail, list):
+        """``(field, message)`` for each entry of a ``detail`` list (``loc`` is ``["body", field]``): a 422, or a
+        413/415 for an input file that is too large or of the wrong kind."""
+        if not isinstance(self.detail, list) or not all(isinstance(e, dict) and "loc" in e for e in self.detail):
             return []
         out = []
         for entry in self.detail:

@@ -123,6 +123,7 @@ class Bad:
     fields: dict = field(default_factory=dict)  # merged into a valid body
     raw: bytes | None = None  # sent as the body instead
     at_submit: bool = False
+    kind: str | None = None  # the detail's machine-readable ``type``, when the test pins it
 
 
 def catalogue(files) -> list[Bad]:
@@ -135,27 +136,30 @@ def catalogue(files) -> list[Bad]:
         Bad("non-image bytes", 415, image, "not a recognised image",
             {"image_url": b64(b"\x00\x01\x02garbage\xff" * 64, "image/png")}),
         Bad("truncated PNG", 422, image, "truncated or corrupt", {"image_url": url("/truncated.png")}),
-        Bad("1x1 image", 422, image, "too small: 1x1", {"image_url": b64(encoded((1, 1), "PNG"), "image/png")}),
+        Bad("1x1 image", 422, image, "too small: 1x1", {"image_url": b64(encoded((1, 1), "PNG"), "image/png")},
+            kind="image_too_small"),
         Bad("decompression bomb", 413, image, "decompression bomb",
-            {"image_url": b64(png_declaring(30000, 30000), "image/png")}),
+            {"image_url": b64(png_declaring(30000, 30000), "image/png")}, kind="image_too_large"),
         Bad("40+ MP image header", 413, image, "49.0 MP", {"image_url": b64(png_declaring(7000, 7000), "image/png")}),
-        Bad("SVG", 415, image, "svg", {"image_url": url("/avatar.svg")}),
+        Bad("SVG", 415, image, "svg", {"image_url": url("/avatar.svg")}, kind="unsupported_image_format"),
         Bad("HTML error page served as image", 415, image, "received an html page, not an image",
             {"image_url": url("/photo.png")}),
         # -- audio content
         Bad("silent 0.1 s audio", 422, audio, "too short", {"audio_url": b64(media["short_wav"], "audio/wav")}),
-        Bad("2 h audio", 422, audio, "too long: 7200.0 s", {"audio_url": b64(media["two_hours_mp3"], "audio/mpeg")}),
-        Bad("corrupt mp3", 415, audio, "not a recognised audio format", {"audio_url": url("/corrupt.mp3")}),
+        Bad("2 h audio", 422, audio, "too long: 7200.0 s", {"audio_url": b64(media["two_hours_mp3"], "audio/mpeg")},
+            kind="audio_duration_too_long"),
+        Bad("corrupt mp3", 415, audio, "not a recognised audio format", {"audio_url": url("/corrupt.mp3")},
+            kind="unsupported_audio_format"),
         Bad("video file as audio", 422, audio, "video without an audio track", {"audio_url": url("/clip.mp4")}),
         Bad("HTML page as audio", 415, audio, "received an html page, not audio", {"audio_url": url("/speech.mp3")}),
         # -- data URIs
         Bad("malformed data URI", 422, image, "malformed data: uri",
             {"image_url": "data:image/png;base64,this is not base64!"}),
         Bad("data URI without comma", 422, audio, "malformed data: uri", {"audio_url": "data:audio/wav;base64"}),
-        Bad("oversized data URI", 413, image, "too large", {"image_url": too_big}),
+        Bad("oversized data URI", 413, image, "too large", {"image_url": too_big}, kind="file_too_large"),
         # -- addresses (SSRF)
         Bad("URL to 127.0.0.1", 422, image, "loopback address (127.0.0.1)",
-            {"image_url": files["forbidden"].url("/portrait.png")}),
+            {"image_url": files["forbidden"].url("/portrait.png")}, kind="url_not_allowed"),
         Bad("URL to 169.254.169.254", 422, image, "link-local address (169.254.169.254)",
             {"image_url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}),
         Bad("URL to [::1]", 422, audio, "loopback address (::1)", {"audio_url": "http://[::1]:8000/a.wav"}),
@@ -232,6 +236,8 @@ def check_answer(case: Bad, status: int, body: dict) -> None:
     assert detail[0]["loc"] == case.loc, (case.name, detail)
     assert case.text.lower() in detail[0]["msg"].lower(), (case.name, detail[0]["msg"])
     assert "Traceback" not in detail[0]["msg"] and "s3cr3t" not in detail[0]["msg"]
+    if case.kind is not None:
+        assert detail[0]["type"] == case.kind, (case.name, detail[0])
 
 
 # -- tests ----------------------------------------------------------------------------------------------------

@@ -148,8 +148,13 @@ function showAuthError(status, detail) {
   $("api_key").focus();
 }
 
+/** True for fal's field-level detail ([{loc: ["body", field], msg}]): 422, but also 413/415 for bad media. */
+function isFieldDetail(detail) {
+  return Array.isArray(detail) && detail.length > 0 && detail.every((d) => d && Array.isArray(d.loc));
+}
+
 function showError(err) {
-  if (err instanceof HttpError && err.status === 422 && Array.isArray(err.detail)) {
+  if (err instanceof HttpError && err.status < 500 && isFieldDetail(err.detail)) {
     showValidation(err.detail);
   } else if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
     showAuthError(err.status, err.detail);
