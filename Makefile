@@ -8,9 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps js-deps test demo lint bench clean
+.PHONY: setup system-deps browser-deps js-deps test demo lint bench clean
 
-setup: $(STAMP) system-deps
+setup: $(STAMP) system-deps browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ system-deps:
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
 		else echo "please install ffmpeg (ffmpeg + ffprobe)"; exit 1; fi; \
+	fi
+
+# Debian's chromium for tests/test_playground.py (Playwright drives it; it never downloads a browser).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "please install chromium at /usr/bin/chromium (Debian: apt-get install chromium)"; exit 1; fi; \
 	fi
 
 # The official JS client (@fal-ai/client, pinned in tests/js/package-lock.json) for tests/test_fal_clients.py.

@@ -24,9 +24,11 @@ from deployments.config import AppArgs
 from deployments.errors import error_response, root_cause
 from deployments.fal_protocol import parse_bool, parse_start_timeout, request_urls, status_body
 from deployments.job_queue import QueueFullError, RateLimitedError
+from deployments.jobs import JobRecord
 from deployments.results import public_result
 from deployments.signing import Signer
 from deployments.storage import LocalStorage, StorageNotFoundError, make_storage, validate_key
+from pipeline.fetch import AddressGuard, check_webhook_url
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
 
 logger = logging.getLogger("ray.serve")
@@ -81,6 +83,7 @@ class Gateway:
         self.signer = Signer(self.storage.signing_secret())
         self.app_owner, _, self.app_alias = args.app_id.partition("/")
         self.keys = ApiKeys(args.auth)
+        self.webhook_guard = AddressGuard(args.inputs.allow_private_hosts)
         self.max_body = int(args.max_request_body_mb * 2**20)
         if not self.keys.enabled:
             logger.warning("*** NO API KEYS CONFIGURED: this server is OPEN; anyone who can reach it can submit "
@@ -177,8 +180,9 @@ class Gateway:
     def _is_app(self, owner: str, app: str) -> bool:
         return (owner, app) == (self.app_owner, self.app_alias)
 
-    @api.get("/{owner}/{app}/requests/{request_id}/status")
-    async def status(self, owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
+    async def _lookup(self, owner: str, app: str, request_id: str,
+                      request: Request) -> tuple[JobRecord, int, str] | JSONResponse:
+        """(job, queue position, caller) for a caller allowed to see it; otherwise the 401/403/404 answer."""
         caller = self._authorize(request)
         if isinstance(caller, JSONResponse):
             return caller
@@ -186,20 +190,24 @@ class Gateway:
                  if self._is_app(owner, app) else None)
         if found is None:
             return _fal_error(404, "Request not found", request_id)
-        job, position = found
+        return found[0], found[1], caller
+
+    @api.get("/{owner}/{app}/requests/{request_id}/status")
+    async def status(self, owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
+        found = await self._lookup(owner, app, request_id, request)
+        if isinstance(found, JSONResponse):
+            return found
+        job, position, _ = found
         body = status_body(job, position, parse_bool(request.query_params.get("logs")), _base_url(request))
         return JSONResponse(body, status_code=200 if job.finished else 202,
                             headers={"x-fal-request-id": request_id})
 
     @api.get("/{owner}/{app}/requests/{request_id}/status/stream", response_model=None)
     async def status_stream(self, owner: str, app: str, request_id: str, request: Request) -> Response:
-        caller = self._authorize(request)
-        if isinstance(caller, JSONResponse):
-            return caller
-        found = (await self.job_queue.get_with_position.remote(request_id, caller)
-                 if self._is_app(owner, app) else None)
-        if found is None:
-            return _fal_error(404, "Request not found", request_id)
+        found = await self._lookup(owner, app, request_id, request)
+        if isinstance(found, JSONResponse):
+            return found
+        caller = found[2]
         with_logs, base = parse_bool(request.query_params.get("logs")), _base_url(request)
 
         async def events():
@@ -226,14 +234,10 @@ class Gateway:
 
     @api.get("/{owner}/{app}/requests/{request_id}")
     async def result(self, owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
-        caller = self._authorize(request)
-        if isinstance(caller, JSONResponse):
-            return caller
-        found = (await self.job_queue.get_with_position.remote(request_id, caller)
-                 if self._is_app(owner, app) else None)
-        if found is None:
-            return _fal_error(404, "Request not found", request_id)
-        job, position = found
+        found = await self._lookup(owner, app, request_id, request)
+        if isinstance(found, JSONResponse):
+            return found
+        job, position, _ = found
         if not job.finished:
             return JSONResponse(status_body(job, position, False, _base_url(request)), status_code=202,
                                 headers={"x-fal-request-id": request_id})
@@ -361,6 +365,11 @@ class Gateway:
             max_queue = int(query["fal_max_queue_length"]) if "fal_max_queue_length" in query else None
         except ValueError as exc:
             return _fal_error(422, [{"loc": ["header"], "msg": str(exc), "type": "value_error"}])
+        if query.get("fal_webhook"):
+            try:  # the same SSRF guard as input URLs: no webhooks to private or loopback addresses
+                await asyncio.to_thread(check_webhook_url, query["fal_webhook"], self.webhook_guard)
+            except ValueError as exc:
+                return _fal_error(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "value_error"}])
         try:
             submitted = await self.job_queue.submit.remote(
                 body, self.args.app_id, owner=caller, priority=priority, webhook_url=query.get("fal_webhook"),

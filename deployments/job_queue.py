@@ -26,6 +26,7 @@ from deployments.errors import error_response, root_cause
 from deployments.jobs import JobError, JobRecord, JobStore, Priority, queue_order
 from deployments.storage import make_storage
 from deployments.webhooks import deliver_webhook, webhook_payload
+from pipeline.fetch import AddressGuard
 from pipeline.schema import StableAvatarInput
 
 logger = logging.getLogger("ray.serve")
@@ -301,6 +302,7 @@ class JobQueue:
             self.store.save(job)
 
         job.webhook_delivered = await deliver_webhook(
-            job.webhook_url or "", body, report, self.args.webhook_attempts, self.args.webhook_first_delay_s)
+            job.webhook_url or "", body, report, AddressGuard(self.args.inputs.allow_private_hosts),
+            self.args.webhook_attempts, self.args.webhook_first_delay_s)
         job.webhook_done = True
         self.store.save(job)

@@ -94,7 +94,9 @@ class Preprocessor:
                      f"in {fetch_s:.1f} s")
         notes.append(f"validated the inputs: image {picture.width}x{picture.height}, audio "
                      f"{checked.duration_s:.2f} s")
-        del picture, checked  # the pipeline decodes from the bytes (see pipeline.media.validate)
+        # prepare() takes the encoded bytes and decodes them itself (it has no way to accept the samples yet);
+        # the validation decode was capped at max_audio_s, so that second decode is bounded too.
+        del picture, checked
         params = GenerationParams(
             prompt=request.prompt, aspect_ratio=request.aspect_ratio, guidance_scale=request.guidance_scale,
             audio_guidance_scale=request.audio_guidance_scale, num_inference_steps=request.num_inference_steps,

@@ -186,8 +186,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_result(args: argparse.Namespace) -> int:
     client = _client(args)
-    state = None
-    if not args.no_wait:
+    state = client.status(args.request_id, logs=False)
+    if not state.done and not args.no_wait:
         try:
             state = follow(client, args.request_id, show_logs=False)
         except KeyboardInterrupt:

@@ -26,6 +26,7 @@ DEFAULT_APP_ID = "fal-ai/stable-avatar"
 SERVER_ENV = "STABLE_AVATAR_SERVER"
 KEY_ENV = "FAL_KEY"
 REMOTE_PREFIXES = ("http://", "https://", "data:")
+MAX_STATUS_FAILURES = 10  # consecutive failed status polls before giving up
 # Input fields and the CLI options that set them, so errors name what the user typed.
 FIELD_OPTIONS = {
     "image_url": "--image", "audio_url": "--audio", "prompt": "--prompt", "aspect_ratio": "--aspect-ratio",
@@ -239,12 +240,20 @@ def follow(client: AvatarClient, request_id: str, out: TextIO = sys.stderr, poll
     """Poll the status until the job completes, drawing a tqdm bar (0-100 %) and printing new log lines."""
     from tqdm import tqdm
 
-    cursor = LogCursor()
+    cursor, failures = LogCursor(), 0
     bar = tqdm(total=100, file=out, unit="%", dynamic_ncols=True, mininterval=0.2,
                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
     try:
         while True:
-            state = client.status(request_id, logs=show_logs)
+            try:
+                state = client.status(request_id, logs=show_logs)
+                failures = 0
+            except ApiError as err:  # a restarting proxy or a dropped connection: keep following for a while
+                failures += 1
+                if not (err.status == 0 or err.status >= 502) or failures > MAX_STATUS_FAILURES:
+                    raise
+                sleep(poll_s * 4)
+                continue
             for entry in cursor.new(state.logs):
                 bar.write(format_log(entry), file=out)
             bar.set_description_str(f"{(state.stage or state.status.lower()):>14}", refresh=False)

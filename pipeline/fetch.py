@@ -485,16 +485,10 @@ class _Fetcher:
 
     def connect(self, target: HttpTarget, addresses: list[ResolvedAddress]) -> socket.socket:
         """Connect to the first reachable *checked* address (never to the name: no second resolution)."""
-        failure: OSError | None = None
-        for address in addresses:
-            sock = socket.socket(address.family, socket.SOCK_STREAM)
-            sock.settimeout(min(self.limits.connect_timeout_s, self.remaining()))
-            try:
-                sock.connect(address.sockaddr)
-                return sock
-            except OSError as exc:
-                sock.close()
-                failure = exc
+        try:
+            return connect_checked(addresses, lambda: min(self.limits.connect_timeout_s, self.remaining()))
+        except OSError as exc:
+            failure = exc
         if time.monotonic() >= self.deadline:
             raise self.timeout()
         what = "timed out" if isinstance(failure, TimeoutError) else \
@@ -568,6 +562,55 @@ class _Fetcher:
             raise self.error(f"could not be downloaded: the connection closed after {len(body)} of "
                              f"{declared} bytes")
         return bytes(body)
+
+
+def connect_checked(addresses: list[ResolvedAddress], timeout_s: Callable[[], float]) -> socket.socket:
+    """A TCP socket to the first reachable address of ``addresses`` (from :meth:`AddressGuard.resolve`).
+
+    Connecting to the checked ``sockaddr`` itself, never to the name, is what pins DNS: a resolver answering
+    differently a second time is never asked. Raises the last ``OSError``.
+    """
+    failure: OSError = OSError("no address to connect to")
+    for address in addresses:
+        sock = socket.socket(address.family, socket.SOCK_STREAM)
+        sock.settimeout(timeout_s())
+        try:
+            sock.connect(address.sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+    raise failure
+
+
+class PinnedHTTPConnection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` whose ``connect()`` goes to addresses the guard already checked (TLS: SNI and
+    certificate verification for the hostname). For webhooks: ``conn.request("POST", path, body, headers)``."""
+
+    def __init__(self, target: HttpTarget, addresses: list[ResolvedAddress], timeout_s: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout_s)
+        self.default_port = 443 if target.scheme == "https" else 80  # Host header without the default port
+        self._target, self._addresses = target, addresses
+
+    def connect(self) -> None:
+        sock = connect_checked(self._addresses, lambda: float(self.timeout))  # type: ignore[arg-type]
+        if self._target.scheme == "https":
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._target.host)
+            except OSError:
+                sock.close()
+                raise
+        self.sock = sock
+
+
+def pinned_connection(url: str, guard: AddressGuard, timeout_s: float = 10.0) -> tuple[PinnedHTTPConnection, str]:
+    """``(connection, request path)`` for an http(s) URL whose host the guard allows (``ValueError`` if not).
+
+    The host is resolved and checked here, once; the connection later connects to those addresses only.
+    """
+    target = _parse_http_url(url)
+    addresses = guard.resolve(target.host, target.port, timeout_s)
+    return PinnedHTTPConnection(target, addresses, timeout_s), target.request_path
 
 
 # -- entry point ----------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def service(tmp_path_factory, files):
             "inputs": {
                 "allow_private_hosts": [ALLOWED_IP],
                 "fetch": {"max_image_bytes": MIB, "max_audio_bytes": 4 * MIB, "connect_timeout_s": 1.0,
-                          "read_timeout_s": 1.0, "total_timeout_s": 2.0},
+                          "read_timeout_s": 1.5, "total_timeout_s": 2.0},
             },
         })
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")

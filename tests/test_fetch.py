@@ -29,6 +29,7 @@ from pipeline.fetch import (
     UnsupportedURLError,
     check_webhook_url,
     fetch_input,
+    pinned_connection,
 )
 from tests.helpers import EXAMPLE_IMAGE
 
@@ -58,6 +59,8 @@ class FileServer:
                         route(self)
                 except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
                     pass  # the client hung up on purpose (limit reached, deadline)
+
+            do_POST = do_GET  # noqa: N815 - routes read the body themselves
 
             def log_message(self, *args) -> None:
                 pass
@@ -350,6 +353,27 @@ def test_webhook_check():
                         ("ftp://example.com/", "scheme"), ("http://[::1]/", "loopback"), ("not a url", "scheme")]:
         with pytest.raises(ValueError, match=reason):
             check_webhook_url(url, GUARD)
+
+
+def test_pinned_connection_for_webhooks(server, monkeypatch):
+    received = []
+
+    def hook(h) -> None:
+        received.append((h.headers["Host"], h.rfile.read(int(h.headers["Content-Length"]))))
+        send(h, b"ok")
+    server.routes["/hook"] = hook
+    answers = iter([ALLOWED_IP, "127.0.0.1"])
+    monkeypatch.setattr(fetch_module.socket, "getaddrinfo", lambda host, port, *a, **k: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))])
+    conn, path = pinned_connection(f"http://hooks.test:{server.port}/hook?x=1", GUARD, timeout_s=2)
+    try:
+        conn.request("POST", path, body=b'{"status": "OK"}', headers={"content-type": "application/json"})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    assert received == [(f"hooks.test:{server.port}", b'{"status": "OK"}')]
+    with pytest.raises(ValueError, match="loopback"):
+        pinned_connection("http://hooks.test/hook", GUARD)  # the second answer (127.0.0.1) is refused
 
 
 # -- limits ---------------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_under_a_route_prefix_with_an_api_key(browser, service, audio):
     base = service["base"]
     page, errors = open_page(browser, f"{base}{PREFIX}?transport=poll")
     requests: list = []
-    page.on("request", requests.append)
+    page.on("request", lambda request: requests.append(request))
     try:
         assert urlsplit(page.url).path == f"{PREFIX}/"
         assert page.is_visible("#api_key") and "API key required" in page.inner_text("#server-state")

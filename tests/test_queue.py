@@ -43,6 +43,7 @@ def service(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     args = AppArgs.model_validate({
         "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
+        "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
         "storage": {"kind": "local", "root": str(root), "public_base_url": base},
         "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
     })
@@ -178,7 +179,7 @@ def test_validation_errors(service):
     done = wait_status(base, rid)
     assert done["error"] and done["error_type"] == "validation_error"
     code, body, _ = http_json("GET", f"{base}/{APP}/requests/{rid}")
-    assert code == 422 and body["detail"][0]["loc"] == ["body", "image_url"]
+    assert code in (415, 422) and body["detail"][0]["loc"] == ["body", "image_url"]  # 415: not an image
     code, body, _ = http_json("GET", f"{base}/{APP}/requests/nope/status")
     assert code == 404
 
@@ -285,6 +286,13 @@ def test_webhook_is_retried_then_delivered_once(service):
         server.shutdown()
 
 
+def test_private_webhook_targets_are_refused(service):
+    base = service["base"]
+    for hook in ("http://169.254.169.254/latest", "http://10.0.0.1/hook", "file:///etc/passwd"):
+        code, body, _ = http_json("POST", f"{base}/{APP}?fal_webhook={hook}", job_body())
+        assert code == 422 and body["detail"][0]["loc"] == ["query", "fal_webhook"], (hook, body)
+
+
 def test_uploads_are_usable_as_inputs(service):
     base = service["base"]
     # JS flow: initiate, then PUT to the returned URL (no credentials), then use file_url.
@@ -349,3 +357,25 @@ def test_restarted_application_finishes_queued_and_running_jobs(service, long_au
         assert "error" not in done, done
     messages = [e["message"] for e in status(base, running)[1]["logs"]]
     assert any("service restarted" in m for m in messages)
+
+
+def test_killed_job_queue_reloads_and_finishes_jobs(service, long_audio):
+    base = service["base"]
+    running = submit(base, job_body(long_audio, steps=6, seed=5))["request_id"]
+    queued = submit(base, job_body(seed=6))["request_id"]
+    wait_progress(base, running, 0.2)
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA::") and "#JobQueue#" in a["name"]]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 240
+    for rid in (running, queued):
+        while True:  # status reads fail while Serve replaces the JobQueue replica
+            try:
+                code, body = status(base, rid)
+            except OSError:
+                code, body = 0, {}
+            if code == 200 and body.get("status") == "COMPLETED":
+                break
+            assert time.monotonic() < deadline, (rid, code, body)
+            time.sleep(0.2)
+        assert "error" not in body, body

@@ -8,6 +8,8 @@
 const KEY_STORAGE = "stable-avatar.api-key";
 const DEFAULT_APP_ID = "fal-ai/stable-avatar";
 const POLL_MS = 500;
+const MAX_POLL_FAILURES = 10;
+const STREAM_IDLE_MS = 25000;
 const HEALTH_RETRY_MS = 3000;
 // loc[1] of a 422 detail entry -> the id of the input it concerns (other fields use their own name as id).
 const INPUT_FOR_FIELD = { image_url: "image", audio_url: "audio" };
@@ -26,7 +28,7 @@ const FORCE_POLL = new URLSearchParams(location.search).get("transport") === "po
 const app = {
   appId: DEFAULT_APP_ID,
   requestId: null,
-  uploads: new WeakMap(), // File -> file_url, so a re-submit with the same files does not upload them again
+  uploads: new WeakMap(), // File -> {key, url}: a re-submit with the same files does not upload them again
   lastLogKey: null,
   previews: {},
 };
@@ -74,7 +76,8 @@ async function api(method, path, body) {
 
 /** initiate + PUT, as @fal-ai/client does; the presigned upload_url takes no API key. */
 async function upload(file) {
-  if (app.uploads.has(file)) return app.uploads.get(file);
+  const cached = app.uploads.get(file);
+  if (cached && cached.key === apiKey()) return cached.url; // uploads belong to the key that made them
   const contentType = file.type || "application/octet-stream";
   const { data: ticket } = await api("POST", "storage/upload/initiate?storage_type=fal-cdn-v3",
     { content_type: contentType, file_name: file.name || "upload.bin" });
@@ -85,7 +88,7 @@ async function upload(file) {
     const data = await readBody(response);
     throw new HttpError(response.status, (data && data.detail) || `upload failed (HTTP ${response.status})`);
   }
-  app.uploads.set(file, ticket.file_url);
+  app.uploads.set(file, { key: apiKey(), url: ticket.file_url });
   return ticket.file_url;
 }
 
@@ -274,34 +277,56 @@ async function follow(id) {
 }
 
 async function followStream(path) {
-  const response = await fetch(pageUrl(path), { headers: headers({ accept: "text/event-stream" }) });
-  if (!response.ok || !response.body) throw new HttpError(response.status, await readBody(response));
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return null;
-    buffer += value.replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const data = block.split("\n").filter((line) => line.startsWith("data:"))
-        .map((line) => line.slice(5).replace(/^ /, "")).join("\n");
-      if (!data) continue; // a keep-alive comment
-      const body = JSON.parse(data);
-      render(body);
-      if (body.status === "COMPLETED") {
-        reader.cancel().catch(() => {});
-        return body;
+  // The server sends a keep-alive every 10 s; silence for longer means a proxy is buffering: poll instead.
+  const abort = new AbortController();
+  let watchdog = setTimeout(() => abort.abort(), STREAM_IDLE_MS);
+  try {
+    const response = await fetch(pageUrl(path), {
+      headers: headers({ accept: "text/event-stream" }), signal: abort.signal,
+    });
+    if (!response.ok || !response.body) throw new HttpError(response.status, await readBody(response));
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return null;
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => abort.abort(), STREAM_IDLE_MS);
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = block.split("\n").filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(5).replace(/^ /, "")).join("\n");
+        if (!data) continue; // a keep-alive comment
+        const body = JSON.parse(data);
+        render(body);
+        if (body.status === "COMPLETED") {
+          abort.abort();
+          return body;
+        }
       }
     }
+  } finally {
+    clearTimeout(watchdog);
   }
 }
 
 async function poll(path) {
+  let failures = 0;
   for (;;) {
-    const { data } = await api("GET", path); // 202 while running, 200 when completed
+    let data;
+    try {
+      ({ data } = await api("GET", path)); // 202 while running, 200 when completed
+      failures = 0;
+    } catch (err) {
+      // a restarting proxy or a dropped connection should not end the page's interest in the job
+      const transient = !(err instanceof HttpError) || err.status >= 502;
+      if (!transient || ++failures > MAX_POLL_FAILURES) throw err;
+      await sleep(POLL_MS * 4);
+      continue;
+    }
     render(data);
     if (data.status === "COMPLETED") return data;
     await sleep(POLL_MS);

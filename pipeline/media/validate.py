@@ -208,9 +208,9 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 def _other_image_format(data: bytes) -> str | None:
     """Name a known-but-refused format by its magic bytes (for the message only; never decoded)."""
-    magics = {b"%!PS": "PostScript", b"\x00\x00\x01\x00": "ICO", b"8BPS": "PSD", b"\x00\x00\x00\x0cjP": "JPEG 2000",
-              b"\xff\x4f\xff\x51": "JPEG 2000", b"\x00\x00\x00\x1cftypavif": "AVIF", b"%PDF": "PDF"}
-    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+    magics = {b"%!PS": "PostScript", b"\x00\x00\x01\x00": "ICO", b"8BPS": "PSD", b"%PDF": "PDF",
+              b"\x00\x00\x00\x0cjP": "JPEG 2000", b"\xff\x4f\xff\x51": "JPEG 2000"}
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):  # iPhone photos, AVIF
         return "HEIC/AVIF"
     return next((name for magic, name in magics.items() if data.startswith(magic)), None)
 

@@ -1,0 +1,177 @@
+"""``stable-avatar submit/status/result`` against a live service, run as a user runs them (a subprocess).
+
+The server requires an API key here, so the key handling (``FAL_KEY``, ``--key``, 401/403 messages) is checked
+along the way. Ctrl-C is checked both without a terminal (no question: the job keeps running and the command
+says how to come back) and on a pseudo-terminal (it asks, and ``y`` cancels the job).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, free_port, http_json, probe, synthetic_speech  # noqa: E402
+
+API_KEY = "cli-test-key"
+AUDIO_S = 2.0
+APP = "fal-ai/stable-avatar"
+REQUEST_ID = re.compile(r"request id: ([0-9a-f]+)")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-data")
+    keys = root.parent / "cli-keys.txt"
+    keys.write_text(API_KEY + "\n")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs.model_validate({
+        "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
+        "storage": {"kind": "local", "root": str(root)},
+        "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+    })
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory) -> Path:
+    return synthetic_speech(tmp_path_factory.mktemp("cli-audio") / "speech.wav", AUDIO_S)
+
+
+def cli_env(key: str | None = API_KEY) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("FAL_KEY", "STABLE_AVATAR_SERVER")}
+    return env | ({"FAL_KEY": key} if key else {})
+
+
+def cli(*args: str, key: str | None = API_KEY, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=cli_env(key),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit_args(server: str, audio: Path, *extra: str, image: Path = EXAMPLE_IMAGE) -> list[str]:
+    return ["submit", "--server", server, "--image", str(image), "--audio", str(audio),
+            "--prompt", "a person talking", "--aspect-ratio", "1:1", *extra]
+
+
+def test_submit_status_result(service, audio, tmp_path):
+    out = tmp_path / "out.mp4"
+    run = cli(*submit_args(service, audio, "--steps", "2", "--seed", "5", "-o", str(out)))
+    assert run.returncode == 0, run.stderr
+    request_id = REQUEST_ID.search(run.stdout).group(1)
+    assert f"wrote {out}" in run.stdout and "seed 5" in run.stdout
+    assert "uploading" in run.stderr and "100%" in run.stderr  # the tqdm bar reached the end
+    assert "denoising step 2/2" in run.stderr and "completed in" in run.stderr  # server log lines
+    info = probe(out)
+    assert {s["codec_name"] for s in info["streams"]} == {"h264", "aac"}
+    assert abs(float(info["format"]["duration"]) - AUDIO_S) < 0.1
+
+    status = cli("status", request_id, "--server", service, "--key", API_KEY, key=None)
+    assert status.returncode == 0, status.stderr
+    assert "COMPLETED" in status.stdout and "completed" in status.stdout and "100%" in status.stdout
+    assert "denoising step 2/2" in status.stdout
+
+    again = tmp_path / "other.mp4"
+    result = cli("result", request_id, "--server", service, "-o", str(again))
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_invalid_input_names_the_field(service, audio, tmp_path):
+    run = cli(*submit_args(service, audio, "--steps", "0"))
+    assert run.returncode == 2 and "num_inference_steps (--steps)" in run.stderr, run.stderr
+    assert "uploading" not in run.stderr  # checked before anything is sent
+
+    run = cli(*submit_args(service, tmp_path / "missing.wav"))
+    assert run.returncode == 2 and "--audio: no such file" in run.stderr
+
+    # Only the server can tell this is no image: the job fails and its error names the field.
+    fake = tmp_path / "portrait.png"
+    fake.write_bytes(b"this is not an image")
+    run = cli(*submit_args(service, audio, "--steps", "2", image=fake))
+    assert run.returncode == 2 and "image_url (--image)" in run.stderr, run.stderr
+
+
+def test_missing_or_wrong_key(service, audio):
+    run = cli(*submit_args(service, audio), key=None)
+    assert run.returncode == 3 and "API key is missing" in run.stderr, run.stderr
+    run = cli("status", "0" * 32, "--server", service, "--key", "nope", key=None)
+    assert run.returncode == 3 and "API key is wrong" in run.stderr, run.stderr
+
+
+def _start(args: list[str], **popen) -> tuple[subprocess.Popen, str]:
+    """Start ``stable-avatar`` and return it once it printed the request id."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, text=True, **popen)
+    line = proc.stdout.readline()
+    match = REQUEST_ID.search(line)
+    assert match, line
+    return proc, match.group(1)
+
+
+def test_ctrl_c_without_a_terminal_leaves_the_job_running(service, audio, tmp_path):
+    proc, request_id = _start(submit_args(service, audio, "--steps", "6"), stdin=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Cancel the job?" not in err and f"stable-avatar status {request_id}" in err
+    assert f"stable-avatar result {request_id}" in err
+
+    out = tmp_path / "later.mp4"
+    run = cli("result", request_id, "--server", service, "-o", str(out))  # waits for the job, then downloads
+    assert run.returncode == 0, run.stderr
+    assert abs(float(probe(out)["format"]["duration"]) - AUDIO_S) < 0.1
+
+
+def test_ctrl_c_on_a_terminal_asks_and_cancels(service, audio):
+    primary, secondary = pty.openpty()
+    stderr: list[str] = []
+    try:
+        proc, request_id = _start(submit_args(service, audio, "--steps", "100"), stdin=secondary,
+                                  stderr=subprocess.PIPE)
+        # raw reads: the question has no newline, so readline() would wait for the answer
+        reader = threading.Thread(target=lambda: stderr.extend(
+            chunk.decode(errors="replace") for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")),
+            daemon=True)
+        reader.start()
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while "Cancel the job? [y/N]" not in "".join(stderr):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(stderr)
+            time.sleep(0.05)
+        os.write(primary, b"y\n")
+        assert proc.wait(timeout=60) == 130
+        reader.join(timeout=10)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert "cancellation requested" in "".join(stderr)
+    deadline = time.monotonic() + 60
+    while True:
+        _, body, _ = http_json("GET", f"{service}/{APP}/requests/{request_id}/status",
+                               headers={"authorization": f"Key {API_KEY}"})
+        if body["status"] == "COMPLETED":
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert body["error_type"] == "client_cancelled"
