@@ -94,9 +94,7 @@ class Preprocessor:
                      f"in {fetch_s:.1f} s")
         notes.append(f"validated the inputs: image {picture.width}x{picture.height}, audio "
                      f"{checked.duration_s:.2f} s")
-        # prepare() takes the encoded bytes and decodes them itself (it has no way to accept the samples yet);
-        # the validation decode was capped at max_audio_s, so that second decode is bounded too.
-        del picture, checked
+        del picture
         params = GenerationParams(
             prompt=request.prompt, aspect_ratio=request.aspect_ratio, guidance_scale=request.guidance_scale,
             audio_guidance_scale=request.audio_guidance_scale, num_inference_steps=request.num_inference_steps,
@@ -104,7 +102,7 @@ class Preprocessor:
         )
         async with self._lock:
             prepared = await asyncio.to_thread(self.pipeline.prepare, image, audio, params, request_id,
-                                               notes.append)
+                                               notes.append, checked.samples)
         prepared.notes = notes
         prepared.input_bytes = len(image) + len(audio)
         return prepared

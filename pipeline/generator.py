@@ -131,14 +131,17 @@ class StableAvatarPipeline:
     # -- stage 1: preprocess --------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, image: bytes | Path, audio: bytes | Path, params: GenerationParams,
-                request_id: str | None = None, progress: ProgressCallback | None = None) -> PreparedRequest:
+                request_id: str | None = None, progress: ProgressCallback | None = None,
+                samples: np.ndarray | None = None) -> PreparedRequest:
+        """``samples``: the audio already decoded to 16 kHz mono (by validation), so it is not decoded twice."""
         timings: dict[str, float] = {}
         say = progress or (lambda _msg: None)
         models, settings = self.models, self.settings
 
         started = time.perf_counter()
         audio_bytes = audio.read_bytes() if isinstance(audio, Path) else audio
-        samples = decode_audio(audio_bytes, SAMPLE_RATE)  # [n] float32 mono 16 kHz
+        if samples is None:
+            samples = decode_audio(audio_bytes, SAMPLE_RATE)  # [n] float32 mono 16 kHz
         plan = plan_windows(len(samples), settings.overlap, settings.window_policy, settings.audio_window_frames)
         padded = np.zeros(plan.padded_audio_samples, dtype=np.float32)
         padded[: len(samples)] = samples

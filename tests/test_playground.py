@@ -126,6 +126,9 @@ def test_generate_from_the_page(browser, service, audio):
         assert page.input_value("#guidance_scale") == "5" and page.input_value("#audio_guidance_scale") == "4"
         assert page.input_value("#num_inference_steps") == "50" and page.input_value("#perturbation") == "0.1"
         assert "no effect" in page.inner_text("#perturbation-hint")
+        unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+            .filter((el) => el.labels.length === 0).map((el) => el.id)""")
+        assert unlabelled == []
         fill_form(page, EXAMPLE_IMAGE, audio)
         page.select_option("#aspect_ratio", "1:1")
         page.fill("#seed", "11")
@@ -203,6 +206,26 @@ def test_under_a_route_prefix_with_an_api_key(browser, service, audio):
         page.reload()
         page.wait_for_selector("#server-state[data-state=ok]")
         assert page.input_value("#api_key") == API_KEY  # kept in localStorage
+        assert not errors
+    finally:
+        page.close()
+
+
+def test_drop_a_file_on_its_zone(browser, service):
+    page, errors = open_page(browser, service["base"] + "/")
+    try:
+        files = page.evaluate_handle("""async () => {
+            const data = new DataTransfer();
+            const bytes = await (await fetch('static/playground.css')).blob();  // any bytes will do
+            data.items.add(new File([bytes], 'dropped.wav', {type: 'audio/wav'}));
+            return data;
+        }""")
+        zone = '.drop[data-input="audio"]'
+        page.dispatch_event(zone, "dragover", {"dataTransfer": files})
+        assert "dragging" in page.get_attribute(zone, "class")
+        page.dispatch_event(zone, "drop", {"dataTransfer": files})
+        assert page.evaluate("document.getElementById('audio').files[0].name") == "dropped.wav"
+        assert page.is_visible("#audio-preview") and "dragging" not in page.get_attribute(zone, "class")
         assert not errors
     finally:
         page.close()
