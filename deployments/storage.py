@@ -337,21 +337,22 @@ class LocalStorage(Storage):
         return f"{self.public_base_url}/files/{quote(key, safe='/')}?{urlencode(query)}"
 
     def key_for_url(self, url: str) -> str | None:
+        """Any ``.../files/<key>?exp=..&sig=..`` link whose signature verifies (the app may be mounted under a
+        route prefix, so the path before ``/files/`` is not fixed; the signature is what proves the link ours)."""
         parsed = urlsplit(url)
-        base_path = urlsplit(self.public_base_url).path.rstrip("/") if self.public_base_url else ""
-        marker = f"{base_path}/files/"
-        if not parsed.path.startswith(marker):
-            return None
         if self.public_base_url and parsed.netloc and parsed.netloc != urlsplit(self.public_base_url).netloc:
             return None
-        key = unquote(parsed.path[len(marker):])
         query = parse_qs(parsed.query)
         exp, sig = (query.get("exp") or ["0"])[0], (query.get("sig") or [""])[0]
-        try:
-            valid = self.verify_signature(key, int(exp), sig)
-        except ValueError:
-            valid = False
-        return key if valid else None
+        if not exp.isdigit() or not sig:
+            return None
+        start = parsed.path.find("/files/")
+        while start != -1:
+            key = unquote(parsed.path[start + len("/files/"):])
+            if self.verify_signature(key, int(exp), sig):
+                return key
+            start = parsed.path.find("/files/", start + 1)
+        return None
 
     def signing_secret(self) -> bytes:
         return self._secret

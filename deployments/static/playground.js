@@ -362,7 +362,8 @@ async function finish(id, final) {
 
 function setJob(state, text) {
   document.body.dataset.job = state;
-  $("job-status").textContent = text;
+  // the status line is a live region: rewrite it only when it changes, or screen readers repeat it
+  if ($("job-status").textContent !== text) $("job-status").textContent = text;
 }
 
 function setBusy(busy) {
