@@ -70,7 +70,7 @@ async def ray_denoise(handle, pipeline, prepared) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - started, latents
 
 
-def fanout(tmp: Path, max_ongoing_values: tuple[int, ...]) -> list[dict]:
+def fanout(tmp: Path, max_ongoing_values: tuple[int, ...], replica_counts: tuple[int, ...]) -> list[dict]:
     """``max_ongoing_requests`` 1 makes a waiting window-step poll the router with backoff (up to 0.5 s) until a
     replica frees up; 2 lets each replica hold the next window-step (it waits on the replica's GPU lock)."""
     pipeline, prepared = prepare("simulated", tmp, WINDOWS, STEPS)
@@ -78,7 +78,7 @@ def fanout(tmp: Path, max_ongoing_values: tuple[int, ...]) -> list[dict]:
     ideal_t1 = WINDOWS * STEPS * get_preset("simulated").simulated_step_s
     for max_ongoing in max_ongoing_values:
         t1 = None
-        for replicas in (1, 2, 4, 8):
+        for replicas in replica_counts:
             handle = deploy_denoisers("simulated", replicas, max_ongoing)
             wall, latents = asyncio.run(ray_denoise(handle, pipeline, prepared))
             serve.delete("bench-simulated")
@@ -125,7 +125,8 @@ def overhead(tmp: Path, samples: int = 40) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "fanout.json")
-    parser.add_argument("--max-ongoing", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--max-ongoing", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8], help="first one is the baseline")
     args = parser.parse_args()
     import tempfile
 
@@ -133,7 +134,7 @@ def main() -> None:
     ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
     with tempfile.TemporaryDirectory() as tmp:
-        rows = fanout(Path(tmp), tuple(args.max_ongoing))
+        rows = fanout(Path(tmp), tuple(args.max_ongoing), tuple(args.replicas))
         cost = overhead(Path(tmp))
     serve.shutdown()
     ray.shutdown()
