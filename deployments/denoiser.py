@@ -30,7 +30,6 @@ class Denoiser:
         self.cache: OrderedDict[str, RequestConditioning] = OrderedDict()
         self.cache_size = args.conditioning_cache_size
         self._gpu = asyncio.Lock()
-        self.window_steps = 0
         self.replica_id = serve.get_replica_context().replica_tag
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
@@ -58,12 +57,4 @@ class Denoiser:
                 await asyncio.wait([task])
                 raise
         metrics.window_step_latency().observe(time.perf_counter() - started)
-        self.window_steps += 1
         return result, self.replica_id
-
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's conditioning (called by broadcast when the job ends)."""
-        self.cache.pop(request_id, None)
-
-    def stats(self) -> dict:
-        return {"window_steps": self.window_steps, "cached_requests": list(self.cache)}

@@ -38,6 +38,4 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status = status if status in _MEDIA_STATUSES else 422
         kind = getattr(cause, "error_type", None) or "value_error"
         return status, {"detail": validation_detail(cause.field, str(cause), kind)}
-    if isinstance(cause, ValueError):
-        return 422, {"detail": validation_detail("audio_url", str(cause))}
     return 500, {"detail": f"internal error ({type(cause).__name__}); see the server logs"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from typing import Any
@@ -27,10 +26,10 @@ from deployments.jobs import JobError, JobRecord, JobStore, Priority, queue_orde
 from deployments.storage import make_storage
 from deployments.webhooks import deliver_webhook, webhook_payload
 from pipeline.fetch import AddressGuard
+from pipeline.generator import resolve_seed
 from pipeline.schema import StableAvatarInput
 
 logger = logging.getLogger("ray.serve")
-MAX_SEED = 2**32 - 1
 
 
 class QueueFullError(Exception):
@@ -109,7 +108,7 @@ class JobQueue:
         if wait > 0:
             raise RateLimitedError(f"too many submits for this API key; retry in {wait:.1f} s", wait)
         self.sequence += 1
-        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_SEED)
+        seed = resolve_seed(request.seed)
         job = JobRecord(
             request_id=uuid.uuid4().hex, app_id=app_id, input=request.model_dump(), seed=seed, owner=owner,
             priority=priority, sequence=self.sequence, webhook_url=webhook_url,

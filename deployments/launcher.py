@@ -15,7 +15,10 @@ from deployments.config import AppArgs
 
 
 def _import(path: str) -> Any:
-    module, _, attr = path.replace(":", ".").rpartition(".") if ":" not in path else path.partition(":")
+    """``module:attr`` or ``module.attr``, as Serve's ``import_path``."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
     return getattr(importlib.import_module(module), attr)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import random
 import time
 import uuid
 from collections import OrderedDict
@@ -26,14 +25,13 @@ from deployments.ray_executor import RayDenoiserExecutor
 from deployments.results import public_result, stored_output
 from deployments.storage import make_storage
 from pipeline.denoise import denoise, initial_noise
-from pipeline.generator import PreparedRequest
+from pipeline.generator import PreparedRequest, resolve_seed
 from pipeline.media.errors import MediaError
 from pipeline.presets import get_preset
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
 
 logger = logging.getLogger("ray.serve")
 PROGRESS_KEEP = 1000  # finished jobs whose progress stays readable here
-MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -100,7 +98,7 @@ class Orchestrator:
         """Synchronous generation (sync HTTP route and the Python handle); no queue, no checkpoints."""
         self._check_upload_owner(request, owner)
         request_id = request_id or uuid.uuid4().hex
-        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_SEED)
+        seed = resolve_seed(request.seed)
         reporter = Reporter(self._track(request_id), None, request_id)
         try:
             result = await self._execute(request_id, request, seed, reporter, checkpoints=False)

@@ -94,14 +94,13 @@ class Preprocessor:
                      f"in {fetch_s:.1f} s")
         notes.append(f"validated the inputs: image {picture.width}x{picture.height}, audio "
                      f"{checked.duration_s:.2f} s")
-        del picture
         params = GenerationParams(
             prompt=request.prompt, aspect_ratio=request.aspect_ratio, guidance_scale=request.guidance_scale,
             audio_guidance_scale=request.audio_guidance_scale, num_inference_steps=request.num_inference_steps,
             seed=request.seed if seed is None else seed,
         )
         async with self._lock:
-            prepared = await asyncio.to_thread(self.pipeline.prepare, image, audio, params, request_id,
+            prepared = await asyncio.to_thread(self.pipeline.prepare, picture, audio, params, request_id,
                                                notes.append, checked.samples)
         prepared.notes = notes
         prepared.input_bytes = len(image) + len(audio)

@@ -32,16 +32,21 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 CLIENT_COMMANDS = ("submit", "status", "result")
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a video in this process (no server)")
-    p.add_argument("--image", required=True, help="reference image: path, http(s) URL or data URI")
-    p.add_argument("--audio", required=True, help="speech audio: path, http(s) URL or data URI")
+def _add_generation_inputs(p: argparse.ArgumentParser, where: str, seed_help: str) -> None:
+    """The fal input fields, shared by ``generate`` (in process) and ``submit`` (to a server)."""
+    p.add_argument("--image", required=True, help=f"reference image: {where}, http(s) URL or data URI")
+    p.add_argument("--audio", required=True, help=f"speech audio: {where}, http(s) URL or data URI")
     p.add_argument("--prompt", required=True)
     p.add_argument("--aspect-ratio", default="auto", choices=["auto", "16:9", "9:16", "1:1"])
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance (default 5)")
-    p.add_argument("--audio-guidance-scale", type=float, default=4.0, help="audio guidance (default 4)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps, 1-100 (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance, 0-20 (default 5)")
+    p.add_argument("--audio-guidance-scale", type=float, default=4.0, help="audio guidance, 0-20 (default 4)")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video in this process (no server)")
+    _add_generation_inputs(p, "path", "random seed (default: random)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--checkpoints", type=Path, default=None, help="official checkpoint layout (real preset)")
     p.add_argument("--variant", default="square", choices=["square", "rec-vec"], help="StableAvatar weights")
@@ -68,14 +73,7 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="send a job to a running server, follow it and download the video")
-    p.add_argument("--image", required=True, help="reference image: local path (uploaded), http(s) URL or data URI")
-    p.add_argument("--audio", required=True, help="speech audio: local path (uploaded), http(s) URL or data URI")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--aspect-ratio", default="auto", choices=["auto", "16:9", "9:16", "1:1"])
-    p.add_argument("--steps", type=int, default=50, help="denoising steps, 1-100 (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance, 0-20 (default 5)")
-    p.add_argument("--audio-guidance-scale", type=float, default=4.0, help="audio guidance, 0-20 (default 4)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: chosen by the server)")
+    _add_generation_inputs(p, "local path (uploaded)", "random seed (default: chosen by the server)")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write the mp4 (default <id>.mp4)")
     _add_connection(p)
 

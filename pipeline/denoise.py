@@ -40,9 +40,6 @@ class RequestConditioning:
     def schedule(self) -> SigmaSchedule:
         return sigma_schedule(self.num_steps)
 
-    def nbytes(self) -> int:
-        tensors = [self.text_positive, self.text_negative, self.clip_context, self.y, *self.audio_features]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)

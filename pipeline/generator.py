@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from pipeline.conditioning import build_clip_context, build_y
@@ -32,6 +33,7 @@ from pipeline.denoise import (
 )
 from pipeline.loading import ModelBundle
 from pipeline.media.audio import decode_audio
+from pipeline.media.errors import MediaError
 from pipeline.media.image import choose_size, load_image, resize_cover
 from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
@@ -130,10 +132,11 @@ class StableAvatarPipeline:
 
     # -- stage 1: preprocess --------------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, image: bytes | Path, audio: bytes | Path, params: GenerationParams,
+    def prepare(self, image: bytes | Path | Image.Image, audio: bytes | Path, params: GenerationParams,
                 request_id: str | None = None, progress: ProgressCallback | None = None,
                 samples: np.ndarray | None = None) -> PreparedRequest:
-        """``samples``: the audio already decoded to 16 kHz mono (by validation), so it is not decoded twice."""
+        """``image`` may be already loaded and ``samples`` already decoded (16 kHz mono) by validation, so
+        neither is decoded twice. An audio length no window plan can cover is an ``audio_url`` error."""
         timings: dict[str, float] = {}
         say = progress or (lambda _msg: None)
         models, settings = self.models, self.settings
@@ -142,7 +145,11 @@ class StableAvatarPipeline:
         audio_bytes = audio.read_bytes() if isinstance(audio, Path) else audio
         if samples is None:
             samples = decode_audio(audio_bytes, SAMPLE_RATE)  # [n] float32 mono 16 kHz
-        plan = plan_windows(len(samples), settings.overlap, settings.window_policy, settings.audio_window_frames)
+        try:
+            plan = plan_windows(len(samples), settings.overlap, settings.window_policy,
+                                settings.audio_window_frames)
+        except ValueError as exc:  # empty audio, or too short for the upstream policy
+            raise MediaError(str(exc), field="audio_url") from None
         padded = np.zeros(plan.padded_audio_samples, dtype=np.float32)
         padded[: len(samples)] = samples
         features = [
@@ -154,7 +161,7 @@ class StableAvatarPipeline:
         say(f"decoded audio {seconds:.2f} s: {plan.output_frames} frames, {plan.num_windows} windows")
 
         started = time.perf_counter()
-        picture = load_image(image)
+        picture = image if isinstance(image, Image.Image) else load_image(image)
         width, height = choose_size(params.aspect_ratio, picture.width, picture.height, models.preset.resolutions)
         image_u8 = resize_cover(picture, width, height)  # [H, W, 3] uint8
         y = build_y(models.vae, image_u8)  # [1, 20, 21, h, w]

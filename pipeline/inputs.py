@@ -12,16 +12,11 @@ from pathlib import Path
 from typing import cast
 
 from pipeline.fetch import AddressGuard, FetchLimits, InputField, fetch_input
-from pipeline.fetch import decode_data_uri as _decode_data_uri
 from pipeline.media.errors import MediaError
 
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 _TOTAL_TIMEOUT_S = 600.0
-
-
-def decode_data_uri(uri: str, field: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    return _decode_data_uri(uri, field, max_bytes)
 
 
 def read_source(ref: str | Path, field: str, max_bytes: int = DEFAULT_MAX_BYTES,

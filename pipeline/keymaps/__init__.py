@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import torch
-
 MAX_KEYS_SHOWN = 12
 
 
@@ -45,9 +43,3 @@ def check_keys(component: str, expected: Iterable[str], given: Iterable[str]) ->
 def check_original_keys(component: str, state_dict: Mapping[str, object], required: Iterable[str]) -> None:
     """Check the *original* key names before conversion, so errors name the keys as the user's file spells them."""
     check_keys(component, required, state_dict.keys())
-
-
-def load_strict(component: str, module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state_dict`` into ``module`` after checking the key sets match exactly (shapes are checked by torch)."""
-    check_keys(component, module.state_dict().keys(), state_dict.keys())
-    module.load_state_dict(dict(state_dict), strict=True)

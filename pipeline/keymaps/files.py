@@ -59,8 +59,8 @@ def load_checked(
 ) -> None:
     """Strict copy of already-converted weights into ``module``.
 
-    Like ``pipeline.keymaps.load_strict`` but with ``assign``: a model built on the ``meta`` device (to avoid
-    allocating a 6.7B-parameter fp32 copy first) must take the checkpoint tensors themselves, in their dtype.
+    Keys are checked first (errors name them), then loaded with ``strict=True``. ``assign``: a model built on the
+    ``meta`` device (to avoid allocating a 6.7B-parameter fp32 copy first) takes the checkpoint tensors themselves.
     """
     check_keys(component, module.state_dict().keys(), state_dict.keys())
     module.load_state_dict(dict(state_dict), strict=True, assign=assign)
