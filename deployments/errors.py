@@ -34,8 +34,7 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """
     cause = root_cause(exc)
     if isinstance(cause, MediaError):
-        status = getattr(cause, "status_code", 422)
-        status = status if status in _MEDIA_STATUSES else 422
-        kind = getattr(cause, "error_type", None) or "value_error"
+        status = cause.status_code if cause.status_code in _MEDIA_STATUSES else 422
+        kind = cause.error_type or "value_error"
         return status, {"detail": validation_detail(cause.field, str(cause), kind)}
     return 500, {"detail": f"internal error ({type(cause).__name__}); see the server logs"}

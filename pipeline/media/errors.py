@@ -12,6 +12,8 @@ class MediaError(ValueError):
     """A request input could not be used. ``field`` names the request field ("image_url"/"audio_url")."""
 
     field: str = "input"
+    status_code: int = 422  # 413 too large, 415 unsupported type, 422 otherwise (subclasses override)
+    error_type: str | None = None  # fal-style ``type`` of the detail entry
 
     def __init__(self, message: str, *, field: str | None = None, detail: str = ""):
         super().__init__(message)
