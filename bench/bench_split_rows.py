@@ -64,7 +64,7 @@ def measure(dtype_name: str, live_audio: bool, steps: int, seconds: float, audio
     per_step = []
     for step in sorted({0, steps // 2, steps - 1}):
         with torch.no_grad():
-            (rows3,) = models.transformer(**denoiser._model_inputs(cond, window.index, step, x, (0, 1, 2)),
+            (rows3,) = models.transformer(**denoiser.model_inputs(cond, window.index, step, x, (0, 1, 2)),
                                           return_dict=False)
         rows1 = torch.cat([denoiser(cond, WindowStep(window.index, step, x, rows=(r,))) for r in range(3)])
         rows3 = rows3.to(rows1.dtype)

@@ -11,7 +11,10 @@ A unit (``WindowStep``) is one window at one step, for some of its three guidanc
   runner's device; the unit returns the window's post-step latents.
 * one row (``split_guidance`` in ``denoise``): the unit returns that row's noise prediction, and the loop combines
   the three rows of a window with ``schedule.guided_step``. A step of K windows is then 3·K units that can run on
-  3·K replicas.
+  3·K replicas. Deterministic and order-free like batch 3, but not bit-equal to it: a batch-1 forward rounds
+  differently from batch 3 (``bench/results/split_rows.txt``, tiny preset, CPU: fp32 predictions 1.2e-6 apart,
+  which flip ~0.1 % of the bf16-rounded fused latents by one bf16 ulp; bf16 predictions one ulp apart, final latents
+  up to 1.8 % of their range). Real-size bf16 numbers: ``bench/bench_gpu.py`` (``split_rows``).
 
 A unit may also carry a ``CacheDirective`` (``pipeline.step_cache``): run the blocks, or reuse its own last residual.
 """
@@ -114,8 +117,9 @@ class WindowDenoiser:
             self._plans[memo] = settings.plan(modulation, level)
         return self._plans[memo]
 
-    def _model_inputs(self, cond: RequestConditioning, window: int, step: int, latents: torch.Tensor,
-                      rows: tuple[int, ...]) -> dict:
+    def model_inputs(self, cond: RequestConditioning, window: int, step: int, latents: torch.Tensor,
+                     rows: tuple[int, ...]) -> dict:
+        """The DiT's keyword arguments for ``rows`` of one window at one step (rows batched in the given order)."""
         param = next(self.transformer.parameters())
         device, dtype, batch = param.device, param.dtype, len(rows)
         length = latents.shape[2]
@@ -138,7 +142,7 @@ class WindowDenoiser:
         latents = work.latents  # [1, 16, L, h, w]
         if not work.rows or any(r not in ALL_ROWS for r in work.rows) or len(set(work.rows)) != len(work.rows):
             raise ValueError(f"rows must be distinct guidance rows out of {ALL_ROWS}, got {work.rows}")
-        inputs = self._model_inputs(cond, work.window, work.step, latents, work.rows)
+        inputs = self.model_inputs(cond, work.window, work.step, latents, work.rows)
         if work.cache is None:
             (noise_pred,) = self.transformer(**inputs, return_dict=False)  # [B, 16, L, h, w]
         else:
@@ -174,8 +178,8 @@ class WindowDenoiser:
                 raise ResidualMissingError(
                     f"request {cond.request_id} window {work.window} rows {work.rows}: no residual of step "
                     f"{directive.reuse_from} here and no anchor latents to rebuild it")
-            anchor = self._model_inputs(cond, work.window, directive.reuse_from, directive.anchor_latents,
-                                        work.rows)
+            anchor = self.model_inputs(cond, work.window, directive.reuse_from, directive.anchor_latents,
+                                       work.rows)
             slot = BlockResidual()
             self.transformer(**anchor, return_dict=False, block_residual=slot)
             residual = slot.computed

@@ -43,7 +43,7 @@ def test_compiled_dit_matches_eager_output(tmp_path):
     cond, latents = prepared.conditioning, pipeline.initial_latents(prepared)
     window = prepared.plan.windows[1]
     x = latents[:, :, window.start:window.end]
-    inputs = compiled._model_inputs(cond, window.index, 0, x, (0, 1, 2))
+    inputs = compiled.model_inputs(cond, window.index, 0, x, (0, 1, 2))
     frames_before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         (ours,) = compiled.transformer(**inputs, return_dict=False)

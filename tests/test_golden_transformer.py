@@ -296,3 +296,20 @@ def test_state_dict_from_files_merges_in_order(state_dict, tmp_path):
     assert merged.keys() == state_dict.keys()
     for key, value in state_dict.items():
         assert torch.equal(merged[key], value), key
+
+
+def test_forward_follows_diffusers_conventions(model, main_run, gold):
+    """``return_dict`` gives ``Transformer2DModelOutput`` or a 1-tuple; ``attention_kwargs`` carries the LoRA scale
+    (``apply_lora_scale``, as diffusers' Wan) without changing a model that has no LoRA layers."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    inputs = gold.tensors("inputs")
+    kwargs = dict(latents=inputs["x"], y=inputs["y"], timestep=inputs["timestep"],
+                  text_context=[inputs["context_neg"], inputs["context_neg"], inputs["context_pos"]],
+                  clip_fea=inputs["clip_fea"], audio_features=inputs["vocal_embeddings"], audio_rows=AUDIO_ROWS,
+                  seq_len=SEQ_LEN)
+    with torch.no_grad():
+        as_dict = model(**kwargs, return_dict=True)
+        as_tuple = model(**kwargs, return_dict=False, attention_kwargs={"scale": 1.0})
+    assert isinstance(as_dict, Transformer2DModelOutput) and isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_dict.sample, main_run[0]) and torch.equal(as_tuple[0], main_run[0])
