@@ -6,6 +6,7 @@ deploy with a message instead of starting a half-configured service.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,10 +17,11 @@ from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
 from pipeline.media.validate import MediaLimits
-from pipeline.presets import PRESETS
+from pipeline.presets import PRESETS, ModelPreset, get_preset
+from pipeline.schema import APP_ID
 
 APP_NAME = "stable-avatar"  # serve.get_app_handle(APP_NAME)
-DEFAULT_APP_ID = "fal-ai/stable-avatar"
+DEFAULT_APP_ID = APP_ID
 
 
 class Autoscaling(BaseModel):
@@ -113,6 +115,9 @@ class AppArgs(BaseModel):
 
     app_id: str = Field(DEFAULT_APP_ID, description="fal application id served under /run/<app_id>")
     preset: str = Field("tiny", description="model preset: " + ", ".join(PRESETS))
+    preset_modules: list[str] = Field(
+        default_factory=list, description="modules imported before the preset is looked up, in every replica; "
+        "they may register extra presets (benchmarks: bench.simulated)")
     checkpoints: Path | None = Field(None, description="official checkpoint layout (preset stableavatar-1.3b)")
     variant: Literal["square", "rec-vec"] = "square"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -139,11 +144,20 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if PRESETS[self.preset].weights == "checkpoint" and self.checkpoints is None:
+        preset = self.model_preset()  # raises ValueError naming the preset or the module
+        if preset.weights == "checkpoint" and self.checkpoints is None:
             raise ValueError(f"preset {self.preset!r} needs 'checkpoints' (the official checkpoint layout)")
         return self
+
+    def model_preset(self) -> ModelPreset:
+        """The preset, after importing ``preset_modules`` (a replica unpickles the args without validating them,
+        so every replica calls this rather than ``get_preset``)."""
+        for module in self.preset_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ValueError(f"preset_modules: cannot import {module!r}: {exc}") from None
+        return get_preset(self.preset)
 
     def torch_device(self, num_gpus: float) -> str:
         """``auto`` means CUDA when the replica was given a GPU share and CUDA is there."""

@@ -152,10 +152,8 @@ def load_models(
     for component in wanted:
         started = time.perf_counter()
         dtype = component_dtype(component, device)
-        if component == "transformer" and preset.simulated_step_s is not None:
-            from pipeline.models.simulated import SimulatedTransformer
-
-            bundle.transformer = SimulatedTransformer(preset.simulated_step_s).to(device)
+        if component == "transformer" and preset.transformer_factory is not None:
+            bundle.transformer = preset.transformer_factory().to(device)
         elif component == "transformer":
             model = _build(lambda: StableAvatarTransformer3DModel(**preset.transformer), preset, component, device)
             if layout:
