@@ -14,7 +14,7 @@ def load_replica_models(args: AppArgs, options: DeploymentOptions, components: l
     """Load the components this replica needs, once, in its constructor."""
     device = args.torch_device(options.num_gpus)
     bundle = load_models(args.model_preset(), components, checkpoints=args.checkpoints, device=device,
-                         variant=args.variant)
+                         variant=args.variant, dtype_policy=args.replica_dtype_policy(options))
     logger.info("loaded %s of preset %s on %s in %s", ", ".join(components), args.preset, device,
                 {k: round(v, 2) for k, v in bundle.load_seconds.items()})
     return bundle

@@ -121,6 +121,9 @@ class AppArgs(BaseModel):
     checkpoints: Path | None = Field(None, description="official checkpoint layout (preset stableavatar-1.3b)")
     variant: Literal["square", "rec-vec"] = "square"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype_policy: Literal["auto", "gpu", "fp32"] = Field(
+        "auto", description="auto: GPU dtypes (bf16 DiT/T5 and sampling state) for deployments given a GPU, fp32 "
+        "otherwise; gpu/fp32 force one policy everywhere (gpu on CPU replays the GPU dtype path)")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     storage: StorageConfig = Field(default_factory=LocalStorageConfig)
     window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
@@ -158,6 +161,23 @@ class AppArgs(BaseModel):
             except ImportError as exc:
                 raise ValueError(f"preset_modules: cannot import {module!r}: {exc}") from None
         return get_preset(self.preset)
+
+    def replica_dtype_policy(self, options: DeploymentOptions) -> Literal["gpu", "fp32"]:
+        """The dtype policy of a deployment, decided from the configuration alone, never from the hardware of
+        the process that asks: the Orchestrator (a CPU pod on KubeRay) draws the noise in the Denoisers' state
+        dtype, so both must reach the same answer wherever they run."""
+        if self.dtype_policy != "auto":
+            return self.dtype_policy
+        on_gpu = self.device == "cuda" or (self.device == "auto" and options.num_gpus > 0)
+        return "gpu" if on_gpu else "fp32"
+
+    def state_dtype(self) -> Any:
+        """``torch.dtype`` of the sampling state, as the Denoisers hold it (bf16 under the gpu policy)."""
+        import torch
+
+        from pipeline.loading import state_dtype
+
+        return state_dtype(torch.device("cpu"), self.replica_dtype_policy(self.denoiser))
 
     def torch_device(self, num_gpus: float) -> str:
         """``auto`` means CUDA when the replica was given a GPU share and CUDA is there."""

@@ -76,7 +76,7 @@ class Orchestrator:
         self.preprocessor, self.denoiser, self.postprocessor = preprocessor, denoiser, postprocessor
         self.args = args
         self.storage = make_storage(args.storage)
-        self.state_dtype = torch.float32 if args.torch_device(args.denoiser.num_gpus) == "cpu" else torch.bfloat16
+        self.state_dtype = args.state_dtype()  # from the config: this CPU replica must agree with the Denoisers
         self.progress: OrderedDict[str, JobProgress] = OrderedDict()
         self.active: dict[str, asyncio.Task] = {}
         threads = args.model_preset().torch_threads

@@ -201,3 +201,37 @@ def test_a_broken_overlay_patch_is_named(tmp_path):
     with pytest.raises(AssertionError, match=r"rayservice-patch\.yaml: test /spec/rayClusterConfig"):
         for op in ops:
             apply_json6902(rayservice, op, "k8s/overlays/dev/rayservice-patch.yaml")
+
+
+# ------------------------------------------------------------------------------ dtypes decided by the config
+
+
+@pytest.mark.parametrize("where", sorted(CONFIGS))
+def test_orchestrator_and_denoisers_agree_on_the_state_dtype(where):
+    """The Orchestrator draws the noise in ``args.state_dtype()``; on KubeRay it runs on a CPU pod, where CUDA is
+    absent (as on this machine). It must still pick the Denoisers' bf16 when they are given GPUs."""
+    import torch
+
+    assert not torch.cuda.is_available()  # the point of the test: the asker's hardware must not matter
+    args = AppArgs.model_validate(CONFIGS[where]["applications"][0]["args"])
+    gpu_setup = args.denoiser.num_gpus > 0 and args.device != "cpu"
+    assert args.replica_dtype_policy(args.denoiser) == ("gpu" if gpu_setup else "fp32")
+    assert args.state_dtype() == (torch.bfloat16 if gpu_setup else torch.float32)
+    assert gpu_setup == (where != "serve_config.yaml")
+
+
+def test_denoiser_replica_loads_with_the_orchestrator_state_dtype():
+    """A Denoiser given a GPU share loads the GPU dtypes (here on the CPU) and the state dtype the Orchestrator
+    uses; a CPU deployment of the same app stays fp32."""
+    import torch
+
+    from deployments.common import load_replica_models
+    from deployments.config import DeploymentOptions
+
+    args = AppArgs(preset="tiny", device="auto", denoiser=DeploymentOptions(num_gpus=1))
+    bundle = load_replica_models(args, args.denoiser, ["transformer"])
+    assert bundle.state_dtype == args.state_dtype() == torch.bfloat16
+    assert bundle.transformer.patch_embedding.weight.dtype == torch.bfloat16
+    cpu_args = AppArgs(preset="tiny", device="auto")
+    assert load_replica_models(cpu_args, cpu_args.denoiser, ["vae"]).state_dtype == cpu_args.state_dtype() \
+        == torch.float32
