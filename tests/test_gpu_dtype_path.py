@@ -21,6 +21,7 @@ from pipeline.loading import load_models
 from pipeline.presets import PRESETS
 from pipeline.windows import FPS
 from tests.helpers import EXAMPLE_IMAGE, probe, synthetic_speech
+from tests.test_checkpoint_layout import TINY_FROM_FILES, make_layout
 
 SECONDS = 4.0  # 100 frames: two windows, so the bf16 overlap fusion runs too
 STEPS = 2  # step 1 fuses overlaps with the previous step's latents
@@ -73,8 +74,7 @@ def fp32_run(audio):
     return generate("fp32", audio)
 
 
-def test_component_dtypes_follow_the_gpu_policy(gpu_run):
-    models = gpu_run[0].models
+def assert_gpu_dtypes(models) -> None:
     assert models.device.type == "cpu" and models.state_dtype == torch.bfloat16
     transformer = models.transformer
     keep = set(transformer._keep_in_fp32_modules)
@@ -85,6 +85,24 @@ def test_component_dtypes_follow_the_gpu_policy(gpu_run):
     assert {p.dtype for p in models.text_encoder.parameters()} == {torch.bfloat16}
     for component in (models.vae, models.image_encoder, models.audio_encoder):
         assert {p.dtype for p in component.parameters()} == {torch.float32}, type(component).__name__
+
+
+def test_component_dtypes_follow_the_gpu_policy(gpu_run):
+    assert_gpu_dtypes(gpu_run[0].models)
+
+
+def test_checkpoint_files_load_with_the_gpu_dtypes(tmp_path, golden):
+    """The official layout (bf16 T5 file, fp32 DiT files) under the gpu policy: the dtypes of a GPU replica, and
+    the weights are the files' own (cast once, no detour through another dtype)."""
+    layout = make_layout(tmp_path, golden)
+    models = load_models(TINY_FROM_FILES, checkpoints=layout.root, dtype_policy="gpu")
+    assert_gpu_dtypes(models)
+    dit = golden("transformer").tensors("state_dict")
+    assert torch.equal(models.transformer.patch_embedding.weight, dit["patch_embedding.weight"].bfloat16())
+    assert torch.equal(models.transformer.scale_shift_table, dit["head.modulation"])  # kept fp32, exact
+    t5 = golden("text_encoder").tensors("state_dict")
+    assert torch.equal(models.text_encoder.shared.weight, t5["token_embedding.weight"].bfloat16())
+    assert models.text_encoder.encoder.embed_tokens.weight is models.text_encoder.shared.weight  # tied once
 
 
 def test_sampling_state_and_conditioning_dtypes(gpu_run):
