@@ -139,9 +139,11 @@ def state_dtype(device: torch.device, policy: DtypePolicy = "auto") -> torch.dty
 
 
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to the device; cast only when the dtype changes (diffusers warns on no-op casts)."""
+    """Move to the device; cast only when some tensor has another dtype (diffusers warns on no-op casts). Every
+    tensor is checked: weights assigned from a file keep the file's dtypes, which may be mixed."""
     model = model.to(device)
-    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.dtype == dtype for t in tensors if t.is_floating_point()) else model.to(dtype)
 
 
 def _build(factory: Callable[[], torch.nn.Module], preset: ModelPreset, component: Component,
@@ -201,7 +203,8 @@ def load_models(
                 )
 
                 layout.require(layout.transformer_audio)
-                state = transformer_state_dict_from_files([*layout.transformer_base_files(), layout.transformer_audio])
+                files = [*layout.transformer_base_files(), layout.transformer_audio]  # the .pt overrides the base
+                state = transformer_state_dict_from_files(files)
                 load_transformer_state_dict(model, state)
             # Keep diffusers' fp32 modules (norms, modulation tables, time embedder) in fp32 under bf16.
             bundle.transformer = model.to(device).to_inference_dtype(dtype)

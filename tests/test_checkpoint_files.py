@@ -232,3 +232,17 @@ def test_training_wrappers_are_removed_for_every_component(tmp_path, golden):
     torch.save({"module": prefixed(vae_sd, "module."), "epoch": 7}, path)
     got = read_state_dict(path)
     assert_same_tensors(got, vae_sd)
+
+
+@pytest.mark.parametrize("policy", ["fp32", "gpu"])
+def test_mixed_dtype_file_is_cast_whole(tmp_path, golden, policy):
+    """A ``.pth`` whose tensors have mixed dtypes (here bf16 but the VAE's first conv) is cast to the component's
+    dtype entirely, not judged by its first parameter."""
+    sd = {k: v if k == "encoder.conv1.weight" else v.bfloat16()
+          for k, v in golden("vae").tensors("state_dict").items()}
+    layout = CheckpointLayout(tmp_path)
+    layout.wan_dir.mkdir(parents=True)
+    torch.save(sd, layout.vae)
+    vae = load_models(TINY_FROM_FILES, components=["vae"], checkpoints=tmp_path, dtype_policy=policy).vae
+    assert {p.dtype for p in vae.parameters()} == {torch.float32}  # the VAE is fp32 under both policies
+    assert torch.equal(vae.encoder.conv_in.weight, sd["encoder.conv1.weight"])
