@@ -25,6 +25,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", type=Path, default=None, help="official checkpoint layout (real preset)")
     p.add_argument("--variant", default="square", choices=["square", "rec-vec"], help="StableAvatar weights")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype-policy", default="auto", choices=["auto", "gpu", "fp32"],
+                   help="auto: bf16 DiT/T5 on a GPU, fp32 on the CPU; gpu: the GPU dtypes anywhere; fp32: all fp32")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in latent frames (default 10)")
     p.add_argument("--window-policy", default=None, choices=["full", "upstream"])
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -62,7 +64,8 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = PipelineSettings(**overrides)
 
     started = time.perf_counter()
-    models = load_models(preset, checkpoints=args.checkpoints, device=device, variant=args.variant)
+    models = load_models(preset, checkpoints=args.checkpoints, device=device, variant=args.variant,
+                         dtype_policy=args.dtype_policy)
     load_s = time.perf_counter() - started
     pipeline = StableAvatarPipeline(models, settings)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr))
