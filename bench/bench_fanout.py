@@ -28,6 +28,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
+from bench.simulated import SIMULATED_STEP_S  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.denoiser import Denoiser  # noqa: E402
 from deployments.ray_executor import RayDenoiserExecutor  # noqa: E402
@@ -56,7 +57,7 @@ def prepare(preset: str, tmp: Path, windows: int, steps: int):
 
 
 def deploy_denoisers(preset: str, replicas: int, max_ongoing: int = 1):
-    args = AppArgs.model_validate({"preset": preset, "device": "cpu", "denoiser": {
+    args = AppArgs.model_validate({"preset": preset, "preset_modules": ["bench.simulated"], "device": "cpu", "denoiser": {
         "num_replicas": replicas, "num_gpus": 1, "max_ongoing_requests": max_ongoing}})
     return serve.run(Denoiser.options(**args.denoiser.serve_options()).bind(args), name=f"bench-{preset}",
                      route_prefix=None)
@@ -75,7 +76,7 @@ def fanout(tmp: Path, max_ongoing_values: tuple[int, ...], replica_counts: tuple
     replica frees up; 2 lets each replica hold the next window-step (it waits on the replica's GPU lock)."""
     pipeline, prepared = prepare("simulated", tmp, WINDOWS, STEPS)
     rows, reference = [], None
-    ideal_t1 = WINDOWS * STEPS * get_preset("simulated").simulated_step_s
+    ideal_t1 = WINDOWS * STEPS * SIMULATED_STEP_S
     for max_ongoing in max_ongoing_values:
         t1 = None
         for replicas in replica_counts:

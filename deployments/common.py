@@ -6,7 +6,6 @@ import logging
 
 from deployments.config import AppArgs, DeploymentOptions
 from pipeline.loading import Component, ModelBundle, load_models
-from pipeline.presets import get_preset
 
 logger = logging.getLogger("ray.serve")
 
@@ -14,8 +13,8 @@ logger = logging.getLogger("ray.serve")
 def load_replica_models(args: AppArgs, options: DeploymentOptions, components: list[Component]) -> ModelBundle:
     """Load the components this replica needs, once, in its constructor."""
     device = args.torch_device(options.num_gpus)
-    bundle = load_models(get_preset(args.preset), components, checkpoints=args.checkpoints, device=device,
-                         variant=args.variant)
+    bundle = load_models(args.model_preset(), components, checkpoints=args.checkpoints, device=device,
+                         variant=args.variant, dtype_policy=args.replica_dtype_policy(options))
     logger.info("loaded %s of preset %s on %s in %s", ", ".join(components), args.preset, device,
                 {k: round(v, 2) for k, v in bundle.load_seconds.items()})
     return bundle

@@ -6,6 +6,7 @@ deploy with a message instead of starting a half-configured service.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,10 +17,11 @@ from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
 from pipeline.media.validate import MediaLimits
-from pipeline.presets import PRESETS
+from pipeline.presets import PRESETS, ModelPreset, get_preset
+from pipeline.schema import APP_ID
 
 APP_NAME = "stable-avatar"  # serve.get_app_handle(APP_NAME)
-DEFAULT_APP_ID = "fal-ai/stable-avatar"
+DEFAULT_APP_ID = APP_ID
 
 
 class Autoscaling(BaseModel):
@@ -113,9 +115,15 @@ class AppArgs(BaseModel):
 
     app_id: str = Field(DEFAULT_APP_ID, description="fal application id served under /run/<app_id>")
     preset: str = Field("tiny", description="model preset: " + ", ".join(PRESETS))
+    preset_modules: list[str] = Field(
+        default_factory=list, description="modules imported before the preset is looked up, in every replica; "
+        "they may register extra presets (benchmarks: bench.simulated)")
     checkpoints: Path | None = Field(None, description="official checkpoint layout (preset stableavatar-1.3b)")
     variant: Literal["square", "rec-vec"] = "square"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype_policy: Literal["auto", "gpu", "fp32"] = Field(
+        "auto", description="auto: GPU dtypes (bf16 DiT/T5 and sampling state) for deployments given a GPU, fp32 "
+        "otherwise; gpu/fp32 force one policy everywhere (gpu on CPU replays the GPU dtype path)")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     storage: StorageConfig = Field(default_factory=LocalStorageConfig)
     window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
@@ -139,11 +147,37 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if PRESETS[self.preset].weights == "checkpoint" and self.checkpoints is None:
+        preset = self.model_preset()  # raises ValueError naming the preset or the module
+        if preset.weights == "checkpoint" and self.checkpoints is None:
             raise ValueError(f"preset {self.preset!r} needs 'checkpoints' (the official checkpoint layout)")
         return self
+
+    def model_preset(self) -> ModelPreset:
+        """The preset, after importing ``preset_modules`` (a replica unpickles the args without validating them,
+        so every replica calls this rather than ``get_preset``)."""
+        for module in self.preset_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ValueError(f"preset_modules: cannot import {module!r}: {exc}") from None
+        return get_preset(self.preset)
+
+    def replica_dtype_policy(self, options: DeploymentOptions) -> Literal["gpu", "fp32"]:
+        """The dtype policy of a deployment, decided from the configuration alone, never from the hardware of
+        the process that asks: the Orchestrator (a CPU pod on KubeRay) draws the noise in the Denoisers' state
+        dtype, so both must reach the same answer wherever they run."""
+        if self.dtype_policy != "auto":
+            return self.dtype_policy
+        on_gpu = self.device == "cuda" or (self.device == "auto" and options.num_gpus > 0)
+        return "gpu" if on_gpu else "fp32"
+
+    def state_dtype(self) -> Any:
+        """``torch.dtype`` of the sampling state, as the Denoisers hold it (bf16 under the gpu policy)."""
+        import torch
+
+        from pipeline.loading import state_dtype
+
+        return state_dtype(torch.device("cpu"), self.replica_dtype_policy(self.denoiser))
 
     def torch_device(self, num_gpus: float) -> str:
         """``auto`` means CUDA when the replica was given a GPU share and CUDA is there."""

@@ -27,8 +27,8 @@ from deployments.storage import make_storage
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest, resolve_seed
 from pipeline.media.errors import MediaError
-from pipeline.presets import get_preset
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
+from pipeline.windows import FPS
 
 logger = logging.getLogger("ray.serve")
 PROGRESS_KEEP = 1000  # finished jobs whose progress stays readable here
@@ -76,10 +76,10 @@ class Orchestrator:
         self.preprocessor, self.denoiser, self.postprocessor = preprocessor, denoiser, postprocessor
         self.args = args
         self.storage = make_storage(args.storage)
-        self.state_dtype = torch.float32 if args.torch_device(args.denoiser.num_gpus) == "cpu" else torch.bfloat16
+        self.state_dtype = args.state_dtype()  # from the config: this CPU replica must agree with the Denoisers
         self.progress: OrderedDict[str, JobProgress] = OrderedDict()
         self.active: dict[str, asyncio.Task] = {}
-        threads = get_preset(args.preset).torch_threads
+        threads = args.model_preset().torch_threads
         if threads is not None:
             torch.set_num_threads(threads)
 
@@ -190,7 +190,7 @@ class Orchestrator:
         stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents)
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
-        metrics.output_seconds().inc(stored["frames"] / 25.0)
+        metrics.output_seconds().inc(stored["frames"] / FPS)
         await report(message=f"encoded {stored['frames']} frames in {stored['encode_s']:.1f} s, uploaded "
                              f"{stored['file_size'] / 1e6:.2f} MB")
         if checkpoints:

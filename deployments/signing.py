@@ -1,4 +1,8 @@
-"""HMAC signatures for upload URLs and upload tokens (the secret is shared through the storage backend)."""
+"""The one HMAC signer of the service: signed file links, upload URLs and upload tokens.
+
+A signature covers a purpose (``file``, ``put``, ``upload-token``), a subject (a storage key or an owner) and an
+expiry, so a signature made for one purpose is never valid for another.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,13 @@ class Signer:
         mac = hmac.new(self._secret, f"{purpose}\n{subject}\n{int(exp)}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
-    def verify(self, sig: str, purpose: str, subject: str, exp: int) -> bool:
-        """Constant-time check; expired signatures are refused."""
-        if int(exp) < time.time():
+    def verify(self, sig: str, purpose: str, subject: str, exp: int | str) -> bool:
+        """Constant-time check; expired, malformed or foreign signatures are refused (never raise)."""
+        try:
+            exp = int(exp)
+            given = sig.encode("ascii")
+        except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
             return False
-        return hmac.compare_digest(self.sign(purpose, subject, exp).encode(), sig.encode())
+        if exp < time.time():
+            return False
+        return hmac.compare_digest(self.sign(purpose, subject, exp).encode(), given)

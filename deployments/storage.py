@@ -12,10 +12,7 @@ and never appear in messages or :meth:`Storage.describe`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import hmac
 import os
 import secrets
 import shutil
@@ -29,10 +26,13 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.signing import Signer
+
 if TYPE_CHECKING:  # boto3 is imported lazily in S3Storage so importing this module stays cheap
     from botocore.client import BaseClient
 
 URL_SECRET_ENV = "STABLE_AVATAR_URL_SECRET"
+FILE_LINK_PURPOSE = "file"
 URL_SECRET_FILE = ".url_secret"
 _TMP_DIR = ".tmp"
 # Top-level names inside a local root that belong to the backend itself, never to callers.
@@ -167,7 +167,7 @@ class Storage(ABC):
 
     def signing_secret(self) -> bytes:
         """A secret shared by every process using this storage, for upload tokens and signed routes."""
-        env = os.environ.get("STABLE_AVATAR_URL_SECRET")
+        env = os.environ.get(URL_SECRET_ENV)
         if env:
             return env.encode()
         key = "_internal/signing-secret"
@@ -195,6 +195,7 @@ class LocalStorage(Storage):
         self._tmp = self.root / _TMP_DIR
         self._tmp.mkdir(exist_ok=True)
         self._secret = self._load_secret().encode()
+        self.signer = Signer(self._secret)
         self.public_base_url = (config.public_base_url or "").rstrip("/")
 
     def _load_secret(self) -> str:
@@ -310,21 +311,16 @@ class LocalStorage(Storage):
         return sorted(keys)
 
     def sign(self, key: str, exp: int) -> str:
-        """HMAC-SHA256 over ``key`` and ``exp`` (URL-safe base64): the ``sig`` query parameter."""
-        mac = hmac.new(self._secret, f"{key}\n{int(exp)}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        """The ``sig`` query parameter of a file link: the service's HMAC over ``key`` and ``exp``."""
+        return self.signer.sign(FILE_LINK_PURPOSE, key, exp)
 
     def verify_signature(self, key: str, exp: int, sig: str) -> bool:
         """True if ``sig`` was made by :meth:`sign` for this key and ``exp`` has not passed."""
         try:
             validate_key(key)
-            exp = int(exp)
-            given = sig.encode("ascii")
-        except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
+        except (ValueError, TypeError):
             return False
-        if exp < time.time():
-            return False
-        return hmac.compare_digest(self.sign(key, exp).encode(), given)
+        return self.signer.verify(sig, FILE_LINK_PURPOSE, key, exp)
 
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """``{public_base_url}/files/{key}?exp=..&sig=..[&filename=..]``; ``filename`` is not signed (it only

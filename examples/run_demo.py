@@ -94,7 +94,7 @@ def main() -> int:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     log_path = ROOT / "demo-serve.log"
     log = log_path.open("w")
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--config", "serve_config.yaml"],
+    server = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", "serve", "--config", "serve_config.yaml"],
                               cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         print(f"starting the service from serve_config.yaml (its log: {log_path.name}) ...", flush=True)

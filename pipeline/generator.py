@@ -47,7 +47,7 @@ from pipeline.windows import FPS, SAMPLE_RATE, WeightScheme, WindowPlan, WindowP
 LATENT_CHANNELS = 16
 VAE_SPATIAL = 8
 PATCH = 2
-MAX_SEED = 2**32 - 1
+RANDOM_SEED_LIMIT = 2**32  # seeds the server picks lie in [0, 2**32), as fal's do
 
 
 class PipelineSettings(BaseModel):
@@ -122,7 +122,7 @@ ProgressCallback = Callable[[str], None]
 
 
 def resolve_seed(seed: int | None) -> int:
-    return random.SystemRandom().randrange(MAX_SEED) if seed is None else int(seed)
+    return random.SystemRandom().randrange(RANDOM_SEED_LIMIT) if seed is None else int(seed)
 
 
 class StableAvatarPipeline:

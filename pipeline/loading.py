@@ -1,8 +1,10 @@
 """Builds the model components of a preset: random weights from a fixed seed, or the official checkpoints.
 
 Components load independently (the Ray deployments each need a different subset). Every checkpoint goes through
-an explicit key map that refuses missing or unexpected keys. Dtypes: on a GPU the DiT and T5 run in bf16 and the
-VAE, CLIP and wav2vec in fp32 (as upstream); on the CPU everything is fp32.
+an explicit key map that refuses missing or unexpected keys. Dtypes follow a policy: ``gpu`` runs the DiT and T5 in
+bf16 and the VAE, CLIP and wav2vec in fp32 (as upstream), with a bf16 sampling state; ``fp32`` runs everything in
+fp32; ``auto`` (the default) is ``gpu`` on an accelerator and ``fp32`` on the CPU. Asking for ``gpu`` on the CPU runs
+the exact dtype path of a GPU deployment, so tests catch dtype mistakes without a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pipeline.presets import ModelPreset, TransformerVariant
 log = logging.getLogger(__name__)
 
 Component = Literal["transformer", "vae", "text_encoder", "image_encoder", "audio_encoder"]
+DtypePolicy = Literal["auto", "gpu", "fp32"]
+LOW_PRECISION_COMPONENTS: frozenset[str] = frozenset({"transformer", "text_encoder"})  # bf16 under the gpu policy
 ALL_COMPONENTS: tuple[Component, ...] = ("transformer", "vae", "text_encoder", "image_encoder", "audio_encoder")
 SEED_OFFSETS: dict[str, int] = {name: i for i, name in enumerate(ALL_COMPONENTS)}
 
@@ -42,7 +46,26 @@ class CheckpointLayout:
 
     @property
     def transformer_base(self) -> Path:
+        """The single-file base DiT as the StableAvatar download ships it (see ``transformer_base_files``)."""
         return self.wan_dir / "diffusion_pytorch_model.safetensors"
+
+    @property
+    def transformer_base_candidates(self) -> tuple[Path, ...]:
+        """The forms the base DiT takes, in diffusers' order of preference: safetensors (one file, or hub shards
+        with an index), then torch ``.bin`` (one file, or shards with an index)."""
+        stem = self.wan_dir / "diffusion_pytorch_model"
+        return tuple(Path(f"{stem}{suffix}") for suffix in
+                     (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+
+    def transformer_base_files(self) -> list[Path]:
+        """The base DiT weights to read: the first candidate that exists (an index stands for its shards)."""
+        for path in self.transformer_base_candidates:
+            if path.is_file():
+                return [path]
+        raise CheckpointNotFoundError(
+            f"base transformer weights not found in {self.wan_dir}: expected one of "
+            + ", ".join(p.name for p in self.transformer_base_candidates)
+            + " (get the official layout with `stable-avatar download-weights --dir DIR`)")
 
     @property
     def transformer_audio(self) -> Path:
@@ -95,16 +118,32 @@ class ModelBundle:
     load_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def component_dtype(component: Component, device: torch.device) -> torch.dtype:
-    if device.type == "cpu":
+def resolve_dtype_policy(policy: DtypePolicy, device: torch.device) -> Literal["gpu", "fp32"]:
+    if policy not in ("auto", "gpu", "fp32"):
+        raise ValueError(f"unknown dtype policy {policy!r}; choose auto, gpu or fp32")
+    if policy == "auto":
+        return "fp32" if torch.device(device).type == "cpu" else "gpu"
+    return policy
+
+
+def component_dtype(component: Component, device: torch.device, policy: DtypePolicy = "auto") -> torch.dtype:
+    """bf16 for the DiT and T5 under the gpu policy (as upstream runs them), fp32 for everything else."""
+    if resolve_dtype_policy(policy, device) == "fp32":
         return torch.float32
-    return torch.bfloat16 if component in ("transformer", "text_encoder") else torch.float32
+    return torch.bfloat16 if component in LOW_PRECISION_COMPONENTS else torch.float32
+
+
+def state_dtype(device: torch.device, policy: DtypePolicy = "auto") -> torch.dtype:
+    """Dtype of the sampling state (noise, latents, CFG arithmetic): bf16 under the gpu policy, as upstream."""
+    return torch.float32 if resolve_dtype_policy(policy, device) == "fp32" else torch.bfloat16
 
 
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to the device; cast only when the dtype changes (diffusers warns on no-op casts)."""
+    """Move to the device; cast only when some tensor has another dtype (diffusers warns on no-op casts). Every
+    tensor is checked: weights assigned from a file keep the file's dtypes, which may be mixed."""
     model = model.to(device)
-    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.dtype == dtype for t in tensors if t.is_floating_point()) else model.to(dtype)
 
 
 def _build(factory: Callable[[], torch.nn.Module], preset: ModelPreset, component: Component,
@@ -128,8 +167,9 @@ def load_models(
     checkpoints: Path | None = None,
     device: str | torch.device = "cpu",
     variant: TransformerVariant = "square",
+    dtype_policy: DtypePolicy = "auto",
 ) -> ModelBundle:
-    """Load the requested components of ``preset`` onto ``device``."""
+    """Load the requested components of ``preset`` onto ``device`` with the dtypes of ``dtype_policy``."""
     from pipeline.keymaps.files import read_state_dict
     from pipeline.models.audio_encoder import build_audio_encoder, build_feature_extractor, load_audio_encoder
     from pipeline.models.image_encoder import build_image_encoder
@@ -147,15 +187,13 @@ def load_models(
         if checkpoints is None:
             raise CheckpointNotFoundError(f"preset {preset.name!r} needs --checkpoints DIR (the official layout)")
         layout = CheckpointLayout(Path(checkpoints), variant)
-    bundle = ModelBundle(preset, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    bundle = ModelBundle(preset, device, state_dtype(device, dtype_policy))
 
     for component in wanted:
         started = time.perf_counter()
-        dtype = component_dtype(component, device)
-        if component == "transformer" and preset.simulated_step_s is not None:
-            from pipeline.models.simulated import SimulatedTransformer
-
-            bundle.transformer = SimulatedTransformer(preset.simulated_step_s).to(device)
+        dtype = component_dtype(component, device, dtype_policy)
+        if component == "transformer" and preset.transformer_factory is not None:
+            bundle.transformer = preset.transformer_factory().to(device)
         elif component == "transformer":
             model = _build(lambda: StableAvatarTransformer3DModel(**preset.transformer), preset, component, device)
             if layout:
@@ -164,8 +202,9 @@ def load_models(
                     transformer_state_dict_from_files,
                 )
 
-                layout.require(layout.transformer_base, layout.transformer_audio)
-                state = transformer_state_dict_from_files([layout.transformer_base, layout.transformer_audio])
+                layout.require(layout.transformer_audio)
+                files = [*layout.transformer_base_files(), layout.transformer_audio]  # the .pt overrides the base
+                state = transformer_state_dict_from_files(files)
                 load_transformer_state_dict(model, state)
             # Keep diffusers' fp32 modules (norms, modulation tables, time embedder) in fp32 under bf16.
             bundle.transformer = model.to(device).to_inference_dtype(dtype)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,9 +81,9 @@ class ModelPreset:
     # CPU float results depend on torch's thread count; the tiny preset pins it so that a Ray replica computes
     # exactly what the CLI computes. None leaves torch's default (GPU presets).
     torch_threads: int | None = None
-    # When set, the DiT is replaced by a stand-in that sleeps this long per window-step and returns a deterministic
-    # tensor: benchmarks of the fan-out measure scheduling, not arithmetic.
-    simulated_step_s: float | None = None
+    # When set, builds the DiT instead of StableAvatarTransformer3DModel (a stand-in registered by a benchmark, see
+    # bench/simulated.py); its forward takes the same arguments. None for every shipped preset.
+    transformer_factory: Callable[[], Any] | None = None
 
     @property
     def is_random(self) -> bool:
@@ -116,10 +116,11 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
-PRESETS["simulated"] = dataclasses.replace(
-    PRESETS["tiny"], name="simulated", simulated_step_s=0.2,
-    description="tiny preset whose DiT sleeps 0.2 s per window-step (fan-out benchmarks; output is noise)",
-)
+def register_preset(preset: ModelPreset) -> ModelPreset:
+    """Add a preset under ``preset.name`` (benchmarks register stand-ins; the app args' ``preset_modules`` import
+    the module that does it in every replica). Registering the same name again replaces it."""
+    PRESETS[preset.name] = preset
+    return preset
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+APP_ID = "fal-ai/stable-avatar"  # the hosted endpoint whose schema this mirrors; the default app id
 AspectRatio = Literal["16:9", "1:1", "9:16", "auto"]
 
 MAX_PROMPT_CHARS = 2000

@@ -48,13 +48,29 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """The umt5-xxl tokenizer from the checkpoint folder (offline), padded to 512 with truncation."""
+    """The umt5-xxl tokenizer from the checkpoint folder (offline), padded to 512 with truncation.
+
+    The folder's ``tokenizer.json`` is used verbatim, as upstream's transformers 4.x ``T5TokenizerFast`` used it.
+    transformers 5's ``T5Tokenizer`` (which ``AutoTokenizer`` picks from the folder's ``tokenizer_config.json``)
+    rebuilds the Unigram model from the vocabulary with ``unk_id=2`` and byte fallback off; umt5 has ``<unk>`` at 3
+    and ``<s>`` at 2, so every out-of-vocabulary character would silently become ``<s>`` instead of its byte
+    pieces or ``<unk>``. The special ids the T5 encoder relies on are checked at load.
+    """
+
+    FILE = "tokenizer.json"
+    PAD_ID, EOS_ID = 0, 1  # umt5: <pad> = 0 (attention mask 0), </s> = 1 appended to every prompt
 
     def __init__(self, folder: Path, max_length: int = TEXT_LENGTH):
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        folder = Path(folder)
+        if not (folder / self.FILE).is_file():
+            raise FileNotFoundError(f"tokenizer folder {folder} lacks {self.FILE} (of the google/umt5-xxl files)")
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
         self.max_length = max_length
+        ids = {"pad": self.tokenizer.pad_token_id, "eos": self.tokenizer.eos_token_id}
+        if ids != {"pad": self.PAD_ID, "eos": self.EOS_ID}:
+            raise ValueError(f"tokenizer in {folder} is not umt5's: special ids {ids}, expected pad 0 and eos 1")
 
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.tokenizer(

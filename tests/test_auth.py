@@ -45,31 +45,18 @@ def test_token_bucket():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B}"
-    import ray
-    from ray import serve
+    from tests.ray_serve import ray_serve_cluster
 
-    from deployments.app import build_app
-    from deployments.config import APP_NAME, AppArgs
-    from tests.helpers import free_port
-
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             object_store_memory=300 * 2**20)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
-    args = AppArgs.model_validate({
-        "device": "cpu", "max_running_jobs": 1,
-        "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 4, "submit_rate_per_minute": 1,
-                 "max_queued_per_key": 3},
-        "storage": {"kind": "local", "root": str(tmp_path_factory.mktemp("auth-data")), "public_base_url": base},
-        "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
-    })
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    with ray_serve_cluster(num_gpus=1) as cluster:
+        cluster.deploy({
+            "device": "cpu", "max_running_jobs": 1,
+            "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 4, "submit_rate_per_minute": 1,
+                     "max_queued_per_key": 3},
+            "storage": cluster.local_storage(tmp_path_factory.mktemp("auth-data")),
+            "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
+        })
+        yield cluster.base
     del os.environ["STABLE_AVATAR_TEST_KEYS"]
 
 

@@ -26,11 +26,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, free_port, http_bytes, http_json  # noqa: E402
+from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, http_bytes, http_json  # noqa: E402
+from tests.ray_serve import ray_serve_cluster  # noqa: E402
 from tests.test_fetch import FileServer, drip, redirect, send, static, stream  # noqa: E402
 from tests.test_media_validation import encoded, make_media, png_declaring  # noqa: E402
 
@@ -83,27 +81,21 @@ def service(tmp_path_factory, files):
     saved = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = tmpdir
     try:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base = f"http://127.0.0.1:{port}"
-        args = AppArgs.model_validate({
-            "device": "cpu", "max_running_jobs": 16, "checkpoint_every_steps": 0,
-            "storage": {"kind": "local", "root": str(root), "public_base_url": base},
-            "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
-            "preprocessor": {"max_ongoing_requests": 16},
-            "auth": {"submit_rate_per_minute": 60000, "submit_burst": 1000},
-            "inputs": {
-                "allow_private_hosts": [ALLOWED_IP],
-                "fetch": {"max_image_bytes": MIB, "max_audio_bytes": 4 * MIB, "connect_timeout_s": 1.0,
-                          "read_timeout_s": 1.5, "total_timeout_s": 2.0},
-            },
-        })
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        yield {"base": base, "tmpdir": tmpdir}
+        with ray_serve_cluster() as cluster:
+            cluster.deploy({
+                "device": "cpu", "max_running_jobs": 16, "checkpoint_every_steps": 0,
+                "storage": cluster.local_storage(root),
+                "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+                "preprocessor": {"max_ongoing_requests": 16},
+                "auth": {"submit_rate_per_minute": 60000, "submit_burst": 1000},
+                "inputs": {
+                    "allow_private_hosts": [ALLOWED_IP],
+                    "fetch": {"max_image_bytes": MIB, "max_audio_bytes": 4 * MIB, "connect_timeout_s": 1.0,
+                              "read_timeout_s": 1.5, "total_timeout_s": 2.0},
+                },
+            })
+            yield {"base": cluster.base, "tmpdir": tmpdir}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         if saved is None:
             os.environ.pop("TMPDIR", None)
         else:

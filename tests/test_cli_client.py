@@ -21,12 +21,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, free_port, http_json, probe, synthetic_speech  # noqa: E402
+from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, http_json, probe, synthetic_speech  # noqa: E402
+from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 API_KEY = "cli-test-key"
 AUDIO_S = 2.0
@@ -39,18 +36,13 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-data")
     keys = root.parent / "cli-keys.txt"
     keys.write_text(API_KEY + "\n")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs.model_validate({
-        "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
-        "storage": {"kind": "local", "root": str(root)},
-        "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
-    })
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with ray_serve_cluster() as cluster:
+        cluster.deploy({
+            "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
+            "storage": cluster.local_storage(root, public=False),
+            "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+        })
+        yield cluster.base
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,7 @@ def cli_env(key: str | None = API_KEY) -> dict[str, str]:
 
 
 def cli(*args: str, key: str | None = API_KEY, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=cli_env(key),
+    return subprocess.run([sys.executable, "-m", "stable_avatar.cli", *args], cwd=REPO_ROOT, env=cli_env(key),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -120,7 +112,7 @@ def test_missing_or_wrong_key(service, audio):
 
 def _start(args: list[str], **popen) -> tuple[subprocess.Popen, str]:
     """Start ``stable-avatar`` and return it once it printed the request id."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=cli_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", *args], cwd=REPO_ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, text=True, **popen)
     line = proc.stdout.readline()
     match = REQUEST_ID.search(line)

@@ -25,12 +25,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, free_port, probe, synthetic_speech  # noqa: E402
+from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
+from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
 PY_CHECK = REPO_ROOT / "tests" / "fal_python_client_check.py"
@@ -45,25 +42,13 @@ def serve_cluster(storage_root: Path, scheme: str = "http", ssl_files: tuple[Pat
                   ) -> Iterator[str]:
     """A local Ray cluster running the app (tiny preset, CPU, one job at a time so a queue forms); yields the
     base URL. ``ssl_files`` = (key, cert) makes the Serve proxy speak HTTPS."""
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             object_store_memory=300 * 2**20)
-    try:
-        port = free_port()
-        http_options: dict[str, Any] = {"host": "127.0.0.1", "port": port}
-        if ssl_files:
-            http_options |= {"ssl_keyfile": str(ssl_files[0]), "ssl_certfile": str(ssl_files[1])}
-        serve.start(http_options=http_options)
-        base = f"{scheme}://127.0.0.1:{port}"
-        args = AppArgs.model_validate({
-            "device": "cpu", "max_running_jobs": 1,
-            "storage": {"kind": "local", "root": str(storage_root), "public_base_url": base},
+    with ray_serve_cluster(ssl_files=ssl_files) as cluster:
+        assert cluster.base.startswith(scheme + "://")
+        cluster.deploy({
+            "device": "cpu", "max_running_jobs": 1, "storage": cluster.local_storage(storage_root),
             "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
         })
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        yield base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield cluster.base
 
 
 def make_media(folder: Path) -> dict[str, Path]:

@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.presets import TINY_RESOLUTIONS
+from stable_avatar.cli import main
 from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, probe, synthetic_speech
 
 
@@ -49,7 +49,7 @@ def test_unreadable_input_is_a_clear_error(tmp_path, flag, content, field):
     bad.write_bytes(content)
     args = {"--image": str(EXAMPLE_IMAGE), "--audio": str(EXAMPLE_AUDIO)} | {flag: str(bad)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", *sum(([k, v] for k, v in args.items()), []),
+        [sys.executable, "-m", "stable_avatar.cli", "generate", *sum(([k, v] for k, v in args.items()), []),
          "--prompt", "x", "--steps", "1", "-o", str(tmp_path / "o.mp4")],
         capture_output=True, text=True,
     )

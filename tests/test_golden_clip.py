@@ -37,12 +37,19 @@ def test_preprocessing_is_bit_exact(image, outputs):
     assert torch.equal(clip_preprocess(image), outputs["preprocessed_224"])
 
 
-def test_tokens_are_bit_exact(model, image, outputs):
+# Bit-exact on the CPU that made the golden vectors; other CPUs' matmul kernels differ by a few fp32 ulps
+# (measured max |d| 1.5e-6 on tokens of magnitude up to 6 on an AVX-512 Xeon).
+GOLDEN_ATOL = 1e-5
+
+
+def test_tokens_match_golden(model, image, outputs):
     tokens = encode_image_tokens(model, image)  # [1,257,32]
-    assert torch.equal(tokens, outputs["use_31_block_output"])
+    torch.testing.assert_close(tokens, outputs["use_31_block_output"], atol=GOLDEN_ATOL, rtol=0)
     with torch.no_grad():
         hidden = model(pixel_values=clip_preprocess(image), output_hidden_states=True).hidden_states
-    assert torch.equal(hidden[-1], outputs["all_blocks_output"])  # guards the off-by-one
+    torch.testing.assert_close(hidden[-1], outputs["all_blocks_output"], atol=GOLDEN_ATOL, rtol=0)
+    # guards the off-by-one: block 31 of 32 is not the last block's output
+    assert (outputs["use_31_block_output"] - outputs["all_blocks_output"]).abs().max() > 100 * GOLDEN_ATOL
 
 
 def _load(sd):
@@ -56,7 +63,7 @@ def test_text_tower_head_and_post_norm_are_optional(state_dict, model, image, ou
                    if k.startswith("visual.") and k not in ("visual.head", "visual.post_norm.weight",
                                                              "visual.post_norm.bias")}
     clip = _load(visual_only)
-    assert torch.equal(encode_image_tokens(clip, image), outputs["use_31_block_output"])
+    assert torch.equal(encode_image_tokens(clip, image), encode_image_tokens(model, image))
     assert torch.equal(clip.post_layernorm.weight, torch.ones(32))
     assert torch.equal(model.post_layernorm.bias, state_dict["visual.post_norm.bias"])
 

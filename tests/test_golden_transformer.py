@@ -25,6 +25,8 @@ from pipeline.models.audio_split import split_audio_sequence, split_tensor_with_
 from pipeline.models.transformer import StableAvatarAttnProcessor, StableAvatarTransformer3DModel
 
 ATOL = 2e-5
+BF16_REL_TOL = 0.0072  # bf16 weights with fp32-kept modules vs fp32 (measured 0.00656: see the bf16 test)
+BF16_MAX_ABS_TOL = 0.045  # measured 0.0400
 SEQ_LEN = 126
 AUDIO_ROWS = [False, True, True]
 
@@ -273,9 +275,15 @@ def test_bf16_keeps_fp32_modules_and_runs(model, main_run, gold, tmp_path, how):
     out, inter = run(bf16, gold.tensors("inputs"))
     assert out.dtype == torch.float32  # returned in the latents' dtype
     assert inter["vocal_context"].dtype == torch.bfloat16
+    # Measured (both ways of casting, any thread count): relative L2 error 0.00656, max abs error 0.0400 on outputs
+    # up to |4.35|. That is bf16 rounding of weights and activations; accumulation stays fp32, so it does not move
+    # with kernels or threads. A plain `.to(bfloat16)` (fp32-kept modules cast too) measures 0.00760, so the bound,
+    # ~10% above the measurement, also fails when the fp32 modules are lost.
     reference = main_run[0]
-    rel = (out - reference).norm() / reference.norm()
-    assert rel < 0.05, rel
+    error = out - reference
+    rel = (error.norm() / reference.norm()).item()
+    assert rel < BF16_REL_TOL, rel
+    assert error.abs().max().item() < BF16_MAX_ABS_TOL, error.abs().max().item()
 
 
 def test_plain_to_keeps_rope_tables_fp32(model):

@@ -54,24 +54,36 @@ def test_key_list_is_the_original_file(state_dict, vae):
     assert len(original_vae_keys(real)) == 194
 
 
-def test_encode_is_bit_exact(vae, inputs, outputs):
+# The golden vectors are bit-exact on the CPU that made them; another CPU's convolution kernels (AVX2 vs AVX-512
+# code paths in MKL/oneDNN) round differently by a few fp32 ulps: measured max |d| 5e-7 (encode) and 4.4e-6
+# (decode, values in [-1, 1]) on an AVX-512 Xeon. Our own code against diffusers on one machine stays bit-exact.
+GOLDEN_ATOL = 1e-5
+
+
+def assert_golden(actual: torch.Tensor, golden: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, golden, atol=GOLDEN_ATOL, rtol=0)
+
+
+def test_encode_matches_golden(vae, inputs, outputs):
     with torch.no_grad():
         posterior = vae.encode(inputs["video"]).latent_dist
-    assert torch.equal(posterior.mode(), outputs["mu_raw"])
-    assert torch.equal(posterior.logvar, outputs["logvar"])
+    assert_golden(posterior.mode(), outputs["mu_raw"])
+    assert_golden(posterior.logvar, outputs["logvar"])
     latents = encode_latents(vae, inputs["video"])  # [1,16,3,2,2]
-    assert torch.equal(latents, outputs["latent_mode"])
+    assert_golden(latents, outputs["latent_mode"])
     # the upstream wrapper returns [normalised mu, raw logvar]
-    assert torch.equal(torch.cat([latents, posterior.logvar], dim=1), outputs["encode_parameters"])
+    assert_golden(torch.cat([latents, posterior.logvar], dim=1), outputs["encode_parameters"])
 
 
 @pytest.mark.parametrize("name", ["mode", "z_rand"])
-def test_streaming_decode_is_bit_exact(vae, inputs, outputs, name):
+def test_streaming_decode_is_bit_exact_to_diffusers_and_matches_golden(vae, inputs, outputs, name):
     latents = outputs["latent_mode"] if name == "mode" else inputs["z_rand"]
-    want, want_raw = outputs[f"decode_of_{name}"], outputs[f"decode_of_{name}_unclamped"]
-    assert torch.equal(one_shot_decode(vae, latents), want)  # the reference really is diffusers' decode
+    assert_golden(one_shot_decode(vae, latents), outputs[f"decode_of_{name}"])  # the reference is diffusers' decode
+    assert_golden(stream(vae, latents, clamp=False), outputs[f"decode_of_{name}_unclamped"])
+    want = one_shot_decode(vae, latents)  # diffusers, on this machine: streaming must equal it bit for bit
+    want_raw = stream(vae, latents, clamp=False)
     assert torch.equal(stream(vae, latents), want)
-    assert torch.equal(stream(vae, latents, clamp=False), want_raw)
+    assert torch.equal(want_raw.clamp(-1, 1), want)
     decoder = StreamingVaeDecoder(vae)
     assert torch.equal(torch.cat([decoder.feed(latents[:, :, :1]), decoder.feed(latents[:, :, 1:])], 2), want)
     decoder.reset()

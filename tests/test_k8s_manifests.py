@@ -1,7 +1,7 @@
 """Offline validation of ``k8s/``: kustomize rendering, KubeRay CRD schemas, the embedded Serve config and
 ``AppArgs``, and the issue's production requirements. Broken copies must fail with a message naming the field.
 
-The logic lives in ``deployments/k8s_validate.py``; this file only feeds it manifests and corrupted copies.
+The logic lives in ``tools/k8s_validate.py``; this file only feeds it manifests and corrupted copies.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.k8s_validate import (
+from tools.k8s_validate import (
     K8S_DIR,
     REPO_ROOT,
     CrdSchemas,
@@ -387,5 +387,5 @@ def test_json6902_ops() -> None:
 def test_unknown_kinds_are_not_waved_through(schemas: CrdSchemas) -> None:
     doc = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}
     assert check_manifest(doc, schemas) == ["kind: no offline check for 'Deployment'; add one to "
-                                            "deployments/k8s_validate.py"]
+                                            "tools/k8s_validate.py"]
     assert Manifest(doc, K8S_DIR / "x.yaml").where == "k8s/x.yaml: Deployment/x"

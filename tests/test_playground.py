@@ -15,13 +15,12 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.gateway import Gateway  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, free_port, synthetic_speech  # noqa: E402
+from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
+from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("STABLE_AVATAR_CHROMIUM", "/usr/bin/chromium"))
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -66,22 +65,16 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("playground-data")
     keys = root.parent / "playground-keys.txt"
     keys.write_text(API_KEY + "\n")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 2**20)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
-    config = {"device": "cpu", "max_running_jobs": 1, "storage": {"kind": "local", "root": str(root)},
-              "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1}}
-    serve.run(build_app(AppArgs.model_validate(config)), name=APP_NAME, route_prefix="/")
-    prefixed = AppArgs.model_validate(config | {
-        "auth": {"keys_file": str(keys)},
-        "storage": {"kind": "local", "root": str(root), "public_base_url": base}})
-    gateway = Gateway.options(name="Gateway").bind(serve.get_deployment_handle("Orchestrator", APP_NAME),
-                                                    serve.get_deployment_handle("JobQueue", APP_NAME), prefixed)
-    serve.run(gateway, name="stable-avatar-prefixed", route_prefix=PREFIX)
-    yield {"base": base}
-    serve.shutdown()
-    ray.shutdown()
+    with ray_serve_cluster() as cluster:
+        config = {"device": "cpu", "max_running_jobs": 1, "storage": cluster.local_storage(root, public=False),
+                  "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1}}
+        cluster.deploy(config)
+        prefixed = AppArgs.model_validate(config | {
+            "auth": {"keys_file": str(keys)}, "storage": cluster.local_storage(root)})
+        gateway = Gateway.options(name="Gateway").bind(serve.get_deployment_handle("Orchestrator", APP_NAME),
+                                                        serve.get_deployment_handle("JobQueue", APP_NAME), prefixed)
+        serve.run(gateway, name="stable-avatar-prefixed", route_prefix=PREFIX)
+        yield {"base": cluster.base}
 
 
 @pytest.fixture(scope="module")

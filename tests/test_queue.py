@@ -17,17 +17,17 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from pipeline.cli import main as cli_main  # noqa: E402
+from deployments.config import APP_NAME  # noqa: E402
+from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import (  # noqa: E402
     EXAMPLE_AUDIO,
     EXAMPLE_IMAGE,
     data_uri,
-    free_port,
     http_bytes,
     http_json,
     synthetic_speech,
 )
+from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
 
@@ -35,22 +35,14 @@ APP = "fal-ai/stable-avatar"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("queue-data")
-    metrics_port = free_port()
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=400 * 2**20, _metrics_export_port=metrics_port)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
-    args = AppArgs.model_validate({
-        "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
-        "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
-        "storage": {"kind": "local", "root": str(root), "public_base_url": base},
-        "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
-    })
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield {"base": base, "args": args, "root": root, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    serve.shutdown()
-    ray.shutdown()
+    with ray_serve_cluster(num_gpus=2, metrics=True) as cluster:
+        args = cluster.deploy({
+            "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
+            "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
+            "storage": cluster.local_storage(root),
+            "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
+        })
+        yield {"base": cluster.base, "args": args, "root": root, "metrics": cluster.metrics_url}
 
 
 @pytest.fixture(scope="module")

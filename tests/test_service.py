@@ -15,17 +15,17 @@ from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from pipeline.cli import main as cli_main  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
+from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import (  # noqa: E402
     EXAMPLE_IMAGE,
     data_uri,
-    free_port,
     http_bytes,
     http_json,
     probe,
     synthetic_speech,
 )
+from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 STEPS, SEED = 3, 5
 
@@ -34,14 +34,9 @@ STEPS, SEED = 3, 5
 def cluster(seaweedfs):
     # Replicas inherit the driver's environment: that is how S3 credentials reach them (never via the config).
     os.environ.update(AWS_ACCESS_KEY_ID=seaweedfs.access_key, AWS_SECRET_ACCESS_KEY=seaweedfs.secret_key)
-    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, log_to_driver=False,
-             object_store_memory=400 * 2**20)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    with ray_serve_cluster(num_gpus=3) as cluster:
+        yield cluster.base
     _deployed.clear()
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

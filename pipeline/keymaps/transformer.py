@@ -1,7 +1,9 @@
 """Key map: StableAvatar / Wan-original transformer checkpoints -> ``StableAvatarTransformer3DModel``.
 
 The official layout is the base ``diffusion_pytorch_model.safetensors`` (Wan2.1-Fun-V1.1-1.3B-InP) followed by
-``transformer3d-square.pt`` (a full StableAvatar state dict that overrides it). Both use Wan-original names.
+``transformer3d-square.pt`` (a full StableAvatar state dict that overrides it). Both use Wan-original names. The base
+may also come as ``.bin`` or as hub shards with an index; the ``.pt`` may be a wrapped training checkpoint with
+``module.``/``_orig_mod.`` prefixes (``pipeline.keymaps.files`` reduces all of them to one flat dict).
 
 - Base keys, ``blocks.N.cross_attn.k_vocal/v_vocal`` included, go through diffusers' own
   ``convert_wan_transformer_to_diffusers`` (``cross_attn -> attn2``, ``norm2 <-> norm3``, ``modulation ->
@@ -19,9 +21,9 @@ from pathlib import Path
 
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-from safetensors.torch import load_file
 
 from . import check_keys
+from .files import read_state_dict
 
 __all__ = [
     "convert_transformer_state_dict",
@@ -140,20 +142,10 @@ def load_transformer_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.T
 def transformer_state_dict_from_files(paths: Sequence[Path | str]) -> dict[str, torch.Tensor]:
     """Read and merge checkpoint files in order; later files override earlier keys.
 
-    ``.safetensors`` via ``safetensors.torch.load_file``; ``.pt``/``.pth``/``.bin`` via
-    ``torch.load(map_location="cpu", weights_only=True, mmap=True)``, unwrapping a top-level ``"state_dict"``.
+    Each file goes through ``pipeline.keymaps.files.read_state_dict``: ``.safetensors``, torch pickles (wrapped
+    training checkpoints included), ``*.index.json`` shard sets; ``module.``/``_orig_mod.`` prefixes removed.
     """
     merged: dict[str, torch.Tensor] = {}
     for path in map(Path, paths):
-        if path.suffix == ".safetensors":
-            sd = load_file(path)
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-                sd = sd["state_dict"]
-        else:
-            raise ValueError(f"unsupported checkpoint format: {path}")
-        if not isinstance(sd, Mapping):
-            raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-        merged.update(sd)
+        merged.update(read_state_dict(path))
     return merged

@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.media._proc import stderr_tail
 from pipeline.media.errors import FFmpegError
 from pipeline.media.ffmpeg_bin import ffmpeg_path, ffprobe_path
+from pipeline.windows import FPS
 
 MUX_TIMEOUT_S = 600.0
 ENCODE_WAIT_S = 600.0
@@ -52,7 +53,7 @@ class VideoWriter:
         path: Path | str,
         width: int,
         height: int,
-        fps: int = 25,
+        fps: int = FPS,
         audio_path: Path | str | None = None,
         num_frames: int | None = None,
         *,

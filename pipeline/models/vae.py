@@ -159,11 +159,6 @@ class StreamingVaeDecoder:
             self.close()
 
 
-def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-    """One-shot convenience: the whole video [1,3,4T-3,H,W] (holds every frame in memory; prefer streaming)."""
-    return torch.cat(list(StreamingVaeDecoder(vae, clamp=clamp).decode(latents)), dim=2)
-
-
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
     """Decoded frames [1,3,f,H,W] in [-1,1] -> uint8 [f,H,W,3] for the video encoder, rounding to nearest."""
     x = frames[0].detach().float().permute(1, 2, 3, 0)  # [f,H,W,3]

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.schema import APP_ID
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-DEFAULT_APP_ID = "fal-ai/stable-avatar"
+DEFAULT_APP_ID = APP_ID
 SERVER_ENV = "STABLE_AVATAR_SERVER"
 KEY_ENV = "FAL_KEY"
 REMOTE_PREFIXES = ("http://", "https://", "data:")

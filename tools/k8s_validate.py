@@ -798,7 +798,7 @@ def check_manifest(doc: dict[str, Any], schemas: CrdSchemas) -> list[str]:
                     if not isinstance(v, str):
                         problems.append(f"{key}.{k}: must be a string, not {type(v).__name__}")
     elif kind:
-        problems.append(f"kind: no offline check for {kind!r}; add one to deployments/k8s_validate.py")
+        problems.append(f"kind: no offline check for {kind!r}; add one to tools/k8s_validate.py")
     return problems
 
 
@@ -847,10 +847,6 @@ class TreeReport:
     rendered: dict[str, Rendered]
     loose: list[Manifest]
     problems: list[str]
-
-    def raise_for_problems(self) -> None:
-        if self.problems:
-            raise ManifestError(self.problems)
 
 
 def kustomization_dirs(root: Path) -> list[Path]:

@@ -1,0 +1,1 @@
+"""Benchmarks and their aids (not shipped in the image)."""

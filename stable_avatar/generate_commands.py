@@ -1,0 +1,104 @@
+"""``stable-avatar generate`` (in process, no server) and ``stable-avatar download-weights``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from pipeline.presets import PRESETS
+from pipeline.windows import FPS
+from stable_avatar.arguments import add_generation_inputs
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_generate(sub)
+    _add_download(sub)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video in this process (no server)")
+    add_generation_inputs(p, "path", "random seed (default: random)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--checkpoints", type=Path, default=None, help="official checkpoint layout (real preset)")
+    p.add_argument("--variant", default="square", choices=["square", "rec-vec"], help="StableAvatar weights")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype-policy", default="auto", choices=["auto", "gpu", "fp32"],
+                   help="auto: bf16 DiT/T5 on a GPU, fp32 on the CPU; gpu: the GPU dtypes anywhere; fp32: all fp32")
+    p.add_argument("--overlap", type=int, default=None, help="window overlap in latent frames (default 10)")
+    p.add_argument("--window-policy", default=None, choices=["full", "upstream"])
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download-weights", help="download the official checkpoints (Hugging Face)")
+    p.add_argument("--dir", type=Path, required=True)
+
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.denoise import InProcessExecutor, WindowDenoiser
+    from pipeline.generator import GenerationParams, PipelineSettings, StableAvatarPipeline
+    from pipeline.inputs import read_source
+    from pipeline.loading import load_models
+    from pipeline.presets import get_preset
+    from pipeline.schema import StableAvatarInput
+
+    fields = StableAvatarInput(
+        image_url=str(args.image), audio_url=str(args.audio), prompt=args.prompt, aspect_ratio=args.aspect_ratio,
+        guidance_scale=args.guidance_scale, audio_guidance_scale=args.audio_guidance_scale,
+        num_inference_steps=args.steps, seed=args.seed,
+    )
+    image = read_source(fields.image_url, "image_url")
+    audio = read_source(fields.audio_url, "audio_url")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = get_preset(args.preset)
+    overrides = {k: v for k, v in {"overlap": args.overlap, "window_policy": args.window_policy}.items() if v}
+    settings = PipelineSettings(**overrides)
+
+    started = time.perf_counter()
+    models = load_models(preset, checkpoints=args.checkpoints, device=device, variant=args.variant,
+                         dtype_policy=args.dtype_policy)
+    load_s = time.perf_counter() - started
+    pipeline = StableAvatarPipeline(models, settings)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr))
+    params = GenerationParams(
+        prompt=fields.prompt, aspect_ratio=fields.aspect_ratio, guidance_scale=fields.guidance_scale,
+        audio_guidance_scale=fields.audio_guidance_scale, num_inference_steps=fields.num_inference_steps,
+        seed=fields.seed,
+    )
+    prepared = pipeline.prepare(image, audio, params, progress=log)
+    total = prepared.plan.num_windows * params.num_inference_steps
+    with tqdm(total=total, unit="window-step", disable=args.quiet, file=sys.stderr) as bar:
+        executor = InProcessExecutor(WindowDenoiser(models.transformer), prepared.conditioning,
+                                     on_window_step=lambda _w: bar.update(1))
+        latents = asyncio.run(pipeline.denoise(prepared, executor))
+    result = pipeline.finish(prepared, latents, args.output, progress=log)
+
+    timings = {"load": load_s, **result.timings}
+    print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames, "
+          f"{result.frames / FPS:.2f} s, {result.file_size} bytes, seed {prepared.seed})")
+    if preset.is_random:
+        print(f"note: preset {preset.name!r} has random weights, so the video is noise")
+    print("stage summary: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    return 0
+
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from pipeline.weights import download_weights
+
+    download_weights(args.dir)
+    print(f"downloaded the official checkpoint layout into {args.dir}")
+    return 0
+
+
+
+HANDLERS = {"generate": run_generate, "download-weights": run_download}

@@ -1,0 +1,62 @@
+"""``stable-avatar download-weights`` fetches every file ``load_models`` reads from the official layout.
+
+``download_weights`` hands ``ALLOW_PATTERNS`` to ``huggingface_hub.snapshot_download``, which filters the repo's
+file list with ``filter_repo_objects``; the same function is applied here to the paths ``CheckpointLayout`` (and the
+folders it points at) resolve to, so renaming a file on either side fails here instead of after a 20 GB download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub.utils import filter_repo_objects
+
+from pipeline.loading import CheckpointLayout
+from pipeline.models.audio_encoder import WEIGHT_FILES
+from pipeline.text import HFTokenizer
+from pipeline.weights import ALLOW_PATTERNS
+
+ROOT = Path("/ckpt")  # stands for the --dir of the download; only paths relative to it matter
+# Files read inside the folders the layout names (one of the wav2vec weight files is enough at load time).
+FOLDER_FILES = {
+    "tokenizer": [HFTokenizer.FILE, "tokenizer_config.json", "special_tokens_map.json", "spiece.model"],
+    "audio_encoder": ["config.json", "preprocessor_config.json", *WEIGHT_FILES],
+    "wan_dir": ["config.json"],
+}
+SHARDS = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+
+
+def layout_paths(layout: CheckpointLayout) -> dict[str, list[str]]:
+    """``{layout property: [repo-relative paths it makes load_models read]}``, for every Path property."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(vars(CheckpointLayout)):
+        if not isinstance(getattr(CheckpointLayout, name), property) or name == "root":
+            continue
+        value = getattr(layout, name)
+        paths = list(value) if isinstance(value, tuple) else [value]
+        if not all(isinstance(p, Path) for p in paths):
+            continue
+        if name in FOLDER_FILES:
+            paths = [p / f for p in paths for f in FOLDER_FILES[name]]
+        if name == "transformer_base_candidates":
+            paths += [layout.wan_dir / s for s in SHARDS]
+        out[name] = [p.relative_to(layout.root).as_posix() for p in paths]
+    return out
+
+
+@pytest.mark.parametrize("variant", ["square", "rec-vec"])
+def test_every_file_the_loader_reads_is_downloaded(variant):
+    paths = layout_paths(CheckpointLayout(ROOT, variant))
+    assert {"transformer_audio", "transformer_base_candidates", "vae", "text_encoder", "tokenizer",
+            "image_encoder", "audio_encoder"} <= paths.keys()
+    wanted = [p for ps in paths.values() for p in ps]
+    kept = set(filter_repo_objects(wanted, allow_patterns=ALLOW_PATTERNS))
+    assert [p for p in wanted if p not in kept] == []
+    assert f"StableAvatar-1.3B/transformer3d-{variant}.pt" in kept
+
+
+def test_optional_and_training_files_are_not_downloaded():
+    """The vocal separator (optional preprocessing, not used by inference) stays on the hub."""
+    skipped = ["Kim_Vocal_2.onnx", "StableAvatar-1.3B/optimizer.bin", "README.md"]
+    assert list(filter_repo_objects(skipped, allow_patterns=ALLOW_PATTERNS)) == []
