@@ -44,8 +44,10 @@ S = 21 audio slots of K tokens, A = S·K:
 At 480x832 (L = 32 760, d = 1536, F = 8960, n = 30, K = 15) one row is 284.8 TFLOP (self-attention ≈ 70 %), the
 adapter 0.64 TFLOP, a batch-3 window-step 855.1 TFLOP. Achieved TFLOP/s = forward FLOP / measured seconds.
 
-Device time: with the defaults (50 steps for the two full clips, 10 for the comparisons) expect roughly 10-12 min on
-an H200; ``--steps 20`` brings it to ~6 min. Typical device command:
+Device time (an estimate from the FLOP count at 40-60 % of an H200's bf16 peak, not yet measured): about 1.4-2.1 s per
+batch-3 window-step, so the defaults (50 steps for the two full clips, 10 for the comparisons, plus loading the
+random 6.7B T5 and compiling) take ~9-13 min, more than one 10-minute device command; ``--steps 20`` takes ~5-7 min,
+and ``--phases`` runs a subset. Typical device command:
 
     python bench/bench_gpu.py --steps 20 --json "$OUT/gpu.json"
 """

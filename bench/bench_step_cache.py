@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SMOKE_NOTE = ("tiny preset, RANDOM weights: skip fractions are a smoke figure of the mechanism only, not the "
-              "real model's speed-up (its e0 moves 0.2-0.5 per step, outside TeaCache's fitted range)")
+              "real model's speed-up (its e0 moves 0.2-0.5 per step, outside TeaCache's fitted range); "
+              "denoise_s is wall time on a shared 2-core machine: noisy")
 
 
 def run(steps_list: list[int], seconds: float, split_rows: bool) -> dict:
