@@ -54,7 +54,9 @@ Memory: a residual is ``[rows, seq_len, 1536]`` in the DiT dtype: 32 760 x 1536 
 480x832 window in bf16 (65.5 MB at 512x512). Only units inside a run of skipped steps hold one (the plan says
 which computed steps must ``keep`` theirs), the last step of a unit frees it, ``free(request_id)`` drops a request's
 entries, and ``StepCache`` evicts least-recently-used entries beyond ``max_entries`` / ``max_bytes`` (default 8 GiB:
-80 row-residuals at 480x832).
+80 row-residuals at 480x832). During a skip run one runner holding a whole request needs windows x 3 rows of them
+(5 s: 2 windows, 0.6 GB; 60 s at overlap 10: 34 windows, 10.3 GB): past the bound an evicted residual is rebuilt
+(one extra forward), so size ``max_bytes`` to the clips that should be accelerated; replicas each hold their share.
 """
 
 from __future__ import annotations
