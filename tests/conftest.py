@@ -40,3 +40,6 @@ def golden():
 
 # A real SeaweedFS S3 server (session scope), started on first use.
 from tests.seaweedfs import seaweedfs  # noqa: E402, F401
+
+# A real PostgreSQL cluster (session scope, Debian's postgresql package), started on first use.
+from tests.postgres import postgres  # noqa: E402, F401

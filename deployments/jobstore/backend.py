@@ -36,6 +36,10 @@ class Backend(ABC):
         """The core's SQL in this backend's dialect."""
         return _render(text, tuple(sorted(self.tokens.items())), self.placeholder)
 
+    def index_hint(self, index: str) -> str:
+        """SQL placed after ``FROM jobs`` to use ``index`` where a planner without statistics would not."""
+        return ""
+
     @abstractmethod
     def read(self) -> AbstractContextManager[Cursor]:
         """A cursor for reads (a consistent snapshot on SQLite; statement-level on PostgreSQL)."""

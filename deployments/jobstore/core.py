@@ -89,8 +89,15 @@ class SyncJobStore:
         cur.execute(self.backend.sql(sql), tuple(params))
         return cur
 
-    def _count(self, cur: Cursor, where: str, params: Sequence[Any] = ()) -> int:
-        return int(self._x(cur, f"SELECT count(*) AS n FROM jobs WHERE {where}", params).fetchone()["n"])
+    def _count(self, cur: Cursor, where: str, params: Sequence[Any] = (), index: str | None = None) -> int:
+        hint = self.backend.index_hint(index) if index else ""
+        return int(self._x(cur, f"SELECT count(*) AS n FROM jobs {hint} WHERE {where}", params).fetchone()["n"])
+
+    def _queued_total(self, cur: Cursor) -> int:
+        return self._count(cur, "status = 'IN_QUEUE'", index="jobs_queue_order")
+
+    def _running_total(self, cur: Cursor) -> int:
+        return self._count(cur, "status = 'IN_PROGRESS'", index="jobs_running_owner")
 
     def _view(self, row: dict[str, Any]) -> JobView:
         j = self.backend.json_out
@@ -129,8 +136,10 @@ class SyncJobStore:
 
     def _position(self, cur: Cursor, rank: int, seq: int) -> int:
         """Queued jobs ahead in dispatch order: a range count on the (priority, seq) queue index."""
-        return self._count(cur, "status = 'IN_QUEUE' AND (priority < ? OR (priority = ? AND seq < ?))",
-                           (rank, rank, seq))
+        row = self._x(cur, "SELECT (SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority < ?) + "
+                           "(SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority = ? AND seq < ?) AS n",
+                      (rank, rank, seq)).fetchone()
+        return int(row["n"])
 
     # -- rate limit ----------------------------------------------------------------------------------------------
     def _take_token(self, cur: Cursor, owner: str) -> float:
@@ -184,7 +193,7 @@ class SyncJobStore:
         j = self.backend.json_in
         with self.backend.write() as cur:
             self.backend.lock(cur, "submit")  # queue caps are exact across processes
-            queued = self._count(cur, "status = 'IN_QUEUE'")
+            queued = self._queued_total(cur)
             if queued >= limit:
                 raise QueueFullError(f"the queue holds {queued} jobs (limit {limit})")
             mine = self._count(cur, "status = 'IN_QUEUE' AND owner = ?", (owner,))
@@ -284,12 +293,12 @@ class SyncJobStore:
 
     def queue_length(self) -> int:
         with self.backend.read() as cur:
-            return self._count(cur, "status = 'IN_QUEUE'")
+            return self._queued_total(cur)
 
     def running_count(self, owner: str | None = None) -> int:
         with self.backend.read() as cur:
             if owner is None:
-                return self._count(cur, "status = 'IN_PROGRESS'")
+                return self._running_total(cur)
             return self._count(cur, "status = 'IN_PROGRESS' AND owner = ?", (owner,))
 
     # -- cancel --------------------------------------------------------------------------------------------------
@@ -359,14 +368,15 @@ class SyncJobStore:
             self._expire_start_deadlines(cur, MAINTENANCE_BATCH)
             if max_running_total is not None:
                 self.backend.lock(cur, "claim")
-                if self._count(cur, "status = 'IN_PROGRESS'") >= max_running_total:
+                if self._running_total(cur) >= max_running_total:
                     return None
             cap = self.limits.max_running_per_owner
             blocked: list[str] = []
             if cap is not None:
+                hint = self.backend.index_hint("jobs_running_owner")
                 blocked = [r["owner"] for r in self._x(
-                    cur, "SELECT owner FROM jobs WHERE status = 'IN_PROGRESS' GROUP BY owner HAVING count(*) >= ?",
-                    (cap,)).fetchall()]
+                    cur, f"SELECT owner FROM jobs {hint} WHERE status = 'IN_PROGRESS' GROUP BY owner "
+                         "HAVING count(*) >= ?", (cap,)).fetchall()]
             for _ in range(MAX_CLAIM_CANDIDATES):
                 skip = f" AND owner NOT IN ({_placeholders(len(blocked))})" if blocked else ""
                 row = self._x(cur, "SELECT request_id, owner, attempts, max_attempts, CASE WHEN started_at IS NULL "
@@ -413,8 +423,9 @@ class SyncJobStore:
             lost = f"the runner {r['lease_owner']} stopped renewing its lease"
             if r["cancel_requested"]:
                 self._finish(cur, request_id, epoch, "IN_PROGRESS", error=cancelled_error())
-            elif r["kind"] == "sync":
-                self._finish(cur, request_id, epoch, "IN_PROGRESS", error=runner_lost_error(lost, attempts))
+            elif r["kind"] == "sync":  # its caller's HTTP request is gone with the runner: never re-queued
+                self._finish(cur, request_id, epoch, "IN_PROGRESS",
+                             error=runner_lost_error(f"{lost} (sync request)", attempts))
             elif attempts >= int(r["max_attempts"]):
                 self._finish(cur, request_id, epoch, "IN_PROGRESS", error=runner_lost_error(lost, attempts))
             else:

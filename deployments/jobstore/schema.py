@@ -103,10 +103,13 @@ CREATE TABLE webhooks (
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, logs, rate buckets, webhooks", (
         _JOBS,
-        # dispatch order and queue position: (priority, seq) among queued jobs only
-        "CREATE INDEX jobs_queue_order ON jobs (priority, seq) WHERE status = 'IN_QUEUE'",
-        # per-key queued/running counts, running totals, owners at their running cap
-        "CREATE INDEX jobs_status_owner ON jobs (status, owner)",
+        # dispatch order and queue position: (priority, seq) among queued jobs only; the trailing status makes
+        # counts index-only on SQLite (it re-checks "status = ..." even when the index predicate implies it)
+        "CREATE INDEX jobs_queue_order ON jobs (priority, seq, status) WHERE status = 'IN_QUEUE'",
+        # per-key queued/running counts (no index leads with status: the partial ones are the planners' choice)
+        "CREATE INDEX jobs_owner_status ON jobs (owner, status)",
+        # running totals and the keys at their running cap
+        "CREATE INDEX jobs_running_owner ON jobs (owner, status) WHERE status = 'IN_PROGRESS'",
         # leases to reclaim
         "CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE status = 'IN_PROGRESS'",
         # start deadlines to enforce
