@@ -155,6 +155,35 @@ def test_queue_caps_raise_distinct_errors_and_leave_no_row(env: Env):
     submit(store, "k4")
 
 
+def _together(n: int, fn) -> list[Any]:
+    """Run ``fn(i)`` in ``n`` threads released at once; returns results or the exceptions raised."""
+    barrier, out = threading.Barrier(n), [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_queue_cap_and_rate_limit_hold_under_concurrent_requests(env: Env):
+    stores = [env.open(max_queue_length=5, rate_burst=4, rate_per_s=0.001) for _ in range(2)]
+    results = _together(10, lambda i: submit(stores[i % 2], f"k{i}"))
+    assert sum(isinstance(r, str) for r in results) == 5
+    assert sum(isinstance(r, QueueFullError) for r in results) == 5
+    assert stores[0].queue_length() == 5
+    waits = _together(10, lambda i: stores[i % 2].take_token("k-shared"))
+    assert sorted(w == 0.0 for w in waits) == [False] * 6 + [True] * 4
+
+
 def test_rate_limit_is_shared_by_two_store_instances(env: Env):
     a = env.open(rate_per_s=0.5, rate_burst=3)
     b = env.open(rate_per_s=0.5, rate_burst=3)
@@ -415,6 +444,24 @@ def test_sync_jobs_count_as_running_and_fail_when_their_lease_expires(env: Env):
     assert (view.status, view.outcome) == ("COMPLETED", "failed")
     assert view.error.error_type == "runner_disconnected" and view.attempts == 1
     assert "sync request" in view.error.message
+
+
+def test_running_cap_holds_under_concurrent_claims_and_sync_requests(env: Env):
+    stores = [env.open(max_running_per_owner=2) for _ in range(2)]
+    for _ in range(4):
+        submit(stores[0], "k1")
+
+    def start(i: int) -> Any:
+        store = stores[i % 2]
+        if i < 4:
+            return store.claim(f"r{i}", 30)
+        return store.create_sync(app_id="a", input=INPUT, seed=1, runner_id=f"g{i}", lease_s=30, owner="k1",
+                                 rate_limited=False)
+
+    results = _together(8, start)
+    started = [r for r in results if r is not None and not isinstance(r, Exception)]
+    assert len(started) == 2 and stores[0].running_count("k1") == 2
+    assert all(r is None or isinstance(r, KeyRunningCapError) for r in results if r not in started)
 
 
 def test_max_running_total_counts_every_running_job(env: Env):
