@@ -761,3 +761,35 @@ def test_jobs_config_reads_the_dsn_from_env_or_file_never_yaml(tmp_path: Path, m
         assert sql(store, "PRAGMA journal_mode")[0]["journal_mode"] == "wal"
     finally:
         store.close()
+
+
+def test_postgres_reads_survive_connections_dropped_by_the_server(postgres: Postgres, tmp_path: Path):
+    """A failover or restart drops pooled connections: the next read runs again on a fresh one, a write raises
+    the driver's OperationalError once (its caller answers 503) and the one after it works."""
+    import psycopg
+
+    dsn = postgres.create_database("drop")
+    file = tmp_path / "dsn"
+    file.write_text(dsn)
+    store = make_sync_job_store(PostgresJobsConfig(dsn_file=file, pool_min_size=2, pool_max_size=2), tmp_path)
+    try:
+        job_id = submit(store)
+
+        def drop_all() -> int:
+            with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
+                return len(admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                    "pg_backend_pid()", (dsn.split("dbname=")[1].split()[0],)).fetchall())
+
+        assert drop_all() >= 1
+        assert store.get(job_id, "k1").status == "IN_QUEUE"
+        assert store.status(job_id, "k1").position == 0
+        drop_all()
+        with pytest.raises(psycopg.OperationalError):  # the write that finds out is not retried
+            store.heartbeat(job_id, 1, 30)
+        with pytest.raises(FencedError):  # the next write reaches the database (the job is not running)
+            store.heartbeat(job_id, 1, 30)
+        assert store.claim("r", 30).request_id == job_id
+    finally:
+        store.close()
+        postgres.drop_database(dsn)

@@ -1,8 +1,8 @@
 """What differs between SQLite and PostgreSQL, behind one small interface the SQL core is written against.
 
-The core writes SQL once, with ``?`` placeholders and three tokens: ``{now}`` (the database's clock in epoch
-seconds), ``{for_update}`` (lock the selected rows) and ``{skip_locked}`` (lock them, skipping rows another
-transaction holds). On SQLite the locking tokens are empty: a write transaction is ``BEGIN IMMEDIATE`` and holds
+The core writes SQL once, with ``?`` placeholders and these tokens: ``{now}`` (the database's clock in epoch
+seconds), ``{for_update}`` (lock the selected rows), ``{skip_locked}`` (lock them, skipping rows another
+transaction holds), ``{least}``/``{greatest}`` (two-argument min/max). On SQLite the locking tokens are empty: a write transaction is ``BEGIN IMMEDIATE`` and holds
 the database's single write lock, so every write is serialized anyway.
 """
 
@@ -36,6 +36,10 @@ class Backend(ABC):
         """The core's SQL in this backend's dialect."""
         return _render(text, tuple(sorted(self.tokens.items())), self.placeholder)
 
+    def is_disconnect(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection was lost (so an idempotent read may run again)."""
+        return False
+
     def index_hint(self, index: str) -> str:
         """SQL placed after ``FROM jobs`` to use ``index`` where a planner without statistics would not."""
         return ""
@@ -47,6 +51,10 @@ class Backend(ABC):
     @abstractmethod
     def write(self) -> AbstractContextManager[Cursor]:
         """A cursor inside one write transaction: committed on exit, rolled back on an exception."""
+
+    @abstractmethod
+    def single(self) -> AbstractContextManager[Cursor]:
+        """A cursor for one write statement, atomic on its own (no BEGIN/COMMIT round trips)."""
 
     @abstractmethod
     def lock(self, cur: Cursor, name: str) -> None:

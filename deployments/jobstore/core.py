@@ -8,9 +8,10 @@ stale runner's write changes nothing and raises :class:`FencedError`. Only one `
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from deployments.jobs import JobError, Priority
 from deployments.jobstore.backend import Backend, Cursor
@@ -49,6 +50,7 @@ VIEW_COLUMNS = ("request_id, app_id, owner, kind, status, priority, created_at, 
 CLAIM_COLUMNS = ("request_id, epoch, kind, owner, app_id, priority, input, seed, attempts, max_attempts, "
                  "lease_owner, lease_expires_at, created_at, started_at, checkpoint_key, checkpoint_step, "
                  "cancel_requested")
+R = TypeVar("R")
 MAINTENANCE_BATCH = 100  # expired leases / start deadlines handled inside one claim
 MAX_CLAIM_CANDIDATES = 64  # rows a claim looks at before giving up (owners at their cap, late jobs)
 MAX_BATCH = 1000  # retention rows per call
@@ -67,6 +69,22 @@ _RETENTION_PURGE: dict[str, str] = {
     "inputs": "UPDATE jobs SET inputs_purged = TRUE",
     "checkpoints": "UPDATE jobs SET checkpoint_key = NULL, checkpoint_step = NULL",
 }
+
+
+def _read(method: Callable[..., R]) -> Callable[..., R]:
+    """A read whose pooled connection turned out dropped (a database restart or failover) runs once more on a
+    fresh connection: reads are idempotent. Writes are never retried (a lost COMMIT reply is ambiguous)."""
+
+    @functools.wraps(method)
+    def run(self: SyncJobStore, *args: Any, **kwargs: Any) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if not self.backend.is_disconnect(exc):
+                raise
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def _placeholders(n: int) -> str:
@@ -118,15 +136,18 @@ class SyncJobStore:
                              "input": self.backend.json_out(row["input"]),
                              "cancel_requested": bool(row["cancel_requested"])})
 
-    def _log(self, cur: Cursor, request_id: str, message: str, level: str = "INFO", source: str = "USER") -> int:
-        """Append a line (an INSERT, plus trimming the line that fell out of the bound); 0 if the job is gone."""
+    def _log(self, cur: Cursor, request_id: str, message: str, level: str = "INFO", source: str = "USER",
+             line: int | None = None) -> int:
+        """Append a line (an INSERT, plus trimming the line that fell out of the bound); 0 if the job is gone.
+        ``line``: the caller already advanced ``log_seq`` in its own UPDATE of the job (one round trip less)."""
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {sorted(LOG_LEVELS)}, got {level!r}")
-        row = self._x(cur, "UPDATE jobs SET log_seq = log_seq + 1 WHERE request_id = ? RETURNING log_seq",
-                      (request_id,)).fetchone()
-        if row is None:
-            return 0
-        line = int(row["log_seq"])
+        if line is None:
+            row = self._x(cur, "UPDATE jobs SET log_seq = log_seq + 1 WHERE request_id = ? RETURNING log_seq",
+                          (request_id,)).fetchone()
+            if row is None:
+                return 0
+            line = int(row["log_seq"])
         self._x(cur, "INSERT INTO job_logs (request_id, line, ts, level, source, message) "
                      "VALUES (?, ?, {now}, ?, ?, ?)", (request_id, line, level, source, message))
         if line > self.limits.max_log_lines:
@@ -142,39 +163,36 @@ class SyncJobStore:
         return int(row["n"])
 
     # -- rate limit ----------------------------------------------------------------------------------------------
-    def _take_token(self, cur: Cursor, owner: str) -> float:
-        """Token bucket in ``rate_buckets`` (one row per owner, locked for the take): 0.0 when a token was
-        taken, else the seconds until one is available."""
-        rate, burst = self.limits.rate_per_s, float(self.limits.rate_burst)
-        self._x(cur, "INSERT INTO rate_buckets (owner, tokens, updated_at) VALUES (?, ?, {now}) "
-                     "ON CONFLICT (owner) DO NOTHING", (owner, burst))
-        row = self._x(cur, "SELECT tokens, updated_at, {now} AS now FROM rate_buckets WHERE owner = ? "
-                           "{for_update}", (owner,)).fetchone()
-        now = max(float(row["now"]), float(row["updated_at"]))
-        tokens = min(burst, float(row["tokens"]) + (now - float(row["updated_at"])) * rate)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / rate
-        self._x(cur, "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE owner = ?", (tokens, now, owner))
-        return wait
-
     def _rate_limit(self, cur: Cursor, owner: str) -> None:
-        wait = self._take_token(cur, owner)
-        if wait > 0:
+        """Take a token from ``owner``'s bucket (one row per owner, refilled at ``rate_per_s`` up to
+        ``rate_burst``) in one atomic upsert; a bucket left below zero means refused: RateLimitedError, and the
+        caller's transaction rolls back, so a refusal spends nothing."""
+        rate, burst = self.limits.rate_per_s, float(self.limits.rate_burst)
+        row = self._x(cur, """
+            INSERT INTO rate_buckets (owner, tokens, updated_at) VALUES (?, ?, {now})
+            ON CONFLICT (owner) DO UPDATE SET
+                tokens = {least}(?, rate_buckets.tokens + {greatest}(0, {now} - rate_buckets.updated_at) * ?) - 1,
+                updated_at = {greatest}(rate_buckets.updated_at, {now})
+            RETURNING tokens""", (owner, burst - 1, burst, rate)).fetchone()
+        tokens = float(row["tokens"])
+        if tokens < 0:
+            wait = -tokens / rate
             raise RateLimitedError(f"too many requests for this API key; retry in {wait:.1f} s", wait)
 
     def take_token(self, owner: str) -> float:
         """Spend one of ``owner``'s request tokens (routes other than submit and sync creation, which take theirs
         in their own transaction); returns 0.0, or the seconds to wait when none is left (nothing spent)."""
-        with self.backend.write() as cur:
-            return self._take_token(cur, owner)
+        try:
+            with self.backend.write() as cur:
+                self._rate_limit(cur, owner)
+        except RateLimitedError as refused:
+            return refused.retry_after_s
+        return 0.0
 
     def prune_rate_buckets(self) -> int:
         """Delete buckets idle long enough to be full again (equivalent to no row): bounds the table."""
         idle_s = self.limits.rate_burst / self.limits.rate_per_s
-        with self.backend.write() as cur:
+        with self.backend.single() as cur:
             return self._x(cur, "DELETE FROM rate_buckets WHERE updated_at < {now} - ?", (idle_s,)).rowcount
 
     # -- creation ------------------------------------------------------------------------------------------------
@@ -193,10 +211,13 @@ class SyncJobStore:
         j = self.backend.json_in
         with self.backend.write() as cur:
             self.backend.lock(cur, "submit")  # queue caps are exact across processes
-            queued = self._queued_total(cur)
+            hint = self.backend.index_hint("jobs_queue_order")
+            counts = self._x(cur, f"SELECT (SELECT count(*) FROM jobs {hint} WHERE status = 'IN_QUEUE') AS queued, "
+                                  "(SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE' AND owner = ?) AS mine",
+                             (owner,)).fetchone()
+            queued, mine = int(counts["queued"]), int(counts["mine"])
             if queued >= limit:
                 raise QueueFullError(f"the queue holds {queued} jobs (limit {limit})")
-            mine = self._count(cur, "status = 'IN_QUEUE' AND owner = ?", (owner,))
             if mine >= self.limits.max_queued_per_owner:
                 raise KeyQueueCapError(f"this API key already has {mine} queued jobs (limit "
                                        f"{self.limits.max_queued_per_owner})")
@@ -205,12 +226,12 @@ class SyncJobStore:
             seq = self._x(cur, """
                 INSERT INTO jobs (request_id, app_id, owner, kind, status, priority, input, input_keys, seed,
                                   webhook_url, created_at, start_deadline, stage, max_attempts, result_keys,
-                                  inputs_purged)
-                VALUES (?, ?, ?, 'queue', 'IN_QUEUE', ?, ?, ?, ?, ?, {now}, {now} + ?, 'queued', ?, ?, ?)
+                                  inputs_purged, log_seq)
+                VALUES (?, ?, ?, 'queue', 'IN_QUEUE', ?, ?, ?, ?, ?, {now}, {now} + ?, 'queued', ?, ?, ?, 1)
                 RETURNING seq""", (request_id, app_id, owner, rank, j(input), j(list(input_keys)), seed,
                                    webhook_url, start_timeout_s, self.limits.max_attempts, j([]),
                                    not input_keys)).fetchone()["seq"]
-            self._log(cur, request_id, f"queued ({priority} priority)")
+            self._log(cur, request_id, f"queued ({priority} priority)", line=1)
             return Submitted(request_id=request_id, queue_position=self._position(cur, rank, int(seq)))
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,
@@ -226,12 +247,12 @@ class SyncJobStore:
             row = self._x(cur, f"""
                 INSERT INTO jobs (request_id, app_id, owner, kind, status, priority, input, input_keys, seed,
                                   created_at, started_at, stage, attempts, max_attempts, epoch, lease_owner,
-                                  lease_expires_at, result_keys, inputs_purged)
+                                  lease_expires_at, result_keys, inputs_purged, log_seq)
                 VALUES (?, ?, ?, 'sync', 'IN_PROGRESS', 0, ?, ?, ?, {{now}}, {{now}}, 'starting', 1, 1, 1, ?,
-                        {{now}} + ?, ?, ?)
+                        {{now}} + ?, ?, ?, 1)
                 RETURNING {CLAIM_COLUMNS}""", (request_id, app_id, owner, j(input), j(list(input_keys)), seed,
                                                runner_id, lease_s, j([]), not input_keys)).fetchone()
-            self._log(cur, request_id, "started (sync request)")
+            self._log(cur, request_id, "started (sync request)", line=1)
             return self._claimed(row)
 
     def _check_running_cap(self, cur: Cursor, owner: str) -> None:
@@ -244,12 +265,14 @@ class SyncJobStore:
             raise KeyRunningCapError(f"this API key already has {running} running jobs (limit {cap})")
 
     # -- reads (all owner-scoped: another owner's job does not exist) ------------------------------------------
+    @_read
     def get(self, request_id: str, owner: str = "") -> JobView | None:
         with self.backend.read() as cur:
             row = self._x(cur, f"SELECT {VIEW_COLUMNS} FROM jobs WHERE request_id = ? AND owner = ?",
                           (request_id, owner)).fetchone()
             return None if row is None else self._view(row)
 
+    @_read
     def position(self, request_id: str, owner: str | None = None) -> int | None:
         """Jobs ahead of this one in dispatch order (0 when it is not queued); None when unknown."""
         owned = "" if owner is None else " AND owner = ?"
@@ -271,6 +294,7 @@ class SyncJobStore:
                          timestamp=iso_timestamp(float(r["ts"]))) for r in rows]
         return LogPage(lines=lines, cursor=lines[-1].line if lines else since)
 
+    @_read
     def logs(self, request_id: str, owner: str = "", since: int = 0, limit: int | None = None) -> LogPage | None:
         """Log lines numbered above ``since`` (an SSE stream passes the previous page's ``cursor``)."""
         with self.backend.read() as cur:
@@ -279,6 +303,7 @@ class SyncJobStore:
                 return None
             return self._logs(cur, request_id, since, limit)
 
+    @_read
     def status(self, request_id: str, owner: str = "", logs_since: int | None = None) -> JobSnapshot | None:
         """One status poll in one read: the job, its queue position, and (``logs_since`` given) new log lines."""
         with self.backend.read() as cur:
@@ -291,10 +316,12 @@ class SyncJobStore:
             logs = None if logs_since is None else self._logs(cur, request_id, logs_since, None)
             return JobSnapshot(job=job, position=position, logs=logs)
 
+    @_read
     def queue_length(self) -> int:
         with self.backend.read() as cur:
             return self._queued_total(cur)
 
+    @_read
     def running_count(self, owner: str | None = None) -> int:
         with self.backend.read() as cur:
             if owner is None:
@@ -332,7 +359,7 @@ class SyncJobStore:
         row = self._x(cur, f"""
             UPDATE jobs SET status = 'COMPLETED', completed_at = {{now}}, outcome = ?, stage = ?,
                 progress = COALESCE(?, progress), result = ?, result_keys = ?, result_purged = ?, error = ?,
-                lease_owner = NULL, lease_expires_at = NULL
+                lease_owner = NULL, lease_expires_at = NULL, log_seq = log_seq + 1
             WHERE request_id = ? AND status = ?{fence}
             RETURNING {VIEW_COLUMNS}""",
                       (outcome, stage, 1.0 if error is None else None, j(result), j(list(result_keys)),
@@ -342,16 +369,16 @@ class SyncJobStore:
             return None
         job = self._view(row)
         if error is None:
-            self._log(cur, request_id, f"completed in {job.inference_time or 0.0:.1f} s")
+            self._log(cur, request_id, f"completed in {job.inference_time or 0.0:.1f} s", line=job.log_count)
         elif outcome == "cancelled":
-            self._log(cur, request_id, "cancelled", "WARN")
+            self._log(cur, request_id, "cancelled", "WARN", line=job.log_count)
         else:
-            self._log(cur, request_id, f"failed: {error.message}", "ERROR")
+            self._log(cur, request_id, f"failed: {error.message}", "ERROR", line=job.log_count)
         if job.webhook_url:
             self._x(cur, "INSERT INTO webhooks (request_id, url, state, next_attempt_at, created_at, updated_at) "
                          "VALUES (?, ?, 'pending', {now}, {now}, {now}) ON CONFLICT (request_id) DO NOTHING",
                     (request_id, job.webhook_url))
-        return job.model_copy(update={"log_count": job.log_count + 1})
+        return job
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def claim(self, runner_id: str, lease_s: float, max_running_total: int | None = None) -> ClaimedJob | None:
@@ -399,18 +426,20 @@ class SyncJobStore:
                     if self._count(cur, "status = 'IN_PROGRESS' AND owner = ?", (row["owner"],)) >= cap:
                         blocked.append(row["owner"])
                         continue
-                claimed = self._claimed(self._x(cur, f"""
+                row = self._x(cur, f"""
                     UPDATE jobs SET status = 'IN_PROGRESS', epoch = epoch + 1, attempts = attempts + 1,
                         lease_owner = ?, lease_expires_at = {{now}} + ?, started_at = COALESCE(started_at, {{now}}),
-                        stage = 'starting'
-                    WHERE request_id = ? RETURNING {CLAIM_COLUMNS}""", (runner_id, lease_s, request_id)).fetchone())
+                        stage = 'starting', log_seq = log_seq + 1
+                    WHERE request_id = ? RETURNING {CLAIM_COLUMNS}, log_seq""", (runner_id, lease_s, request_id)).fetchone()
+                claimed = self._claimed(row)
                 if claimed.attempts == 1:
-                    self._log(cur, request_id, "started")
+                    message = "started"
                 elif claimed.checkpoint_step is not None:
-                    self._log(cur, request_id, f"started again (attempt {claimed.attempts}); resuming from the "
-                                               f"checkpoint after step {claimed.checkpoint_step}")
+                    message = (f"started again (attempt {claimed.attempts}); resuming from the checkpoint after "
+                               f"step {claimed.checkpoint_step}")
                 else:
-                    self._log(cur, request_id, f"started again (attempt {claimed.attempts})")
+                    message = f"started again (attempt {claimed.attempts})"
+                self._log(cur, request_id, message, line=int(row["log_seq"]))
                 return claimed
             return None
 
@@ -467,7 +496,7 @@ class SyncJobStore:
 
     def heartbeat(self, request_id: str, epoch: int, lease_s: float) -> bool:
         """Renew the lease for ``lease_s`` seconds from now; returns whether cancellation was requested."""
-        with self.backend.write() as cur:
+        with self.backend.single() as cur:
             return bool(self._fenced(cur, request_id, epoch, "heartbeat", "lease_expires_at = {now} + ?",
                                      (lease_s,))["cancel_requested"])
 
@@ -476,7 +505,7 @@ class SyncJobStore:
         """Stage/progress (and optionally a log line and a lease renewal) in one write; returns cancel_requested."""
         if progress is not None:
             progress = max(0.0, min(1.0, float(progress)))
-        with self.backend.write() as cur:
+        with self.backend.write() if message else self.backend.single() as cur:
             row = self._fenced(cur, request_id, epoch, "progress",
                                "stage = COALESCE(?, stage), progress = COALESCE(?, progress), "
                                "lease_expires_at = COALESCE({now} + ?, lease_expires_at)", (stage, progress, lease_s))
@@ -579,6 +608,7 @@ class SyncJobStore:
         return self._webhook_outcome(request_id, attempt, "next_attempt_at = {now} + ?, last_error = ?",
                                      (retry_in_s, error), message, "WARN")
 
+    @_read
     def webhook_state(self, request_id: str) -> dict[str, Any] | None:
         """``state`` (pending/delivered/failed), ``attempts`` and ``last_error`` of a job's webhook."""
         with self.backend.read() as cur:
@@ -587,6 +617,7 @@ class SyncJobStore:
             return None if row is None else dict(row)
 
     # -- retention -----------------------------------------------------------------------------------------------
+    @_read
     def expired(self, kind: RetentionKind, older_than_s: float, limit: int = 100) -> list[ExpiredItem]:
         """Finished jobs (oldest first, at most ``limit``) whose ``kind`` of objects is older than the TTL, with
         the storage keys to delete. Delete the objects, then call :meth:`purge` with the ids (idempotent: a crash

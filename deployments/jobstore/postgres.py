@@ -4,7 +4,9 @@ Claims lock rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispat
 candidates; limits that span rows (queue caps, per-key running caps, the running total) are made exact with
 transaction-scoped advisory locks (``pg_advisory_xact_lock``), which also serialize migrations at start. Every
 time is the database server's ``clock_timestamp()``, so nodes with skewed clocks agree on leases. Connections
-are autocommit; a write is one explicit transaction.
+are autocommit; a write is one explicit transaction. Pooled connections are not pinged before use (a round trip
+per call); a read that finds its connection dropped by a restart runs again on a fresh one, a write raises
+``psycopg.OperationalError`` once and its caller answers 503.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class PostgresBackend(Backend):
     name = "postgres"
     placeholder = "%s"
     tokens = {"now": "(extract(epoch from clock_timestamp())::float8)", "for_update": "FOR UPDATE",
-              "skip_locked": "FOR UPDATE SKIP LOCKED"}
+              "skip_locked": "FOR UPDATE SKIP LOCKED", "least": "LEAST", "greatest": "GREATEST"}
 
     def __init__(self, dsn: str, min_size: int = 1, max_size: int = 8, timeout_s: float = 30.0,
                  application_name: str = "stable-avatar-jobs"):
@@ -34,7 +36,7 @@ class PostgresBackend(Backend):
         self.pool = ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False, name="jobstore",
             kwargs={"autocommit": True, "row_factory": dict_row, "application_name": application_name},
-            check=ConnectionPool.check_connection,  # a connection broken by a server restart is replaced
+            max_idle=300.0,
         )
         self.pool.open(wait=True, timeout=timeout_s)  # fail at start, not at the first request
 
@@ -43,14 +45,36 @@ class PostgresBackend(Backend):
         return self._max
 
     @contextmanager
+    def _checked(self) -> Iterator[None]:
+        """A dropped connection usually means all of them were (restart, failover): replace every idle one now,
+        so only the call that found out fails (or, for a read, runs again)."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.OperationalError:
+            self.pool.check()
+            raise
+
+    @contextmanager
     def read(self) -> Iterator[Any]:
-        with self.pool.connection() as conn, conn.cursor() as cur:
+        with self._checked(), self.pool.connection() as conn, conn.cursor() as cur:
             yield cur
 
     @contextmanager
     def write(self) -> Iterator[Any]:
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self._checked(), self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             yield cur
+
+    @contextmanager
+    def single(self) -> Iterator[Any]:
+        with self._checked(), self.pool.connection() as conn, conn.cursor() as cur:
+            yield cur  # autocommit: the statement is its own transaction
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError)
 
     def lock(self, cur: Any, name: str) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADVISORY_NAMESPACE, name))

@@ -28,7 +28,8 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 
 class SqliteBackend(Backend):
     name = "sqlite"
-    tokens = {"now": "((julianday('now') - 2440587.5) * 86400.0)", "for_update": "", "skip_locked": ""}
+    tokens = {"now": "((julianday('now') - 2440587.5) * 86400.0)", "for_update": "", "skip_locked": "",
+              "least": "min", "greatest": "max"}
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0, synchronous: Literal["FULL", "NORMAL"] = "FULL",
                  max_connections: int = 8):
@@ -113,6 +114,11 @@ class SqliteBackend(Backend):
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+
+    @contextmanager
+    def single(self) -> Iterator[sqlite3.Cursor]:
+        with self._connection() as conn:
+            yield conn.cursor()  # autocommit: the statement takes the write lock itself (busy timeout applies)
 
     def index_hint(self, index: str) -> str:
         # Without ANALYZE statistics SQLite prefers the (owner, status) index for "status = ?" counts and scans
