@@ -146,6 +146,9 @@ def test_queue_caps_raise_distinct_errors_and_leave_no_row(env: Env):
     submit(store, "k3")
     with pytest.raises(QueueFullError, match=r"holds 4 jobs \(limit 4\)"):  # the server's limit
         submit(store, "k4")
+    with pytest.raises(ValueError, match="must hold references"):  # a data: URI belongs in storage, not the row
+        store.submit(app_id="a", input={**INPUT, "image_url": "data:image/png;base64," + "A" * 100_000}, seed=1,
+                     owner="k5")
     assert store.queue_length() == 4
     assert sql(store, "SELECT count(*) AS n FROM jobs")[0]["n"] == 4
     # refused submits spent no token: k1 took 2 of its 10
@@ -458,10 +461,17 @@ def test_running_cap_holds_under_concurrent_claims_and_sync_requests(env: Env):
         return store.create_sync(app_id="a", input=INPUT, seed=1, runner_id=f"g{i}", lease_s=30, owner="k1",
                                  rate_limited=False)
 
-    results = _together(8, start)
-    started = [r for r in results if r is not None and not isinstance(r, Exception)]
-    assert len(started) == 2 and stores[0].running_count("k1") == 2
-    assert all(r is None or isinstance(r, KeyRunningCapError) for r in results if r not in started)
+    def sync(i: int) -> Any:
+        return stores[i % 2].create_sync(app_id="a", input=INPUT, seed=1, runner_id=f"g{i}", lease_s=30,
+                                         owner="k1", rate_limited=False)
+
+    for attempt, fn in (("sync only", sync), ("claims and sync", start)):
+        results = _together(8, fn)
+        started = [r for r in results if r is not None and not isinstance(r, Exception)]
+        assert len(started) == 2 and stores[0].running_count("k1") == 2, attempt
+        assert all(r is None or isinstance(r, KeyRunningCapError) for r in results if r not in started), attempt
+        for job in started:
+            stores[0].complete(job.request_id, job.epoch, error=cancelled_error())
 
 
 def test_max_running_total_counts_every_running_job(env: Env):
@@ -543,7 +553,8 @@ def test_webhook_delivery_is_claimed_once_and_fenced_by_attempt(env: Env):
     for t in threads:
         t.join()
     deliveries = [d for batch in got for d in batch]
-    assert [(d.request_id, d.attempt, d.url) for d in deliveries] == [(job_id, 1, "https://hooks.example.invalid/x")]
+    assert [(d.request_id, d.owner, d.attempt, d.url) for d in deliveries] == [
+        (job_id, "k1", 1, "https://hooks.example.invalid/x")]
     assert a.webhook_failed(job_id, 1, "HTTP 500", retry_in_s=0.6, message="webhook attempt 1 failed (HTTP 500)")
     assert b.claim_webhooks("w2", 30) == []  # not due yet
     time.sleep(0.7)

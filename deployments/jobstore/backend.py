@@ -57,8 +57,9 @@ class Backend(ABC):
         """A cursor for one write statement, atomic on its own (no BEGIN/COMMIT round trips)."""
 
     @abstractmethod
-    def lock(self, cur: Cursor, name: str) -> None:
-        """Serialize this transaction with every other one that locks ``name``, until commit."""
+    def lock(self, cur: Cursor, name: str, wait: bool = True) -> bool:
+        """Serialize this transaction with every other one that locks ``name``, until commit. With ``wait=False``
+        returns False at once instead of waiting when another transaction holds it."""
 
     @abstractmethod
     def json_in(self, value: Any) -> Any:

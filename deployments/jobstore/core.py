@@ -9,6 +9,7 @@ stale runner's write changes nothing and raises :class:`FencedError`. Only one `
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -54,6 +55,7 @@ R = TypeVar("R")
 MAINTENANCE_BATCH = 100  # expired leases / start deadlines handled inside one claim
 MAX_CLAIM_CANDIDATES = 64  # rows a claim looks at before giving up (owners at their cap, late jobs)
 MAX_BATCH = 1000  # retention rows per call
+MAX_INPUT_BYTES = 64 * 1024
 LOG_LEVELS = frozenset({"INFO", "WARN", "ERROR", "DEBUG", "STDOUT", "STDERR"})
 
 # Retention: which finished rows hold expired objects of each kind. The predicates repeat the partial indexes'
@@ -85,6 +87,14 @@ def _read(method: Callable[..., R]) -> Callable[..., R]:
             return method(self, *args, **kwargs)
 
     return run
+
+
+def _check_input(input: dict[str, Any]) -> None:
+    """Rows hold references: a multi-megabyte ``data:`` URI in the input is a caller bug, refused here."""
+    size = len(json.dumps(input, separators=(",", ":")))
+    if size > MAX_INPUT_BYTES:
+        raise ValueError(f"the job input is {size} bytes of JSON (limit {MAX_INPUT_BYTES}): it must hold references "
+                         "(URLs, storage keys); write data: URIs to storage first")
 
 
 def _placeholders(n: int) -> str:
@@ -204,6 +214,7 @@ class SyncJobStore:
         refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError."""
         if priority not in PRIORITY_RANK:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANK)}, got {priority!r}")
+        _check_input(input)
         rank, request_id = PRIORITY_RANK[priority], uuid.uuid4().hex
         limit = self.limits.max_queue_length
         if max_queue_length is not None:
@@ -239,6 +250,7 @@ class SyncJobStore:
         """A sync request's row, created already claimed (IN_PROGRESS, epoch 1, leased to ``runner_id``); it
         counts as a running job of ``owner``. Its lease expiring fails it (never re-queued). Raises
         KeyRunningCapError or RateLimitedError."""
+        _check_input(input)
         request_id, j = uuid.uuid4().hex, self.backend.json_in
         with self.backend.write() as cur:
             self._check_running_cap(cur, owner)
@@ -421,11 +433,9 @@ class SyncJobStore:
                     self._finish(cur, request_id, None, "IN_QUEUE", error=runner_lost_error(
                         "the job was started too often without finishing", int(row["attempts"])))
                     continue
-                if cap is not None:
-                    self.backend.lock(cur, f"owner:{row['owner']}")
-                    if self._count(cur, "status = 'IN_PROGRESS' AND owner = ?", (row["owner"],)) >= cap:
-                        blocked.append(row["owner"])
-                        continue
+                if cap is not None and self._owner_busy(cur, row["owner"], cap):
+                    blocked.append(row["owner"])
+                    continue
                 row = self._x(cur, f"""
                     UPDATE jobs SET status = 'IN_PROGRESS', epoch = epoch + 1, attempts = attempts + 1,
                         lease_owner = ?, lease_expires_at = {{now}} + ?, started_at = COALESCE(started_at, {{now}}),
@@ -442,6 +452,14 @@ class SyncJobStore:
                 self._log(cur, request_id, message, line=int(row["log_seq"]))
                 return claimed
             return None
+
+    def _owner_busy(self, cur: Cursor, owner: str, cap: int) -> bool:
+        """Whether ``owner`` is at its running cap. Never waits for the key's lock while holding others (two claims
+        taking two keys' locks in opposite order would deadlock): a key that another transaction is starting a
+        job for counts as busy this time."""
+        if not self.backend.lock(cur, f"owner:{owner}", wait=False):
+            return True
+        return self._count(cur, "status = 'IN_PROGRESS' AND owner = ?", (owner,)) >= cap
 
     def _expire_leases(self, cur: Cursor, limit: int) -> int:
         rows = self._x(cur, "SELECT request_id, kind, epoch, attempts, max_attempts, cancel_requested, lease_owner "
@@ -579,9 +597,11 @@ class SyncJobStore:
             for r in rows:
                 row = self._x(cur, "UPDATE webhooks SET attempts = attempts + 1, lease_owner = ?, "
                                    "lease_expires_at = {now} + ?, next_attempt_at = {now} + ?, updated_at = {now} "
-                                   "WHERE request_id = ? RETURNING request_id, url, attempts, lease_expires_at",
+                                   "WHERE request_id = ? RETURNING request_id, url, attempts, lease_expires_at, "
+                                   "(SELECT owner FROM jobs WHERE jobs.request_id = webhooks.request_id) AS owner",
                               (worker_id, lease_s, lease_s, r["request_id"])).fetchone()
-                out.append(WebhookDelivery(request_id=row["request_id"], url=row["url"], attempt=int(row["attempts"]),
+                out.append(WebhookDelivery(request_id=row["request_id"], owner=row["owner"] or "", url=row["url"],
+                                           attempt=int(row["attempts"]),
                                            lease_expires_at=float(row["lease_expires_at"])))
             return out
 

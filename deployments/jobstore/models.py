@@ -132,6 +132,7 @@ class WebhookDelivery(BaseModel):
     """A webhook the caller now holds a lease to deliver; ``attempt`` is its fencing token."""
 
     request_id: str
+    owner: str  # read the job with it (get(request_id, owner)) to build the payload
     url: str
     attempt: int
     lease_expires_at: float

@@ -76,8 +76,12 @@ class PostgresBackend(Backend):
 
         return isinstance(exc, psycopg.OperationalError)
 
-    def lock(self, cur: Any, name: str) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADVISORY_NAMESPACE, name))
+    def lock(self, cur: Any, name: str, wait: bool = True) -> bool:
+        if wait:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADVISORY_NAMESPACE, name))
+            return True
+        cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s)) AS ok", (ADVISORY_NAMESPACE, name))
+        return bool(cur.fetchone()["ok"])
 
     def json_in(self, value: Any) -> Any:
         from psycopg.types.json import Jsonb

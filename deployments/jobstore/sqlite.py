@@ -125,8 +125,9 @@ class SqliteBackend(Backend):
         # all of it; the partial indexes hold only queued / running rows.
         return f"INDEXED BY {index}"
 
-    def lock(self, cur: Any, name: str) -> None:
+    def lock(self, cur: Any, name: str, wait: bool = True) -> bool:
         """Nothing to do: the ``BEGIN IMMEDIATE`` transaction already excludes every other writer."""
+        return True
 
     # -- values ---------------------------------------------------------------------------------------------------
     def json_in(self, value: Any) -> Any:
