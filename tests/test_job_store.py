@@ -264,6 +264,8 @@ def test_claim_takes_a_lease_that_heartbeats_renew(env: Env):
     assert job.input == INPUT and job.seed == 7 and job.checkpoint_key is None
     assert job.lease_expires_at - job.started_at == pytest.approx(5, abs=0.5)
     assert store.heartbeat(job_id, 1, 60) is False
+    with pytest.raises(ValueError, match="lease_s"):
+        store.heartbeat(job_id, 1, 0)
     view = store.get(job_id, "k1")
     assert view.lease_expires_at - job.lease_expires_at == pytest.approx(55, abs=1)
     assert store.report(job_id, 1, stage="denoising", progress=1.7, message="step 1/2") is False
@@ -624,6 +626,7 @@ def test_retention_removes_only_what_expired_in_bounded_batches(env: Env):
     assert sizes == [2, 1]
     assert sorted(keys) == sorted(f"results/{j}/e1/output.mp4" for j in old)
     assert all(store.get(j, "k1").result_purged for j in old) and not store.get(recent, "k1").result_purged
+    assert not store.get(old_failed, "k1").result_purged  # it had no result objects: an error, not a 410
 
     keys, sizes = _sweep(store, "inputs", ttl, batch=3)
     assert sizes == [3, 1] and sorted(keys) == ["inputs/old0.png", "inputs/old1.png", "inputs/old2.png",

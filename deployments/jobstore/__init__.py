@@ -11,7 +11,9 @@ opens the database and applies the schema migrations it lacks (blocking, once, a
 STABLE_AVATAR_JOBS_DSN, dsn_file?}``; the DSN never comes from YAML). ``JobLimits`` from ``AppArgs``:
 ``max_queue_length``, ``max_queued_per_owner`` (auth.max_queued_per_key), ``max_running_per_owner``,
 ``rate_per_s`` (auth.submit_rate_per_minute / 60), ``rate_burst`` (auth.submit_burst), ``max_attempts``
-(job_attempts), ``max_log_lines``. Every time the store reads or writes is the database's clock, epoch seconds.
+(job_attempts), ``max_log_lines``. Every time the store reads or writes is the database's clock, epoch seconds. Errors: ``LimitError`` subclasses
+(429), ``FencedError``, ``ValueError`` for bad arguments (an input over 64 KiB of JSON: it must hold references),
+driver errors (``sqlite3.OperationalError``, ``psycopg.OperationalError``: answer 503) pass through.
 
 Gateway (every read is owner-scoped: another owner's job is ``None`` / ``NOT_FOUND``, i.e. 404)
 -----------------------------------------------------------------------------------------------
@@ -24,19 +26,23 @@ Gateway (every read is owner-scoped: another owner's job is ``None`` / ``NOT_FOU
   route's row, already running under the caller's lease; ``KeyRunningCapError`` when the key is at its running
   cap. Heartbeat it like any job; if the lease expires it is failed, never re-queued.
 - ``status(request_id, owner, logs_since=None)`` -> ``JobSnapshot(job, position, logs)`` in one read: a status
-  poll or one SSE tick (pass the previous ``logs.cursor`` as ``logs_since``; lines are numbered per job, 1..).
+  poll or one SSE tick (pass the previous ``logs.cursor`` as ``logs_since``; lines are numbered per job, 1..,
+  ``LogLine`` is ``jobs.LogEntry`` plus ``line``). ``JobView`` replaces ``JobRecord`` for ``status_body``: same
+  status/stage/progress/error/result/inference_time, no input and no logs (take them from ``snapshot.logs``).
   Also ``get``, ``position`` (an indexed range count), ``logs``, ``queue_length``, ``running_count``.
 - ``cancel(request_id, owner)`` -> ``CANCELLATION_REQUESTED`` (queued: finished as cancelled now; running: a flag
   the runner sees) | ``ALREADY_COMPLETED`` | ``NOT_FOUND``.
 - ``take_token(owner)``: the per-key rate limit for other routes (a token bucket row per key in the database,
-  shared by every Gateway replica). ``JobView.result_purged``: the result expired (answer 410).
+  shared by every Gateway replica). ``JobView.result_purged``: retention deleted the result's objects (answer
+  410 with a clear detail); it is never set for a job that had none (a failed job answers its error).
 
 Dispatcher / runner (fenced by ``(request_id, epoch)``)
 -------------------------------------------------------
 - ``claim(runner_id, lease_s, max_running_total=None)`` -> ``ClaimedJob | None``: priority then FIFO, skipping
   keys at their running cap; also re-queues expired leases (the job resumes from ``checkpoint_key``/``_step``),
   fails expired sync jobs, jobs out of attempts and jobs past their start deadline. Poll it (e.g. every 0.2-1 s
-  when idle); ``expire_leases`` / ``expire_start_deadlines`` do the maintenance part alone.
+  when idle; there is no LISTEN/NOTIFY wake-up); ``expire_leases`` / ``expire_start_deadlines`` do the
+  maintenance part alone. ``ClaimedJob`` carries the input, seed, owner, epoch and the checkpoint to resume.
 - While running: ``heartbeat(id, epoch, lease_s)`` -> cancel_requested (renew well before ``lease_s``, e.g. every
   ``lease_s / 3``); ``report(id, epoch, stage=, progress=, message=, lease_s=)``; ``log(id, epoch, message)``;
   ``record_checkpoint(id, epoch, key, step)`` -> the previous key to delete; ``complete(id, epoch, result=,
@@ -50,8 +56,10 @@ Dispatcher / runner (fenced by ``(request_id, epoch)``)
 
 Webhooks (an outbox row is written in the transaction that finishes a job with a ``webhook_url``)
 -------------------------------------------------------------------------------------------------
-``claim_webhooks(worker_id, lease_s, limit)`` -> ``WebhookDelivery`` list (no one else gets them while leased);
-then ``webhook_delivered(id, attempt, message=)`` or ``webhook_failed(id, attempt, error, retry_in_s=None|s)``.
+``claim_webhooks(worker_id, lease_s, limit)`` -> ``WebhookDelivery(request_id, owner, url, attempt)`` list (no
+one else gets them while leased; build the payload from ``get(request_id, owner)``); then
+``webhook_delivered(id, attempt, message=)`` or ``webhook_failed(id, attempt, error, retry_in_s=None|s)``; a
+lease that runs out makes the delivery due again (its worker died). ``webhook_state(id)`` for status and tests.
 
 Retention (bounded batches; objects first, rows after)
 ------------------------------------------------------

@@ -97,6 +97,11 @@ def _check_input(input: dict[str, Any]) -> None:
                          "(URLs, storage keys); write data: URIs to storage first")
 
 
+def _check_lease(lease_s: float) -> None:
+    if not lease_s > 0:
+        raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+
+
 def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
@@ -129,15 +134,17 @@ class SyncJobStore:
 
     def _view(self, row: dict[str, Any]) -> JobView:
         j = self.backend.json_out
-        error = j(row["error"])
+        error, result_keys = j(row["error"]), j(row["result_keys"]) or []
         return JobView(
             **{k: row[k] for k in ("request_id", "app_id", "owner", "kind", "status", "created_at",
                                    "start_deadline", "started_at", "completed_at", "stage", "progress",
                                    "attempts", "max_attempts", "epoch", "lease_owner", "lease_expires_at",
                                    "checkpoint_step", "webhook_url", "outcome")},
             priority=PRIORITY_NAME[int(row["priority"])], cancel_requested=bool(row["cancel_requested"]),
-            result=j(row["result"]), result_keys=j(row["result_keys"]) or [],
-            result_purged=bool(row["result_purged"]), error=None if error is None else JobError(**error),
+            result=j(row["result"]), result_keys=result_keys,
+            # the column also reads TRUE when there was nothing to purge (no result objects)
+            result_purged=bool(row["result_purged"]) and bool(result_keys),
+            error=None if error is None else JobError(**error),
             log_count=int(row["log_seq"]),
         )
 
@@ -251,6 +258,7 @@ class SyncJobStore:
         counts as a running job of ``owner``. Its lease expiring fails it (never re-queued). Raises
         KeyRunningCapError or RateLimitedError."""
         _check_input(input)
+        _check_lease(lease_s)
         request_id, j = uuid.uuid4().hex, self.backend.json_in
         with self.backend.write() as cur:
             self._check_running_cap(cur, owner)
@@ -402,6 +410,7 @@ class SyncJobStore:
         cap is taken: ``epoch + 1``, ``attempts + 1``. ``max_running_total`` caps all IN_PROGRESS jobs (queue and
         sync) across every dispatcher sharing the database.
         """
+        _check_lease(lease_s)
         with self.backend.write() as cur:
             self._expire_leases(cur, MAINTENANCE_BATCH)
             self._expire_start_deadlines(cur, MAINTENANCE_BATCH)
@@ -514,6 +523,7 @@ class SyncJobStore:
 
     def heartbeat(self, request_id: str, epoch: int, lease_s: float) -> bool:
         """Renew the lease for ``lease_s`` seconds from now; returns whether cancellation was requested."""
+        _check_lease(lease_s)
         with self.backend.single() as cur:
             return bool(self._fenced(cur, request_id, epoch, "heartbeat", "lease_expires_at = {now} + ?",
                                      (lease_s,))["cancel_requested"])
