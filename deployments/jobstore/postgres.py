@@ -2,7 +2,9 @@
 
 Claims lock rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispatchers never wait on each other's
 candidates; limits that span rows (queue caps, per-key running caps, the running total) are made exact with
-transaction-scoped advisory locks (``pg_advisory_xact_lock``), which also serialize migrations at start. Every
+transaction-scoped advisory locks (``pg_advisory_xact_lock``), which also serialize migrations at start. The
+queue caps serialize submits (one lock held for a few milliseconds, commit included): hundreds of submits per
+second, far above what a GPU service queues. Every
 time is the database server's ``clock_timestamp()``, so nodes with skewed clocks agree on leases. Connections
 are autocommit; a write is one explicit transaction. Pooled connections are not pinged before use (a round trip
 per call); a read that finds its connection dropped by a restart runs again on a fresh one, a write raises
