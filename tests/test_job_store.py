@@ -126,6 +126,12 @@ def test_queue_position_counts_jobs_ahead_in_dispatch_order(env: Env):
     assert (low.queue_position, n1.queue_position, n2.queue_position) == (0, 0, 1)
     # the two normal jobs went ahead of the earlier low one
     assert [store.position(i) for i in (n1.request_id, n2.request_id, low.request_id)] == [0, 1, 2]
+    low2 = store.submit(app_id="a", input=INPUT, seed=1, owner="k2", priority="low", rate_limited=False)
+    n3 = store.submit(app_id="a", input=INPUT, seed=1, owner="k2", rate_limited=False)
+    assert (low2.queue_position, n3.queue_position) == (3, 2)
+    assert [store.position(i) for i in (low2.request_id, n3.request_id, low.request_id)] == [4, 2, 3]
+    store.cancel(low2.request_id, "k2")
+    store.cancel(n3.request_id, "k2")
     snapshot = store.status(low.request_id, "k1")
     assert snapshot is not None and snapshot.position == 2 and snapshot.job.status == "IN_QUEUE"
     store.claim("r1", 30)

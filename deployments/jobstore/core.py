@@ -229,10 +229,13 @@ class SyncJobStore:
         j = self.backend.json_in
         with self.backend.write() as cur:
             self.backend.lock(cur, "submit")  # queue caps are exact across processes
+            # Under the submit lock every queued job has a smaller seq than the one inserted next, so the new
+            # job's position is the count of queued jobs of its priority or a more urgent one.
             hint = self.backend.index_hint("jobs_queue_order")
             counts = self._x(cur, f"SELECT (SELECT count(*) FROM jobs {hint} WHERE status = 'IN_QUEUE') AS queued, "
-                                  "(SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE' AND owner = ?) AS mine",
-                             (owner,)).fetchone()
+                                  "(SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE' AND owner = ?) AS mine, "
+                                  "(SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority <= ?) AS ahead",
+                             (owner, rank)).fetchone()
             queued, mine = int(counts["queued"]), int(counts["mine"])
             if queued >= limit:
                 raise QueueFullError(f"the queue holds {queued} jobs (limit {limit})")
@@ -241,16 +244,15 @@ class SyncJobStore:
                                        f"{self.limits.max_queued_per_owner})")
             if rate_limited:
                 self._rate_limit(cur, owner)
-            seq = self._x(cur, """
+            self._x(cur, """
                 INSERT INTO jobs (request_id, app_id, owner, kind, status, priority, input, input_keys, seed,
                                   webhook_url, created_at, start_deadline, stage, max_attempts, result_keys,
                                   inputs_purged, log_seq)
-                VALUES (?, ?, ?, 'queue', 'IN_QUEUE', ?, ?, ?, ?, ?, {now}, {now} + ?, 'queued', ?, ?, ?, 1)
-                RETURNING seq""", (request_id, app_id, owner, rank, j(input), j(list(input_keys)), seed,
-                                   webhook_url, start_timeout_s, self.limits.max_attempts, j([]),
-                                   not input_keys)).fetchone()["seq"]
+                VALUES (?, ?, ?, 'queue', 'IN_QUEUE', ?, ?, ?, ?, ?, {now}, {now} + ?, 'queued', ?, ?, ?, 1)""",
+                    (request_id, app_id, owner, rank, j(input), j(list(input_keys)), seed, webhook_url,
+                     start_timeout_s, self.limits.max_attempts, j([]), not input_keys))
             self._log(cur, request_id, f"queued ({priority} priority)", line=1)
-            return Submitted(request_id=request_id, queue_position=self._position(cur, rank, int(seq)))
+            return Submitted(request_id=request_id, queue_position=int(counts["ahead"]))
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,
                     owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True) -> ClaimedJob:
