@@ -813,3 +813,21 @@ def test_postgres_reads_survive_connections_dropped_by_the_server(postgres: Post
     finally:
         store.close()
         postgres.drop_database(dsn)
+
+
+def test_async_store_exposes_every_operation_of_the_blocking_one(tmp_path: Path):
+    from deployments.jobstore import JobStore
+
+    blocking = {n for n in vars(SyncJobStore) if not n.startswith("_") and callable(getattr(SyncJobStore, n))}
+    missing = {n for n in blocking - {"close"} if not asyncio.iscoroutinefunction(getattr(JobStore, n, None))}
+    assert missing == set()
+    store = make_job_store(SqliteJobsConfig(), tmp_path / "jobs.sqlite3")
+    try:
+        async def roundtrip() -> tuple[Any, Any]:
+            submitted = await store.submit(app_id="a", input=INPUT, seed=1, owner="k1")
+            return submitted, await store.status(submitted.request_id, "k1", logs_since=0)
+
+        submitted, snapshot = asyncio.run(roundtrip())
+        assert snapshot.job.request_id == submitted.request_id and snapshot.logs.lines[0].line == 1
+    finally:
+        store.close()
