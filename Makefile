@@ -8,9 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps browser-deps js-deps test demo lint bench bench-gpu clean
+.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-gpu clean
 
-setup: $(STAMP) system-deps browser-deps
+setup: $(STAMP) system-deps postgres-deps browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ system-deps:
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
 		else echo "please install ffmpeg (ffmpeg + ffprobe)"; exit 1; fi; \
+	fi
+
+# Debian's PostgreSQL server for tests/test_job_store.py: the fixture (tests/postgres.py) makes a throw-away cluster
+# with /usr/lib/postgresql/<version>/bin/initdb and pg_ctl, which Debian does not put on PATH.
+postgres-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		else echo "please install the PostgreSQL server (Debian: apt-get install postgresql)"; exit 1; fi; \
 	fi
 
 # Debian's chromium for tests/test_playground.py (Playwright drives it; it never downloads a browser).
@@ -54,6 +63,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_inprocess.py
 	$(BIN)/python bench/bench_fanout.py
+	$(BIN)/python bench/bench_job_store.py
 	$(BIN)/python bench/bench_step_cache.py
 	$(BIN)/python bench/bench_split_rows.py
 

@@ -38,5 +38,7 @@ def golden():
     return Golden
 
 
-# A real SeaweedFS S3 server (session scope), started on first use.
+# Real servers (session scope), started on first use: PostgreSQL (Debian's postgresql package, a throw-away
+# cluster) and SeaweedFS S3.
+from tests.postgres import postgres  # noqa: E402, F401
 from tests.seaweedfs import seaweedfs  # noqa: E402, F401

@@ -1,0 +1,51 @@
+"""What the job store refuses, as distinct exceptions so the HTTP layer can say which limit was hit."""
+
+from __future__ import annotations
+
+
+class JobStoreError(Exception):
+    """Base of everything the store raises on purpose (driver errors pass through unchanged)."""
+
+
+class LimitError(JobStoreError):
+    """A submit or sync creation was refused by a limit (HTTP 429); ``message`` is safe to show the client."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class QueueFullError(LimitError):
+    """The whole queue holds as many jobs as the server (or the caller's ``fal_max_queue_length``) allows."""
+
+
+class KeyQueueCapError(LimitError):
+    """This API key already has as many queued jobs as one key may have."""
+
+
+class KeyRunningCapError(LimitError):
+    """This API key already has as many running jobs (queued and sync) as one key may have."""
+
+
+class RateLimitedError(LimitError):
+    """The key submitted faster than its rate; ``retry_after_s`` says when the next submit is allowed."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class FencedError(JobStoreError):
+    """A runner wrote with an epoch that no longer holds the job's lease (reclaimed, finished, or cancelled and
+    finished): it must stop working on the job and delete any object it wrote under its own epoch."""
+
+    def __init__(self, request_id: str, epoch: int, what: str):
+        super().__init__(f"job {request_id} epoch {epoch}: {what} refused, this runner no longer holds the lease")
+        self.request_id, self.epoch, self.what = request_id, epoch, what
+
+
+class MigrationError(JobStoreError):
+    """The database holds a schema this code does not know (a newer version), or a migration failed."""
