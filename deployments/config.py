@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.auth import AuthConfig
+from deployments.gpu_queue import UnitOrder
 from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
@@ -101,10 +102,15 @@ class InputLimits(BaseModel):
         return AddressGuard(self.allow_private_hosts)
 
 
+# Units a Denoiser replica accepts at once. One runs; the rest wait inside the replica on its GPU queue (round-robin
+# across requests), so Serve's router places every unit at once on its sticky replica and never has to hold one back
+# (no rejections, no retry back-off). Autoscaling still sees every in-flight unit as an ongoing request: with
+# target_ongoing_requests 1 it asks for one replica per unit in flight (capped by max_replicas).
+DENOISER_MAX_ONGOING = 64
+
+
 def _denoiser_defaults() -> DeploymentOptions:
-    # 2, not 1: the replica runs one window-step at a time (its GPU lock), and holding the next one avoids the
-    # router's retry back-off (up to 0.5 s) whenever all replicas are busy (bench/bench_fanout.py measures both).
-    return DeploymentOptions(max_ongoing_requests=2,
+    return DeploymentOptions(max_ongoing_requests=DENOISER_MAX_ONGOING,
                              autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1))
 
 
@@ -128,6 +134,9 @@ class AppArgs(BaseModel):
     storage: StorageConfig = Field(default_factory=LocalStorageConfig)
     window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
     conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
+    unit_order: UnitOrder = Field(
+        "round_robin", description="order of the units waiting on a Denoiser replica: round_robin across requests "
+        "(concurrent jobs share the replica fairly) or fifo (first come, first served)")
     max_running_jobs: int = Field(2, ge=1, le=256, description="jobs denoising at the same time")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")

@@ -1,36 +1,65 @@
-"""Denoiser: one window, one step per call (batch-3 CFG forward + Euler step); the GPU deployment.
+"""Denoiser: runs units (one window at one step, some guidance rows) on its GPU; the GPU deployment.
 
-One window-step runs at a time per replica (an asyncio lock around the GPU work); ``max_ongoing_requests`` 2 lets
-the next one wait inside the replica rather than in the router's retry back-off. Conditioning is published once per
-request into the object store; the Orchestrator passes its ``ObjectRef``
-wrapped in a list (so Ray does not resolve it on every call) and the replica caches the value per request.
+Every method takes ``(request_id, slot, ...)`` first: :class:`~deployments.placement.StickyBalancedRouter` reads
+them to place the call (balanced over the live replicas, the same unit on the same replica from step to step).
+
+One unit runs at a time per replica; the others wait inside the replica on its :class:`RoundRobinGate`, served
+round-robin across requests, so ``max_ongoing_requests`` is large (64: Serve's router never has to hold a unit
+back) and concurrent jobs share the replica fairly. Each replica owns what sticky placement keeps warm:
+
+* the request's conditioning, published once into the object store (the Orchestrator passes its ``ObjectRef``
+  wrapped in a list, so Ray does not resolve it on every call), cached for ``conditioning_cache_size`` requests
+  (LRU);
+* a :class:`~pipeline.step_cache.StepCache` (the residuals of the acceleration levels), bounded by
+  ``pipeline.step_cache.max_entries`` / ``max_bytes`` (LRU).
+
+``free(request_id, slot)`` drops both for a finished or cancelled request; the Orchestrator sends it to every slot
+residue, and whatever a free misses (a replica that served the request before a scale event) ages out of the LRUs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import ray
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from deployments import metrics
 from deployments.common import load_replica_models
-from deployments.config import AppArgs
+from deployments.config import DENOISER_MAX_ONGOING, AppArgs
+from deployments.gpu_queue import RoundRobinGate
+from deployments.placement import StickyBalancedRouter
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
+from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
+
+# Test hook (never set in production): a JSON file naming one unit {"step": s, "window": w}; the first replica that
+# receives that unit claims the file and exits at once, so a test's kill lands on a replica that holds work.
+CRASH_FILE_ENV = "STABLE_AVATAR_TEST_CRASH_FILE"
+UNITS_KEEP = 256  # requests whose unit counts a replica remembers (stats)
 
 
-@serve.deployment(name="Denoiser", max_ongoing_requests=2)
+@serve.deployment(name="Denoiser", max_ongoing_requests=DENOISER_MAX_ONGOING,
+                  request_router_config=RequestRouterConfig(request_router_class=StickyBalancedRouter))
 class Denoiser:
     def __init__(self, args: AppArgs):
         bundle = load_replica_models(args, args.denoiser, ["transformer"])
-        self.denoiser = WindowDenoiser(bundle.transformer)
+        settings = args.pipeline
+        self.denoiser = WindowDenoiser(bundle.transformer, compile=settings.compile)
+        self.step_cache_settings = settings.step_cache
+        self.step_cache = StepCache.from_settings(settings.step_cache)
         self.cache: OrderedDict[str, RequestConditioning] = OrderedDict()
         self.cache_size = args.conditioning_cache_size
-        self._gpu = asyncio.Lock()
-        self.replica_id = serve.get_replica_context().replica_tag
+        self._gpu = RoundRobinGate(args.unit_order)
+        self.units: OrderedDict[str, int] = OrderedDict()  # units run per request (bounded)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        crash_file = os.environ.get(CRASH_FILE_ENV)
+        self._crash_file = Path(crash_file) if crash_file else None
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:
@@ -42,19 +71,60 @@ class Denoiser:
             self.cache.popitem(last=False)
         return conditioning
 
-    async def step(self, conditioning: list[ray.ObjectRef], request_id: str,
+    async def step(self, request_id: str, slot: int, conditioning: list[ray.ObjectRef],
                    work: WindowStep) -> tuple[torch.Tensor, str]:
-        """Returns the window's post-step latents and this replica's id (for progress reporting)."""
+        """Runs one unit; returns its output and this replica's id (progress and tests see where units ran)."""
+        self._maybe_crash(work)
         cond = await self._conditioning(request_id, conditioning[0])
-        async with self._gpu:
+        async with self._gpu.hold(request_id):
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
-            # runs, keep the lock until it has finished, so a cancelled job never overlaps the next one on the GPU.
+            # runs, keep the GPU until it has finished, so a cancelled job never overlaps the next unit.
             started = time.perf_counter()
-            task = asyncio.ensure_future(asyncio.to_thread(self.denoiser, cond, work))
+            task = asyncio.ensure_future(asyncio.to_thread(self.denoiser, cond, work, self.step_cache))
             try:
                 result = await asyncio.shield(task)
             except asyncio.CancelledError:
                 await asyncio.wait([task])
                 raise
         metrics.window_step_latency().observe(time.perf_counter() - started)
+        self._count(request_id)
         return result, self.replica_id
+
+    async def step_cache_plan(self, request_id: str, slot: int, num_steps: int,
+                              level: AccelerationLevel) -> StepCachePlan | None:
+        """The request's skip plan (any replica computes the same one: it depends on the schedule, the settings
+        and the weights only)."""
+        return await asyncio.to_thread(self.denoiser.step_cache_plan, num_steps, level, self.step_cache_settings)
+
+    def free(self, request_id: str, slot: int) -> int:
+        """Drop a finished or cancelled request's conditioning and residuals; returns the residuals dropped."""
+        self.cache.pop(request_id, None)
+        return self.step_cache.free(request_id)
+
+    def stats(self, request_id: str, slot: int) -> dict:
+        """What this replica did: units run for ``request_id``, its step-cache counters and what it holds."""
+        return {"replica": self.replica_id, "units": self.units.get(request_id, 0),
+                "step_cache": self.step_cache.stats.as_dict(), "residuals": len(self.step_cache),
+                "residual_bytes": self.step_cache.nbytes, "conditioning_cached": list(self.cache)}
+
+    def _count(self, request_id: str) -> None:
+        self.units[request_id] = self.units.pop(request_id, 0) + 1
+        while len(self.units) > UNITS_KEEP:
+            self.units.popitem(last=False)
+
+    def _maybe_crash(self, work: WindowStep) -> None:
+        if self._crash_file is None or not self._crash_file.exists():
+            return
+        import json
+
+        try:
+            target = json.loads(self._crash_file.read_text())
+        except (OSError, ValueError):
+            return
+        if (work.step, work.window) != (target["step"], target["window"]):
+            return
+        try:
+            self._crash_file.rename(self._crash_file.with_suffix(".claimed"))  # exactly one replica claims it
+        except OSError:
+            return
+        os._exit(1)

@@ -21,10 +21,12 @@ from ray import serve
 
 from deployments import metrics
 from deployments.config import AppArgs
+from deployments.placement import request_offset
 from deployments.ray_executor import RayDenoiserExecutor
 from deployments.results import public_result, stored_output
 from deployments.storage import make_storage
-from pipeline.denoise import denoise, initial_noise
+from deployments.units import UnitPlan, unit_plan
+from pipeline.denoise import WindowStep, denoise, initial_noise
 from pipeline.generator import PreparedRequest, resolve_seed
 from pipeline.media.errors import MediaError
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
@@ -79,6 +81,7 @@ class Orchestrator:
         self.state_dtype = args.state_dtype()  # from the config: this CPU replica must agree with the Denoisers
         self.progress: OrderedDict[str, JobProgress] = OrderedDict()
         self.active: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
         threads = args.model_preset().torch_threads
         if threads is not None:
             torch.set_num_threads(threads)
@@ -164,10 +167,13 @@ class Orchestrator:
                 await report(message=f"resumed from the checkpoint after step {start_step}/{progress.total_steps}")
 
         await report(stage="denoising")
+        units = await self._unit_plan(request_id, prepared, start_step)
+        await report(message=units.describe())
         conditioning_ref = ray.put(prepared.conditioning)
-        executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, request_id, self.args.window_step_retries)
+        executor = self._executor(request_id, conditioning_ref, report)
         step_started = [time.perf_counter()]
         every = self.args.checkpoint_every_steps if checkpoints else 0
+        last_saved = [start_step - 1]
 
         async def on_step(step: int, fused: torch.Tensor) -> None:
             progress.step = step + 1
@@ -176,12 +182,19 @@ class Orchestrator:
                                  f"{replicas} replica{'s' if replicas != 1 else ''} "
                                  f"({time.perf_counter() - step_started[0]:.2f} s)")
             step_started[0] = time.perf_counter()
-            if every and (step + 1) % every == 0 and step + 1 < progress.total_steps:
+            if units.checkpoint_due(step, progress.total_steps, every, last_saved[0]):
                 await asyncio.to_thread(self._save_checkpoint, request_id, prepared, seed, step, fused)
+                last_saved[0] = step
 
         denoise_started = time.perf_counter()
-        latents = await denoise(plan, latents, progress.total_steps, executor, self.args.pipeline.weight_scheme,
-                                start_step=start_step, on_step=on_step)
+        try:
+            latents = await denoise(plan, latents, progress.total_steps, executor,
+                                    self.args.pipeline.weight_scheme, start_step=start_step, on_step=on_step,
+                                    **units.denoise_kwargs())
+        except BaseException:
+            self._release_later(executor)  # cancelled or failed: the replicas still drop the request's caches
+            raise
+        await executor.release(self._max_denoisers())
         del conditioning_ref
         metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
@@ -196,6 +209,34 @@ class Orchestrator:
         if checkpoints:
             await asyncio.to_thread(self.storage.delete, self._checkpoint_key(request_id))
         return stored_output(stored["key"], stored["file_size"], seed)
+
+    # -- units: what the Denoisers run for this request (settings from args.pipeline, as the CLI) -------------
+    async def _unit_plan(self, request_id: str, prepared: PreparedRequest, start_step: int) -> UnitPlan:
+        cond, level = prepared.conditioning, prepared.acceleration
+        step_cache = None
+        if level != "none":  # the plan needs the DiT's timestep modulation: any Denoiser replica computes it
+            step_cache = await self.denoiser.step_cache_plan.remote(request_id, request_offset(request_id),
+                                                                    cond.num_steps, level)
+        return unit_plan(self.args.pipeline, cond, level, step_cache, start_step)
+
+    def _executor(self, request_id: str, conditioning_ref: ray.ObjectRef, report: Reporter) -> RayDenoiserExecutor:
+        retries = self.args.window_step_retries
+
+        async def on_retry(work: WindowStep, attempt: int, error: BaseException) -> None:
+            await report(message=f"window {work.window} step {work.step + 1} rows {list(work.rows)}: its Denoiser "
+                                 f"replica failed ({type(error).__name__}); retrying ({attempt}/{retries})",
+                         level="WARNING")
+
+        return RayDenoiserExecutor(self.denoiser, conditioning_ref, request_id, retries, on_retry=on_retry)
+
+    def _max_denoisers(self) -> int:
+        options = self.args.denoiser
+        return options.autoscaling.max_replicas if options.autoscaling is not None else options.num_replicas
+
+    def _release_later(self, executor: RayDenoiserExecutor) -> None:
+        task = asyncio.get_running_loop().create_task(executor.release(self._max_denoisers()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     @staticmethod

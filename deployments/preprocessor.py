@@ -97,7 +97,7 @@ class Preprocessor:
         params = GenerationParams(
             prompt=request.prompt, aspect_ratio=request.aspect_ratio, guidance_scale=request.guidance_scale,
             audio_guidance_scale=request.audio_guidance_scale, num_inference_steps=request.num_inference_steps,
-            seed=request.seed if seed is None else seed,
+            seed=request.seed if seed is None else seed, acceleration=request.acceleration,
         )
         async with self._lock:
             prepared = await asyncio.to_thread(self.pipeline.prepare, picture, audio, params, request_id,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 APP_ID = "fal-ai/stable-avatar"  # the hosted endpoint whose schema this mirrors; the default app id
 AspectRatio = Literal["16:9", "1:1", "9:16", "auto"]
+AccelerationLevel = Literal["none", "regular", "high"]  # as fal's other endpoints name their speed-ups
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
@@ -42,6 +43,12 @@ class StableAvatarInput(BaseModel):
     audio_guidance_scale: float = Field(4.0, ge=0.0, le=20.0, description="Audio guidance scale.")
     num_inference_steps: int = Field(50, ge=1, le=100, description="Number of denoising steps.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; random when omitted.")
+    acceleration: AccelerationLevel | None = Field(
+        None,
+        description="Step cache (TeaCache rule): 'none' computes every step (output as without it), 'regular' and "
+        "'high' reuse a step's residual while the input barely changes (faster, slightly different video). "
+        "Omitted: the service's default level ('none' unless configured).",
+    )
     perturbation: float = Field(
         0.1, ge=0.0, le=1.0,
         description="Accepted for compatibility; has no effect (the public StableAvatar code never reads it).",

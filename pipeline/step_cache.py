@@ -65,13 +65,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-AccelerationLevel = Literal["none", "regular", "high"]
+from pipeline.schema import AccelerationLevel
 
 # TeaCache4Wan2.1 (use_ret_steps, 1.3B): rescale polynomial of the e0 relative L1 distance, highest power first.
 WAN21_1P3B_E0_COEFFICIENTS: tuple[float, ...] = (

@@ -15,3 +15,8 @@ def add_generation_inputs(p: argparse.ArgumentParser, where: str, seed_help: str
     p.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance, 0-20 (default 5)")
     p.add_argument("--audio-guidance-scale", type=float, default=4.0, help="audio guidance, 0-20 (default 4)")
     p.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
+def add_acceleration(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--acceleration``: the request's step-cache level (fal's ``acceleration`` field)."""
+    p.add_argument("--acceleration", default=None, choices=["none", "regular", "high"], help=help_text)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from stable_avatar.arguments import add_generation_inputs
+from stable_avatar.arguments import add_acceleration, add_generation_inputs
 from stable_avatar.client import (
     DEFAULT_APP_ID,
     DEFAULT_SERVER,
@@ -38,6 +38,7 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="send a job to a running server, follow it and download the video")
     add_generation_inputs(p, "local path (uploaded)", "random seed (default: chosen by the server)")
+    add_acceleration(p, "step cache level: none, regular, high (default: the server's)")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write the mp4 (default <id>.mp4)")
     _add_connection(p)
 
@@ -115,6 +116,8 @@ def run_submit(args: argparse.Namespace) -> int:
                "guidance_scale": args.guidance_scale, "audio_guidance_scale": args.audio_guidance_scale}
     if args.seed is not None:
         payload["seed"] = args.seed
+    if args.acceleration is not None:
+        payload["acceleration"] = args.acceleration
     StableAvatarInput.model_validate(payload)  # same rules as the server: fail before uploading anything
     for name, option in (("image_url", "--image"), ("audio_url", "--audio")):
         ref = payload[name]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.presets import PRESETS
 from pipeline.windows import FPS
-from stable_avatar.arguments import add_generation_inputs
+from stable_avatar.arguments import add_acceleration, add_generation_inputs
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="auto: bf16 DiT/T5 on a GPU, fp32 on the CPU; gpu: the GPU dtypes anywhere; fp32: all fp32")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in latent frames (default 10)")
     p.add_argument("--window-policy", default=None, choices=["full", "upstream"])
+    p.add_argument("--pipeline-config", type=Path, default=None,
+                   help="YAML/JSON file with the service's 'pipeline:' block (PipelineSettings); flags override it")
+    p.add_argument("--split-guidance-rows", action="store_true", default=None,
+                   help="run the three guidance rows of a window-step as separate forwards (as the service with "
+                        "pipeline.split_guidance_rows)")
+    add_acceleration(p, "step cache level (default: the pipeline config's, else none)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the DiT's blocks")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -44,24 +51,24 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from pipeline.denoise import InProcessExecutor, WindowDenoiser
-    from pipeline.generator import GenerationParams, PipelineSettings, StableAvatarPipeline
+    from pipeline.denoise import InProcessExecutor
+    from pipeline.generator import GenerationParams, StableAvatarPipeline
     from pipeline.inputs import read_source
     from pipeline.loading import load_models
     from pipeline.presets import get_preset
     from pipeline.schema import StableAvatarInput
+    from pipeline.step_cache import StepCache
 
     fields = StableAvatarInput(
         image_url=str(args.image), audio_url=str(args.audio), prompt=args.prompt, aspect_ratio=args.aspect_ratio,
         guidance_scale=args.guidance_scale, audio_guidance_scale=args.audio_guidance_scale,
-        num_inference_steps=args.steps, seed=args.seed,
+        num_inference_steps=args.steps, seed=args.seed, acceleration=args.acceleration,
     )
     image = read_source(fields.image_url, "image_url")
     audio = read_source(fields.audio_url, "audio_url")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(args.preset)
-    overrides = {k: v for k, v in {"overlap": args.overlap, "window_policy": args.window_policy}.items() if v}
-    settings = PipelineSettings(**overrides)
+    settings = pipeline_settings(args)
 
     started = time.perf_counter()
     models = load_models(preset, checkpoints=args.checkpoints, device=device, variant=args.variant,
@@ -72,13 +79,15 @@ def run_generate(args: argparse.Namespace) -> int:
     params = GenerationParams(
         prompt=fields.prompt, aspect_ratio=fields.aspect_ratio, guidance_scale=fields.guidance_scale,
         audio_guidance_scale=fields.audio_guidance_scale, num_inference_steps=fields.num_inference_steps,
-        seed=fields.seed,
+        seed=fields.seed, acceleration=fields.acceleration,
     )
     prepared = pipeline.prepare(image, audio, params, progress=log)
-    total = prepared.plan.num_windows * params.num_inference_steps
-    with tqdm(total=total, unit="window-step", disable=args.quiet, file=sys.stderr) as bar:
-        executor = InProcessExecutor(WindowDenoiser(models.transformer), prepared.conditioning,
-                                     on_window_step=lambda _w: bar.update(1))
+    rows = 3 if settings.split_guidance_rows else 1
+    total = prepared.plan.num_windows * params.num_inference_steps * rows
+    with tqdm(total=total, unit="unit", disable=args.quiet, file=sys.stderr) as bar:
+        executor = InProcessExecutor(pipeline.window_denoiser, prepared.conditioning,
+                                     on_window_step=lambda _w: bar.update(1),
+                                     step_cache=StepCache.from_settings(settings.step_cache))
         latents = asyncio.run(pipeline.denoise(prepared, executor))
     result = pipeline.finish(prepared, latents, args.output, progress=log)
 
@@ -90,6 +99,22 @@ def run_generate(args: argparse.Namespace) -> int:
     print("stage summary: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return 0
 
+
+
+def pipeline_settings(args: argparse.Namespace):
+    """The ``pipeline:`` block of ``--pipeline-config`` (as in the service's app args), then the flags."""
+    import yaml
+
+    from pipeline.generator import PipelineSettings
+
+    block = {}
+    if args.pipeline_config is not None:
+        block = yaml.safe_load(args.pipeline_config.read_text()) or {}
+        if not isinstance(block, dict):
+            raise SystemExit(f"error: --pipeline-config {args.pipeline_config}: expected a mapping of settings")
+    flags = {"overlap": args.overlap, "window_policy": args.window_policy,
+             "split_guidance_rows": args.split_guidance_rows, "compile": args.compile}
+    return PipelineSettings.model_validate(block | {k: v for k, v in flags.items() if v is not None})
 
 
 def run_download(args: argparse.Namespace) -> int:

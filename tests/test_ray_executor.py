@@ -1,4 +1,5 @@
-"""The Ray executor's retry rule, with a stand-in handle (no cluster): retry dead replicas, bounded, in order."""
+"""The Ray executor's retry rule and placement arguments, with a stand-in handle (no cluster): retry dead replicas,
+bounded, in order; unit i of a step carries slot offset(request) + i."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from ray.exceptions import RayActorError
 
+from deployments.placement import request_offset
 from deployments.ray_executor import RayDenoiserExecutor
 from pipeline.denoise import WindowStep
 
@@ -16,11 +18,12 @@ class FlakyHandle:
     """Mimics ``handle.step.remote(...)``: fails the first ``failures[window]`` calls of a window."""
 
     def __init__(self, failures: dict[int, int]):
-        self.failures, self.calls = dict(failures), []
+        self.failures, self.calls, self.slots = dict(failures), [], {}
         self.step = self
 
-    def remote(self, refs, request_id, work: WindowStep):
+    def remote(self, request_id, slot, refs, work: WindowStep):
         self.calls.append(work.window)
+        self.slots.setdefault(work.window, set()).add((request_id, slot))
 
         async def run():
             await asyncio.sleep(0.001 * (5 - work.window))  # finish out of order
@@ -42,8 +45,10 @@ def test_dead_replica_is_retried_and_results_stay_in_order():
                                    on_retry=lambda w, n, exc: retries.append((w.window, n)))
     outputs = asyncio.run(executor.run(_steps(5)))
     assert [int(o[0, 0, 0, 0, 0]) for o in outputs] == [0, 1, 2, 3, 4]
-    assert sorted(retries) == [(1, 1), (3, 1), (3, 2)]
+    assert sorted(retries) == [(1, 1), (3, 1), (3, 2)] and executor.retried == 3
     assert handle.calls.count(3) == 3
+    # every attempt of unit i carries the same placement: (request id, offset + i)
+    assert handle.slots == {i: {("req", request_offset("req") + i)} for i in range(5)}
 
 
 def test_retries_are_bounded():

@@ -1,20 +1,30 @@
-"""The Ray Serve application on a real local Ray cluster (fake GPUs), against the in-process CLI."""
+"""The Ray Serve application on a real local Ray cluster (fake GPUs), against the in-process CLI.
+
+For every unit setting (batch-3 or split guidance rows, acceleration none or high) the service's mp4 equals
+``stable-avatar generate`` with the same settings, on 1 and 3 Denoiser replicas and after a Denoiser replica died
+holding work. The kill is a test hook inside the replica (``STABLE_AVATAR_TEST_CRASH_FILE``): the first replica
+that receives the named unit exits, so it always lands on a replica that holds work, and the job's logs must show
+the executor's retry.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.error
 
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from deployments.denoiser import CRASH_FILE_ENV  # noqa: E402
+from deployments.placement import request_offset  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -28,15 +38,30 @@ from tests.helpers import (  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 STEPS, SEED = 3, 5
+# Split rows and a step cache that skips on the tiny preset: its random time embedder moves e0 far outside
+# TeaCache's fitted range, so the guard would compute every step; unguarded, "high" over 6 steps is C C S S S C.
+CACHED_STEPS = 6
+CACHED_PIPELINE = {"split_guidance_rows": True,
+                   "step_cache": {"always_compute_first": 2, "guard_fitted_range": False}}
 
 
 @pytest.fixture(scope="module")
-def cluster(seaweedfs):
-    # Replicas inherit the driver's environment: that is how S3 credentials reach them (never via the config).
+def crash_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("hooks") / "crash.json"
+
+
+@pytest.fixture(scope="module")
+def cluster(seaweedfs, crash_file):
+    # Replicas inherit the driver's environment: that is how S3 credentials reach them (never via the config),
+    # and the crash hook's file name.
     os.environ.update(AWS_ACCESS_KEY_ID=seaweedfs.access_key, AWS_SECRET_ACCESS_KEY=seaweedfs.secret_key)
-    with ray_serve_cluster(num_gpus=3) as cluster:
-        yield cluster.base
-    _deployed.clear()
+    os.environ[CRASH_FILE_ENV] = str(crash_file)
+    try:
+        with ray_serve_cluster(num_gpus=3) as cluster:
+            yield cluster.base
+    finally:
+        os.environ.pop(CRASH_FILE_ENV, None)
+        _deployed.clear()
 
 
 @pytest.fixture(scope="module")
@@ -45,34 +70,89 @@ def inputs(tmp_path_factory):
     return {"short": synthetic_speech(folder / "short.wav", 9.0), "long": synthetic_speech(folder / "long.wav", 24.0)}
 
 
-def cli_reference(tmp_path, audio, steps=STEPS, seed=SEED) -> bytes:
-    out = tmp_path / f"cli-{audio.stem}.mp4"
-    assert cli_main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(audio), "--prompt", "talking",
-                     "--steps", str(steps), "--seed", str(seed), "--aspect-ratio", "1:1", "--quiet",
-                     "-o", str(out)]) == 0
-    return out.read_bytes()
+_references: dict[tuple, bytes] = {}
+
+
+def cli_reference(tmp_path, audio, steps=STEPS, seed=SEED, pipeline: dict | None = None,
+                  acceleration: str | None = None) -> bytes:
+    """``stable-avatar generate`` with the service's ``pipeline:`` block (``--pipeline-config``); memoised."""
+    key = (str(audio), steps, seed, json.dumps(pipeline, sort_keys=True), acceleration)
+    if key not in _references:
+        out = tmp_path / f"cli-{len(_references)}.mp4"
+        argv = ["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(audio), "--prompt", "talking",
+                "--steps", str(steps), "--seed", str(seed), "--aspect-ratio", "1:1", "--quiet", "-o", str(out)]
+        if pipeline is not None:
+            config = tmp_path / f"pipeline-{len(_references)}.yaml"
+            config.write_text(yaml.safe_dump(pipeline))
+            argv += ["--pipeline-config", str(config)]
+        if acceleration is not None:
+            argv += ["--acceleration", acceleration]
+        assert cli_main(argv) == 0
+        _references[key] = out.read_bytes()
+    return _references[key]
 
 
 _deployed: list[str] = []
 
 
-def deploy(base_url: str, root, denoisers: int, storage: dict | None = None) -> None:
-    """Deploy (or keep) the app with this Denoiser count and storage; redeploys only when they change."""
-    key = f"{denoisers}/{storage}"
+def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pipeline: dict | None = None) -> None:
+    """Deploy (or keep) the app with this Denoiser count, storage and pipeline block; redeploys only on change."""
+    key = f"{denoisers}/{storage}/{pipeline}"
     if _deployed and _deployed[-1] == key:
         return
     _deployed.append(key)
     args = AppArgs.model_validate({
         "device": "cpu",
         "storage": storage or {"kind": "local", "root": str(root), "public_base_url": base_url},
-        "denoiser": {"num_replicas": denoisers, "num_gpus": 1, "max_ongoing_requests": 1},
+        "denoiser": {"num_replicas": denoisers, "num_gpus": 1},
+        "pipeline": pipeline or {},
     })
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
+    assert status.get("RUNNING") == denoisers, status
 
 
-def body_for(audio) -> dict:
+def body_for(audio, steps=STEPS, **extra) -> dict:
     return {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
-            "prompt": "talking", "num_inference_steps": STEPS, "seed": SEED, "aspect_ratio": "1:1"}
+            "prompt": "talking", "num_inference_steps": steps, "seed": SEED, "aspect_ratio": "1:1", **extra}
+
+
+def run_sync(cluster, body: dict) -> tuple[bytes, str]:
+    """POST /run: (the mp4, the request id)."""
+    code, result, headers = http_json("POST", f"{cluster}/run/fal-ai/stable-avatar", body)
+    assert code == 200, result
+    assert result["seed"] == SEED and result["video"]["content_type"] == "video/mp4"
+    video = http_bytes(result["video"]["url"])
+    assert len(video) == result["video"]["file_size"]
+    return video, {k.lower(): v for k, v in headers.items()}["x-fal-request-id"]
+
+
+def run_queued(cluster, body: dict) -> tuple[bytes, list[str]]:
+    """Through the fal queue: (the mp4, the job's log messages)."""
+    code, submitted, _ = http_json("POST", f"{cluster}/fal-ai/stable-avatar", body)
+    assert code == 200, submitted
+    status_url = submitted["status_url"] + "?logs=1"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        code, state, _ = http_json("GET", status_url)
+        assert code in (200, 202), state
+        if state["status"] == "COMPLETED":
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the job did not finish")
+    assert "error" not in state, state
+    code, output, _ = http_json("GET", submitted["response_url"])
+    assert code == 200, output
+    return http_bytes(output["video"]["url"]), [entry["message"] for entry in state["logs"]]
+
+
+def denoiser_stats(request_id: str, replicas: int) -> dict[str, dict]:
+    """Each Denoiser replica's stats for ``request_id`` (slots offset..offset+N-1 reach every replica once)."""
+    handle = serve.get_deployment_handle("Denoiser", APP_NAME)
+    offset = request_offset(request_id)
+    answers = [handle.stats.remote(request_id, offset + i).result(timeout_s=60) for i in range(replicas)]
+    return {answer["replica"]: answer for answer in answers}
 
 
 def probe_bytes(tmp_path, data: bytes) -> dict:
@@ -81,23 +161,16 @@ def probe_bytes(tmp_path, data: bytes) -> dict:
     return probe(path)
 
 
-def check_http_equals_cli(cluster, inputs, tmp_path, denoisers: int) -> None:
-    deploy(cluster, tmp_path / "data", denoisers)
-    status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
-    assert status.get("RUNNING") == denoisers
-    code, result, headers = http_json("POST", f"{cluster}/run/fal-ai/stable-avatar", body_for(inputs["short"]))
-    assert code == 200, result
-    assert result["seed"] == SEED and result["video"]["content_type"] == "video/mp4"
-    assert "x-fal-request-id" in {k.lower() for k in headers}
-    video = http_bytes(result["video"]["url"])
-    assert len(video) == result["video"]["file_size"]
+# -- batch-3 units (the default) ---------------------------------------------------------------------------------
+def test_http_output_equals_cli_with_one_denoiser(cluster, inputs, tmp_path):
+    deploy(cluster, tmp_path / "data", 1)
+    video, _ = run_sync(cluster, body_for(inputs["short"]))
     assert video == cli_reference(tmp_path, inputs["short"])
     info = probe_bytes(tmp_path, video)
     assert {s["codec_name"] for s in info["streams"]} == {"h264", "aac"}
-
-
-def test_http_output_equals_cli_with_one_denoiser(cluster, inputs, tmp_path):
-    check_http_equals_cli(cluster, inputs, tmp_path, 1)
+    # acceleration "none" asked for explicitly is the same video: the step cache is never entered
+    explicit, _ = run_sync(cluster, body_for(inputs["short"], acceleration="none"))
+    assert explicit == video
 
 
 def test_python_handle_returns_the_output_model(cluster, inputs, tmp_path):
@@ -116,6 +189,8 @@ def test_bad_input_is_a_422_naming_the_field_and_the_service_stays_healthy(clust
     assert code in (415, 422) and result["detail"][0]["loc"] == ["body", "image_url"]
     code, result, _ = http_json("POST", f"{cluster}/run/fal-ai/stable-avatar", dict(body, num_inference_steps=0))
     assert code == 422 and "num_inference_steps" in result["detail"][0]["loc"]
+    code, result, _ = http_json("POST", f"{cluster}/run/fal-ai/stable-avatar", dict(body, acceleration="max"))
+    assert code == 422 and result["detail"][0]["loc"] == ["body", "acceleration"]
     code, result, _ = http_json("GET", f"{cluster}/health")
     assert code == 200 and result["status"] == "ok"
     code, result, _ = http_json("POST", f"{cluster}/run/fal-ai/stable-avatar", body_for(inputs["short"]))
@@ -126,33 +201,29 @@ def test_bad_input_is_a_422_naming_the_field_and_the_service_stays_healthy(clust
     assert err.value.code == 403
 
 
-def test_http_output_equals_cli_with_three_denoisers(cluster, inputs, tmp_path):
-    check_http_equals_cli(cluster, inputs, tmp_path, 3)
-
-
-def test_killed_denoiser_replica_does_not_change_the_result(cluster, inputs, tmp_path):
+def test_http_output_equals_cli_with_three_denoisers_that_all_worked(cluster, inputs, tmp_path):
     deploy(cluster, tmp_path / "data", 3)
-    orchestrator = serve.get_deployment_handle("Orchestrator", APP_NAME)
-    request_id = "kill-test"
-    body = dict(body_for(inputs["long"]), num_inference_steps=6)
-    response = orchestrator.generate.remote(StableAvatarInput(**body), request_id)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = orchestrator.get_progress.remote(request_id).result()
-        if state and state["stage"] == "denoising" and state["step"] >= 1:
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail("the job never reached the denoising stage")
-    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::") and "#Denoiser#" in a["name"]]
-    assert len(replicas) == 3
-    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-    output = response.result(timeout_s=300)
-    # The dead replica's in-flight window-step was re-run elsewhere (by Serve's router or our executor's retry).
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert replicas[0] not in alive
-    assert http_bytes(output.video.url) == cli_reference(tmp_path, inputs["long"], steps=6)
+    video, request_id = run_sync(cluster, body_for(inputs["short"]))
+    assert video == cli_reference(tmp_path, inputs["short"])
+    stats = denoiser_stats(request_id, 3)
+    assert len(stats) == 3
+    # 9 s: 5 windows, one unit each per step, placed on sorted(replicas)[(offset + window) mod 3] at every step
+    offset, ids = request_offset(request_id), sorted(stats)
+    expected = {replica: STEPS * sum(1 for w in range(5) if ids[(offset + w) % 3] == replica) for replica in ids}
+    assert {replica: s["units"] for replica, s in stats.items()} == expected
+    assert sorted(expected.values()) == [2 * STEPS, 2 * STEPS, STEPS]
+    assert all(request_id not in s["conditioning_cached"] for s in stats.values())  # freed when it finished
+
+
+def test_killed_denoiser_replica_is_retried_and_does_not_change_the_result(cluster, inputs, tmp_path, crash_file):
+    deploy(cluster, tmp_path / "data", 3)
+    crash_file.write_text(json.dumps({"step": 2, "window": 1}))  # the replica holding that unit exits
+    video, logs = run_queued(cluster, body_for(inputs["long"], steps=6))
+    assert not crash_file.exists() and crash_file.with_suffix(".claimed").exists()  # a replica did exit
+    crash_file.with_suffix(".claimed").unlink()
+    retries = [m for m in logs if "replica failed" in m and "retrying" in m]
+    assert any(m.startswith("window 1 step 3 ") for m in retries), logs
+    assert video == cli_reference(tmp_path, inputs["long"], steps=6)
 
 
 def test_s3_storage_serves_a_presigned_mp4(cluster, seaweedfs, inputs, tmp_path):
@@ -164,3 +235,53 @@ def test_s3_storage_serves_a_presigned_mp4(cluster, seaweedfs, inputs, tmp_path)
     url = result["video"]["url"]
     assert url.startswith(seaweedfs.endpoint_url) and "X-Amz-Signature" in url
     assert http_bytes(url) == cli_reference(tmp_path, inputs["short"])
+
+
+# -- split guidance rows and the step cache ----------------------------------------------------------------------
+_cached_videos: dict[str, bytes] = {}
+
+
+def check_split_and_cached_runs(cluster, inputs, tmp_path, denoisers: int) -> dict[str, dict]:
+    """Split rows with acceleration none and high on ``denoisers`` replicas; each equals the CLI with the same
+    settings. Returns the replicas' stats for the cached run."""
+    deploy(cluster, tmp_path / "data", denoisers, pipeline=CACHED_PIPELINE)
+    plain, _ = run_sync(cluster, body_for(inputs["short"], steps=CACHED_STEPS))
+    assert plain == cli_reference(tmp_path, inputs["short"], CACHED_STEPS, pipeline=CACHED_PIPELINE)
+    before = denoiser_stats("stats", denoisers)
+    cached, request_id = run_sync(cluster, body_for(inputs["short"], steps=CACHED_STEPS, acceleration="high"))
+    assert cached == cli_reference(tmp_path, inputs["short"], CACHED_STEPS, pipeline=CACHED_PIPELINE,
+                                   acceleration="high")
+    assert cached != plain  # steps really reused residuals
+    for name, video in (("plain", plain), ("cached", cached)):
+        assert _cached_videos.setdefault(name, video) == video  # the same bytes on 1 and 3 replicas
+    after = denoiser_stats(request_id, denoisers)
+    units = 5 * 3  # 5 windows x 3 rows per step
+    reused = sum(a["step_cache"]["reused"] - before[r]["step_cache"]["reused"] for r, a in after.items())
+    rebuilt = sum(a["step_cache"]["rebuilt"] - before[r]["step_cache"]["rebuilt"] for r, a in after.items())
+    assert (reused, rebuilt) == (3 * units, 0)  # C C S S S C, every unit on its own replica: never rebuilt
+    assert sum(a["residuals"] for a in after.values()) == 0  # the last step and the release freed them
+    assert sum(a["units"] for a in after.values()) == CACHED_STEPS * units
+    return after
+
+
+def test_split_rows_and_step_cache_equal_the_cli_on_three_denoisers(cluster, inputs, tmp_path):
+    stats = check_split_and_cached_runs(cluster, inputs, tmp_path, 3)
+    assert sorted(s["units"] for s in stats.values()) == [CACHED_STEPS * 5] * 3  # 15 units per step, 5 each
+
+
+def test_split_rows_and_step_cache_are_the_same_on_one_denoiser(cluster, inputs, tmp_path):
+    check_split_and_cached_runs(cluster, inputs, tmp_path, 1)
+
+
+def test_cached_run_after_a_replica_kill_is_identical(cluster, inputs, tmp_path, crash_file):
+    """The kill lands on a skipped step (3 of C C S S S C): the unit's residual died with its replica, so the
+    retry rebuilds it from the anchor latents elsewhere, and the video does not change."""
+    deploy(cluster, tmp_path / "data", 3, pipeline=CACHED_PIPELINE)
+    crash_file.write_text(json.dumps({"step": 3, "window": 2}))
+    video, logs = run_queued(cluster, body_for(inputs["short"], steps=CACHED_STEPS, acceleration="high"))
+    assert not crash_file.exists()
+    crash_file.with_suffix(".claimed").unlink()
+    assert any(m.startswith("window 2 step 4 ") and "retrying" in m for m in logs), logs
+    assert any("acceleration high: 3 of 6 steps computed" in m for m in logs), logs
+    assert video == cli_reference(tmp_path, inputs["short"], CACHED_STEPS, pipeline=CACHED_PIPELINE,
+                                  acceleration="high")

@@ -174,6 +174,7 @@ function showError(err) {
 function collect() {
   const errors = [];
   const payload = { prompt: $("prompt").value.trim(), aspect_ratio: $("aspect_ratio").value };
+  if ($("acceleration").value) payload.acceleration = $("acceleration").value;  // "": the server's default
   const image = $("image").files[0];
   const audio = $("audio").files[0];
   if (!image) errors.push(["image_url", "Choose a reference image."]);
