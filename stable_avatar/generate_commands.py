@@ -109,9 +109,12 @@ def pipeline_settings(args: argparse.Namespace):
 
     block = {}
     if args.pipeline_config is not None:
-        block = yaml.safe_load(args.pipeline_config.read_text()) or {}
+        try:
+            block = yaml.safe_load(args.pipeline_config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"--pipeline-config {args.pipeline_config}: {exc}") from None
         if not isinstance(block, dict):
-            raise SystemExit(f"error: --pipeline-config {args.pipeline_config}: expected a mapping of settings")
+            raise ValueError(f"--pipeline-config {args.pipeline_config}: expected a mapping of pipeline settings")
     flags = {"overlap": args.overlap, "window_policy": args.window_policy,
              "split_guidance_rows": args.split_guidance_rows, "compile": args.compile}
     return PipelineSettings.model_validate(block | {k: v for k, v in flags.items() if v is not None})

@@ -67,10 +67,12 @@ def submit_args(server: str, audio: Path, *extra: str, image: Path = EXAMPLE_IMA
 
 def test_submit_status_result(service, audio, tmp_path):
     out = tmp_path / "out.mp4"
-    run = cli(*submit_args(service, audio, "--steps", "2", "--seed", "5", "-o", str(out)))
+    run = cli(*submit_args(service, audio, "--steps", "2", "--seed", "5", "--acceleration", "regular",
+                           "-o", str(out)))
     assert run.returncode == 0, run.stderr
     request_id = REQUEST_ID.search(run.stdout).group(1)
     assert f"wrote {out}" in run.stdout and "seed 5" in run.stdout
+    assert "acceleration regular: 2 of 2 steps computed" in run.stderr  # the field reached the Denoisers' plan
     assert "uploading" in run.stderr and "100%" in run.stderr  # the tqdm bar reached the end
     assert "denoising step 2/2" in run.stderr and "completed in" in run.stderr  # server log lines
     info = probe(out)

@@ -64,3 +64,55 @@ def test_out_of_range_number_is_a_clear_error(tmp_path, capsys):
                  "--steps", "500", "-o", str(tmp_path / "o.mp4")])
     assert code == 2
     assert "num_inference_steps" in capsys.readouterr().err
+
+
+def test_pipeline_config_and_unit_flags_make_the_settings(tmp_path):
+    """``--pipeline-config`` takes the service's ``pipeline:`` block; flags given on the command line win."""
+    from stable_avatar.cli import build_parser
+    from stable_avatar.generate_commands import pipeline_settings
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("overlap: 6\nsplit_guidance_rows: true\nacceleration: regular\n"
+                      "step_cache: {always_compute_first: 2, guard_fitted_range: false}\n")
+    base = ["generate", "--image", "i", "--audio", "a", "--prompt", "p", "-o", "o.mp4"]
+    settings = pipeline_settings(build_parser().parse_args([*base, "--pipeline-config", str(config)]))
+    assert (settings.overlap, settings.split_guidance_rows, settings.acceleration) == (6, True, "regular")
+    assert (settings.step_cache.always_compute_first, settings.step_cache.guard_fitted_range) == (2, False)
+    assert settings.compile is False
+    flags = pipeline_settings(build_parser().parse_args([*base, "--pipeline-config", str(config), "--overlap", "8",
+                                                         "--compile"]))
+    assert (flags.overlap, flags.split_guidance_rows, flags.compile) == (8, True, True)
+    assert pipeline_settings(build_parser().parse_args(base)) == pipeline_settings(
+        build_parser().parse_args(base))  # no file, no flags: the defaults
+    assert pipeline_settings(build_parser().parse_args([*base, "--split-guidance-rows"])).split_guidance_rows
+
+
+@pytest.mark.parametrize("content,message", [
+    ("- a list\n", "expected a mapping of pipeline settings"),
+    ("overlap: 1\n", "overlap"),
+    ("acceleration: max\n", "acceleration"),
+])
+def test_a_bad_pipeline_config_is_a_clear_error(tmp_path, capsys, content, message):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(content)
+    code = main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(EXAMPLE_AUDIO), "--prompt", "x",
+                 "--steps", "1", "--pipeline-config", str(config), "-o", str(tmp_path / "o.mp4")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_acceleration_changes_the_video_and_none_does_not(tmp_path):
+    """The request level reaches the step cache: unguarded "high" on the tiny preset skips steps (a different
+    video); "none" is the default video byte for byte."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("step_cache: {always_compute_first: 2, guard_fitted_range: false}\n")
+    audio = synthetic_speech(tmp_path / "speech.wav", 2.0)
+    videos = {}
+    for name, extra in (("default", []), ("none", ["--acceleration", "none"]), ("high", ["--acceleration", "high"])):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(audio), "--prompt", "x",
+                     "--steps", "5", "--seed", "2", "--quiet", "--pipeline-config", str(config), *extra,
+                     "-o", str(out)]) == 0
+        videos[name] = out.read_bytes()
+    assert videos["none"] == videos["default"]
+    assert videos["high"] != videos["default"]

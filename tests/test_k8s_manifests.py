@@ -278,9 +278,9 @@ _DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
     (_args("denoiser.num_gpu", 1), [f"{_APP}.args.denoiser.num_gpu: Extra inputs are not permitted"]),
     (_args("denoiser.autoscaling.min_replicas", 9),
      [f"{_APP}.args.denoiser.autoscaling: Value error, min_replicas must not exceed max_replicas"]),
-    (_args("denoiser.autoscaling.target_ongoing_requests", 4),
-     ["<Denoiser as built from args>.autoscaling_config.target_ongoing_requests: 4.0 is above "
-      "max_ongoing_requests (2)"]),
+    (_args("denoiser.autoscaling.target_ongoing_requests", 100),
+     ["<Denoiser as built from args>.autoscaling_config.target_ongoing_requests: 100.0 is above "
+      "max_ongoing_requests (64)"]),
     (_override(name="Denoiser", autoscaling_config={"min_replicas": 3, "max_replicas": 2}),
      [f"{_DENOISER_OVERRIDE}.autoscaling_config: Value error, max_replicas (2) must be greater than or equal "
       "to min_replicas (3)"]),

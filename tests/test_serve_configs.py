@@ -235,3 +235,24 @@ def test_denoiser_replica_loads_with_the_orchestrator_state_dtype():
     cpu_args = AppArgs(preset="tiny", device="auto")
     assert load_replica_models(cpu_args, cpu_args.denoiser, ["vae"]).state_dtype == cpu_args.state_dtype() \
         == torch.float32
+
+
+# ------------------------------------------------------------------------ the Denoisers' queue and autoscaling
+
+
+@pytest.mark.parametrize("where", sorted(CONFIGS))
+def test_denoisers_accept_a_steps_units_and_autoscale_on_them(where):
+    """Every shipped config lets a Denoiser replica take ``DENOISER_MAX_ONGOING`` units (they wait on its
+    round-robin GPU queue, so Serve's router places each unit on its sticky replica at once and never holds one
+    back), routes through the sticky router, and autoscales on one in-flight unit per replica."""
+    from deployments.config import DENOISER_MAX_ONGOING
+    from deployments.denoiser import Denoiser
+    from deployments.placement import StickyBalancedRouter
+
+    args = AppArgs.model_validate(CONFIGS[where]["applications"][0]["args"])
+    assert args.denoiser.max_ongoing_requests == DENOISER_MAX_ONGOING == AppArgs().denoiser.max_ongoing_requests
+    assert args.denoiser.autoscaling.target_ongoing_requests == 1 == AppArgs().denoiser.autoscaling.target_ongoing_requests
+    built = Denoiser.options(**args.denoiser.serve_options())._deployment_config
+    assert built.max_ongoing_requests == DENOISER_MAX_ONGOING
+    assert built.request_router_config.request_router_class.endswith(StickyBalancedRouter.__name__)
+    assert "deployments" not in CONFIGS[where]["applications"][0]  # no override replaces what args built
