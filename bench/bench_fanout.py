@@ -1,22 +1,40 @@
-"""Fan-out efficiency of the Ray executor, and the Ray path's per-window-step overhead.
+"""Fan-out of units over Denoiser replicas: efficiency, short-clip latency, fairness, and the caller's CPU time.
 
-1. One job of 24 windows x 10 steps through Denoiser replicas of the ``simulated`` preset (each window-step sleeps
-   0.2 s and returns a deterministic tensor) on 1, 2, 4 and 8 replicas with fake GPUs. Prints wall time of the
-   denoising loop and efficiency ``T1 / (N * TN)`` (target >= 0.85 at 8 replicas). The latents of every run must
-   be identical to the 1-replica run.
-2. The tiny preset: median milliseconds of one window-step in process vs through one Denoiser replica.
+The Denoisers run the ``simulated`` stand-in DiT (``bench/simulated.py``): 0.5 s per guidance row, so a batch-3
+unit takes 1.5 s, about what one row-forward of the 1.3B model at 480x832 costs on a datacenter GPU; Ray's
+per-call overhead then weighs as it would there. The denoising loop runs inside a Serve replica (``BenchCaller``),
+exactly as in the Orchestrator: the pipeline's ``denoise`` driving the Ray executor, whose units Serve's router
+places with :class:`deployments.placement.StickyBalancedRouter`. Replicas get fake GPUs. In one run:
 
-    python bench/bench_fanout.py [--json bench/results/fanout.json]
+1. **fan-out**: one job of 24 windows (batch-3 units) on 1, 2, 4 and 8 replicas. ``efficiency_vs_ideal`` =
+   (24 x steps x 1.5 s / N) / wall; ``efficiency`` = T1 / (N x TN). Latents must be identical on every N.
+2. **short clip**: 2 windows x 10 steps on 1, 2 and 6 replicas, guidance rows split (6 units of 0.5 s per step)
+   or not (2 units of 1.5 s); ``short_clip_speedup_6_vs_2`` = T(2 replicas) / T(6 replicas) with split rows.
+3. **fairness**: three jobs at once on 4 replicas (12, 2 and 2 windows); each job's wall time against its fair
+   share: the completion time under ideal max-min sharing of the 4 replicas (a job can use at most one replica
+   per unit of its step), simulated as a fluid. ``--compare-fifo`` repeats it with first-come-first-served
+   replica queues (``unit_order: fifo``).
+4. **caller CPU**: process CPU time of the replica running the loop, per step and as a fraction of wall time (a
+   busy-looping router shows up here as ~100 %).
+
+Every timed run starts after the replicas are running, the caller's router has seen all of them, and one
+warm-up step has filled their conditioning caches.
+
+    python bench/bench_fanout.py [--quick] [--compare-fifo] [--json bench/results/fanout.json]
+
+``--quick`` (under 10 minutes on the 2-core CI box) runs the fan-out job for 2 steps and the fairness jobs for 5;
+the short clip always runs 10 steps. The last line printed is one JSON object of the headline numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
-import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,127 +46,263 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.simulated import SIMULATED_STEP_S  # noqa: E402
+from bench.simulated import SIMULATED_ROW_S  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.denoiser import Denoiser  # noqa: E402
 from deployments.ray_executor import RayDenoiserExecutor  # noqa: E402
-from pipeline.denoise import WindowDenoiser, WindowStep, denoise  # noqa: E402
-from pipeline.generator import GenerationParams, PipelineSettings, StableAvatarPipeline  # noqa: E402
+from pipeline.denoise import GuidanceScales, WindowStep, denoise, initial_noise  # noqa: E402
+from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 
-WINDOWS, STEPS = 24, 10
+APP = "bench-fanout"
+UNIT_S = {True: SIMULATED_ROW_S, False: 3 * SIMULATED_ROW_S}  # split rows: 1 row per unit; batch 3: 3 rows
 
 
-def prepare(preset: str, tmp: Path, windows: int, steps: int):
-    """Conditioning for an audio clip that gives exactly ``windows`` windows at overlap 10."""
+@serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
+class BenchCaller:
+    """Runs a job's denoising loop over the Denoiser replicas, as the Orchestrator does."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    async def run(self, prepared: PreparedRequest, split: bool, request_id: str, expect_replicas: int) -> dict:
+        cond = prepared.conditioning
+        executor = RayDenoiserExecutor(self.denoiser, ray.put(cond), request_id, retries=0)
+        latents = initial_noise(prepared.seed, prepared.latent_shape, torch.float32)
+        scales = GuidanceScales(cond.text_scale, cond.audio_scale) if split else None
+        await self._warm_up(prepared, executor, latents, scales, expect_replicas)
+        step_ends: list[float] = []
+        cpu, started = time.process_time(), time.perf_counter()
+        out = await denoise(prepared.plan, latents, cond.num_steps, executor, split_guidance=scales,
+                            on_step=lambda _s, _x: step_ends.append(time.perf_counter() - started))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return {"wall_s": wall, "cpu_s": cpu, "step_ends_s": step_ends,
+                "units_per_replica": dict(executor.units_per_replica),
+                "latents_sha256": hashlib.sha256(out.contiguous().numpy().tobytes()).hexdigest()}
+
+    async def _warm_up(self, prepared, executor, latents, scales, expect_replicas: int) -> None:
+        """Untimed: the first units of step 0, one per replica this job can use, until the router has seen every
+        replica (Serve's long poll brings new ones to this handle a moment after they run). Sticky placement
+        sends the timed run's units to the same replicas, whose conditioning caches are now warm."""
+        rows = ((0,), (1,), (2,)) if scales is not None else ((0, 1, 2),)
+        units = [WindowStep(w.index, 0, latents[:, :, w.start:w.end], r) for w in prepared.plan.windows for r in rows]
+        units = units[:min(len(units), expect_replicas)]
+        deadline = time.monotonic() + 120
+        while True:
+            await executor.run(units)
+            if len(executor.last_replicas) >= len(units) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        executor.units_per_replica.clear()
+
+
+class Bench:
+    def __init__(self, unit_order: str = "round_robin"):
+        self.unit_order = unit_order
+        self.replicas = 0
+        self.caller = None
+
+    def deploy(self, replicas: int, unit_order: str | None = None) -> None:
+        """Scale the Denoisers to ``replicas`` (ascending counts only add replicas; a new unit order restarts
+        them) and wait until all are running."""
+        self.unit_order = unit_order or self.unit_order
+        args = AppArgs.model_validate({"preset": "simulated", "preset_modules": ["bench.simulated"], "device": "cpu",
+                                       "unit_order": self.unit_order,
+                                       "denoiser": {"num_replicas": replicas, "num_gpus": 1}})
+        denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
+        self.caller = serve.run(BenchCaller.bind(denoiser), name=APP, route_prefix=None)
+        running = serve.status().applications[APP].deployments["Denoiser"].replica_states.get("RUNNING")
+        assert running == replicas, (running, replicas)
+        self.replicas = replicas
+
+    def run(self, prepared: PreparedRequest, split: bool, request_id: str) -> dict:
+        return self.caller.run.remote(prepared, split, request_id, self.replicas).result(timeout_s=3600)
+
+    def run_together(self, jobs: list[tuple[str, PreparedRequest]], split: bool) -> dict[str, dict]:
+        responses = {name: self.caller.run.remote(prepared, split, name, self.replicas) for name, prepared in jobs}
+        return {name: response.result(timeout_s=3600) for name, response in responses.items()}
+
+
+def prepare(tmp: Path, windows: int, steps: int, seed: int = 1) -> PreparedRequest:
+    """Conditioning (tiny encoders) for an audio clip of exactly ``windows`` windows at overlap 10."""
     settings = PipelineSettings()
-    stride = 21 - settings.overlap
-    latent_frames = 21 + stride * (windows - 1)
+    latent_frames = 21 + (21 - settings.overlap) * (windows - 1)
     seconds = (4 * (latent_frames - 1) + 1) / 25
-    audio = synthetic_speech(tmp / f"{preset}.wav", seconds)
-    pipeline = StableAvatarPipeline(load_models(get_preset(preset), ["vae", "text_encoder", "image_encoder",
-                                                                    "audio_encoder"]), settings)
+    audio = synthetic_speech(tmp / f"speech-{windows}.wav", seconds)
+    pipeline = StableAvatarPipeline(load_models(get_preset("simulated"), ["vae", "text_encoder", "image_encoder",
+                                                                         "audio_encoder"]), settings)
     prepared = pipeline.prepare(EXAMPLE_IMAGE, audio, GenerationParams(prompt="bench", num_inference_steps=steps,
-                                                                       seed=1))
+                                                                       seed=seed))
     assert prepared.plan.num_windows == windows, prepared.plan.num_windows
-    return pipeline, prepared
+    return prepared
 
 
-def deploy_denoisers(preset: str, replicas: int, max_ongoing: int = 1):
-    args = AppArgs.model_validate({"preset": preset, "preset_modules": ["bench.simulated"], "device": "cpu", "denoiser": {
-        "num_replicas": replicas, "num_gpus": 1, "max_ongoing_requests": max_ongoing}})
-    return serve.run(Denoiser.options(**args.denoiser.serve_options()).bind(args), name=f"bench-{preset}",
-                     route_prefix=None)
+def fair_share(works: dict[str, float], caps: dict[str, int], capacity: int) -> dict[str, float]:
+    """Completion times under ideal max-min sharing of ``capacity`` replicas: at every moment the active jobs get
+    equal shares, a job never more than ``caps`` (its units per step), the rest spread over the others."""
+    remaining, done, now = dict(works), {}, 0.0
+    while remaining:
+        rates, free, active = {}, float(capacity), sorted(remaining, key=lambda j: caps[j])
+        for i, job in enumerate(active):
+            rates[job] = min(caps[job], free / (len(active) - i))
+            free -= rates[job]
+        dt = min(remaining[j] / rates[j] for j in remaining)
+        now += dt
+        for job in list(remaining):
+            remaining[job] -= rates[job] * dt
+            if remaining[job] <= 1e-9:
+                done[job] = now
+                del remaining[job]
+    return done
 
 
-async def ray_denoise(handle, pipeline, prepared) -> tuple[float, torch.Tensor]:
-    executor = RayDenoiserExecutor(handle, ray.put(prepared.conditioning), prepared.request_id, retries=0)
-    started = time.perf_counter()
-    latents = await denoise(prepared.plan, pipeline.initial_latents(prepared), prepared.conditioning.num_steps,
-                            executor)
-    return time.perf_counter() - started, latents
+def fanout(bench: Bench, prepared: PreparedRequest, n: int, t1: float | None) -> dict:
+    """The 24-window job on the ``n`` replicas deployed now; ``t1``: its wall time on one replica."""
+    steps, windows = prepared.conditioning.num_steps, prepared.plan.num_windows
+    result = bench.run(prepared, False, f"fanout-{n}")
+    wall = result["wall_s"]
+    t1 = wall if n == 1 else t1
+    ideal = windows * steps * UNIT_S[False] / n
+    row = {"replicas": n, "wall_s": round(wall, 2), "ideal_s": round(ideal, 2),
+           "efficiency_vs_ideal": round(ideal / wall, 3), "efficiency": round(t1 / (n * wall), 3) if t1 else None,
+           "overhead_per_step_s": round((wall - ideal) / steps, 3),
+           "units_per_replica": sorted(result["units_per_replica"].values()),
+           "caller_cpu_s_per_step": round(result["cpu_s"] / steps, 4),
+           "caller_cpu_fraction": round(result["cpu_s"] / wall, 4), "latents_sha256": result["latents_sha256"]}
+    print(row, flush=True)
+    return row
 
 
-def fanout(tmp: Path, max_ongoing_values: tuple[int, ...], replica_counts: tuple[int, ...]) -> list[dict]:
-    """``max_ongoing_requests`` 1 makes a waiting window-step poll the router with backoff (up to 0.5 s) until a
-    replica frees up; 2 lets each replica hold the next window-step (it waits on the replica's GPU lock)."""
-    pipeline, prepared = prepare("simulated", tmp, WINDOWS, STEPS)
-    rows, reference = [], None
-    ideal_t1 = WINDOWS * STEPS * SIMULATED_STEP_S
-    for max_ongoing in max_ongoing_values:
-        t1 = None
-        for replicas in replica_counts:
-            handle = deploy_denoisers("simulated", replicas, max_ongoing)
-            wall, latents = asyncio.run(ray_denoise(handle, pipeline, prepared))
-            serve.delete("bench-simulated")
-            reference = latents if reference is None else reference
-            t1 = wall if t1 is None else t1
-            rows.append({"max_ongoing_requests": max_ongoing, "replicas": replicas, "wall_s": round(wall, 2),
-                         "efficiency": round(t1 / (replicas * wall), 3),
-                         "vs_ideal": round(ideal_t1 / (replicas * wall), 3),
-                         "identical": bool(torch.equal(reference, latents))})
-            print(rows[-1], flush=True)
+def short_clip(bench: Bench, prepared: PreparedRequest, n: int) -> list[dict]:
+    """The 2-window clip on the ``n`` replicas deployed now, batch-3 units and split rows."""
+    steps = prepared.conditioning.num_steps
+    rows = []
+    for split in (False, True):
+        units = prepared.plan.num_windows * (3 if split else 1)
+        result = bench.run(prepared, split, f"short-{n}-{split}")
+        ideal = steps * -(-units // n) * UNIT_S[split]
+        rows.append({"replicas": n, "split_rows": split, "units_per_step": units,
+                     "wall_s": round(result["wall_s"], 2), "ideal_s": round(ideal, 2),
+                     "caller_cpu_s_per_step": round(result["cpu_s"] / steps, 4),
+                     "caller_cpu_fraction": round(result["cpu_s"] / result["wall_s"], 4),
+                     "latents_sha256": result["latents_sha256"]})
+        print(rows[-1], flush=True)
     return rows
 
 
-def overhead(tmp: Path, samples: int = 40) -> dict:
-    pipeline, prepared = prepare("tiny", tmp, 2, 1)
-    cond = prepared.conditioning
-    denoiser = WindowDenoiser(load_models(get_preset("tiny"), ["transformer"]).transformer)
-    latents = pipeline.initial_latents(prepared)
-    work = [WindowStep(w.index, 0, latents[:, :, w.start:w.end]) for w in prepared.plan.windows]
-    local = []
-    for i in range(samples):
-        started = time.perf_counter()
-        denoiser(cond, work[i % len(work)])
-        local.append(time.perf_counter() - started)
-    handle = deploy_denoisers("tiny", 1)
-    executor = RayDenoiserExecutor(handle, ray.put(cond), prepared.request_id, retries=0)
-    asyncio.run(executor.run(work[:1]))  # warm the replica's conditioning cache
+def fairness(bench: Bench, jobs: list[tuple[str, PreparedRequest]], replicas: int, unit_order: str) -> list[dict]:
+    if unit_order != bench.unit_order:
+        bench.deploy(replicas, unit_order)
+    results = bench.run_together(jobs, split=False)
+    works = {name: p.plan.num_windows * p.conditioning.num_steps * UNIT_S[False] for name, p in jobs}
+    caps = {name: p.plan.num_windows for name, p in jobs}
+    fair = fair_share(works, caps, replicas)
+    rows = []
+    for name, prepared in jobs:
+        alone = prepared.conditioning.num_steps * -(-prepared.plan.num_windows // replicas) * UNIT_S[False]
+        rows.append({"unit_order": unit_order, "job": name, "windows": prepared.plan.num_windows,
+                     "wall_s": round(results[name]["wall_s"], 2), "fair_share_s": round(fair[name], 2),
+                     "alone_ideal_s": round(alone, 2),
+                     "vs_fair_share": round(results[name]["wall_s"] / fair[name], 3)})
+        print(rows[-1], flush=True)
+    return rows
 
-    async def timed() -> list[float]:
-        out = []
-        for i in range(samples):
-            started = time.perf_counter()
-            await executor.run([work[i % len(work)]])
-            out.append(time.perf_counter() - started)
-        return out
 
-    remote = asyncio.run(timed())
-    serve.delete("bench-tiny")
-    in_process, via_ray = statistics.median(local) * 1000, statistics.median(remote) * 1000
-    return {"in_process_ms": round(in_process, 2), "ray_ms": round(via_ray, 2),
-            "overhead_ms": round(via_ray - in_process, 2)}
+def report(results: dict, out: Path) -> list[str]:
+    lines = [f"fan-out benchmark: simulated Denoisers ({SIMULATED_ROW_S} s per guidance row: batch-3 unit "
+             f"{UNIT_S[False]} s, split-row unit {UNIT_S[True]} s), fake GPUs, the loop in a Serve replica",
+             f"machine: {os.cpu_count()} CPUs, load average {results['load_before']} before, "
+             f"{results['load_after']} after (other work shares this machine: wall times are noisy)",
+             "", f"1. one job of 24 windows x {results['fanout_steps']} steps, batch-3 units",
+             "replicas | wall s | ideal s | vs ideal | T1/(N*TN) | overhead/step s | units per replica | "
+             "caller CPU/step s | caller CPU/wall"]
+    for r in results["fanout"]:
+        lines.append(f"{r['replicas']:>8} | {r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | {r['efficiency_vs_ideal']:>8.3f}"
+                     f" | {r['efficiency'] if r['efficiency'] is not None else '-':>9} | "
+                     f"{r['overhead_per_step_s']:>15.3f} | {r['units_per_replica']} | "
+                     f"{r['caller_cpu_s_per_step']:>17.4f} | {r['caller_cpu_fraction']:.4f}")
+    lines.append(f"identical latents on every replica count: {results['fanout_identical']}")
+    lines += ["", f"2. short clip: 2 windows x {results['short_steps']} steps",
+              "replicas | split rows | units/step | wall s | ideal s | caller CPU/wall"]
+    for r in results["short_clip"]:
+        lines.append(f"{r['replicas']:>8} | {str(r['split_rows']):>10} | {r['units_per_step']:>10} | "
+                     f"{r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | {r['caller_cpu_fraction']:.4f}")
+    lines.append(f"speed-up 6 vs 2 replicas, split rows: {results['short_clip_speedup_6_vs_2']:.2f}x (ideal 3.0); "
+                 f"split vs batch-3 on 6 replicas: {results['short_clip_split_gain_6']:.2f}x; identical latents "
+                 f"per setting on every replica count: {results['short_clip_identical']}")
+    lines += ["", f"3. three jobs at once on {results['fairness_replicas']} replicas, {results['fairness_steps']} "
+              "steps, batch-3 units; fair share = completion under ideal max-min sharing",
+              "unit order | job | windows | wall s | fair share s | alone (ideal) s | vs fair share"]
+    for r in results["fairness"]:
+        lines.append(f"{r['unit_order']:>11} | {r['job']:>7} | {r['windows']:>7} | {r['wall_s']:>6.2f} | "
+                     f"{r['fair_share_s']:>12.2f} | {r['alone_ideal_s']:>15.2f} | {r['vs_fair_share']:.3f}")
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "fanout.json")
-    parser.add_argument("--max-ongoing", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8], help="first one is the baseline")
+    parser.add_argument("--quick", action="store_true", help="fewer steps for the long jobs (under 10 min)")
+    parser.add_argument("--compare-fifo", action="store_true", help="repeat the fairness run with FIFO queues")
     args = parser.parse_args()
-    import tempfile
 
+    fanout_steps, fair_steps, short_steps = (2, 5, 10) if args.quick else (10, 10, 10)
     torch.set_num_threads(1)
+    started = time.perf_counter()
+    load_before = [round(x, 1) for x in os.getloadavg()]
     ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = fanout(Path(tmp), tuple(args.max_ongoing), tuple(args.replicas))
-        cost = overhead(Path(tmp))
-    serve.shutdown()
-    ray.shutdown()
-    print(f"\nfan-out: {WINDOWS} windows x {STEPS} steps, simulated Denoiser (0.2 s per window-step), fake GPUs")
-    print("efficiency = T1 / (N * TN); vs ideal = (24 * 10 * 0.2 s) / (N * TN)")
-    print(f"{'max_ongoing':>11} | {'replicas':>8} | {'wall s':>8} | {'efficiency':>10} | {'vs ideal':>8} | identical")
-    for row in rows:
-        print(f"{row['max_ongoing_requests']:>11} | {row['replicas']:>8} | {row['wall_s']:>8.2f} | "
-              f"{row['efficiency']:>10.3f} | {row['vs_ideal']:>8.3f} | {row['identical']}")
-    print(f"\nper window-step, tiny preset (median of 40): in process {cost['in_process_ms']:.1f} ms, "
-          f"through one Denoiser replica {cost['ray_ms']:.1f} ms, Ray overhead {cost['overhead_ms']:.1f} ms")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            big, short = prepare(Path(tmp), 24, fanout_steps), prepare(Path(tmp), 2, short_steps)
+            jobs = [("long", prepare(Path(tmp), 12, fair_steps)), ("short-a", prepare(Path(tmp), 2, fair_steps, 2)),
+                    ("short-b", prepare(Path(tmp), 2, fair_steps, 3))]
+        bench, fan, clip, fair = Bench(), [], [], []
+        # replica counts only grow: a scale-up adds replicas and keeps the running ones (and their caches)
+        for n in (1, 2, 4, 6, 8):
+            bench.deploy(n)
+            if n in (1, 2, 4, 8):
+                fan.append(fanout(bench, big, n, fan[0]["wall_s"] if fan else None))
+            if n in (1, 2, 6):
+                clip += short_clip(bench, short, n)
+            if n == 4:
+                fair += fairness(bench, jobs, 4, "round_robin")
+        if args.compare_fifo:
+            fair += fairness(bench, jobs, 4, "fifo")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    wall = {(r["replicas"], r["split_rows"]): r["wall_s"] for r in clip}
+    results = {
+        "quick": args.quick, "fanout_steps": fanout_steps, "short_steps": short_steps, "fairness_steps": fair_steps,
+        "fairness_replicas": 4, "row_s": SIMULATED_ROW_S, "load_before": load_before,
+        "load_after": [round(x, 1) for x in os.getloadavg()], "fanout": fan, "short_clip": clip, "fairness": fair,
+        "fanout_identical": len({r["latents_sha256"] for r in fan}) == 1,
+        "short_clip_identical": all(len({r["latents_sha256"] for r in clip if r["split_rows"] == s}) == 1
+                                    for s in (False, True)),
+        "short_clip_speedup_6_vs_2": round(wall[(2, True)] / wall[(6, True)], 3),
+        "short_clip_split_gain_6": round(wall[(6, False)] / wall[(6, True)], 3),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"fanout": rows, "window_step": cost}, indent=1))
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(report(results, args.json)))
+    rr = [r for r in fair if r["unit_order"] == "round_robin"]
+    headline = {
+        "efficiency_vs_ideal_8": next(r["efficiency_vs_ideal"] for r in fan if r["replicas"] == 8),
+        "efficiency_8": next(r["efficiency"] for r in fan if r["replicas"] == 8),
+        "short_clip_speedup_6_vs_2": results["short_clip_speedup_6_vs_2"],
+        "fairness_worst_vs_fair_share": max(r["vs_fair_share"] for r in rr),
+        "caller_cpu_fraction_max": max(r["caller_cpu_fraction"] for r in fan + clip),
+        "caller_cpu_s_per_step_8": next(r["caller_cpu_s_per_step"] for r in fan if r["replicas"] == 8),
+        "identical": results["fanout_identical"] and results["short_clip_identical"],
+        "total_s": results["total_s"],
+    }
+    print(json.dumps(headline))
 
 
 if __name__ == "__main__":
