@@ -225,7 +225,7 @@ class Orchestrator:
         async def on_retry(work: WindowStep, attempt: int, error: BaseException) -> None:
             await report(message=f"window {work.window} step {work.step + 1} rows {list(work.rows)}: its Denoiser "
                                  f"replica failed ({type(error).__name__}); retrying ({attempt}/{retries})",
-                         level="WARNING")
+                         level="WARN")
 
         return RayDenoiserExecutor(self.denoiser, conditioning_ref, request_id, retries, on_retry=on_retry)
 

@@ -122,8 +122,12 @@ def test_generate_from_the_page(browser, service, audio):
         unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
             .filter((el) => el.labels.length === 0).map((el) => el.id)""")
         assert unlabelled == []
+        assert page.input_value("#acceleration") == ""  # the server's default unless chosen
+        assert page.eval_on_selector_all("#acceleration option", "os => os.map((o) => o.value)") == [
+            "", "none", "regular", "high"]
         fill_form(page, EXAMPLE_IMAGE, audio)
         page.select_option("#aspect_ratio", "1:1")
+        page.select_option("#acceleration", "regular")
         page.fill("#seed", "11")
         page.click("#submit")
         page.wait_for_function("document.getElementById('job-id').textContent.startsWith('Request ')")
@@ -132,6 +136,7 @@ def test_generate_from_the_page(browser, service, audio):
         assert page.inner_text("#progress-text") == "100%"
         logs = page.inner_text("#logs")
         assert "denoising step 2/2" in logs and "completed" in logs
+        assert "acceleration regular" in logs  # the select's value reached the job
         check_video(page)
         assert "seed 11" in page.inner_text("#result-meta")
         ARTIFACTS.mkdir(exist_ok=True)
