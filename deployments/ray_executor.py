@@ -12,6 +12,7 @@ spread evenly and each unit stays on its replica from step to step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 from collections import Counter
@@ -29,6 +30,23 @@ logger = logging.getLogger("ray.serve")
 
 RETRYABLE = (RayActorError, ReplicaUnavailableError)
 RetryHook = Callable[[WindowStep, int, BaseException], Awaitable[None] | None]
+
+
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when it owns exactly its storage, else a contiguous copy of just its elements."""
+    if tensor.is_contiguous() and tensor.storage_offset() == 0 and (
+            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def compact_unit(work: WindowStep) -> WindowStep:
+    """A unit's latents (and anchor latents) are views into the whole latent tensor, and pickling a view writes
+    its whole storage: without this a unit would carry all T frames to its replica instead of its window's."""
+    cache = work.cache
+    if cache is not None and cache.anchor_latents is not None:
+        cache = dataclasses.replace(cache, anchor_latents=compact(cache.anchor_latents))
+    return dataclasses.replace(work, latents=compact(work.latents), cache=cache)
 
 
 class RayDenoiserExecutor:
@@ -51,6 +69,7 @@ class RayDenoiserExecutor:
 
     async def _run_one(self, index: int, work: WindowStep) -> torch.Tensor:
         slot = self.offset + index
+        work = compact_unit(work)
         for attempt in range(self.retries + 1):
             try:
                 result = await self.handle.step.remote(self.request_id, slot, [self.ref], work)
@@ -73,10 +92,16 @@ class RayDenoiserExecutor:
             return result
         raise AssertionError("unreachable")
 
-    async def release(self, max_replicas: int) -> int:
+    async def release(self, max_replicas: int, timeout_s: float = 30.0) -> int:
         """Tell the replicas to drop this request's conditioning and residuals: one ``free`` per slot residue
         (``max_replicas`` slots reach every replica of any set of up to that many). Returns the residuals
-        dropped; a replica that cannot be reached is skipped (its LRU bounds what it keeps)."""
-        calls = [self.handle.free.remote(self.request_id, self.offset + i) for i in range(max_replicas)]
-        freed = await asyncio.gather(*calls, return_exceptions=True)
-        return sum(n for n in freed if isinstance(n, int))
+        dropped; a replica that fails or does not answer within ``timeout_s`` is skipped (its LRU bounds what it
+        keeps)."""
+        calls = [asyncio.ensure_future(self._free(self.offset + i)) for i in range(max_replicas)]
+        done, pending = await asyncio.wait(calls, timeout=timeout_s)
+        for call in pending:
+            call.cancel()
+        return sum(call.result() for call in done if not call.cancelled() and call.exception() is None)
+
+    async def _free(self, slot: int) -> int:
+        return await self.handle.free.remote(self.request_id, slot)

@@ -55,3 +55,49 @@ def test_retries_are_bounded():
     executor = RayDenoiserExecutor(FlakyHandle({0: 5}), object(), "req", retries=2)
     with pytest.raises(RayActorError):
         asyncio.run(executor.run(_steps(1)))
+
+
+class FreeingHandle:
+    """Mimics ``handle.free.remote(request_id, slot)``: slot residue 1 fails, residue 2 never answers."""
+
+    def __init__(self, replicas: int):
+        self.replicas, self.slots = replicas, []
+        self.free = self
+
+    def remote(self, request_id, slot):
+        self.slots.append(slot)
+
+        async def answer():
+            if slot % self.replicas == 1:
+                raise RayActorError()
+            if slot % self.replicas == 2:
+                await asyncio.sleep(3600)
+            return 10 + slot % self.replicas
+
+        return answer()
+
+
+def test_release_reaches_every_slot_residue_and_survives_dead_or_silent_replicas():
+    handle = FreeingHandle(replicas=4)
+    executor = RayDenoiserExecutor(handle, object(), "req", retries=0)
+    freed = asyncio.run(executor.release(max_replicas=4, timeout_s=0.5))
+    assert sorted(s % 4 for s in handle.slots) == [0, 1, 2, 3]  # max_replicas consecutive slots: every residue
+    assert freed == 10 + 13  # residues 0 and 3 answered; 1 failed, 2 timed out
+
+
+def test_units_travel_with_their_own_frames_only():
+    """A unit's latents and anchor latents are views into the whole latent: what is sent holds just the window."""
+    import pickle
+
+    from deployments.ray_executor import compact_unit
+    from pipeline.step_cache import CacheDirective
+
+    whole = torch.randn(1, 16, 300, 8, 8)
+    view = whole[:, :, 100:121]
+    unit = WindowStep(3, 2, view, (1,), CacheDirective(reuse_from=1, anchor_latents=whole[:, :, 100:121]))
+    sent = compact_unit(unit)
+    assert torch.equal(sent.latents, view) and torch.equal(sent.cache.anchor_latents, view)
+    assert (sent.window, sent.step, sent.rows, sent.cache.reuse_from) == (3, 2, (1,), 1)
+    assert len(pickle.dumps(sent)) < len(pickle.dumps(unit)) / 10  # 21 of 300 frames, twice
+    own = WindowStep(0, 0, torch.randn(1, 16, 21, 8, 8))
+    assert compact_unit(own).latents is own.latents  # no copy when it already owns exactly its storage
