@@ -58,6 +58,7 @@ from pipeline.presets import get_preset  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 
 APP = "bench-fanout"
+SECTIONS = ("fanout", "short", "fairness")
 UNIT_S = {True: SIMULATED_ROW_S, False: 3 * SIMULATED_ROW_S}  # split rows: 1 row per unit; batch 3: 3 rows
 
 
@@ -230,8 +231,8 @@ def report(results: dict, out: Path) -> list[str]:
     for r in results["short_clip"]:
         lines.append(f"{r['replicas']:>8} | {str(r['split_rows']):>10} | {r['units_per_step']:>10} | "
                      f"{r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | {r['caller_cpu_fraction']:.4f}")
-    lines.append(f"speed-up 6 vs 2 replicas, split rows: {results['short_clip_speedup_6_vs_2']:.2f}x (ideal 3.0); "
-                 f"split vs batch-3 on 6 replicas: {results['short_clip_split_gain_6']:.2f}x; identical latents "
+    lines.append(f"speed-up 6 vs 2 replicas, split rows: {results['short_clip_speedup_6_vs_2']}x (ideal 3.0); "
+                 f"split vs batch-3 on 6 replicas: {results['short_clip_split_gain_6']}x; identical latents "
                  f"per setting on every replica count: {results['short_clip_identical']}")
     lines += ["", f"3. three jobs at once on {results['fairness_replicas']} replicas, {results['fairness_steps']} "
               "steps, batch-3 units; fair share = completion under ideal max-min sharing",
@@ -248,6 +249,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "fanout.json")
     parser.add_argument("--quick", action="store_true", help="fewer steps for the long jobs (under 10 min)")
     parser.add_argument("--compare-fifo", action="store_true", help="repeat the fairness run with FIFO queues")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these parts (the JSON then lacks the others' numbers)")
     args = parser.parse_args()
 
     fanout_steps, fair_steps, short_steps = (2, 5, 10) if args.quick else (10, 10, 10)
@@ -263,44 +266,52 @@ def main() -> None:
                     ("short-b", prepare(Path(tmp), 2, fair_steps, 3))]
         bench, fan, clip, fair = Bench(), [], [], []
         # replica counts only grow: a scale-up adds replicas and keeps the running ones (and their caches)
-        for n in (1, 2, 4, 6, 8):
+        plan = {"fanout": (1, 2, 4, 8), "short": (2, 6) if args.quick else (1, 2, 6), "fairness": (4,)}
+        counts = sorted({n for section in args.only for n in plan[section]})
+        for n in counts:
             bench.deploy(n)
-            if n in (1, 2, 4, 8):
-                fan.append(fanout(bench, big, n, fan[0]["wall_s"] if fan else None))
-            if n in ((2, 6) if args.quick else (1, 2, 6)):
+            if "fanout" in args.only and n in plan["fanout"]:
+                fan.append(fanout(bench, big, n, fan[0]["wall_s"] if fan and fan[0]["replicas"] == 1 else None))
+            if "short" in args.only and n in plan["short"]:
                 clip += short_clip(bench, short, n)
-            if n == 4:
+            if "fairness" in args.only and n == 4:
                 fair += fairness(bench, jobs, 4, "round_robin")
-        if args.compare_fifo:
+        if "fairness" in args.only and args.compare_fifo:
             fair += fairness(bench, jobs, 4, "fifo")
     finally:
         serve.shutdown()
         ray.shutdown()
 
     wall = {(r["replicas"], r["split_rows"]): r["wall_s"] for r in clip}
+
+    def ratio(a, b):
+        return round(wall[a] / wall[b], 3) if a in wall and b in wall else None
+
     results = {
         "quick": args.quick, "fanout_steps": fanout_steps, "short_steps": short_steps, "fairness_steps": fair_steps,
         "fairness_replicas": 4, "row_s": SIMULATED_ROW_S, "load_before": load_before,
         "load_after": [round(x, 1) for x in os.getloadavg()], "fanout": fan, "short_clip": clip, "fairness": fair,
-        "fanout_identical": len({r["latents_sha256"] for r in fan}) == 1,
+        "fanout_identical": len({r["latents_sha256"] for r in fan}) == 1 if fan else None,
         "short_clip_identical": all(len({r["latents_sha256"] for r in clip if r["split_rows"] == s}) == 1
-                                    for s in (False, True)),
-        "short_clip_speedup_6_vs_2": round(wall[(2, True)] / wall[(6, True)], 3),
-        "short_clip_split_gain_6": round(wall[(6, False)] / wall[(6, True)], 3),
+                                    for s in (False, True)) if clip else None,
+        "short_clip_speedup_6_vs_2": ratio((2, True), (6, True)),
+        "short_clip_split_gain_6": ratio((6, False), (6, True)),
         "total_s": round(time.perf_counter() - started, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(report(results, args.json)))
     rr = [r for r in fair if r["unit_order"] == "round_robin"]
+    at8 = next((r for r in fan if r["replicas"] == 8), {})
     headline = {
-        "efficiency_vs_ideal_8": next(r["efficiency_vs_ideal"] for r in fan if r["replicas"] == 8),
-        "efficiency_8": next(r["efficiency"] for r in fan if r["replicas"] == 8),
+        "efficiency_vs_ideal_8": at8.get("efficiency_vs_ideal"), "efficiency_8": at8.get("efficiency"),
         "short_clip_speedup_6_vs_2": results["short_clip_speedup_6_vs_2"],
-        "fairness_worst_vs_fair_share": max(r["vs_fair_share"] for r in rr),
-        "caller_cpu_fraction_max": max(r["caller_cpu_fraction"] for r in fan + clip),
-        "caller_cpu_s_per_step_8": next(r["caller_cpu_s_per_step"] for r in fan if r["replicas"] == 8),
-        "identical": results["fanout_identical"] and results["short_clip_identical"],
+        "fairness_worst_vs_fair_share": max((r["vs_fair_share"] for r in rr), default=None),
+        "fifo_worst_vs_fair_share": max((r["vs_fair_share"] for r in fair if r["unit_order"] == "fifo"),
+                                        default=None),
+        "caller_cpu_fraction_max": max((r["caller_cpu_fraction"] for r in fan + clip), default=None),
+        "caller_cpu_s_per_step_8": at8.get("caller_cpu_s_per_step"),
+        "identical": results["fanout_identical"] is not False and results["short_clip_identical"] is not False,
         "total_s": results["total_s"],
     }
     print(json.dumps(headline))

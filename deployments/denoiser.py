@@ -96,12 +96,13 @@ class Denoiser:
         and the weights only)."""
         return await asyncio.to_thread(self.denoiser.step_cache_plan, num_steps, level, self.step_cache_settings)
 
-    def free(self, request_id: str, slot: int) -> int:
-        """Drop a finished or cancelled request's conditioning and residuals; returns the residuals dropped."""
+    async def free(self, request_id: str, slot: int) -> int:
+        """Drop a finished or cancelled request's conditioning and residuals; returns the residuals dropped.
+        (Async, like ``stats``: it runs on the replica's event loop, where ``step`` uses the conditioning cache.)"""
         self.cache.pop(request_id, None)
         return self.step_cache.free(request_id)
 
-    def stats(self, request_id: str, slot: int) -> dict:
+    async def stats(self, request_id: str, slot: int) -> dict:
         """What this replica did: units run for ``request_id``, its step-cache counters and what it holds."""
         return {"replica": self.replica_id, "units": self.units.get(request_id, 0),
                 "step_cache": self.step_cache.stats.as_dict(), "residuals": len(self.step_cache),
