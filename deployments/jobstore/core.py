@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -57,6 +59,8 @@ MAX_CLAIM_CANDIDATES = 64  # rows a claim looks at before giving up (owners at t
 MAX_BATCH = 1000  # retention rows per call
 MAX_INPUT_BYTES = 64 * 1024
 LOG_LEVELS = frozenset({"INFO", "WARN", "ERROR", "DEBUG", "STDOUT", "STDERR"})
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+_SECRET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 # Retention: which finished rows hold expired objects of each kind. The predicates repeat the partial indexes'
 # WHERE clauses word for word, so both databases use those indexes.
@@ -100,6 +104,21 @@ def _check_input(input: dict[str, Any]) -> None:
 def _check_lease(lease_s: float) -> None:
     if not lease_s > 0:
         raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+
+
+def new_request_id() -> str:
+    """A server-issued request id (uuid4 hex): the only kind of id that ever keys job state."""
+    return uuid.uuid4().hex
+
+
+def _request_id(given: str | None) -> str:
+    """``given`` (an id the service issued before creating the row, e.g. to name the input objects it wrote
+    first) or a fresh one; anything but 32 lowercase hex digits is refused."""
+    if given is None:
+        return new_request_id()
+    if not isinstance(given, str) or not _REQUEST_ID.fullmatch(given):
+        raise ValueError(f"request_id must be 32 lowercase hex digits (new_request_id()), got {given!r}")
+    return given
 
 
 def _placeholders(n: int) -> str:
@@ -216,13 +235,14 @@ class SyncJobStore:
     def submit(self, *, app_id: str, input: dict[str, Any], seed: int, owner: str = "",
                priority: Priority = "normal", webhook_url: str | None = None, start_timeout_s: float | None = None,
                max_queue_length: int | None = None, input_keys: Sequence[str] = (),
-               rate_limited: bool = True) -> Submitted:
+               rate_limited: bool = True, request_id: str | None = None) -> Submitted:
         """Queue a job; the row is committed before this returns. Caps are checked before the rate limit, so a
-        refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError."""
+        refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError.
+        ``request_id``: an id from :func:`new_request_id` the caller already used (for its input objects)."""
         if priority not in PRIORITY_RANK:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANK)}, got {priority!r}")
         _check_input(input)
-        rank, request_id = PRIORITY_RANK[priority], uuid.uuid4().hex
+        rank, request_id = PRIORITY_RANK[priority], _request_id(request_id)
         limit = self.limits.max_queue_length
         if max_queue_length is not None:
             limit = min(limit, max_queue_length)
@@ -255,13 +275,14 @@ class SyncJobStore:
             return Submitted(request_id=request_id, queue_position=int(counts["ahead"]))
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,
-                    owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True) -> ClaimedJob:
+                    owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True,
+                    request_id: str | None = None) -> ClaimedJob:
         """A sync request's row, created already claimed (IN_PROGRESS, epoch 1, leased to ``runner_id``); it
         counts as a running job of ``owner``. Its lease expiring fails it (never re-queued). Raises
         KeyRunningCapError or RateLimitedError."""
         _check_input(input)
         _check_lease(lease_s)
-        request_id, j = uuid.uuid4().hex, self.backend.json_in
+        request_id, j = _request_id(request_id), self.backend.json_in
         with self.backend.write() as cur:
             self._check_running_cap(cur, owner)
             if rate_limited:
@@ -512,6 +533,30 @@ class SyncJobStore:
         """Fail up to ``limit`` queued jobs past their start deadline with fal's timeout error; returns how many."""
         with self.backend.write() as cur:
             return self._expire_start_deadlines(cur, limit)
+
+    def maintain(self, limit: int = MAINTENANCE_BATCH) -> tuple[int, int]:
+        """``expire_leases`` and ``expire_start_deadlines`` in one transaction, for a dispatcher that is not
+        claiming (it is at its own capacity) but must still enforce deadlines; returns both counts."""
+        with self.backend.write() as cur:
+            return self._expire_leases(cur, limit), self._expire_start_deadlines(cur, limit)
+
+    # -- service-wide values -------------------------------------------------------------------------------------
+    @_read
+    def ping(self) -> bool:
+        """One round trip (readiness checks)."""
+        with self.backend.read() as cur:
+            return self._x(cur, "SELECT 1 AS ok").fetchone() is not None
+
+    def shared_secret(self, name: str) -> str:
+        """The secret called ``name``, created on first use with insert-if-absent: every process sharing the
+        database (Gateways, dispatchers, applications) gets the same value, whoever asks first. It lives in the
+        database only, never in storage where a public link could reach it."""
+        if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
+            raise ValueError(f"secret name must be lowercase letters, digits, '_', '.' or '-', got {name!r}")
+        with self.backend.write() as cur:
+            self._x(cur, "INSERT INTO service_secrets (name, value, created_at) VALUES (?, ?, {now}) "
+                         "ON CONFLICT (name) DO NOTHING", (name, secrets.token_urlsafe(32)))
+            return str(self._x(cur, "SELECT value FROM service_secrets WHERE name = ?", (name,)).fetchone()["value"])
 
     # -- fenced runner writes ------------------------------------------------------------------------------------
     def _fenced(self, cur: Cursor, request_id: str, epoch: int, what: str, assignments: str,

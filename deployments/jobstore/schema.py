@@ -128,6 +128,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         _WEBHOOKS,
         "CREATE INDEX webhooks_due ON webhooks (next_attempt_at) WHERE state = 'pending'",
     )),
+    Migration(2, "service secrets", (
+        # values every process of the service must agree on (the URL signing secret when none is configured)
+        "CREATE TABLE service_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL)",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -67,6 +67,10 @@ class JobStore:
     claim = _in_thread(SyncJobStore.claim)
     expire_leases = _in_thread(SyncJobStore.expire_leases)
     expire_start_deadlines = _in_thread(SyncJobStore.expire_start_deadlines)
+    maintain = _in_thread(SyncJobStore.maintain)
+    # service-wide values
+    ping = _in_thread(SyncJobStore.ping)
+    shared_secret = _in_thread(SyncJobStore.shared_secret)
     # fenced runner writes
     heartbeat = _in_thread(SyncJobStore.heartbeat)
     report = _in_thread(SyncJobStore.report)
