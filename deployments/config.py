@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.auth import AuthConfig
+from deployments.jobstore import DEFAULT_SQLITE_NAME, JobLimits, JobsConfig, SqliteJobsConfig
 from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
@@ -101,6 +102,31 @@ class InputLimits(BaseModel):
         return AddressGuard(self.allow_private_hosts)
 
 
+class DispatchConfig(BaseModel):
+    """How Orchestrator replicas hold the jobs they run (the ``dispatch:`` block).
+
+    Each replica claims queued jobs from the jobs database (``poll_interval_s`` apart while idle) and holds each
+    with a lease of ``lease_s`` seconds, renewed every ``heartbeat_s``; a job whose replica died is claimed again
+    by another replica once its lease ran out and resumes from its latent checkpoint. A cancel request is seen at
+    the next heartbeat or step. Webhook deliveries are leased for ``webhook_lease_s`` (longer than one delivery
+    attempt).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_s: float = Field(30.0, ge=0.5, le=3600, description="how long a job stays ours without a heartbeat")
+    heartbeat_s: float = Field(10.0, gt=0, le=600, description="lease renewal (and cancel check) period")
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="idle wait between claims / webhook polls")
+    webhook_lease_s: float = Field(60.0, ge=20, le=3600, description="one delivery attempt's lease")
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> DispatchConfig:
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most half of lease_s ({self.lease_s}), "
+                             "so one late heartbeat does not lose the lease")
+        return self
+
+
 def _denoiser_defaults() -> DeploymentOptions:
     # 2, not 1: the replica runs one window-step at a time (its GPU lock), and holding the next one avoids the
     # router's retry back-off (up to 0.5 s) whenever all replicas are busy (bench/bench_fanout.py measures both).
@@ -126,12 +152,16 @@ class AppArgs(BaseModel):
         "otherwise; gpu/fp32 force one policy everywhere (gpu on CPU replays the GPU dtype path)")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     storage: StorageConfig = Field(default_factory=LocalStorageConfig)
+    jobs: JobsConfig | None = Field(
+        None, description="the jobs database: {kind: sqlite, path?} or {kind: postgres, dsn_env?, dsn_file?}; "
+        "default: SQLite in <local storage root>/jobs.sqlite3 (with S3 storage a jobs block is required)")
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
     conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
-    max_running_jobs: int = Field(2, ge=1, le=256, description="jobs denoising at the same time")
+    max_running_jobs: int = Field(2, ge=1, le=256, description="queued jobs each Orchestrator replica runs at once")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")
-    job_attempts: int = Field(3, ge=1, le=10, description="runs of a job whose Orchestrator replica died")
+    job_attempts: int = Field(3, ge=1, le=10, description="claims of a job whose runner died before it is failed")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits")
     max_request_body_mb: float = Field(64.0, gt=0, description="JSON bodies above this get 413 (upload instead)")
     webhook_attempts: int = Field(5, ge=1, le=20)
@@ -139,7 +169,6 @@ class AppArgs(BaseModel):
     inputs: InputLimits = Field(default_factory=InputLimits)
 
     gateway: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    job_queue: DeploymentOptions = Field(default_factory=DeploymentOptions)
     orchestrator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
     preprocessor: DeploymentOptions = Field(default_factory=DeploymentOptions)
     denoiser: DeploymentOptions = Field(default_factory=_denoiser_defaults)
@@ -150,7 +179,30 @@ class AppArgs(BaseModel):
         preset = self.model_preset()  # raises ValueError naming the preset or the module
         if preset.weights == "checkpoint" and self.checkpoints is None:
             raise ValueError(f"preset {self.preset!r} needs 'checkpoints' (the official checkpoint layout)")
+        no_path = self.jobs is None or (isinstance(self.jobs, SqliteJobsConfig) and self.jobs.path is None)
+        if no_path and not isinstance(self.storage, LocalStorageConfig):
+            raise ValueError(
+                "jobs: S3 storage serves a cluster, whose replicas must share one jobs database: set "
+                "'jobs: {kind: postgres}' (DSN in $STABLE_AVATAR_JOBS_DSN or a mounted file), or, on a single "
+                "machine, 'jobs: {kind: sqlite, path: /some/local/jobs.sqlite3}'")
         return self
+
+    def jobs_config(self) -> JobsConfig:
+        """The jobs database: ``jobs``, else SQLite at :meth:`default_jobs_path`."""
+        return self.jobs or SqliteJobsConfig()
+
+    def default_jobs_path(self) -> Path:
+        """Where SQLite keeps jobs when ``jobs`` names no path: ``<local storage root>/jobs.sqlite3`` (a file the
+        storage never serves: only keys under results/, uploads/, ... are linked)."""
+        root = self.storage.root if isinstance(self.storage, LocalStorageConfig) else Path(".")
+        return root / DEFAULT_SQLITE_NAME
+
+    def job_limits(self) -> JobLimits:
+        """The limits the jobs database enforces in its transactions, from ``auth`` and the queue settings."""
+        return JobLimits(max_queue_length=self.max_queue_length, max_queued_per_owner=self.auth.max_queued_per_key,
+                         max_running_per_owner=self.auth.max_running_per_key,
+                         rate_per_s=self.auth.submit_rate_per_minute / 60.0, rate_burst=self.auth.submit_burst,
+                         max_attempts=self.job_attempts)
 
     def model_preset(self) -> ModelPreset:
         """The preset, after importing ``preset_modules`` (a replica unpickles the args without validating them,

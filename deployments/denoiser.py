@@ -17,7 +17,7 @@ import torch
 from ray import serve
 
 from deployments import metrics
-from deployments.common import load_replica_models
+from deployments.common import load_replica_models, replica_name
 from deployments.config import AppArgs
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 
@@ -31,6 +31,10 @@ class Denoiser:
         self.cache_size = args.conditioning_cache_size
         self._gpu = asyncio.Lock()
         self.replica_id = serve.get_replica_context().replica_tag
+
+    def ready(self) -> dict:
+        """Readiness: answering at all means the constructor, which loads the models, has finished."""
+        return {"deployment": "Denoiser", "replica": replica_name()}
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:

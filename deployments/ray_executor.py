@@ -7,8 +7,9 @@ another replica cannot change the result.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import ray
 import torch
@@ -20,11 +21,15 @@ from pipeline.denoise import WindowStep
 logger = logging.getLogger("ray.serve")
 
 RETRYABLE = (RayActorError, ReplicaUnavailableError)
+RetryHook = Callable[[WindowStep, int, BaseException], Awaitable[None] | None]
 
 
 class RayDenoiserExecutor:
+    """``on_retry(work, attempt, error)`` (sync or async) runs before each retry: the Orchestrator logs it on the
+    job, so a client sees which window-step was re-run."""
+
     def __init__(self, denoiser_handle, conditioning_ref: ray.ObjectRef, request_id: str, retries: int,
-                 on_retry: Callable[[WindowStep, int, BaseException], None] | None = None):
+                 on_retry: RetryHook | None = None):
         self.handle, self.ref, self.request_id = denoiser_handle, conditioning_ref, request_id
         self.retries, self.on_retry = retries, on_retry
         self.last_replicas: set[str] = set()  # replicas that served the last batch
@@ -43,7 +48,9 @@ class RayDenoiserExecutor:
                 logger.warning("window %d step %d: replica failed (%s), retrying (%d/%d)",
                                work.window, work.step, type(exc).__name__, attempt + 1, self.retries)
                 if self.on_retry is not None:
-                    self.on_retry(work, attempt + 1, exc)
+                    outcome = self.on_retry(work, attempt + 1, exc)
+                    if inspect.isawaitable(outcome):
+                        await outcome
                 continue
             if isinstance(result, tuple):  # (latents, replica id) from the Denoiser deployment
                 result, replica = result

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -26,17 +25,19 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.jobstore.config import DEFAULT_SQLITE_NAME
 from deployments.signing import Signer
 
 if TYPE_CHECKING:  # boto3 is imported lazily in S3Storage so importing this module stays cheap
     from botocore.client import BaseClient
 
-URL_SECRET_ENV = "STABLE_AVATAR_URL_SECRET"
 FILE_LINK_PURPOSE = "file"
-URL_SECRET_FILE = ".url_secret"
 _TMP_DIR = ".tmp"
-# Top-level names inside a local root that belong to the backend itself, never to callers.
-_RESERVED_LOCAL_NAMES = frozenset({URL_SECRET_FILE, _TMP_DIR})
+# Top-level names inside a local root that belong to the backend or the service, never to callers: never served,
+# listed or written through a key (the default SQLite jobs database lives beside the objects; .url_secret is
+# where earlier versions kept the signing secret).
+_RESERVED_LOCAL_NAMES = frozenset({".url_secret", _TMP_DIR, *(DEFAULT_SQLITE_NAME + suffix for suffix in
+                                                                ("", "-wal", "-shm", "-journal"))})
 _MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than 7 days
 _MIB = 1024 * 1024
 
@@ -99,8 +100,8 @@ class LocalStorageConfig(BaseModel):
 
     kind: Literal["local"] = "local"
     root: Path = Path("./data")
-    # HMAC key for URLs. None: env STABLE_AVATAR_URL_SECRET, else a random key persisted in root/.url_secret
-    # (mode 0600), so links survive restarts and every process on the machine signs the same way.
+    # HMAC key for URLs and upload tokens. None: env STABLE_AVATAR_URL_SECRET, else a random key the service
+    # creates once in its jobs database (deployments.signing.service_secret), never in the storage itself.
     url_secret: str | None = Field(default=None, repr=False, min_length=1)
     public_base_url: str | None = None  # e.g. http://127.0.0.1:8000; None: relative /files/... URLs
     url_expiry_s: int = Field(default=7 * 24 * 3600, ge=1)
@@ -165,17 +166,9 @@ class Storage(ABC):
         """The key behind a URL this storage made (uploads are then read directly, without a network hop)."""
         return None
 
-    def signing_secret(self) -> bytes:
-        """A secret shared by every process using this storage, for upload tokens and signed routes."""
-        env = os.environ.get(URL_SECRET_ENV)
-        if env:
-            return env.encode()
-        key = "_internal/signing-secret"
-        try:
-            return self.get_bytes(key)
-        except StorageNotFoundError:
-            self.put_bytes(key, secrets.token_urlsafe(32).encode(), "application/octet-stream")
-            return self.get_bytes(key)
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StorageError`` saying what is wrong when the backend cannot be used now (readiness)."""
 
     @abstractmethod
     def describe(self) -> str:
@@ -186,44 +179,26 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    """Files under ``root``; writes go to ``root/.tmp`` and are moved in with ``os.replace`` (atomic)."""
+    """Files under ``root``; writes go to ``root/.tmp`` and are moved in with ``os.replace`` (atomic).
 
-    def __init__(self, config: LocalStorageConfig):
+    Links (``url``) and their checks need the service's URL secret: ``url_secret`` (what
+    :func:`deployments.signing.service_secret` resolved), else the config's ``url_secret``. Without one the
+    storage still reads and writes (the Preprocessor and Postprocessor need nothing else) but makes no links.
+    """
+
+    def __init__(self, config: LocalStorageConfig, url_secret: bytes | None = None):
         self.config = config
         self.root = config.root.expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / _TMP_DIR
         self._tmp.mkdir(exist_ok=True)
-        self._secret = self._load_secret().encode()
-        self.signer = Signer(self._secret)
+        secret = url_secret or (config.url_secret.encode() if config.url_secret else None)
+        self.signer = Signer(secret) if secret else None
         self.public_base_url = (config.public_base_url or "").rstrip("/")
 
-    def _load_secret(self) -> str:
-        """Config, then env, then ``root/.url_secret`` (created once, 0600, race-free across processes)."""
-        if self.config.url_secret:
-            return self.config.url_secret
-        env = os.environ.get(URL_SECRET_ENV, "").strip()
-        if env:
-            return env
-        path = self.root / URL_SECRET_FILE
-        for _ in range(50):
-            with contextlib.suppress(FileNotFoundError):
-                value = path.read_text().strip()
-                if value:
-                    return value
-            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="url-secret-")  # mkstemp creates it as 0600
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(32))
-                    f.flush()
-                    os.fsync(f.fileno())
-                # link() fails if another process won the race; then we read theirs on the next pass.
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, path)
-            finally:
-                os.unlink(tmp)
-            time.sleep(0.01)
-        raise StorageError(f"could not read or create the URL secret at {path}")
+    def check(self) -> None:
+        if not self.root.is_dir() or not self._tmp.is_dir():
+            raise StorageError(f"the local storage root {self.root} (or its .tmp folder) is missing")
 
     def path_for(self, key: str) -> Path:
         """The file that holds ``key`` (for the Gateway's ``FileResponse``); guaranteed inside ``root``."""
@@ -312,6 +287,8 @@ class LocalStorage(Storage):
 
     def sign(self, key: str, exp: int) -> str:
         """The ``sig`` query parameter of a file link: the service's HMAC over ``key`` and ``exp``."""
+        if self.signer is None:
+            raise StorageError("this local storage was opened without the URL secret: it cannot make links")
         return self.signer.sign(FILE_LINK_PURPOSE, key, exp)
 
     def verify_signature(self, key: str, exp: int, sig: str) -> bool:
@@ -320,7 +297,7 @@ class LocalStorage(Storage):
             validate_key(key)
         except (ValueError, TypeError):
             return False
-        return self.signer.verify(sig, FILE_LINK_PURPOSE, key, exp)
+        return self.signer is not None and self.signer.verify(sig, FILE_LINK_PURPOSE, key, exp)
 
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """``{public_base_url}/files/{key}?exp=..&sig=..[&filename=..]``; ``filename`` is not signed (it only
@@ -349,9 +326,6 @@ class LocalStorage(Storage):
                 return key
             start = parsed.path.find("/files/", start + 1)
         return None
-
-    def signing_secret(self) -> bytes:
-        return self._secret
 
     def describe(self) -> str:
         return f"local storage at {self.root} (signed URLs under {self.public_base_url or ''}/files/)"
@@ -616,10 +590,11 @@ class S3Storage(Storage):
         )
 
 
-def make_storage(config: LocalStorageConfig | S3StorageConfig) -> Storage:
-    """The backend for ``config`` (the ``storage:`` block of the app arguments)."""
+def make_storage(config: LocalStorageConfig | S3StorageConfig, url_secret: bytes | None = None) -> Storage:
+    """The backend for ``config`` (the ``storage:`` block of the app arguments); ``url_secret`` signs local links
+    (S3 links are presigned with the S3 credentials)."""
     if isinstance(config, LocalStorageConfig):
-        return LocalStorage(config)
+        return LocalStorage(config, url_secret)
     if isinstance(config, S3StorageConfig):
         return S3Storage(config)
     raise TypeError(f"unknown storage config: {type(config).__name__}")
