@@ -3,6 +3,7 @@ through it) and the storage that signs links with that secret."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from deployments.config import AppArgs
@@ -20,13 +21,14 @@ class ServiceState:
     secret_text: str  # only to mask it in messages (health reasons)
 
 
+def secret_fingerprint(secret: bytes) -> str:
+    return hashlib.sha256(b"stable-avatar fingerprint\n" + secret).hexdigest()[:12]
+
+
 def open_service_state(args: AppArgs) -> ServiceState:
     """Blocking (connects, applies migrations, may create the secret): call it from a replica's constructor."""
-    import hashlib
-
     store = make_job_store(args.jobs_config(), args.default_jobs_path(), args.job_limits())
     configured = args.storage.url_secret if isinstance(args.storage, LocalStorageConfig) else None
     secret = service_secret(configured, store.sync)
-    fingerprint = hashlib.sha256(b"stable-avatar fingerprint\n" + secret).hexdigest()[:12]
-    return ServiceState(store, make_storage(args.storage, secret), Signer(secret), fingerprint,
+    return ServiceState(store, make_storage(args.storage, secret), Signer(secret), secret_fingerprint(secret),
                         secret.decode(errors="replace"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import urllib.error
 
@@ -28,6 +29,7 @@ from tests.helpers import (  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 STEPS, SEED = 3, 5
+APP = "fal-ai/stable-avatar"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def inputs(tmp_path_factory):
 
 
 def cli_reference(tmp_path, audio, steps=STEPS, seed=SEED) -> bytes:
-    out = tmp_path / f"cli-{audio.stem}.mp4"
+    out = tmp_path / f"cli-{audio.stem}-{steps}-{seed}.mp4"
     assert cli_main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(audio), "--prompt", "talking",
                      "--steps", str(steps), "--seed", str(seed), "--aspect-ratio", "1:1", "--quiet",
                      "-o", str(out)]) == 0
@@ -57,7 +59,8 @@ _deployed: list[str] = []
 
 
 def deploy(base_url: str, root, denoisers: int, storage: dict | None = None) -> None:
-    """Deploy (or keep) the app with this Denoiser count and storage; redeploys only when they change."""
+    """Deploy (or keep) the app with this Denoiser count and storage; redeploys only when they change. Jobs live
+    in SQLite under ``root`` (with S3 storage too: one machine)."""
     key = f"{denoisers}/{storage}"
     if _deployed and _deployed[-1] == key:
         return
@@ -65,6 +68,8 @@ def deploy(base_url: str, root, denoisers: int, storage: dict | None = None) -> 
     args = AppArgs.model_validate({
         "device": "cpu",
         "storage": storage or {"kind": "local", "root": str(root), "public_base_url": base_url},
+        "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
+        "dispatch": {"lease_s": 6, "heartbeat_s": 1, "poll_interval_s": 0.2},
         "denoiser": {"num_replicas": denoisers, "num_gpus": 1, "max_ongoing_requests": 1},
     })
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
@@ -81,23 +86,53 @@ def probe_bytes(tmp_path, data: bytes) -> dict:
     return probe(path)
 
 
-def check_http_equals_cli(cluster, inputs, tmp_path, denoisers: int) -> None:
+def check_http_equals_cli(cluster, inputs, tmp_path, denoisers: int) -> list[str]:
+    """The sync route's video equals the CLI's; returns the request's log lines (kept like any job's)."""
     deploy(cluster, tmp_path / "data", denoisers)
     status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
     assert status.get("RUNNING") == denoisers
     code, result, headers = http_json("POST", f"{cluster}/run/fal-ai/stable-avatar", body_for(inputs["short"]))
     assert code == 200, result
     assert result["seed"] == SEED and result["video"]["content_type"] == "video/mp4"
-    assert "x-fal-request-id" in {k.lower() for k in headers}
+    request_id = headers["x-fal-request-id"]
     video = http_bytes(result["video"]["url"])
     assert len(video) == result["video"]["file_size"]
     assert video == cli_reference(tmp_path, inputs["short"])
     info = probe_bytes(tmp_path, video)
     assert {s["codec_name"] for s in info["streams"]} == {"h264", "aac"}
+    code, state, _ = http_json("GET", f"{cluster}/{APP}/requests/{request_id}/status?logs=1")
+    assert code == 200 and state["status"] == "COMPLETED"
+    return [entry["message"] for entry in state["logs"]]
 
 
 def test_http_output_equals_cli_with_one_denoiser(cluster, inputs, tmp_path):
-    check_http_equals_cli(cluster, inputs, tmp_path, 1)
+    lines = check_http_equals_cli(cluster, inputs, tmp_path, 1)
+    assert f"denoising step {STEPS}/{STEPS}" in "\n".join(lines)
+
+
+def test_same_client_request_id_never_shares_state(cluster, inputs, tmp_path):
+    """Two sync requests with one ``x-fal-request-id`` and different inputs, at the same time: each gets its own
+    server id, conditioning and result (equal to its own CLI run), and the first result is not overwritten."""
+    deploy(cluster, tmp_path / "data", 1)
+    bodies = [body_for(inputs["short"]), dict(body_for(inputs["short"]), seed=SEED + 1)]
+    answers: list = [None, None]
+
+    def send(i: int) -> None:
+        answers[i] = http_json("POST", f"{cluster}/run/{APP}", bodies[i], {"x-fal-request-id": "same-id"})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    ids = [headers["x-fal-request-id"] for _, _, headers in answers]
+    assert [code for code, _, _ in answers] == [200, 200], answers
+    assert len(set(ids)) == 2 and "same-id" not in ids and all(len(i) == 32 for i in ids)
+    references = [cli_reference(tmp_path, inputs["short"]), cli_reference(tmp_path, inputs["short"], seed=SEED + 1)]
+    assert references[0] != references[1]
+    for (_, result, _), reference in zip(answers, references, strict=True):
+        assert http_bytes(result["video"]["url"]) == reference  # read again after both finished
+    assert http_json("GET", f"{cluster}/{APP}/requests/same-id/status")[0] == 404
 
 
 def test_python_handle_returns_the_output_model(cluster, inputs, tmp_path):
@@ -127,32 +162,41 @@ def test_bad_input_is_a_422_naming_the_field_and_the_service_stays_healthy(clust
 
 
 def test_http_output_equals_cli_with_three_denoisers(cluster, inputs, tmp_path):
-    check_http_equals_cli(cluster, inputs, tmp_path, 3)
+    lines = check_http_equals_cli(cluster, inputs, tmp_path, 3)
+    # 3 windows, 3 replicas taking one window-step each at a time: every step ran on all three.
+    steps = [line for line in lines if line.startswith("denoising step ")]
+    assert len(steps) == STEPS and all("3 windows on 3 replicas" in line for line in steps), steps
 
 
 def test_killed_denoiser_replica_does_not_change_the_result(cluster, inputs, tmp_path):
+    """Kill a Denoiser replica while it holds a window-step: the executor runs that step again on another
+    replica, the job's log says so, and the video is still the CLI's."""
     deploy(cluster, tmp_path / "data", 3)
-    orchestrator = serve.get_deployment_handle("Orchestrator", APP_NAME)
-    request_id = "kill-test"
-    body = dict(body_for(inputs["long"]), num_inference_steps=6)
-    response = orchestrator.generate.remote(StableAvatarInput(**body), request_id)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = orchestrator.get_progress.remote(request_id).result()
-        if state and state["stage"] == "denoising" and state["step"] >= 1:
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail("the job never reached the denoising stage")
-    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+    code, submitted, _ = http_json("POST", f"{cluster}/{APP}", dict(body_for(inputs["long"]), num_inference_steps=6))
+    assert code == 200, submitted
+    rid = submitted["request_id"]
+    replicas = [ray.get_actor(a["name"], namespace="serve") for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::") and "#Denoiser#" in a["name"]]
     assert len(replicas) == 3
-    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-    output = response.result(timeout_s=300)
-    # The dead replica's in-flight window-step was re-run elsewhere (by Serve's router or our executor's retry).
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert replicas[0] not in alive
-    assert http_bytes(output.video.url) == cli_reference(tmp_path, inputs["long"], steps=6)
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, "no Denoiser replica was ever seen holding a window-step"
+        state = http_json("GET", f"{cluster}/{APP}/requests/{rid}/status")[1]
+        assert state["status"] != "COMPLETED", state
+        if state["progress"]["stage"] == "denoising" and state["progress"]["fraction"] >= 1 / 6:
+            busy = [r for r in replicas if ray.get(r.get_num_ongoing_requests.remote()) > 0]
+            if busy:
+                ray.kill(busy[0], no_restart=True)
+                break
+        time.sleep(0.01)
+    while (state := http_json("GET", f"{cluster}/{APP}/requests/{rid}/status?logs=1")[1])["status"] != "COMPLETED":
+        assert time.monotonic() < deadline + 240, state
+        time.sleep(0.1)
+    assert "error" not in state, state
+    retried = [e for e in state["logs"] if "the Denoiser replica failed" in e["message"]]
+    assert retried and all(e["level"] == "WARN" for e in retried), [e["message"] for e in state["logs"]]
+    output = http_json("GET", f"{cluster}/{APP}/requests/{rid}")[1]
+    assert http_bytes(output["video"]["url"]) == cli_reference(tmp_path, inputs["long"], steps=6)
 
 
 def test_s3_storage_serves_a_presigned_mp4(cluster, seaweedfs, inputs, tmp_path):
