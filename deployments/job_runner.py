@@ -45,6 +45,7 @@ class Run:
     work: asyncio.Task | None = None  # the job's execution (cancelled on cancel requests and lost leases)
     cancel_requested: bool = False
     fenced: bool = False
+    writing: bool = False  # an object is being written: stop after it, never during it (no orphan objects)
     handing_back: bool = False  # the replica is shutting down: give a queued job back, it resumes elsewhere
     uncommitted: set[str] = field(default_factory=set)  # objects under our epoch that no row names yet
     checkpoints: set[str] = field(default_factory=set)  # checkpoint objects of the job (deleted once it is done)
@@ -58,6 +59,30 @@ class Run:
     @property
     def epoch(self) -> int:
         return self.job.epoch
+
+    @contextlib.asynccontextmanager
+    async def writing_objects(self, final: bool = False):
+        """A stretch (a checkpoint, the video) that a cancel request, a lost lease or a shutdown does not
+        interrupt: a write cut short would go on in its thread after we deleted its object. The stop happens
+        right after it (after the ``final`` write a shutdown lets the run commit instead)."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+        if self.fenced:
+            raise FencedError(self.request_id, self.epoch, "write")
+        if self.cancel_requested:
+            raise JobCancelled(self.request_id)
+        if self.handing_back and not final:
+            raise asyncio.CancelledError()
+
+    def stop_now(self) -> bool:
+        """Stop the work at once unless it is writing an object (then it stops when the write is done)."""
+        if self.writing or self.work is None:
+            return False
+        self.work.cancel()
+        return True
 
 
 class RunReporter:
@@ -171,8 +196,12 @@ class JobRunner:
             except asyncio.CancelledError:
                 caller_left = not run.work.done()  # we were cancelled (sync caller gone, replica stopping)
                 if caller_left:
-                    run.work.cancel()
+                    run.cancel_requested = not run.handing_back
+                    run.stop_now()
                     await asyncio.wait([run.work])
+                    if not run.work.cancelled() and run.work.exception() is None:  # it finished its last write
+                        await self._commit(run, run.work.result())
+                        raise
                 await self._settle_interrupted(run)
                 if caller_left or asyncio.current_task().cancelling():
                     raise
@@ -198,24 +227,22 @@ class JobRunner:
             await self._delete(run.uncommitted)
 
     async def _keep_lease(self, run: Run) -> None:
-        """Renew the lease until cancelled; on a cancel request or a lost lease stop the work."""
+        """Renew the lease until cancelled; on a cancel request or a lost lease stop the work (after the object
+        it may be writing; the lease is renewed meanwhile)."""
         while True:
             await asyncio.sleep(self.dispatch.heartbeat_s)
-            try:
-                cancel = await self.store.heartbeat(run.request_id, run.epoch, self.dispatch.lease_s)
-            except FencedError:
-                run.fenced = True
-            except Exception:  # noqa: BLE001 - a database hiccup: the lease has room for a few misses
-                logger.warning("runner %s: heartbeat of %s failed; retrying", self.runner_id, run.request_id,
-                               exc_info=True)
-                continue
-            else:
-                if not cancel:
+            if not run.fenced:
+                try:
+                    run.cancel_requested |= await self.store.heartbeat(run.request_id, run.epoch,
+                                                                       self.dispatch.lease_s)
+                except FencedError:
+                    run.fenced = True
+                except Exception:  # noqa: BLE001 - a database hiccup: the lease has room for a few misses
+                    logger.warning("runner %s: heartbeat of %s failed; retrying", self.runner_id, run.request_id,
+                                   exc_info=True)
                     continue
-                run.cancel_requested = True
-            if run.work is not None:
-                run.work.cancel()
-            return
+            if (run.fenced or run.cancel_requested) and run.stop_now():
+                return
 
     async def _commit(self, run: Run, stored: dict[str, Any]) -> dict[str, Any]:
         key = stored["video"]["key"]

@@ -28,6 +28,7 @@ from deployments.common import replica_name
 from deployments.config import AppArgs
 from deployments.job_inputs import JobInput
 from deployments.job_runner import JobRunner, Run, RunReporter
+from deployments.jobstore import FencedError
 from deployments.postprocessor import result_key
 from deployments.ray_executor import RayDenoiserExecutor
 from deployments.results import stored_output
@@ -155,7 +156,8 @@ class Orchestrator:
         post_started = time.perf_counter()
         key = result_key(job.request_id, job.epoch)
         run.uncommitted.add(key)  # deleted unless the completion that names it wins
-        stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents, key)
+        async with run.writing_objects(final=True):
+            stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents, key)
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
         metrics.output_seconds().inc(stored["frames"] / FPS)
@@ -168,8 +170,13 @@ class Orchestrator:
         """Write the object, then name it on the row (fenced); the checkpoint it replaces is deleted."""
         key = checkpoint_key(run.request_id, run.epoch)
         run.uncommitted.add(key)
-        await asyncio.to_thread(self._save_checkpoint, key, prepared, run.job.seed, step, latents)
-        previous = await self.store.record_checkpoint(run.request_id, run.epoch, key, step + 1)
+        async with run.writing_objects():
+            await asyncio.to_thread(self._save_checkpoint, key, prepared, run.job.seed, step, latents)
+        try:
+            previous = await self.store.record_checkpoint(run.request_id, run.epoch, key, step + 1)
+        except FencedError:
+            run.fenced = True
+            raise
         run.uncommitted.discard(key)
         run.checkpoints.add(key)
         if previous is not None:
