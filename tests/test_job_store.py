@@ -712,6 +712,19 @@ def test_shared_secret_is_created_once_for_every_store_on_the_database(env: Env)
     assert first.ping() is True
 
 
+def test_every_store_error_survives_pickling_with_its_fields():
+    """Ray pickles an exception raised in one replica (the Orchestrator's create_sync) to re-raise it in another
+    (the Gateway answers 429 naming the limit); one that does not unpickle becomes an opaque 500."""
+    import pickle
+
+    errors = [QueueFullError("full"), KeyQueueCapError("queued"), KeyRunningCapError("running"),
+              RateLimitedError("slow down", 2.5), FencedError("abc", 3, "complete"), MigrationError("newer")]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert vars(copy) == vars(error)
+
+
 # -- schema and logs --------------------------------------------------------------------------------------------------
 def test_migrations_are_idempotent_and_safe_when_processes_start_together(env: Env, tmp_path: Path):
     config = env.fresh_config(tmp_path)

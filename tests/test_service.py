@@ -163,9 +163,9 @@ def test_bad_input_is_a_422_naming_the_field_and_the_service_stays_healthy(clust
 
 def test_http_output_equals_cli_with_three_denoisers(cluster, inputs, tmp_path):
     lines = check_http_equals_cli(cluster, inputs, tmp_path, 3)
-    # 3 windows, 3 replicas taking one window-step each at a time: every step ran on all three.
+    # 5 windows, 3 replicas taking one window-step each at a time: every step ran on all three.
     steps = [line for line in lines if line.startswith("denoising step ")]
-    assert len(steps) == STEPS and all("3 windows on 3 replicas" in line for line in steps), steps
+    assert len(steps) == STEPS and all("5 windows on 3 replicas" in line for line in steps), steps
 
 
 def test_killed_denoiser_replica_does_not_change_the_result(cluster, inputs, tmp_path):
