@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench clean
+.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-gpu clean
 
 setup: $(STAMP) system-deps postgres-deps browser-deps
 
@@ -64,6 +64,13 @@ bench: setup
 	$(BIN)/python bench/bench_inprocess.py
 	$(BIN)/python bench/bench_fanout.py
 	$(BIN)/python bench/bench_job_store.py
+	$(BIN)/python bench/bench_step_cache.py
+	$(BIN)/python bench/bench_split_rows.py
+
+# Needs a CUDA GPU: StableAvatar 1.3B sizes (random weights), bf16, 480x832 -> bench/results/gpu.json.
+# BENCH_GPU_ARGS="--steps 20" shortens it (see bench/bench_gpu.py).
+bench-gpu: setup
+	$(BIN)/python bench/bench_gpu.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) demo.mp4 .pytest_cache .ruff_cache

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from pipeline.presets import PRESETS, register_preset
 
@@ -29,10 +30,11 @@ class SimulatedTransformer(torch.nn.Module):
 
     def forward(self, latents: torch.Tensor, y: torch.Tensor, timestep: torch.Tensor, text_context: Sequence,
                 clip_fea: torch.Tensor, audio_features: torch.Tensor | None, audio_rows: Sequence[bool],
-                seq_len: int, **_: object) -> torch.Tensor:
+                seq_len: int, return_dict: bool = True, **_: object) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         time.sleep(self.step_s)
         # [B, 16, L, h, w]: a deterministic function of the inputs, so runs can be compared bit for bit.
-        return latents * 0.5 + (timestep.view(-1, 1, 1, 1, 1) / 1000).to(latents.dtype)
+        output = latents * 0.5 + (timestep.view(-1, 1, 1, 1, 1) / 1000).to(latents.dtype)
+        return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
     def to_inference_dtype(self, dtype: torch.dtype) -> SimulatedTransformer:
         return self.to(dtype)

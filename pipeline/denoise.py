@@ -1,9 +1,22 @@
 """The denoising loop, written once against a small executor interface.
 
 Per step, every window is denoised from the previous step's latents (Jacobi: windows of a step are independent),
-then the overlaps are fused. Executors decide where and in which order window-steps run: in this process
-(``InProcessExecutor``) or on Ray Serve Denoiser replicas. The loop only sees "run these window-steps, give me their
+then the overlaps are fused. Executors decide where and in which order units run: in this process
+(``InProcessExecutor``) or on Ray Serve Denoiser replicas. The loop only sees "run these units, give me their
 outputs", so the result is bit-identical whatever the order, placement or replica count.
+
+A unit (``WindowStep``) is one window at one step, for some of its three guidance rows:
+
+* ``rows == ALL_ROWS`` (default): one batch-3 CFG forward, the guidance combination and the Euler step on the
+  runner's device; the unit returns the window's post-step latents.
+* one row (``split_guidance`` in ``denoise``): the unit returns that row's noise prediction, and the loop combines
+  the three rows of a window with ``schedule.guided_step``. A step of K windows is then 3·K units that can run on
+  3·K replicas. Deterministic and order-free like batch 3, but not bit-equal to it: a batch-1 forward rounds
+  differently from batch 3 (``bench/results/split_rows.txt``, tiny preset, CPU: fp32 predictions 1.2e-6 apart,
+  which flip ~0.1 % of the bf16-rounded fused latents by one bf16 ulp; bf16 predictions one ulp apart, final latents
+  up to 1.8 % of their range). Real-size bf16 numbers: ``bench/bench_gpu.py`` (``split_rows``).
+
+A unit may also carry a ``CacheDirective`` (``pipeline.step_cache``): run the blocks, or reuse its own last residual.
 """
 
 from __future__ import annotations
@@ -15,10 +28,20 @@ from typing import Protocol
 
 import torch
 
-from pipeline.schedule import SigmaSchedule, euler_step, guided_velocity, sigma_schedule
-from pipeline.windows import WeightScheme, WindowPlan, fuse_step
+from pipeline.models.transformer import BlockResidual
+from pipeline.schedule import SigmaSchedule, guided_step, sigma_schedule
+from pipeline.step_cache import (
+    ALL_ROWS,
+    AccelerationLevel,
+    CacheDirective,
+    StepCache,
+    StepCachePlan,
+    StepCacheSettings,
+)
+from pipeline.windows import WeightScheme, Window, WindowPlan, fuse_step
 
 CFG_AUDIO_ROWS = (False, True, True)  # rows: [neg text + null audio, neg text + audio, pos text + audio]
+SPLIT_ROWS: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,))
 
 
 @dataclass
@@ -41,61 +64,158 @@ class RequestConditioning:
         return sigma_schedule(self.num_steps)
 
 
+@dataclass(frozen=True)
+class GuidanceScales:
+    """The CFG scales the denoise loop needs to combine split guidance rows itself."""
+
+    text_scale: float
+    audio_scale: float
+
 
 @dataclass(frozen=True)
 class WindowStep:
-    """One unit of work: window ``window`` at denoising step ``step``, starting from ``latents``."""
+    """One unit of work: window ``window`` at denoising step ``step``, starting from ``latents``.
+
+    ``rows``: the guidance rows it computes (``ALL_ROWS``: the whole window-step, output = post-step latents;
+    otherwise output = those rows' noise predictions ``[len(rows), 16, L, h, w]`` in the state dtype).
+    ``cache``: the step-cache directive (``None``: no step cache, the plain forward).
+    """
 
     window: int
     step: int
     latents: torch.Tensor  # [1, 16, L, h, w] in the state dtype
+    rows: tuple[int, ...] = ALL_ROWS
+    cache: CacheDirective | None = None
+
+
+class ResidualMissingError(RuntimeError):
+    """A unit was told to reuse a residual that this runner does not hold, and carried no anchor latents."""
 
 
 class WindowDenoiser:
-    """One window, one step: a batch-3 CFG forward of the DiT, the guidance combination and the Euler step."""
+    """Runs units: one window, one step, some guidance rows; optionally through a step cache."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, compile: bool = False):
         self.transformer = transformer
+        if compile:
+            from pipeline.compile import compile_dit
+
+            compile_dit(transformer)
+        self._plans: dict[tuple, StepCachePlan] = {}
+
+    def step_cache_plan(self, num_steps: int, level: AccelerationLevel,
+                        settings: StepCacheSettings) -> StepCachePlan | None:
+        """The request's skip plan for ``level`` (``None`` for ``"none"``): depends only on the schedule, the
+        settings and the weights, so it is made once (memoised) and carried by the units."""
+        if level == "none":
+            return None
+        memo = (num_steps, level, settings.model_dump_json())
+        if memo not in self._plans:
+            if len(self._plans) >= 64:
+                self._plans.pop(next(iter(self._plans)))
+            modulation = self.transformer.timestep_modulation(sigma_schedule(num_steps).timesteps)  # [N, 6, C]
+            self._plans[memo] = settings.plan(modulation, level)
+        return self._plans[memo]
+
+    def model_inputs(self, cond: RequestConditioning, window: int, step: int, latents: torch.Tensor,
+                     rows: tuple[int, ...]) -> dict:
+        """The DiT's keyword arguments for ``rows`` of one window at one step (rows batched in the given order)."""
+        param = next(self.transformer.parameters())
+        device, dtype, batch = param.device, param.dtype, len(rows)
+        length = latents.shape[2]
+        negative, positive = cond.text_negative.to(device, dtype), cond.text_positive.to(device, dtype)
+        texts = (negative, negative, positive)
+        return dict(
+            latents=latents.to(device, dtype).repeat(batch, 1, 1, 1, 1),  # [B, 16, L, h, w]
+            y=cond.y[:, :, :length].to(device, dtype).repeat(batch, 1, 1, 1, 1),  # [B, 20, L, h, w]
+            timestep=cond.schedule.timesteps[step].expand(batch).to(device),  # [B] float, sigma·1000
+            text_context=[texts[r] for r in rows],
+            clip_fea=cond.clip_context.to(device, dtype).repeat(batch, 1, 1),  # [B, 257, image_dim]
+            audio_features=cond.audio_features[window].to(device, dtype),  # [1, N, audio_dim]
+            audio_rows=tuple(CFG_AUDIO_ROWS[r] for r in rows),
+            seq_len=cond.seq_len,
+        )
 
     @torch.no_grad()
-    def __call__(self, cond: RequestConditioning, work: WindowStep) -> torch.Tensor:
+    def __call__(self, cond: RequestConditioning, work: WindowStep,
+                 step_cache: StepCache | None = None) -> torch.Tensor:
         latents = work.latents  # [1, 16, L, h, w]
-        length = latents.shape[2]
-        param = next(self.transformer.parameters())
-        device, dtype = param.device, param.dtype
-        x = latents.to(device, dtype).repeat(3, 1, 1, 1, 1)  # [3, 16, L, h, w]
-        y = cond.y[:, :, :length].to(device, dtype).repeat(3, 1, 1, 1, 1)  # [3, 20, L, h, w]
-        timestep = cond.schedule.timesteps[work.step].expand(3).to(device)  # [3] float, sigma·1000
-        negative, positive = cond.text_negative.to(device, dtype), cond.text_positive.to(device, dtype)
-        clip = cond.clip_context.to(device, dtype).repeat(3, 1, 1)  # [3, 257, image_dim]
-        audio = cond.audio_features[work.window].to(device, dtype)  # [1, N, audio_dim]
-        noise_pred = self.transformer(
-            latents=x, y=y, timestep=timestep, text_context=[negative, negative, positive], clip_fea=clip,
-            audio_features=audio, audio_rows=CFG_AUDIO_ROWS, seq_len=cond.seq_len,
-        )  # [3, 16, L, h, w]
-        velocity = guided_velocity(noise_pred.to(latents.dtype), cond.audio_scale, cond.text_scale)
-        stepped = euler_step(latents.to(device), velocity, cond.schedule, work.step)
-        return stepped.cpu()  # [1, 16, L, h, w] in the state dtype
+        if not work.rows or any(r not in ALL_ROWS for r in work.rows) or len(set(work.rows)) != len(work.rows):
+            raise ValueError(f"rows must be distinct guidance rows out of {ALL_ROWS}, got {work.rows}")
+        inputs = self.model_inputs(cond, work.window, work.step, latents, work.rows)
+        if work.cache is None:
+            (noise_pred,) = self.transformer(**inputs, return_dict=False)  # [B, 16, L, h, w]
+        else:
+            noise_pred = self._cached_forward(cond, work, inputs, step_cache)
+        if work.rows == ALL_ROWS:
+            device = inputs["latents"].device
+            stepped = guided_step(noise_pred, latents.to(device), cond.schedule, work.step, cond.audio_scale,
+                                  cond.text_scale)
+            return stepped.cpu()  # [1, 16, L, h, w] in the state dtype
+        return noise_pred.to(latents.dtype).cpu()  # [len(rows), 16, L, h, w] in the state dtype
+
+    def _cached_forward(self, cond: RequestConditioning, work: WindowStep, inputs: dict,
+                        step_cache: StepCache | None) -> torch.Tensor:
+        """The forward under the unit's directive. The key is the unit's own: (request, window, rows)."""
+        if step_cache is None:
+            raise ValueError("a unit with a step-cache directive needs the runner's StepCache")
+        directive, stats, rows = work.cache, step_cache.stats, len(work.rows)
+        key = (cond.request_id, work.window, work.rows)
+        if directive.reuse_from is None:
+            slot = BlockResidual()
+            (noise_pred,) = self.transformer(**inputs, return_dict=False, block_residual=slot)
+            stats.computed += 1
+            stats.row_forwards_computed += rows
+            if directive.keep and work.step + 1 < cond.num_steps:
+                step_cache.put(key, work.step, slot.computed)
+            else:
+                step_cache.discard(key)
+            return noise_pred
+
+        residual = step_cache.get(key, directive.reuse_from)
+        if residual is None:
+            if directive.anchor_latents is None:
+                raise ResidualMissingError(
+                    f"request {cond.request_id} window {work.window} rows {work.rows}: no residual of step "
+                    f"{directive.reuse_from} here and no anchor latents to rebuild it")
+            anchor = self.model_inputs(cond, work.window, directive.reuse_from, directive.anchor_latents,
+                                       work.rows)
+            slot = BlockResidual()
+            self.transformer(**anchor, return_dict=False, block_residual=slot)
+            residual = slot.computed
+            step_cache.put(key, directive.reuse_from, residual)
+            stats.rebuilt += 1
+            stats.row_forwards_computed += rows
+        else:
+            stats.reused += 1
+        stats.row_forwards_skipped += rows
+        (noise_pred,) = self.transformer(**inputs, return_dict=False, block_residual=BlockResidual(reuse=residual))
+        if work.step + 1 >= cond.num_steps:
+            step_cache.discard(key)
+        return noise_pred
 
 
 class WindowStepExecutor(Protocol):
-    """Runs a batch of window-steps (any order, anywhere) and returns their outputs in the order given."""
+    """Runs a batch of units (any order, anywhere) and returns their outputs in the order given."""
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]: ...
 
 
 class InProcessExecutor:
-    """Runs window-steps one after another in this process; yields to the event loop between them."""
+    """Runs units one after another in this process; yields to the event loop between them. Owns the step cache
+    of the units it runs (``free(request_id)`` when the request ends)."""
 
     def __init__(self, denoiser: WindowDenoiser, conditioning: RequestConditioning,
-                 on_window_step: Callable[[WindowStep], None] | None = None):
+                 on_window_step: Callable[[WindowStep], None] | None = None,
+                 step_cache: StepCache | None = None):
         self.denoiser, self.conditioning = denoiser, conditioning
         self.on_window_step = on_window_step
+        self.step_cache = step_cache if step_cache is not None else StepCache()
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
         outputs = []
         for work in steps:
-            outputs.append(self.denoiser(self.conditioning, work))
+            outputs.append(self.denoiser(self.conditioning, work, self.step_cache))
             if self.on_window_step is not None:
                 self.on_window_step(work)
             await asyncio.sleep(0)  # cancellation point
@@ -112,6 +232,13 @@ def initial_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.fl
 StepCallback = Callable[[int, torch.Tensor], Awaitable[None] | None]
 
 
+def _directive(plan: StepCachePlan | None, step: int, anchor: torch.Tensor | None,
+               window: Window) -> CacheDirective | None:
+    if plan is None:
+        return None
+    return plan.directive(step, None if plan.compute[step] else anchor[:, :, window.start:window.end])
+
+
 async def denoise(
     plan: WindowPlan,
     latents: torch.Tensor,
@@ -120,15 +247,44 @@ async def denoise(
     weight_scheme: WeightScheme = "uniform",
     start_step: int = 0,
     on_step: StepCallback | None = None,
+    *,
+    split_guidance: GuidanceScales | None = None,
+    step_cache: StepCachePlan | None = None,
+    anchor_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run steps ``start_step..num_steps-1`` over all windows; ``latents`` is [1, 16, T, h, w] (state dtype).
 
     ``on_step(step, latents)`` runs after each fused step (progress, checkpoints); starting from a checkpoint
     with ``start_step`` gives the same result as an uninterrupted run.
+
+    ``split_guidance``: run each window-step as three row units and combine them here with these scales.
+    ``step_cache``: the request's skip plan; units carry their directive, reusing units carry their window's
+    latents at the anchor step. Resuming at a skipped step needs ``anchor_latents``: the latents that were the input
+    of ``step_cache.anchor(start_step)`` (save ``latents`` after step ``s`` when ``step_cache.compute[s + 1]``).
     """
+    schedule = sigma_schedule(num_steps)
+    unit_rows = SPLIT_ROWS if split_guidance is not None else (ALL_ROWS,)
+    anchor = anchor_latents
+    if step_cache is not None:
+        if step_cache.num_steps != num_steps:
+            raise ValueError(f"step cache plan has {step_cache.num_steps} steps, the run has {num_steps}")
+        if start_step < num_steps and not step_cache.compute[start_step] and anchor is None:
+            raise ValueError(f"resuming at step {start_step}, which reuses step {step_cache.anchor(start_step)}"
+                             "'s residual, needs that step's latents (anchor_latents)")
     for step in range(start_step, num_steps):
-        work = [WindowStep(w.index, step, latents[:, :, w.start:w.end]) for w in plan.windows]
+        if step_cache is not None and step_cache.compute[step]:
+            anchor = latents  # the input of a computed step is the anchor of the skipped steps after it
+        work = [
+            WindowStep(w.index, step, latents[:, :, w.start:w.end], rows, _directive(step_cache, step, anchor, w))
+            for w in plan.windows for rows in unit_rows
+        ]
         outputs = await executor.run(work)
+        if split_guidance is not None:
+            outputs = [
+                guided_step(torch.cat(outputs[3 * k:3 * k + 3]), latents[:, :, w.start:w.end], schedule, step,
+                            split_guidance.audio_scale, split_guidance.text_scale)
+                for k, w in enumerate(plan.windows)
+            ]
         latents = fuse_step(latents, outputs, plan.windows, step, plan.overlap, weight_scheme)
         if on_step is not None:
             result = on_step(step, latents)

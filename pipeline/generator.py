@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from pipeline.conditioning import build_clip_context, build_y
 from pipeline.denoise import (
+    GuidanceScales,
     InProcessExecutor,
     RequestConditioning,
     StepCallback,
@@ -39,6 +40,7 @@ from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
 from pipeline.models.vae import StreamingVaeDecoder, frames_to_uint8
 from pipeline.schema import AspectRatio
+from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan, StepCacheSettings
 from pipeline.text import NEGATIVE_PROMPT, PromptEncoder
 from pipeline.windows import FPS, SAMPLE_RATE, WeightScheme, WindowPlan, WindowPolicy, plan_windows
 
@@ -59,6 +61,12 @@ class PipelineSettings(BaseModel):
     weight_scheme: WeightScheme = "uniform"
     negative_prompt: str = NEGATIVE_PROMPT
     decode_chunk_latents: int = Field(4, ge=1, le=64, description="Latent frames per streaming VAE decode chunk.")
+    split_guidance_rows: bool = Field(
+        False, description="Run the three guidance rows of a window-step as separate units (3·K units per step).")
+    acceleration: AccelerationLevel = Field(
+        "none", description="Step-cache level of requests that do not choose one: none, regular, high.")
+    step_cache: StepCacheSettings = Field(default_factory=StepCacheSettings)
+    compile: bool = Field(False, description="torch.compile the DiT's repeated blocks.")
 
 
 @dataclass
@@ -71,6 +79,7 @@ class GenerationParams:
     audio_guidance_scale: float = 4.0
     num_inference_steps: int = 50
     seed: int | None = None
+    acceleration: AccelerationLevel | None = None  # None: the pipeline settings' default
 
 
 @dataclass
@@ -88,6 +97,7 @@ class PreparedRequest:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # human-readable progress lines from preprocessing
     input_bytes: int = 0  # bytes of image + audio as received
+    acceleration: AccelerationLevel = "none"  # the request's step-cache level, resolved
 
     def without_conditioning(self) -> PreparedRequest:
         """A light copy for the decode stage, which needs the geometry and the audio but not the tensors."""
@@ -122,6 +132,7 @@ class StableAvatarPipeline:
         self.models = models
         self.settings = settings or PipelineSettings()
         self._prompt_encoder: PromptEncoder | None = None
+        self._window_denoiser: WindowDenoiser | None = None
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -185,22 +196,48 @@ class StableAvatarPipeline:
         return PreparedRequest(
             request_id=conditioning.request_id, seed=resolve_seed(params.seed), width=width, height=height,
             plan=plan, conditioning=conditioning, audio_bytes=audio_bytes, audio_seconds=seconds, timings=timings,
+            acceleration=params.acceleration or settings.acceleration,
         )
 
     # -- stage 2: denoise -----------------------------------------------------------------------------------
     def initial_latents(self, prepared: PreparedRequest) -> torch.Tensor:
         return initial_noise(prepared.seed, prepared.latent_shape, self.models.state_dtype)
 
+    @property
+    def window_denoiser(self) -> WindowDenoiser:
+        if self._window_denoiser is None:
+            self._window_denoiser = WindowDenoiser(self.models.transformer, compile=self.settings.compile)
+        return self._window_denoiser
+
     def in_process_executor(self, prepared: PreparedRequest) -> InProcessExecutor:
-        return InProcessExecutor(WindowDenoiser(self.models.transformer), prepared.conditioning)
+        return InProcessExecutor(self.window_denoiser, prepared.conditioning,
+                                 step_cache=StepCache.from_settings(self.settings.step_cache))
+
+    def step_cache_plan(self, prepared: PreparedRequest) -> StepCachePlan | None:
+        """The request's skip plan (``None`` at acceleration ``"none"``: the step cache is not entered)."""
+        return self.window_denoiser.step_cache_plan(prepared.conditioning.num_steps, prepared.acceleration,
+                                                    self.settings.step_cache)
+
+    def guidance_split(self, prepared: PreparedRequest) -> GuidanceScales | None:
+        """The scales the loop combines split rows with, or ``None`` for batch-3 units."""
+        if not self.settings.split_guidance_rows:
+            return None
+        cond = prepared.conditioning
+        return GuidanceScales(text_scale=cond.text_scale, audio_scale=cond.audio_scale)
 
     async def denoise(self, prepared: PreparedRequest, executor: WindowStepExecutor | None = None,
                       on_step: StepCallback | None = None) -> torch.Tensor:
         started = time.perf_counter()
-        latents = await denoise(
-            prepared.plan, self.initial_latents(prepared), prepared.conditioning.num_steps,
-            executor or self.in_process_executor(prepared), self.settings.weight_scheme, on_step=on_step,
-        )
+        executor = executor or self.in_process_executor(prepared)
+        try:
+            latents = await denoise(
+                prepared.plan, self.initial_latents(prepared), prepared.conditioning.num_steps, executor,
+                self.settings.weight_scheme, on_step=on_step, split_guidance=self.guidance_split(prepared),
+                step_cache=self.step_cache_plan(prepared),
+            )
+        finally:
+            if isinstance(executor, InProcessExecutor):
+                executor.step_cache.free(prepared.request_id)
         prepared.timings["denoise"] = time.perf_counter() - started
         return latents  # [1, 16, T, h, w]
 

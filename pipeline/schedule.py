@@ -59,3 +59,16 @@ def guided_velocity(noise_pred: torch.Tensor, audio_scale: float, text_scale: fl
 def euler_step(sample: torch.Tensor, velocity: torch.Tensor, schedule: SigmaSchedule, step: int) -> torch.Tensor:
     """``x + (σ_{i+1} − σ_i)·v``: sample upcast to fp32, result cast back to the velocity dtype (diffusers semantics)."""
     return (sample.to(torch.float32) + schedule.delta(step) * velocity).to(velocity.dtype)
+
+
+def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, schedule: SigmaSchedule, step: int,
+                audio_scale: float, text_scale: float) -> torch.Tensor:
+    """One window's step from its three guidance rows: CFG combination in the sample's dtype, then Euler.
+
+    noise_pred: ``[3, 16, L, h, w]`` rows [neg text + null audio, neg text + audio, pos text + audio] (any dtype);
+    sample: ``[1, 16, L, h, w]`` the window's latents in the state dtype, on the device the arithmetic runs on.
+    The batch-3 Denoiser runs it on its device right after the forward; with split rows the denoise loop runs it
+    where the rows meet. Returns ``[1, 16, L, h, w]`` in the state dtype.
+    """
+    velocity = guided_velocity(noise_pred.to(sample.dtype), audio_scale, text_scale)
+    return euler_step(sample, velocity, schedule, step)

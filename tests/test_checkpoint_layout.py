@@ -69,8 +69,8 @@ def test_official_layout_loads_and_reproduces_golden(layout, golden):
             latents=inputs["x"], y=inputs["y"], timestep=inputs["timestep"],
             text_context=[inputs["context_neg"], inputs["context_neg"], inputs["context_pos"]],
             clip_fea=inputs["clip_fea"], audio_features=inputs["vocal_embeddings"],
-            audio_rows=(False, True, True), seq_len=126,
-        )
+            audio_rows=(False, True, True), seq_len=126, return_dict=False,
+        )[0]
     torch.testing.assert_close(noise_pred, outputs["noise_pred"], atol=2e-5, rtol=0)
     assert all(p.dtype == torch.float32 for p in bundle.text_encoder.parameters())  # bf16 file, fp32 on CPU
     ids, mask = bundle.tokenizer(["a person is talking"])

@@ -7,6 +7,7 @@ exact GELU in the adapter FFN, fp32 timestep sinusoid) land at 2e-5..1e-4, so a 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from pipeline.keymaps.transformer import (
     original_key_name,
     transformer_state_dict_from_files,
 )
+from pipeline.models.audio_split import split_audio_sequence, split_tensor_with_padding
 from pipeline.models.transformer import StableAvatarAttnProcessor, StableAvatarTransformer3DModel
 
 ATOL = 2e-5
@@ -48,7 +50,7 @@ TINY_CONFIG = dict(
     audio_heads=8,
 )
 
-# golden intermediate name -> how to read it from our `intermediates` dict
+# golden intermediate name -> how to read it from the tensors the forward hooks captured
 INTERMEDIATES = {
     "patch_tokens_row0": lambda d: d["patch_tokens"][:1],
     "time_embedding_e": lambda d: d["time_embedding_e"],
@@ -63,6 +65,46 @@ INTERMEDIATES = {
     "block_1_out": lambda d: d["block_1_out"],
     "head_out": lambda d: d["head_out"],
 }
+
+
+@contextmanager
+def captured_intermediates(model: StableAvatarTransformer3DModel):
+    """Debugging tensors of one forward, read by forward hooks on the submodules (nothing threads through the
+    production path)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(name, read=lambda out: out):
+        def hook(_module, _args, output):
+            found[name] = read(output)
+        return hook
+
+    def condition_embeddings(_module, _args, output):
+        temb, timestep_proj, text_states, image_states = output
+        found.update(time_embedding_e=temb, time_projection_e0=timestep_proj.unflatten(1, (6, -1)),
+                     text_context=text_states, image_context=image_states)
+
+    def projector_inputs(_module, args, kwargs, output):
+        found["vocal_projector_latents_in"] = args[1] if len(args) > 1 else kwargs["latents"]
+        found["vocal_context"] = output
+        features = found["vocal_proj_feature"]
+        found["vocal_context_lens"] = split_tensor_with_padding(
+            features, split_audio_sequence(features.shape[1], kwargs.get("num_frames", 81)))[1]
+
+    projector = model.vocal_projector
+    handles = [
+        model.patch_embedding.register_forward_hook(keep("patch_tokens", lambda out: out.flatten(2).transpose(1, 2))),
+        model.condition_embedder.register_forward_hook(condition_embeddings),
+        projector.proj_model.register_forward_hook(keep("vocal_proj_feature")),
+        projector.register_forward_hook(projector_inputs, with_kwargs=True),
+        model.proj_out.register_forward_hook(keep("head_out")),
+        *(block.register_forward_hook(keep(f"vocal_block_{i}_out")) for i, block in enumerate(projector.blocks)),
+        *(block.register_forward_hook(keep(f"block_{i}_out")) for i, block in enumerate(model.blocks)),
+    ]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +137,8 @@ def run(model: StableAvatarTransformer3DModel, inputs: dict[str, torch.Tensor], 
         audio_num_frames=81,
     )
     kwargs.update(overrides)
-    intermediates: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        out = model(**kwargs, intermediates=intermediates)
+    with torch.no_grad(), captured_intermediates(model) as intermediates:
+        (out,) = model(**kwargs, return_dict=False)
     return out, intermediates
 
 
@@ -263,3 +304,20 @@ def test_state_dict_from_files_merges_in_order(state_dict, tmp_path):
     assert merged.keys() == state_dict.keys()
     for key, value in state_dict.items():
         assert torch.equal(merged[key], value), key
+
+
+def test_forward_follows_diffusers_conventions(model, main_run, gold):
+    """``return_dict`` gives ``Transformer2DModelOutput`` or a 1-tuple; ``attention_kwargs`` carries the LoRA scale
+    (``apply_lora_scale``, as diffusers' Wan) without changing a model that has no LoRA layers."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    inputs = gold.tensors("inputs")
+    kwargs = dict(latents=inputs["x"], y=inputs["y"], timestep=inputs["timestep"],
+                  text_context=[inputs["context_neg"], inputs["context_neg"], inputs["context_pos"]],
+                  clip_fea=inputs["clip_fea"], audio_features=inputs["vocal_embeddings"], audio_rows=AUDIO_ROWS,
+                  seq_len=SEQ_LEN)
+    with torch.no_grad():
+        as_dict = model(**kwargs, return_dict=True)
+        as_tuple = model(**kwargs, return_dict=False, attention_kwargs={"scale": 1.0})
+    assert isinstance(as_dict, Transformer2DModelOutput) and isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_dict.sample, main_run[0]) and torch.equal(as_tuple[0], main_run[0])

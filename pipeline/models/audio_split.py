@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["latent_slot_count", "split_audio_sequence", "split_tensor_with_padding"]
+__all__ = ["AUDIO_EXPAND_LENGTH", "latent_slot_count", "split_audio_sequence", "split_tensor_with_padding"]
+
+AUDIO_EXPAND_LENGTH = 4  # tokens added on each side of every slot's range
 
 
 def latent_slot_count(num_frames: int = 81) -> int:
@@ -46,7 +48,7 @@ def split_audio_sequence(n_tokens: int, num_frames: int = 81) -> list[tuple[int,
 
 
 def split_tensor_with_padding(
-    x: Tensor, ranges: Sequence[tuple[int, int]], expand_length: int = 4
+    x: Tensor, ranges: Sequence[tuple[int, int]], expand_length: int = AUDIO_EXPAND_LENGTH
 ) -> tuple[Tensor, Tensor]:
     """Gather each widened range of ``x`` into a fixed-length slot.
 

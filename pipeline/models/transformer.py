@@ -30,11 +30,14 @@ fp32 and modulation sums are formed in fp32 (stock diffusers behaviour; upstream
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanRotaryPosEmbed,
@@ -43,13 +46,15 @@ from diffusers.models.transformers.transformer_wan import (
     _get_added_kv_projections,
     _get_qkv_projections,
 )
+from diffusers.utils import apply_lora_scale
 from torch import Tensor, nn
 
-from .audio_split import latent_slot_count
+from .audio_split import AUDIO_EXPAND_LENGTH, latent_slot_count, split_audio_sequence
 from .vocal_projector import VocalProjector
 
 __all__ = [
     "TEXT_LEN",
+    "BlockResidual",
     "Float64Timesteps",
     "StableAvatarAttnProcessor",
     "StableAvatarTransformer3DModel",
@@ -57,6 +62,15 @@ __all__ = [
 ]
 
 TEXT_LEN = 512  # text context rows; diffusers' Wan processor hard-codes this split too
+
+
+@dataclass
+class BlockResidual:
+    """The step cache's slot in one forward: the residual to reuse (the blocks are skipped), or where the blocks'
+    residual (``output - input`` of the 30 blocks, ``[B, seq_len, C]`` in the model dtype) is written."""
+
+    reuse: Tensor | None = None
+    computed: Tensor | None = None
 
 
 class PrecisionKeepingRotaryPosEmbed(WanRotaryPosEmbed):
@@ -294,6 +308,7 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
             audio_in_dim, inner_dim, num_heads=audio_heads, num_blocks=audio_blocks
         )
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         latents: Tensor,
@@ -305,8 +320,10 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         audio_rows: Sequence[bool],
         seq_len: int,
         audio_num_frames: int = 81,
-        intermediates: dict[str, Tensor] | None = None,
-    ) -> Tensor:
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        block_residual: BlockResidual | None = None,
+    ) -> Transformer2DModelOutput | tuple[Tensor]:
         """Velocity prediction for one window, batched over the CFG rows.
 
         Args:
@@ -320,11 +337,14 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
                 adapter-output space (CFG null audio). Upstream CFG order: ``[False, True, True]``.
             seq_len: tokens of a full 21-frame window; shorter windows are zero-padded to it.
             audio_num_frames: pixel frames the audio slice is spread over (``split_audio_sequence``).
-            intermediates: if given, filled with debugging tensors (patch tokens, ``e``, ``e0``, contexts, adapter
-                and block outputs, ``vocal_context`` = the adapter output ``[1, S, K, C]``, ``head_out``).
+            return_dict: return a ``Transformer2DModelOutput`` (diffusers' convention) rather than a 1-tuple.
+            attention_kwargs: as in diffusers' Wan: only ``scale`` (the LoRA scale, PEFT backend) is read.
+            block_residual: the step cache's slot (``pipeline.step_cache``). With ``reuse`` set, the adapter and the
+                transformer blocks are skipped and ``reuse`` is added to the blocks' input tokens; otherwise the
+                blocks run and ``computed`` receives their output minus their input. ``None``: plain forward.
 
         Returns:
-            ``[B, 16, L, h, w]`` prediction, in ``latents.dtype``.
+            ``[B, 16, L, h, w]`` prediction in ``latents.dtype``, as ``.sample`` or as the tuple's only element.
         """
         batch_size, _, num_frames, height, width = latents.shape
         if len(text_context) != batch_size or len(audio_rows) != batch_size:
@@ -343,8 +363,6 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         num_real = hidden_states.shape[1]
         if num_real > seq_len:
             raise ValueError(f"window has {num_real} tokens, more than seq_len={seq_len}")
-        if intermediates is not None:
-            intermediates["patch_tokens"] = hidden_states
         num_pad = seq_len - num_real
         hidden_states = torch.cat(
             [hidden_states, hidden_states.new_zeros(batch_size, num_pad, hidden_states.shape[2])], 1
@@ -362,47 +380,56 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
             timestep.to(device), text, clip_fea.to(device=device, dtype=dtype)
         )  # temb (e): [B, C]; timestep_proj: [B, 6C]; text_states: [B, 512, C]; image_states: [B, 257, C]
         timestep_proj = timestep_proj.unflatten(1, (6, -1))  # e0: [B, 6, C]
-        encoder_hidden_states = torch.cat([image_states, text_states], dim=1)  # [B, 769, C]
-        if intermediates is not None:
-            intermediates.update(
-                time_embedding_e=temb, time_projection_e0=timestep_proj, text_context=text_states,
-                image_context=image_states,
-            )  # fmt: skip
 
-        # 3. Audio adapter on the last row; zeros (adapter-output space) for the null-audio rows
-        vocal_context = self._vocal_context(
-            hidden_states, temb, timestep_proj, audio_features, audio_rows, audio_num_frames, intermediates
-        )  # [B, S, K, C]
-        if seq_len % vocal_context.shape[1]:
-            raise ValueError(
-                f"seq_len {seq_len} is not a multiple of {vocal_context.shape[1]} latent-frame slots"
-            )
+        if block_residual is not None and block_residual.reuse is not None:
+            # 3'-4'. Step cache hit: the blocks' output is their input plus the unit's last residual.
+            hidden_states = hidden_states + block_residual.reuse.to(hidden_states.device)
+        else:
+            encoder_hidden_states = torch.cat([image_states, text_states], dim=1)  # [B, 769, C]
+            # 3. Audio adapter on the last row; zeros (adapter-output space) for the null-audio rows
+            vocal_context = self._vocal_context(
+                hidden_states, temb, timestep_proj, audio_features, audio_rows, audio_num_frames
+            )  # [B, S, K, C]
+            if seq_len % vocal_context.shape[1]:
+                raise ValueError(
+                    f"seq_len {seq_len} is not a multiple of {vocal_context.shape[1]} latent-frame slots"
+                )
+            blocks_input = hidden_states
 
-        # 4. Transformer blocks
-        for i, block in enumerate(self.blocks):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
-                )
-            else:
-                hidden_states = block(
-                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
-                )
-            if intermediates is not None:
-                intermediates[f"block_{i}_out"] = hidden_states
+            # 4. Transformer blocks
+            for block in self.blocks:
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    hidden_states = self._gradient_checkpointing_func(
+                        block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
+                    )
+                else:
+                    hidden_states = block(
+                        hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
+                    )
+            if block_residual is not None:
+                block_residual.computed = hidden_states - blocks_input  # [B, seq_len, C]
 
         # 5. Output norm (modulated by e, not e0), projection, un-padding and unpatchify
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, C] each
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)  # [B, seq_len, p_t*p_h*p_w*16]
-        if intermediates is not None:
-            intermediates["head_out"] = hidden_states
         hidden_states = hidden_states[:, :num_real].reshape(
             batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
         )
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, 16, L, h, w]
-        return output.to(latents.dtype)
+        output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(latents.dtype)  # [B, 16, L, h, w]
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    @torch.no_grad()
+    def timestep_modulation(self, timesteps: Tensor) -> Tensor:
+        """``e0`` (the blocks' timestep modulation, ``[N, 6, C]``) for ``N`` timesteps, computed by the same
+        condition embedder as ``forward`` (the step cache's input: for Wan it depends only on the timestep)."""
+        device, dtype = self.patch_embedding.weight.device, self.patch_embedding.weight.dtype
+        text = torch.zeros(timesteps.shape[0], 1, self.config.text_dim, device=device, dtype=dtype)
+        _, timestep_proj, _, _ = self.condition_embedder(timesteps.to(device), text, None)
+        return timestep_proj.unflatten(1, (6, -1))
 
     def to_inference_dtype(self, dtype: torch.dtype) -> StableAvatarTransformer3DModel:
         """Cast in place the way ``from_pretrained(torch_dtype=dtype)`` does: parameters whose dotted path contains
@@ -432,32 +459,30 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         audio_features: Tensor | None,
         audio_rows: Sequence[bool],
         audio_num_frames: int,
-        intermediates: dict[str, Tensor] | None,
     ) -> Tensor:
         """``[B, S, K, C]``: the adapter output for rows flagged in ``audio_rows``, zeros for the others.
 
-        The adapter runs once, on the last batch row (all CFG rows share latents and timestep). Without any audio
-        row the context is zeros ``[B, S, 1, C]``: attention over identical zero keys averages identical values, so
-        it equals a zero context of any length K.
+        The adapter runs once, on the last batch row (all CFG rows share latents and timestep). Without audio
+        features the context is zeros ``[B, S, 1, C]``: attention over identical zero keys averages identical values,
+        so it equals a zero context of any length K. With features but no audio row (the null-audio row run on its
+        own), the zeros have the adapter's K, so that row computes exactly what it computes inside the CFG batch.
         """
         batch_size, _, dim = hidden_states.shape
-        if audio_features is None or not any(audio_rows):
+        if audio_features is None:
             return hidden_states.new_zeros(batch_size, latent_slot_count(audio_num_frames), 1, dim)
         if audio_features.shape[0] != 1:
             raise ValueError(f"audio_features must be [1, N, C], got {tuple(audio_features.shape)}")
+        if not any(audio_rows):
+            slots = split_audio_sequence(audio_features.shape[1], audio_num_frames)
+            slot_len = max(end - start + 1 for start, end in slots) + 2 * AUDIO_EXPAND_LENGTH
+            return hidden_states.new_zeros(batch_size, len(slots), slot_len, dim)
 
-        latents_last = hidden_states[-1:]  # [1, seq_len, C] padded patch tokens
-        if intermediates is not None:
-            intermediates["vocal_projector_latents_in"] = latents_last
         vocal = self.vocal_projector(
             audio_features.to(device=hidden_states.device, dtype=hidden_states.dtype),
-            latents_last,
+            hidden_states[-1:],  # [1, seq_len, C] padded patch tokens
             timestep_proj[-1:],
             temb[-1:],
             num_frames=audio_num_frames,
-            intermediates=intermediates,
         ).to(hidden_states.dtype)  # [1, S, K, C]
-        if intermediates is not None:
-            intermediates["vocal_context"] = vocal
         null = torch.zeros_like(vocal)
         return torch.cat([vocal if row else null for row in audio_rows], dim=0)  # [B, S, K, C]

@@ -147,7 +147,6 @@ class VocalProjector(nn.Module):
         e0: Tensor,
         e: Tensor,
         num_frames: int = 81,
-        intermediates: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Compute the vocal context of one window.
 
@@ -156,28 +155,21 @@ class VocalProjector(nn.Module):
             latents: ``[B, seq_len, C]`` DiT patch tokens zero-padded to ``seq_len`` (taken before any DiT block).
             e0: ``[B, 6, C]`` the DiT's timestep projection; ``e``: ``[B, C]`` its time embedding.
             num_frames: pixel frames the audio is spread over (81: 21 latent-frame slots).
-            intermediates: if given, filled with ``vocal_proj_feature``, ``vocal_context_lens`` and
-                ``vocal_block_{i}_out`` for debugging.
 
         Returns:
             ``[B, S, K, C]`` vocal context (``S`` = 21 latent-frame slots, ``K`` tokens per slot).
         """
         feature = self.proj_model(audio_features)  # [B, N, C]
         ranges = split_audio_sequence(feature.shape[1], num_frames)
-        slots, k_lens = split_tensor_with_padding(feature, ranges)  # [B, S, K, C], [S]
+        slots, _ = split_tensor_with_padding(feature, ranges)  # [B, S, K, C]
         num_slots, slot_len = slots.shape[1], slots.shape[2]
         if latents.shape[1] % num_slots:
             raise ValueError(
                 f"seq_len {latents.shape[1]} is not a multiple of the {num_slots} latent-frame slots"
             )
-        if intermediates is not None:
-            intermediates["vocal_proj_feature"] = feature
-            intermediates["vocal_context_lens"] = k_lens
 
         x = slots.flatten(1, 2)  # [B, S*K, C]
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks:
             x = block(x, latents, e0, num_slots)
-            if intermediates is not None:
-                intermediates[f"vocal_block_{i}_out"] = x
         x = self.final_head(x, e)
         return x.unflatten(1, (num_slots, slot_len))  # [B, S, K, C]
