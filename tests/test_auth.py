@@ -55,7 +55,7 @@ def service(tmp_path_factory):
             "device": "cpu", "max_running_jobs": 1,
             "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
                      "max_queued_per_key": 2, "max_running_per_key": 1},
-            "dispatch": {"lease_s": 4, "heartbeat_s": 1, "poll_interval_s": 0.2},
+            "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
             "storage": cluster.local_storage(root),
             "gateway": {"num_replicas": 2},
             "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},

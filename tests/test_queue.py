@@ -51,7 +51,9 @@ def service(tmp_path_factory, postgres):
             config = {
                 "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
                 "jobs": {"kind": "postgres", "dsn_env": DSN_ENV, "pool_max_size": 4, "connect_timeout_s": 5},
-                "dispatch": {"lease_s": 3, "heartbeat_s": 1, "poll_interval_s": 0.2},
+                # lease: short enough that the killed runner's job is reclaimed quickly, long enough that a replica
+                # starved of CPU on a loaded 2-core machine still renews it in time
+                "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
                 "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
                 "storage": cluster.local_storage(root),
                 "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},

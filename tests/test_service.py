@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -69,7 +70,7 @@ def deploy(base_url: str, root, denoisers: int, storage: dict | None = None) -> 
         "device": "cpu",
         "storage": storage or {"kind": "local", "root": str(root), "public_base_url": base_url},
         "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
-        "dispatch": {"lease_s": 6, "heartbeat_s": 1, "poll_interval_s": 0.2},
+        "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
         "denoiser": {"num_replicas": denoisers, "num_gpus": 1, "max_ongoing_requests": 1},
     })
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
@@ -178,15 +179,17 @@ def test_killed_denoiser_replica_does_not_change_the_result(cluster, inputs, tmp
     replicas = [ray.get_actor(a["name"], namespace="serve") for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::") and "#Denoiser#" in a["name"]]
     assert len(replicas) == 3
+    pids = [ray.get(r.__ray_call__.remote(lambda _replica: os.getpid())) for r in replicas]
     deadline = time.monotonic() + 240
     while True:
         assert time.monotonic() < deadline, "no Denoiser replica was ever seen holding a window-step"
         state = http_json("GET", f"{cluster}/{APP}/requests/{rid}/status")[1]
         assert state["status"] != "COMPLETED", state
         if state["progress"]["stage"] == "denoising" and state["progress"]["fraction"] >= 1 / 6:
-            busy = [r for r in replicas if ray.get(r.get_num_ongoing_requests.remote()) > 0]
-            if busy:
-                ray.kill(busy[0], no_restart=True)
+            busy = [pid for r, pid in zip(replicas, pids, strict=True)
+                    if ray.get(r.get_num_ongoing_requests.remote()) > 0]
+            if busy:  # SIGKILL at once (ray.kill is asynchronous: the step in flight could finish first)
+                os.kill(busy[0], signal.SIGKILL)
                 break
         time.sleep(0.01)
     while (state := http_json("GET", f"{cluster}/{APP}/requests/{rid}/status?logs=1")[1])["status"] != "COMPLETED":
