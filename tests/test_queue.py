@@ -459,7 +459,7 @@ def test_two_applications_on_one_database_run_each_job_once(service):
             done = wait_status(base, rid)
             assert "error" not in done, done
             job = store.get(rid, "")
-            assert (job.attempts, job.epoch) == (1, 1), job
+            assert (job.attempts, job.epoch) == (1, 1), messages(done)
             assert stored_keys(root, f"results/{rid}") == [f"results/{rid}/e1/output.mp4"]
             lines = messages(done)
             started = [m for m in lines if m.startswith("running on ")]
