@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.auth import AuthConfig
 from deployments.jobstore import DEFAULT_SQLITE_NAME, JobLimits, JobsConfig, SqliteJobsConfig
+from deployments.retention import RetentionConfig
 from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
@@ -167,6 +168,8 @@ class AppArgs(BaseModel):
     webhook_attempts: int = Field(5, ge=1, le=20)
     webhook_first_delay_s: float = Field(1.0, ge=0.0, le=600.0, description="doubles after each failed attempt")
     inputs: InputLimits = Field(default_factory=InputLimits)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig,
+                                       description="time to live of results, uploads, inputs, records, checkpoints")
 
     gateway: DeploymentOptions = Field(default_factory=DeploymentOptions)
     orchestrator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
@@ -185,6 +188,10 @@ class AppArgs(BaseModel):
                 "jobs: S3 storage serves a cluster, whose replicas must share one jobs database: set "
                 "'jobs: {kind: postgres}' (DSN in $STABLE_AVATAR_JOBS_DSN or a mounted file), or, on a single "
                 "machine, 'jobs: {kind: sqlite, path: /some/local/jobs.sqlite3}'")
+        if "url_expiry_s" in self.storage.model_fields_set:  # written down: a contradiction is refused
+            self.retention.check_link_lifetime(self.storage.url_expiry_s)
+        else:  # the default follows a shorter results_s
+            self.storage.url_expiry_s = min(self.storage.url_expiry_s, max(1, int(self.retention.results_s)))
         return self
 
     def jobs_config(self) -> JobsConfig:

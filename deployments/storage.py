@@ -18,9 +18,9 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +40,16 @@ _RESERVED_LOCAL_NAMES = frozenset({".url_secret", _TMP_DIR, *(DEFAULT_SQLITE_NAM
                                                                 ("", "-wal", "-shm", "-journal"))})
 _MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than 7 days
 _MIB = 1024 * 1024
+S3_DELETE_BATCH = 1000  # the most keys one S3 DeleteObjects request may name
+
+
+class ObjectInfo(NamedTuple):
+    """One stored object as a listing sees it: ``last_modified`` in epoch seconds (the backend's clock: file
+    mtimes locally, the server's ``LastModified`` on S3, whole seconds there)."""
+
+    key: str
+    size: int
+    last_modified: float
 
 
 class StorageError(RuntimeError):
@@ -154,6 +164,20 @@ class Storage(ABC):
         """All keys starting with ``prefix`` (a plain string prefix, as in S3), sorted."""
 
     @abstractmethod
+    def list_objects(self, prefix: str = "", modified_before: float | None = None,
+                     limit: int | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (and, if given, last modified before the epoch time
+        ``modified_before``), at most ``limit`` of them, streamed: the listing is read page by page (S3) or
+        directory by directory (local), never held in memory whole. Objects deleted or written while the
+        iterator runs may or may not appear."""
+
+    @abstractmethod
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Delete ``keys`` in as few requests as the backend allows (missing keys are not errors); returns the
+        keys that could not be deleted, each with the reason (empty: all gone). Every key is validated before
+        anything is deleted (``ValueError``); an unreachable backend raises ``StorageError``."""
+
+    @abstractmethod
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """A URL a client can GET for ``key``; ``filename`` asks for a download under that name."""
 
@@ -220,8 +244,14 @@ class LocalStorage(Storage):
                 os.fsync(f.fileno())
                 size = f.tell()
             os.chmod(tmp, 0o644)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
+            for attempt in range(3):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(tmp, target)
+                    break
+                except FileNotFoundError:  # a sweep removed the emptied directory between mkdir and replace
+                    if attempt == 2:
+                        raise
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -284,6 +314,68 @@ class LocalStorage(Storage):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def list_objects(self, prefix: str = "", modified_before: float | None = None,
+                     limit: int | None = None) -> Iterator[ObjectInfo]:
+        """Regular files under the deepest directory the prefix pins down, in sorted order per directory; ages
+        are file mtimes."""
+        _validate_prefix(prefix)
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        yielded = 0
+        for info in self._walk(start):
+            if not info.key.startswith(prefix):
+                continue
+            if modified_before is not None and info.last_modified >= modified_before:
+                continue
+            if limit is not None and yielded >= limit:
+                return
+            yielded += 1
+            yield info
+
+    def _walk(self, directory: Path) -> Iterator[ObjectInfo]:
+        """Depth-first, one directory's entries in memory at a time; a directory removed meanwhile (a sweep
+        deleting what was listed) is skipped."""
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        top = directory == self.root
+        for entry in entries:
+            if top and entry.name in _RESERVED_LOCAL_NAMES:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    key = Path(entry.path).relative_to(self.root).as_posix()
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+            except FileNotFoundError:
+                continue
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Unlink each file, then remove the directories that became empty (up to, not including, the root)."""
+        paths = [(key, self.path_for(key)) for key in dict.fromkeys(keys)]
+        failed: dict[str, str] = {}
+        for key, path in paths:
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as e:
+                failed[key] = f"{type(e).__name__}: {e.strerror or e}"
+                continue
+            self._remove_empty_parents(path.parent)
+        return failed
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        while directory != self.root and directory.is_relative_to(self.root):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone, or not ours to remove): stop here
+                return
+            directory = directory.parent
 
     def sign(self, key: str, exp: int) -> str:
         """The ``sig`` query parameter of a file link: the service's HMAC over ``key`` and ``exp``."""
@@ -536,6 +628,47 @@ class S3Storage(Storage):
         except Exception as e:
             raise self._error(e, "list") from None
         return sorted(keys)
+
+    def list_objects(self, prefix: str = "", modified_before: float | None = None,
+                     limit: int | None = None) -> Iterator[ObjectInfo]:
+        """``ListObjectsV2`` pages of up to 1000 keys, fetched as the iterator is consumed."""
+        _validate_prefix(prefix)
+        yielded = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix, PaginationConfig={"PageSize": S3_DELETE_BATCH}
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    modified = obj["LastModified"].timestamp()
+                    if modified_before is not None and modified >= modified_before:
+                        continue
+                    if limit is not None and yielded >= limit:
+                        return
+                    yielded += 1
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj.get("Size") or 0), modified)
+        except StorageError:
+            raise
+        except Exception as e:
+            raise self._error(e, "list") from None
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """``DeleteObjects`` (quiet mode) in chunks of up to 1000 keys; per-key errors come back, not raised."""
+        full = [self._key(key) for key in dict.fromkeys(keys)]
+        failed: dict[str, str] = {}
+        for start in range(0, len(full), S3_DELETE_BATCH):
+            chunk = full[start:start + S3_DELETE_BATCH]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                )
+            except Exception as e:
+                raise self._error(e, "delete objects in") from None
+            for err in response.get("Errors", []):
+                if err.get("Code") == "NoSuchKey":
+                    continue
+                failed[err["Key"][len(self.prefix):]] = f"{err.get('Code', 'Unknown')}: {err.get('Message', '')}"
+        return failed
 
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """``public_base_url/prefix/key`` when configured (expiry and filename do not apply), else a presigned

@@ -736,3 +736,72 @@ class SyncJobStore:
                 self._x(cur, f"DELETE FROM job_logs WHERE request_id IN ({marks})", gone)
                 self._x(cur, f"DELETE FROM webhooks WHERE request_id IN ({marks})", gone)
             return len(gone)
+
+    @_read
+    def named_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` (at most 1000) a row still names: an input of an unfinished job or of a finished one
+        whose inputs were not purged, a result not purged, a checkpoint (to resume from, or not yet swept).
+        The retention sweeper deletes an old object found by listing only when no row names it (an orphan).
+        Each source is read through its partial index, so the cost follows the rows retention keeps live, not
+        the table."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return set()
+        if len(wanted) > MAX_BATCH:
+            raise ValueError(f"named_keys takes at most {MAX_BATCH} keys, got {len(wanted)}")
+        b = self.backend
+        sources = [("input_keys", "status = 'COMPLETED' AND NOT inputs_purged", "jobs_finished_inputs"),
+                   ("input_keys", "status = 'IN_QUEUE'", "jobs_queue_order"),
+                   ("input_keys", "status = 'IN_PROGRESS'", "jobs_running_owner"),
+                   ("result_keys", "status = 'COMPLETED' AND NOT result_purged", "jobs_finished_results")]
+        selects = [f"SELECT e.value AS key FROM jobs {b.index_hint(index)}, {b.json_elements(f'jobs.{column}', 'e')} "
+                   f"WHERE {where} AND e.value IN (SELECT value FROM wanted)" for column, where, index in sources]
+        checkpoints = [("status = 'COMPLETED' AND checkpoint_key IS NOT NULL", "jobs_finished_checkpoints"),
+                       ("status = 'IN_QUEUE'", "jobs_queue_order"), ("status = 'IN_PROGRESS'", "jobs_running_owner")]
+        selects += [f"SELECT checkpoint_key AS key FROM jobs {b.index_hint(index)} WHERE {where} "
+                    "AND checkpoint_key IN (SELECT value FROM wanted)" for where, index in checkpoints]
+        statement = f"WITH wanted(value) AS ({b.text_list_rows()}) " + " UNION ".join(selects)
+        with b.read() as cur:
+            return {r["key"] for r in self._x(cur, statement, (b.text_list_in(wanted),)).fetchall()}
+
+    # -- maintenance leases (one process of all that share the database runs a periodic task) -------------------
+    def acquire_lease(self, name: str, owner: str, lease_s: float) -> int | None:
+        """Take the lease ``name`` for ``lease_s`` seconds if it is free, expired, or already ``owner``'s;
+        returns its new epoch (the holder's fencing token), or None while another owner holds it."""
+        _check_lease(lease_s)
+        with self.backend.single() as cur:
+            row = self._x(cur, """
+                INSERT INTO maintenance_leases (name, owner, epoch, expires_at, updated_at)
+                VALUES (?, ?, 1, {now} + ?, {now})
+                ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, epoch = maintenance_leases.epoch + 1,
+                    expires_at = excluded.expires_at, updated_at = excluded.updated_at
+                WHERE maintenance_leases.expires_at <= excluded.updated_at
+                   OR maintenance_leases.owner = excluded.owner
+                RETURNING epoch""", (name, owner, lease_s)).fetchone()
+        return None if row is None else int(row["epoch"])
+
+    def renew_lease(self, name: str, owner: str, epoch: int, lease_s: float) -> bool:
+        """Extend the lease by ``lease_s`` from now; False once another owner took it (stop working)."""
+        _check_lease(lease_s)
+        with self.backend.single() as cur:
+            return self._x(cur, "UPDATE maintenance_leases SET expires_at = {now} + ?, updated_at = {now} "
+                                "WHERE name = ? AND owner = ? AND epoch = ? RETURNING name",
+                           (lease_s, name, owner, epoch)).fetchone() is not None
+
+    def release_lease(self, name: str, owner: str, epoch: int, keep_s: float = 0.0) -> bool:
+        """End the lease ``keep_s`` seconds from now (0: now, the next :meth:`acquire_lease` gets it; more: nobody
+        else runs the task before then, e.g. until the next periodic run is due); False if it was not held."""
+        if not keep_s >= 0:
+            raise ValueError(f"keep_s must be a non-negative number of seconds, got {keep_s!r}")
+        with self.backend.single() as cur:
+            return self._x(cur, "UPDATE maintenance_leases SET expires_at = {now} + ?, updated_at = {now} "
+                                "WHERE name = ? AND owner = ? AND epoch = ? RETURNING name",
+                           (keep_s, name, owner, epoch)).fetchone() is not None
+
+    @_read
+    def lease_holder(self, name: str) -> dict[str, Any] | None:
+        """``owner``, ``epoch`` and ``expires_at`` (database clock) of the lease ``name``, if it was ever taken."""
+        with self.backend.read() as cur:
+            row = self._x(cur, "SELECT owner, epoch, expires_at FROM maintenance_leases WHERE name = ?",
+                          (name,)).fetchone()
+            return None if row is None else dict(row)

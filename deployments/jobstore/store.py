@@ -86,3 +86,9 @@ class JobStore:
     # retention
     expired = _in_thread(SyncJobStore.expired)
     purge = _in_thread(SyncJobStore.purge)
+    named_keys = _in_thread(SyncJobStore.named_keys)
+    # maintenance leases
+    acquire_lease = _in_thread(SyncJobStore.acquire_lease)
+    renew_lease = _in_thread(SyncJobStore.renew_lease)
+    release_lease = _in_thread(SyncJobStore.release_lease)
+    lease_holder = _in_thread(SyncJobStore.lease_holder)
