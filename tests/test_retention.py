@@ -216,8 +216,10 @@ def build_world(store: SyncJobStore, objs: Objects) -> World:
         f"checkpoints/{h}/e1/latents.pt"
     used_upload = "uploads/k1/u3/used.png"
     objs.put(used_upload)
-    ids["G"] = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", input_keys=[used_upload],
-                            rate_limited=False).request_id  # queued for days, names an old upload
+    # queued for days; reads an old upload (named in its input, as the Gateway stores an upload URL, not in
+    # input_keys: the upload is not the job's to delete)
+    ids["G"] = store.submit(app_id="a", input={**INPUT, "stored": {"image_url": used_upload}}, seed=1, owner="k1",
+                            rate_limited=False).request_id
     back_date(store, ids["G"], 3 * DAY)
     stale_result = "results/" + "d" * 32 + "/e2/output.mp4"  # a fenced runner's; 7 days to live, as results
     orphans = {"uploads/k1/u1/face.png", stale_result, "inputs/k2/x/orphan.png", f"checkpoints/{h}/e1/latents.pt"}
@@ -422,7 +424,8 @@ def test_maintenance_lease_admits_one_owner_until_it_expires_or_is_released(db: 
 
 def test_named_keys_are_the_keys_live_rows_still_point_to(db: Db):
     store = db.open()
-    queued = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", input_keys=["inputs/q.png"],
+    reads = {**INPUT, "stored": {"image_url": "uploads/k1/u/face.png", "audio_url": "results/old/e1/o.mp4"}}
+    queued = store.submit(app_id="a", input=reads, seed=1, owner="k1", input_keys=["inputs/q.png"],
                           rate_limited=False).request_id
     done = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", input_keys=["inputs/d.png"],
                         rate_limited=False).request_id
@@ -437,12 +440,16 @@ def test_named_keys_are_the_keys_live_rows_still_point_to(db: Db):
     store.complete(done, claimed_done.epoch, result=stored_output("results/d/e1/o.mp4", 1, 1),
                    result_keys=["results/d/e1/o.mp4"])
     every = ["inputs/q.png", "inputs/d.png", "checkpoints/q/e1/l.pt", "checkpoints/d/e1/l.pt",
-             "results/d/e1/o.mp4", "results/zz/e1/o.mp4", "uploads/k1/u/x.png"]
-    assert store.named_keys(every) == set(every[:5])
+             "results/d/e1/o.mp4", "uploads/k1/u/face.png", "results/old/e1/o.mp4", "results/zz/e1/o.mp4",
+             "uploads/k1/v/x.png"]
+    assert store.named_keys(every) == set(every[:7])
     back_date(store, done, 10 * DAY)
     for kind in ("results", "inputs", "checkpoints"):
         assert store.purge(kind, [done], DAY) == 1
-    assert store.named_keys(every) == {"inputs/q.png", "checkpoints/q/e1/l.pt"}  # purged keys are no one's
+    assert store.named_keys(every) == set(every[:7]) - set(every[1:5:2]) - {every[4]}  # purged: no one's
+    store.complete(queued, claimed.epoch, error=JobError(status_code=500, detail="x", message="x"))
+    # finished: what it read is no longer protected; its own inputs and checkpoint are, until purged
+    assert store.named_keys(every) == {"inputs/q.png", "checkpoints/q/e1/l.pt"}
     assert store.named_keys([]) == set()
     with pytest.raises(ValueError, match="at most 1000"):
         store.named_keys([f"k{n}" for n in range(1001)])
@@ -452,11 +459,11 @@ def test_the_lease_table_migrates_onto_an_existing_database(db: Db):
     store = db.open()
     job_id = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", rate_limited=False).request_id
     sql(store, "DROP TABLE maintenance_leases")
-    sql(store, "DELETE FROM schema_migrations WHERE version = 2")  # as a database made by the first release
+    sql(store, "DELETE FROM schema_migrations WHERE version = 3")  # as a database made by the release before
     store.close()
     db.stores.remove(store)
     upgraded = db.open()
-    assert upgraded.migrations_applied == [2] and [m.version for m in MIGRATIONS] == [1, 2]
+    assert upgraded.migrations_applied == [3] and [m.version for m in MIGRATIONS] == [1, 2, 3]
     assert upgraded.get(job_id, "k1").status == "IN_QUEUE" and upgraded.acquire_lease(LEASE_NAME, "x", 5) == 1
 
 
@@ -505,7 +512,7 @@ def test_sweepers_in_many_replicas_take_turns_and_keep_deleting(tmp_path: Path):
 # -- the 410 answer ---------------------------------------------------------------------------------------------------
 def test_an_expired_result_answers_410_never_a_broken_link(tmp_path: Path):
     sync = open_store(SqliteJobsConfig(synchronous="NORMAL"), tmp_path / "jobs.sqlite3")
-    storage = LocalStorage(LocalStorageConfig(root=tmp_path / "store", url_expiry_s=3 * DAY))
+    storage = LocalStorage(LocalStorageConfig(root=tmp_path / "store", url_expiry_s=3 * DAY), b"link-secret")
     try:
         key = "results/" + "a" * 32 + "/e1/output.mp4"
         storage.put_bytes(key, b"video", "video/mp4")
@@ -572,7 +579,8 @@ def test_retention_block_defaults_and_validation():
     with pytest.raises(ValidationError, match=r"url_expiry_s \(7200\) must not exceed retention.results_s"):
         AppArgs(retention={"results_s": 3600}, storage={"kind": "local", "url_expiry_s": 7200})
     with pytest.raises(ValidationError, match=r"url_expiry_s \(604800\) must not exceed"):
-        AppArgs(retention={"results_s": DAY}, storage={"kind": "s3", "bucket": "bkt", "url_expiry_s": 604800})
+        AppArgs(retention={"results_s": DAY}, storage={"kind": "s3", "bucket": "bkt", "url_expiry_s": 604800},
+                jobs={"kind": "postgres"})
     assert AppArgs(storage={"kind": "local", "url_expiry_s": 600}).storage.url_expiry_s == 600
 
 
@@ -701,12 +709,13 @@ def test_replicas_sweep_in_the_background_and_export_counts_per_kind(tmp_path: P
     sync.complete(job_id, claimed.epoch, error=JobError(status_code=500, detail="x", message="x"))
     back_date(sync, job_id, 40 * DAY)
     sync.close()
-    Objects("local", storage, None).cut(old)
+    for key in old:  # a day old: past the hour to live below
+        os.utime(storage.path_for(key), (time.time() - DAY, time.time() - DAY))
     storage.put_bytes("uploads/k1/new/f.png", b"x", "image/png")
 
     with ray_serve_cluster(num_cpus=2, metrics=True) as cluster:
         handle = serve.run(SweepingReplica.options(num_replicas=2).bind(str(root), str(db_path),
-                                                                        {"uploads_s": 30, "inputs_s": 30, "sweep_interval_s": 0.5}),
+                                                                        {"uploads_s": 3600, "inputs_s": 3600, "sweep_interval_s": 0.5}),
                            name="sweeper-test", route_prefix=None)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

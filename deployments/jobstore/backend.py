@@ -66,6 +66,11 @@ class Backend(ABC):
         """A FROM item expanding the JSON array of strings in ``column`` into rows with a text ``<alias>.value``."""
 
     @abstractmethod
+    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
+        """Every string anywhere in the JSON document ``column``, as (a FROM item, its text value expression, the
+        condition that keeps strings only)."""
+
+    @abstractmethod
     def text_list_rows(self) -> str:
         """A SELECT yielding one row (column ``value``) per string of one list parameter (:meth:`text_list_in`)."""
 

@@ -740,10 +740,11 @@ class SyncJobStore:
     @_read
     def named_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` (at most 1000) a row still names: an input of an unfinished job or of a finished one
-        whose inputs were not purged, a result not purged, a checkpoint (to resume from, or not yet swept).
-        The retention sweeper deletes an old object found by listing only when no row names it (an orphan).
-        Each source is read through its partial index, so the cost follows the rows retention keeps live, not
-        the table."""
+        whose inputs were not purged, a result not purged, a checkpoint (to resume from, or not yet swept), or any
+        string in the input of an unfinished job (an upload, or an earlier result, that it will read). The
+        retention sweeper deletes an old object found by listing only when no row names it (an orphan). Each
+        source is read through its partial index, so the cost follows the rows retention keeps live (and the
+        queue), not the table."""
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return set()
@@ -760,6 +761,9 @@ class SyncJobStore:
                        ("status = 'IN_QUEUE'", "jobs_queue_order"), ("status = 'IN_PROGRESS'", "jobs_running_owner")]
         selects += [f"SELECT checkpoint_key AS key FROM jobs {b.index_hint(index)} WHERE {where} "
                     "AND checkpoint_key IN (SELECT value FROM wanted)" for where, index in checkpoints]
+        from_item, value, is_text = b.json_strings("jobs.input", "s")
+        selects += [f"SELECT {value} AS key FROM jobs {b.index_hint(index)}, {from_item} WHERE {where} AND {is_text} "
+                    f"AND {value} IN (SELECT value FROM wanted)" for where, index in checkpoints[1:]]
         statement = f"WITH wanted(value) AS ({b.text_list_rows()}) " + " UNION ".join(selects)
         with b.read() as cur:
             return {r["key"] for r in self._x(cur, statement, (b.text_list_in(wanted),)).fetchall()}

@@ -88,6 +88,10 @@ class PostgresBackend(Backend):
     def json_elements(self, column: str, alias: str) -> str:
         return f"jsonb_array_elements_text({column}) AS {alias}(value)"
 
+    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
+        return (f"jsonb_path_query({column}, 'strict $.**') AS {alias}(j)", f"({alias}.j #>> ARRAY[]::text[])",
+                f"jsonb_typeof({alias}.j) = 'string'")
+
     def text_list_rows(self) -> str:
         return "SELECT unnest(?::text[]) AS value"
 

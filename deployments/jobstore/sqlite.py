@@ -133,6 +133,9 @@ class SqliteBackend(Backend):
     def json_elements(self, column: str, alias: str) -> str:
         return f"json_each({column}) AS {alias}"
 
+    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
+        return f"json_tree({column}) AS {alias}", f"{alias}.value", f"{alias}.type = 'text'"
+
     def text_list_rows(self) -> str:
         return "SELECT value FROM json_each(?)"
 
