@@ -45,7 +45,7 @@ from deployments.jobstore import (
     cancelled_error,
     new_request_id,
 )
-from deployments.results import public_result
+from deployments.results import public_result, result_answer
 from deployments.service_state import open_service_state
 from deployments.storage import LocalStorage, StorageError, StorageNotFoundError, validate_key
 from pipeline.fetch import check_webhook_url
@@ -372,16 +372,13 @@ class Gateway:
         if not job.finished:
             return JSONResponse(status_body(job, snapshot.position, None, _base_url(request)), status_code=202,
                                 headers={"x-fal-request-id": request_id})
-        if job.error is not None:
-            headers = {"x-fal-request-timeout-type": job.error.timeout_type} if job.error.timeout_type else None
-            error_type = job.error.error_type if isinstance(job.error.detail, str) else None
-            return _fal_error(job.error.status_code, job.error.detail, request_id, error_type, headers)
-        if job.result_purged:
-            return _fal_error(410, "the result of this request has expired and was deleted (retention)",
-                              request_id, "result_expired")
-        output = public_result(job.result, self.storage) or {}
-        output["video"]["url"] = _absolute(output["video"]["url"], request)
-        return JSONResponse(output, headers={"x-fal-request-id": request_id})
+        # its error; 410 once the result expired (retention.results_s after completion, swept or not); else the
+        # output, with a link that expires no later than its file
+        answer = result_answer(job, self.storage, self.args.retention.results_s)
+        if answer.status_code == 200:
+            answer.body["video"]["url"] = _absolute(answer.body["video"]["url"], request)
+        return JSONResponse(answer.body, status_code=answer.status_code,
+                            headers={**answer.headers, "x-fal-request-id": request_id})
 
     @api.put("/{owner}/{app}/requests/{request_id}/cancel")
     async def cancel(self, owner: str, app: str, request_id: str, request: Request) -> JSONResponse:

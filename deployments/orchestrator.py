@@ -32,6 +32,7 @@ from deployments.jobstore import FencedError
 from deployments.postprocessor import result_key
 from deployments.ray_executor import RayDenoiserExecutor
 from deployments.results import stored_output
+from deployments.retention import RetentionSweeper
 from deployments.service_state import open_service_state
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest
@@ -61,10 +62,14 @@ class Orchestrator:
         self.runner_id = replica_name()
         self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute)
         self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id)
+        # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
+        self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
+                                          on_report=metrics.record_retention)
         # Serve runs the constructor on the replica's event loop: the loops start with the replica, before any
         # request, so a restarted application resumes its jobs by itself.
         self.runner.start()
         self.webhooks.start()
+        self.retention.ensure_running()
         logger.info("runner %s: up to %d queued jobs at once, lease %.1f s (heartbeat %.1f s), jobs database %s",
                     self.runner_id, args.max_running_jobs, args.dispatch.lease_s, args.dispatch.heartbeat_s,
                     self.store.backend_name)
@@ -94,10 +99,12 @@ class Orchestrator:
             if not loop.alive and not loop.stopping:
                 logger.error("runner %s: the %s loop had stopped; restarting it", self.runner_id, name)
                 loop.start()
+        self.retention.ensure_running()  # its loop logs and survives errors; this only covers a cancelled task
 
     async def __del__(self) -> None:
         """Graceful shutdown (a redeploy, a scale-down): stop claiming, hand queued jobs back to the queue."""
         self.webhooks.stop()
+        await self.retention.stop()
         await self.runner.stop()
 
     # -- one run -----------------------------------------------------------------------------------------------

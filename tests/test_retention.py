@@ -18,7 +18,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from pydantic import ValidationError
-from ray import serve
 
 from deployments.config import AppArgs
 from deployments.jobs import JobError
@@ -657,73 +656,76 @@ def test_an_object_that_cannot_be_deleted_is_reported_and_holds_up_nothing(tmp_p
         sync.close()
 
 
-# -- inside a Ray Serve replica: the loop started from check_health, counts exported to Prometheus --------------------
-@serve.deployment(health_check_period_s=1, health_check_timeout_s=30)
-class SweepingReplica:
-    """What an Orchestrator replica does with the sweeper (the real wiring lives in deployments/orchestrator.py)."""
-
-    def __init__(self, root: str, db_path: str, retention: dict[str, float]):
-        from deployments import metrics
-        from deployments.jobstore import make_job_store
-
-        store = make_job_store(SqliteJobsConfig(path=Path(db_path)), Path(db_path))
-        self.sweeper = RetentionSweeper(store, LocalStorage(LocalStorageConfig(root=Path(root))),
-                                        RetentionConfig(**retention), on_report=metrics.record_retention)
-
-    async def check_health(self) -> None:
-        self.sweeper.ensure_running()
-
-    async def __call__(self) -> dict[str, Any]:
-        return {"sweeps": self.sweeper.sweeps,
-                "last": self.sweeper.last_report.model_dump() if self.sweeper.last_report else None}
-
-
+# -- the service: Orchestrator replicas sweep, the Gateway answers 410, counts exported per kind ---------------------
 def _retention_metric(url: str) -> dict[str, float]:
     """``ray_stable_avatar_retention_deleted_total`` per ``kind``, summed over the replica tags."""
     import re
-    import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
+    from tests.helpers import http_bytes
+
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r'^ray_stable_avatar_retention_deleted_total\{([^}]*)\} (\S+)$', line)
-        if match:
-            kind = re.search(r'kind="([^"]*)"', match.group(1))
-            if kind:
-                totals[kind.group(1)] = totals.get(kind.group(1), 0.0) + float(match.group(2))
+    for line in http_bytes(url).decode().splitlines():
+        match = re.match(r"^ray_stable_avatar_retention_deleted_total\{([^}]*)\} (\S+)$", line)
+        kind = re.search(r'kind="([^"]*)"', match.group(1)) if match else None
+        if kind:
+            totals[kind.group(1)] = totals.get(kind.group(1), 0.0) + float(match.group(2))
     return totals
 
 
-def test_replicas_sweep_in_the_background_and_export_counts_per_kind(tmp_path: Path):
+def _until(what: str, check: Any, timeout_s: float = 90, every_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"{what}: not within {timeout_s} s"
+            return value
+        time.sleep(every_s)
+
+
+def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path):
+    """A real application (tiny preset, SQLite beside local storage) with TTLs of seconds: the result is served with
+    a link that ends with the file, then answers 410; the Orchestrator replicas' sweeper deletes the job's inputs
+    and result and an abandoned upload, exports the counts per kind, and finally drops the record (404)."""
+    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, http_bytes, http_json
     from tests.ray_serve import ray_serve_cluster
 
-    root, db_path = tmp_path / "store", tmp_path / "jobs.sqlite3"
-    storage = LocalStorage(LocalStorageConfig(root=root))
-    sync = open_store(SqliteJobsConfig(path=db_path), db_path)
-    old = [f"uploads/k1/{n}/f.png" for n in range(5)] + ["inputs/k2/a/x.png", "inputs/k2/b/y.png"]
-    for key in old:
-        storage.put_bytes(key, b"x", "image/png")
-    job_id = sync.submit(app_id="a", input=INPUT, seed=1, owner="k1", rate_limited=False).request_id
-    claimed = sync.claim("r", 60)
-    sync.complete(job_id, claimed.epoch, error=JobError(status_code=500, detail="x", message="x"))
-    back_date(sync, job_id, 40 * DAY)
-    sync.close()
-    for key in old:  # a day old: past the hour to live below
-        os.utime(storage.path_for(key), (time.time() - DAY, time.time() - DAY))
-    storage.put_bytes("uploads/k1/new/f.png", b"x", "image/png")
+    app = "fal-ai/stable-avatar"
+    root = tmp_path / "data"
+    ttl = {"results_s": 12, "uploads_s": 12, "inputs_s": 12, "checkpoints_s": 12, "jobs_s": 18,
+           "sweep_interval_s": 0.5}
+    abandoned = root / "uploads" / "k9" / "u1" / "face.png"
+    abandoned.parent.mkdir(parents=True)
+    abandoned.write_bytes(b"never used")
+    os.utime(abandoned, (time.time() - DAY, time.time() - DAY))
+    with ray_serve_cluster(num_cpus=4, metrics=True) as cluster:
+        cluster.deploy({"device": "cpu", "storage": cluster.local_storage(root), "retention": ttl,
+                        "orchestrator": {"num_replicas": 2}})
+        body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(EXAMPLE_AUDIO, "audio/wav"),
+                "prompt": "a person talking", "num_inference_steps": 1, "seed": 3, "aspect_ratio": "1:1"}
+        code, submitted, _ = http_json("POST", f"{cluster.base}/{app}", body)
+        assert code == 200, submitted
+        request_id = submitted["request_id"]
+        status_url = f"{cluster.base}/{app}/requests/{request_id}/status"
+        _until("the job completes", lambda: http_json("GET", status_url)[1]["status"] == "COMPLETED", 240, 0.05)
+        code, result, _ = http_json("GET", f"{cluster.base}/{app}/requests/{request_id}")
+        served_at = time.time()
+        assert code == 200, result
+        link = result["video"]["url"]
+        assert int(parse_qs(urlsplit(link).query)["exp"][0]) <= served_at + ttl["results_s"]  # ends with the file
+        assert len(http_bytes(link)) == result["video"]["file_size"]
+        stored = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                  and p.relative_to(root).parts[0] in ("inputs", "results")}
+        assert {k.split("/")[0] for k in stored} == {"inputs", "results"} and len(stored) == 3  # 2 inputs, 1 video
 
-    with ray_serve_cluster(num_cpus=2, metrics=True) as cluster:
-        handle = serve.run(SweepingReplica.options(num_replicas=2).bind(str(root), str(db_path),
-                                                                        {"uploads_s": 3600, "inputs_s": 3600, "sweep_interval_s": 0.5}),
-                           name="sweeper-test", route_prefix=None)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            counts = _retention_metric(cluster.metrics_url)
-            if counts.get("uploads") == 5 and counts.get("inputs") == 2 and counts.get("jobs") == 1:
-                break
-            time.sleep(1)
-        assert counts == {"uploads": 5, "inputs": 2, "jobs": 1}  # results/checkpoints: nothing, so never counted
-        states = [handle.remote().result() for _ in range(4)]
-        assert any(s["sweeps"] >= 1 for s in states)
-    assert storage.list_keys() == ["uploads/k1/new/f.png"]
+        code, gone, headers = _until("the result expires", lambda: (r := http_json(
+            "GET", f"{cluster.base}/{app}/requests/{request_id}"))[0] == 410 and r, 60)
+        assert gone["error_type"] == "result_expired" and "expired" in gone["detail"]
+        assert headers["x-fal-error-type"] == "result_expired" and headers["x-fal-request-id"] == request_id
+        _until("the sweep deletes the objects", lambda: not any((root / k).exists() for k in stored)
+               and not abandoned.exists(), 60)
+        assert http_json("GET", status_url)[0] == 200  # the record outlives its objects (jobs_s)
+        _until("the record goes too", lambda: http_json("GET", status_url)[0] == 404, 60)
+        counts = _until("the counts reach Prometheus", lambda: (c := _retention_metric(cluster.metrics_url)).get(
+            "jobs") == 1 and c, 60, 1.0)
+        assert counts == {"results": 1, "inputs": 2, "uploads": 1, "jobs": 1}
+    assert not (root / "results").exists() and not (root / "inputs").exists()  # emptied directories removed too
