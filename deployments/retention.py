@@ -7,11 +7,14 @@ The ``retention:`` block of the app args (:class:`RetentionConfig`) gives one TT
    the job store for finished jobs past the TTL (``expired``), deletes the objects they name, then marks them
    purged (``purge``; ``jobs`` deletes the rows with their logs and webhook, after deleting every key they still
    own). A result marked purged answers 410 (:func:`deployments.results.result_answer`). Objects first, rows
-   after: a crash in between only repeats the deletes.
+   after: a crash in between only repeats the deletes. An object that cannot be deleted is counted as failed
+   and its row purged all the same: the object is then an orphan that step 2 tries again at every sweep, and a
+   key that keeps failing never holds up the rows behind it.
 2. **Orphans, by listing.** Objects under ``uploads/``, ``inputs/``, ``results/`` and ``checkpoints/`` older than
    their TTL (the object's own time) that no row names (``named_keys``): uploads never used, the result or
    checkpoint a fenced runner wrote before it died, inputs of a submit that failed after writing them.
-   An object a row still names is left to step 1 (an unfinished job keeps its inputs and checkpoint).
+   An object a row still names is left to step 1 (an unfinished job keeps its inputs and checkpoint, and the
+   uploads or earlier results its input reads). The listing is streamed, ``batch_size`` objects at a time.
 3. Idle rate-limit buckets are pruned.
 
 **One sweeper at a time, and harmless if not.** Many Orchestrator replicas, in one or several applications
@@ -104,7 +107,7 @@ class RetentionConfig(BaseModel):
 class SweepReport(BaseModel):
     """What one sweep did. ``objects``: objects deleted per kind (from expired rows and orphans together);
     ``orphans``: of those, found by listing; ``rows``: rows purged per kind (``jobs``: deleted); ``failed``:
-    objects that could not be deleted (retried next sweep)."""
+    objects that could not be deleted (tried again by the orphan listing of every later sweep)."""
 
     swept: bool = True  # False: another process held the lease, nothing was done
     lease_holder: str | None = None
@@ -292,7 +295,7 @@ class RetentionSweeper:
         """One sweep now (taking the lease like the loop does) and its report."""
         interval = self.retention.sweep_interval_s
         report = await sweep_once(self.store, self.storage, self.retention, owner=self.owner,
-                                  batch_size=self.batch_size, lease_s=max(self.lease_s, 1.0),
+                                  batch_size=self.batch_size, lease_s=self.lease_s,
                                   hold_s=HOLD_FRACTION * interval)
         if report.swept:
             self.sweeps += 1
