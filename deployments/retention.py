@@ -9,7 +9,8 @@ The ``retention:`` block of the app args (:class:`RetentionConfig`) gives one TT
    own). A result marked purged answers 410 (:func:`deployments.results.result_answer`). Objects first, rows
    after: a crash in between only repeats the deletes. An object that cannot be deleted is counted as failed
    and its row purged all the same: the object is then an orphan that step 2 tries again at every sweep, and a
-   key that keeps failing never holds up the rows behind it.
+   key that keeps failing never holds up the rows behind it. So is an object that an unfinished job reads (an
+   earlier result given as its input): step 2 deletes it once that job has finished.
 2. **Orphans, by listing.** Objects under ``uploads/``, ``inputs/``, ``results/`` and ``checkpoints/`` older than
    their TTL (the object's own time) that no row names (``named_keys``): uploads never used, the result or
    checkpoint a fenced runner wrote before it died, inputs of a submit that failed after writing them.
@@ -57,6 +58,7 @@ LEASE_NAME = "retention"
 DEFAULT_BATCH = 500  # rows or listed objects handled per step (one storage request, one purge)
 DEFAULT_LEASE_S = 300.0  # renewed after every batch; a sweeper that died frees it after this long
 HOLD_FRACTION = 0.9  # after a sweep the lease is kept for this share of the interval: one sweep per interval
+NAMED_KEYS_CHUNK = 1000  # keys per named_keys query (the store's bound)
 
 ObjectKind = Literal["results", "inputs", "uploads", "checkpoints"]
 ROW_KINDS = ("results", "inputs", "checkpoints", "jobs")  # jobs last: it deletes what the others left
@@ -170,6 +172,13 @@ async def _delete(storage: Storage, keys: list[str]) -> dict[str, str]:
     return await asyncio.to_thread(storage.delete_many, keys) if keys else {}
 
 
+async def _named(store: JobStore, keys: list[str], read_by_unfinished_only: bool = False) -> set[str]:
+    named: set[str] = set()
+    for start in range(0, len(keys), NAMED_KEYS_CHUNK):
+        named |= await store.named_keys(keys[start:start + NAMED_KEYS_CHUNK], read_by_unfinished_only)
+    return named
+
+
 async def _sweep_rows(store: JobStore, storage: Storage, kind: str, ttl: float, batch: int, lease: _Lease | None,
                       report: SweepReport) -> None:
     """Expired rows of one kind, batch by batch: delete their objects, then purge the rows. A row is purged even
@@ -183,6 +192,9 @@ async def _sweep_rows(store: JobStore, storage: Storage, kind: str, ttl: float, 
             return
         previous = ids
         keys = list(dict.fromkeys(k for item in items for k in item.keys))
+        # an expired result that a queued job was given as its input stays until that job ends (then: an orphan)
+        read = await _named(store, keys, read_by_unfinished_only=True)
+        keys = [key for key in keys if key not in read]
         failed = await _delete(storage, keys)
         report.rows[kind] += await store.purge(kind, ids, ttl)
         for key in keys:
@@ -205,7 +217,7 @@ async def _sweep_orphans(store: JobStore, storage: Storage, kind: ObjectKind, cu
             return
         report.listed += len(found)
         keys = [info.key for info in found]
-        named = await store.named_keys(keys)
+        named = await _named(store, keys)
         orphans = [key for key in keys if key not in named]
         failed = await _delete(storage, orphans)
         report.failed[kind] += len(failed)

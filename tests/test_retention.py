@@ -333,10 +333,34 @@ def test_sweeps_work_in_bounded_batches(tmp_path: Path):
         assert report.rows["results"] == 7 and report.objects == {"results": 7, "inputs": 0, "uploads": 8,
                                                                   "checkpoints": 0}
         assert max(sizes["expired"] + sizes["purge"] + sizes["named_keys"] + sizes["delete_many"]) == 3
-        assert sizes["purge"] == [3, 3, 1] and sizes["named_keys"][:3] == [3, 3, 2]
+        # named_keys: the expired rows' keys (is an unfinished job reading one?), then the uploads listing
+        assert sizes["purge"] == [3, 3, 1] and sizes["named_keys"] == [3, 3, 1, 3, 3, 2]
         assert storage.list_keys() == []
     finally:
         sync.close()
+
+
+def test_an_expired_result_a_queued_job_reads_stays_until_that_job_ends(db: Db, tmp_path: Path):
+    """A client may give an earlier result of its own as the input of a new job. If that result expires while the
+    job waits, the record answers 410 at once, but the file stays until the job that reads it has finished."""
+    store = db.open()
+    storage = LocalStorage(LocalStorageConfig(root=tmp_path / "store"))
+    key = "results/" + "b" * 32 + "/e1/output.mp4"
+    storage.put_bytes(key, b"video", "video/mp4")
+    os.utime(storage.path_for(key), (time.time() - 8 * DAY, time.time() - 8 * DAY))
+    old = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", rate_limited=False).request_id
+    claimed = store.claim("r", 60)
+    store.complete(old, claimed.epoch, result=stored_output(key, 5, 1), result_keys=[key])
+    back_date(store, old, 8 * DAY)
+    reader = store.submit(app_id="a", input={**INPUT, "stored": {"image_url": key}}, seed=2, owner="k1",
+                          rate_limited=False).request_id
+
+    report = run(sweep(store, storage, time.time()))
+    assert report.rows["results"] == 1 and store.get(old, "k1").result_purged  # 410 for the old request
+    assert report.objects["results"] == 0 and storage.exists(key)  # the queued job still reads it
+    assert store.cancel(reader, "k1") == "CANCELLATION_REQUESTED"
+    report = run(sweep(store, storage, time.time()))
+    assert report.orphans["results"] == 1 and not storage.exists(key)
 
 
 # -- one sweeper at a time ---------------------------------------------------------------------------------------------
@@ -442,6 +466,7 @@ def test_named_keys_are_the_keys_live_rows_still_point_to(db: Db):
              "results/d/e1/o.mp4", "uploads/k1/u/face.png", "results/old/e1/o.mp4", "results/zz/e1/o.mp4",
              "uploads/k1/v/x.png"]
     assert store.named_keys(every) == set(every[:7])
+    assert store.named_keys(every, read_by_unfinished_only=True) == {"uploads/k1/u/face.png", "results/old/e1/o.mp4"}
     back_date(store, done, 10 * DAY)
     for kind in ("results", "inputs", "checkpoints"):
         assert store.purge(kind, [done], DAY) == 1

@@ -738,32 +738,35 @@ class SyncJobStore:
             return len(gone)
 
     @_read
-    def named_keys(self, keys: Sequence[str]) -> set[str]:
+    def named_keys(self, keys: Sequence[str], read_by_unfinished_only: bool = False) -> set[str]:
         """Which of ``keys`` (at most 1000) a row still names: an input of an unfinished job or of a finished one
         whose inputs were not purged, a result not purged, a checkpoint (to resume from, or not yet swept), or any
         string in the input of an unfinished job (an upload, or an earlier result, that it will read). The
-        retention sweeper deletes an old object found by listing only when no row names it (an orphan). Each
-        source is read through its partial index, so the cost follows the rows retention keeps live (and the
-        queue), not the table."""
+        retention sweeper deletes an old object found by listing only when no row names it (an orphan), and keeps
+        the objects of expired rows that an unfinished job reads (``read_by_unfinished_only``: that last source
+        alone). Each source is read through its partial index, so the cost follows the rows retention keeps live
+        (and the queue), not the table."""
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return set()
         if len(wanted) > MAX_BATCH:
             raise ValueError(f"named_keys takes at most {MAX_BATCH} keys, got {len(wanted)}")
         b = self.backend
-        sources = [("input_keys", "status = 'COMPLETED' AND NOT inputs_purged", "jobs_finished_inputs"),
-                   ("input_keys", "status = 'IN_QUEUE'", "jobs_queue_order"),
-                   ("input_keys", "status = 'IN_PROGRESS'", "jobs_running_owner"),
-                   ("result_keys", "status = 'COMPLETED' AND NOT result_purged", "jobs_finished_results")]
-        selects = [f"SELECT e.value AS key FROM jobs {b.index_hint(index)}, {b.json_elements(f'jobs.{column}', 'e')} "
-                   f"WHERE {where} AND e.value IN (SELECT value FROM wanted)" for column, where, index in sources]
-        checkpoints = [("status = 'COMPLETED' AND checkpoint_key IS NOT NULL", "jobs_finished_checkpoints"),
-                       ("status = 'IN_QUEUE'", "jobs_queue_order"), ("status = 'IN_PROGRESS'", "jobs_running_owner")]
-        selects += [f"SELECT checkpoint_key AS key FROM jobs {b.index_hint(index)} WHERE {where} "
-                    "AND checkpoint_key IN (SELECT value FROM wanted)" for where, index in checkpoints]
+        unfinished = [("status = 'IN_QUEUE'", "jobs_queue_order"), ("status = 'IN_PROGRESS'", "jobs_running_owner")]
         from_item, value, is_text = b.json_strings("jobs.input", "s")
-        selects += [f"SELECT {value} AS key FROM jobs {b.index_hint(index)}, {from_item} WHERE {where} AND {is_text} "
-                    f"AND {value} IN (SELECT value FROM wanted)" for where, index in checkpoints[1:]]
+        selects = [f"SELECT {value} AS key FROM jobs {b.index_hint(index)}, {from_item} WHERE {where} AND {is_text} "
+                   f"AND {value} IN (SELECT value FROM wanted)" for where, index in unfinished]
+        if not read_by_unfinished_only:
+            sources = [("input_keys", "status = 'COMPLETED' AND NOT inputs_purged", "jobs_finished_inputs"),
+                       *(("input_keys", where, index) for where, index in unfinished),
+                       ("result_keys", "status = 'COMPLETED' AND NOT result_purged", "jobs_finished_results")]
+            selects += [f"SELECT e.value AS key FROM jobs {b.index_hint(index)}, "
+                        f"{b.json_elements(f'jobs.{column}', 'e')} WHERE {where} "
+                        "AND e.value IN (SELECT value FROM wanted)" for column, where, index in sources]
+            checkpoints = [("status = 'COMPLETED' AND checkpoint_key IS NOT NULL", "jobs_finished_checkpoints"),
+                           *unfinished]
+            selects += [f"SELECT checkpoint_key AS key FROM jobs {b.index_hint(index)} WHERE {where} "
+                        "AND checkpoint_key IN (SELECT value FROM wanted)" for where, index in checkpoints]
         statement = f"WITH wanted(value) AS ({b.text_list_rows()}) " + " UNION ".join(selects)
         with b.read() as cur:
             return {r["key"] for r in self._x(cur, statement, (b.text_list_in(wanted),)).fetchall()}
