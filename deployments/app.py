@@ -1,8 +1,11 @@
 """The application builder: ``serve_config.yaml`` points at ``deployments.app:build_app``.
 
-    Gateway (FastAPI ingress) -> JobQueue (1 replica, durable) -> Orchestrator -> Preprocessor
-                              -> Orchestrator (sync route)                  -> Denoiser x N (autoscaled, GPU)
-                                                                            -> Postprocessor
+    Gateway (FastAPI ingress, any number of replicas) --reads/writes--> jobs database (SQLite / PostgreSQL)
+       |  sync requests                                                     ^  claims with leases
+       v                                                                    |
+    Orchestrator (each replica claims and runs jobs) -> Preprocessor
+                                                     -> Denoiser x N (autoscaled, GPU)
+                                                     -> Postprocessor
 """
 
 
@@ -11,7 +14,7 @@ from ray.serve import Application
 from deployments.config import APP_NAME, AppArgs
 from deployments.denoiser import Denoiser
 from deployments.gateway import Gateway
-from deployments.job_queue import JobQueue
+from deployments.jobstore import SqliteJobsConfig
 from deployments.orchestrator import Orchestrator
 from deployments.postprocessor import Postprocessor
 from deployments.preprocessor import Preprocessor
@@ -20,17 +23,22 @@ from deployments.storage import LocalStorageConfig
 __all__ = ["APP_NAME", "AppArgs", "build_app"]
 
 
-def build_app(args: AppArgs) -> Application:
+def pin_paths(args: AppArgs) -> AppArgs:
+    """Replicas may run in another working directory: resolve relative paths where the config was read."""
+    update: dict = {}
     if isinstance(args.storage, LocalStorageConfig) and not args.storage.root.is_absolute():
-        # Replicas may run in another working directory: pin the path where the config was read.
-        args = args.model_copy(update={"storage": args.storage.model_copy(update={"root": args.storage.root.resolve()})})
+        update["storage"] = args.storage.model_copy(update={"root": args.storage.root.resolve()})
+    if isinstance(args.jobs, SqliteJobsConfig) and args.jobs.path is not None and not args.jobs.path.is_absolute():
+        update["jobs"] = args.jobs.model_copy(update={"path": args.jobs.path.resolve()})
+    return args.model_copy(update=update) if update else args
+
+
+def build_app(args: AppArgs) -> Application:
+    args = pin_paths(args)
     preprocessor = Preprocessor.options(**args.preprocessor.serve_options()).bind(args)
     denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
     postprocessor = Postprocessor.options(**args.postprocessor.serve_options()).bind(args)
     orchestrator = Orchestrator.options(**args.orchestrator.serve_options()).bind(
         preprocessor, denoiser, postprocessor, args)
-    # The JobQueue owns the queue's order and state in memory: exactly one replica.
-    queue_options = args.job_queue.serve_options() | {"num_replicas": 1}
-    queue_options.pop("autoscaling_config", None)
-    job_queue = JobQueue.options(**queue_options).bind(orchestrator, args)
-    return Gateway.options(**args.gateway.serve_options()).bind(orchestrator, job_queue, args)
+    return Gateway.options(**args.gateway.serve_options()).bind(orchestrator, preprocessor, denoiser, postprocessor,
+                                                                args)

@@ -1,4 +1,7 @@
-"""API keys (``Authorization: Key <key>``, as fal clients send ``FAL_KEY``) and per-key submit rate limits.
+"""API keys (``Authorization: Key <key>``, as fal clients send ``FAL_KEY``) and the per-key limits' settings.
+
+The limits themselves (a token bucket and queued/running caps per key) are enforced by the jobs database, so every
+Gateway replica shares them (:mod:`deployments.jobstore`).
 
 Keys come from an environment variable or a mounted secret file, are kept only as SHA-256 digests, and are compared
 in constant time. A key's fingerprint (the first 16 hex digits of its digest) owns the jobs and uploads it made.
@@ -9,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,9 +25,11 @@ class AuthConfig(BaseModel):
 
     keys_env: str = Field("STABLE_AVATAR_API_KEYS", description="env var with comma/space separated keys")
     keys_file: Path | None = Field(None, description="file with one key per line (e.g. a mounted Secret)")
-    submit_rate_per_minute: float = Field(60.0, gt=0, description="sustained submits per key")
+    submit_rate_per_minute: float = Field(60.0, gt=0, description="sustained submits (queue and sync) per key")
     submit_burst: int = Field(10, ge=1, description="submits a key may make at once before the rate applies")
     max_queued_per_key: int = Field(50, ge=1, description="queued jobs one key may have")
+    max_running_per_key: int | None = Field(4, ge=1, description="running jobs (queued ones started, and sync "
+                                            "requests) one key may have; None: no cap")
 
 
 def _digest(key: str) -> bytes:
@@ -72,24 +76,3 @@ class ApiKeys:
         if not matched:
             return AuthResult(None, 403, "invalid API key")
         return AuthResult(fingerprint(key))
-
-
-@dataclass
-class TokenBucket:
-    """Per-owner submit budget: ``burst`` at once, refilled at ``rate_per_s``."""
-
-    rate_per_s: float
-    burst: int
-    tokens: dict[str, float] = field(default_factory=dict)
-    stamp: dict[str, float] = field(default_factory=dict)
-
-    def take(self, owner: str) -> float:
-        """0 when allowed, else the seconds to wait before the next submit is allowed."""
-        now = time.monotonic()
-        tokens = min(self.burst, self.tokens.get(owner, self.burst) + (now - self.stamp.get(owner, now)) * self.rate_per_s)
-        self.stamp[owner] = now
-        if tokens >= 1:
-            self.tokens[owner] = tokens - 1
-            return 0.0
-        self.tokens[owner] = tokens
-        return (1 - tokens) / self.rate_per_s

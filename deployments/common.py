@@ -10,6 +10,15 @@ from pipeline.loading import Component, ModelBundle, load_models
 logger = logging.getLogger("ray.serve")
 
 
+def replica_name() -> str:
+    """``<app>#<deployment>#<replica>``: the replica's name in logs, leases and readiness answers; its Ray actor
+    is ``SERVE_REPLICA::<this>`` in the ``serve`` namespace (tests kill a job's runner by it)."""
+    from ray import serve
+
+    context = serve.get_replica_context()
+    return f"{context.app_name}#{context.deployment}#{context.replica_tag}"
+
+
 def load_replica_models(args: AppArgs, options: DeploymentOptions, components: list[Component]) -> ModelBundle:
     """Load the components this replica needs, once, in its constructor."""
     device = args.torch_device(options.num_gpus)

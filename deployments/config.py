@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.auth import AuthConfig
 from deployments.gpu_queue import UnitOrder
+from deployments.jobstore import DEFAULT_SQLITE_NAME, JobLimits, JobsConfig, SqliteJobsConfig
+from deployments.retention import RetentionConfig
 from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
 from pipeline.generator import PipelineSettings
@@ -109,6 +111,31 @@ class InputLimits(BaseModel):
 DENOISER_MAX_ONGOING = 64
 
 
+class DispatchConfig(BaseModel):
+    """How Orchestrator replicas hold the jobs they run (the ``dispatch:`` block).
+
+    Each replica claims queued jobs from the jobs database (``poll_interval_s`` apart while idle) and holds each
+    with a lease of ``lease_s`` seconds, renewed every ``heartbeat_s``; a job whose replica died is claimed again
+    by another replica once its lease ran out and resumes from its latent checkpoint. A cancel request is seen at
+    the next heartbeat or step. Webhook deliveries are leased for ``webhook_lease_s`` (longer than one delivery
+    attempt).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_s: float = Field(30.0, ge=0.5, le=3600, description="how long a job stays ours without a heartbeat")
+    heartbeat_s: float = Field(10.0, gt=0, le=600, description="lease renewal (and cancel check) period")
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="idle wait between claims / webhook polls")
+    webhook_lease_s: float = Field(60.0, ge=20, le=3600, description="one delivery attempt's lease")
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> DispatchConfig:
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most half of lease_s ({self.lease_s}), "
+                             "so one late heartbeat does not lose the lease")
+        return self
+
+
 def _denoiser_defaults() -> DeploymentOptions:
     return DeploymentOptions(max_ongoing_requests=DENOISER_MAX_ONGOING,
                              autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1))
@@ -132,23 +159,28 @@ class AppArgs(BaseModel):
         "otherwise; gpu/fp32 force one policy everywhere (gpu on CPU replays the GPU dtype path)")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     storage: StorageConfig = Field(default_factory=LocalStorageConfig)
+    jobs: JobsConfig | None = Field(
+        None, description="the jobs database: {kind: sqlite, path?} or {kind: postgres, dsn_env?, dsn_file?}; "
+        "default: SQLite in <local storage root>/jobs.sqlite3 (with S3 storage a jobs block is required)")
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
     conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
     unit_order: UnitOrder = Field(
         "round_robin", description="order of the units waiting on a Denoiser replica: round_robin across requests "
         "(concurrent jobs share the replica fairly) or fifo (first come, first served)")
-    max_running_jobs: int = Field(2, ge=1, le=256, description="jobs denoising at the same time")
+    max_running_jobs: int = Field(2, ge=1, le=256, description="queued jobs each Orchestrator replica runs at once")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")
-    job_attempts: int = Field(3, ge=1, le=10, description="runs of a job whose Orchestrator replica died")
+    job_attempts: int = Field(3, ge=1, le=10, description="claims of a job whose runner died before it is failed")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits")
     max_request_body_mb: float = Field(64.0, gt=0, description="JSON bodies above this get 413 (upload instead)")
     webhook_attempts: int = Field(5, ge=1, le=20)
     webhook_first_delay_s: float = Field(1.0, ge=0.0, le=600.0, description="doubles after each failed attempt")
     inputs: InputLimits = Field(default_factory=InputLimits)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig,
+                                       description="time to live of results, uploads, inputs, records, checkpoints")
 
     gateway: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    job_queue: DeploymentOptions = Field(default_factory=DeploymentOptions)
     orchestrator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
     preprocessor: DeploymentOptions = Field(default_factory=DeploymentOptions)
     denoiser: DeploymentOptions = Field(default_factory=_denoiser_defaults)
@@ -159,7 +191,34 @@ class AppArgs(BaseModel):
         preset = self.model_preset()  # raises ValueError naming the preset or the module
         if preset.weights == "checkpoint" and self.checkpoints is None:
             raise ValueError(f"preset {self.preset!r} needs 'checkpoints' (the official checkpoint layout)")
+        no_path = self.jobs is None or (isinstance(self.jobs, SqliteJobsConfig) and self.jobs.path is None)
+        if no_path and not isinstance(self.storage, LocalStorageConfig):
+            raise ValueError(
+                "jobs: S3 storage serves a cluster, whose replicas must share one jobs database: set "
+                "'jobs: {kind: postgres}' (DSN in $STABLE_AVATAR_JOBS_DSN or a mounted file), or, on a single "
+                "machine, 'jobs: {kind: sqlite, path: /some/local/jobs.sqlite3}'")
+        if "url_expiry_s" in self.storage.model_fields_set:  # written down: a contradiction is refused
+            self.retention.check_link_lifetime(self.storage.url_expiry_s)
+        else:  # the default follows a shorter results_s
+            self.storage.url_expiry_s = min(self.storage.url_expiry_s, max(1, int(self.retention.results_s)))
         return self
+
+    def jobs_config(self) -> JobsConfig:
+        """The jobs database: ``jobs``, else SQLite at :meth:`default_jobs_path`."""
+        return self.jobs or SqliteJobsConfig()
+
+    def default_jobs_path(self) -> Path:
+        """Where SQLite keeps jobs when ``jobs`` names no path: ``<local storage root>/jobs.sqlite3`` (a file the
+        storage never serves: only keys under results/, uploads/, ... are linked)."""
+        root = self.storage.root if isinstance(self.storage, LocalStorageConfig) else Path(".")
+        return root / DEFAULT_SQLITE_NAME
+
+    def job_limits(self) -> JobLimits:
+        """The limits the jobs database enforces in its transactions, from ``auth`` and the queue settings."""
+        return JobLimits(max_queue_length=self.max_queue_length, max_queued_per_owner=self.auth.max_queued_per_key,
+                         max_running_per_owner=self.auth.max_running_per_key,
+                         rate_per_s=self.auth.submit_rate_per_minute / 60.0, rate_burst=self.auth.submit_burst,
+                         max_attempts=self.job_attempts)
 
     def model_preset(self) -> ModelPreset:
         """The preset, after importing ``preset_modules`` (a replica unpickles the args without validating them,

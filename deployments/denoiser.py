@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments import metrics
-from deployments.common import load_replica_models
+from deployments.common import load_replica_models, replica_name
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.gpu_queue import RoundRobinGate
 from deployments.placement import StickyBalancedRouter
@@ -60,6 +60,10 @@ class Denoiser:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         crash_file = os.environ.get(CRASH_FILE_ENV)
         self._crash_file = Path(crash_file) if crash_file else None
+
+    def ready(self) -> dict:
+        """Readiness: answering at all means the constructor, which loads the models, has finished."""
+        return {"deployment": "Denoiser", "replica": replica_name()}
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.jobs import JobRecord
+from deployments.jobstore import JobView, LogLine
 
 TRUE_VALUES = {"1", "true", "yes", "on"}
 
@@ -30,14 +30,14 @@ def request_urls(base: str, app_id: str, request_id: str) -> dict[str, str]:
     return {"response_url": root, "status_url": f"{root}/status", "cancel_url": f"{root}/cancel"}
 
 
-def status_body(job: JobRecord, position: int, with_logs: bool, base: str,
-                logs_from: int = 0) -> dict[str, Any]:
-    """The status object of GET .../status (and of each SSE event, with ``logs_from`` for new lines only)."""
+def status_body(job: JobView, position: int, logs: list[LogLine] | None, base: str) -> dict[str, Any]:
+    """The status object of GET .../status (and of each SSE event, whose ``logs`` are the new lines only);
+    ``logs`` None: the client did not ask for them."""
     body: dict[str, Any] = {"status": job.status, "request_id": job.request_id,
                             **request_urls(base, job.app_id, job.request_id)}
     if job.status == "IN_QUEUE":
         body["queue_position"] = position
-    body["logs"] = [entry.model_dump() for entry in job.logs[logs_from:]] if with_logs else None
+    body["logs"] = None if logs is None else [line.model_dump(exclude={"line"}) for line in logs]
     # Not part of fal's schema; clients ignore it, the playground and CLI use it.
     body["progress"] = {"stage": job.stage, "fraction": round(job.progress, 4)}
     if job.status == "COMPLETED":

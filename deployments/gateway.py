@@ -1,17 +1,23 @@
 """Gateway: the FastAPI ingress (CPU). fal queue routes, sync route, uploads, signed files, health, Python API.
 
-Status reads go to the JobQueue's memory (one replica, so every Gateway replica sees the same state); nothing here
-touches a GPU replica.
+Any number of replicas: every read (status, result, SSE stream, progress) and every write (submit, cancel) goes
+to the jobs database directly, owner-scoped (another key's job is a 404), so no single actor sits on the read
+path and nothing here touches a GPU replica. The server issues every request id; a client's
+``x-fal-request-id`` is only logged. Submit and ``/run`` share the per-key rate limit and caps (the database's
+token bucket and counts), and ``data:`` inputs are written to storage once, here, under the job's own key.
 """
 
 import asyncio
 import json
 import logging
+import math
 import mimetypes
+import re
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,16 +25,32 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from deployments import metrics
 from deployments.auth import ApiKeys
+from deployments.common import replica_name
 from deployments.config import AppArgs
 from deployments.errors import error_response, root_cause
 from deployments.fal_protocol import parse_bool, parse_start_timeout, request_urls, status_body
-from deployments.job_queue import QueueFullError, RateLimitedError
-from deployments.jobs import JobRecord
-from deployments.results import public_result
-from deployments.signing import Signer
-from deployments.storage import LocalStorage, StorageNotFoundError, make_storage, validate_key
-from pipeline.fetch import AddressGuard, check_webhook_url
+from deployments.health import ON_DEMAND, run_checks
+from deployments.job_inputs import build_job_input, owner_segment
+from deployments.job_runner import JobCancelled
+from deployments.jobstore import (
+    FencedError,
+    JobSnapshot,
+    KeyQueueCapError,
+    KeyRunningCapError,
+    LimitError,
+    QueueFullError,
+    RateLimitedError,
+    cancelled_error,
+    new_request_id,
+)
+from deployments.results import public_result, result_answer
+from deployments.service_state import open_service_state
+from deployments.storage import LocalStorage, StorageError, StorageNotFoundError, validate_key
+from pipeline.fetch import check_webhook_url
+from pipeline.generator import resolve_seed
+from pipeline.media.errors import MediaError
 from pipeline.schema import StableAvatarInput, StableAvatarOutput
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +64,11 @@ SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 10.0
 UPLOAD_TOKEN_TTL_S = 3600
 MAX_UPLOAD_BYTES = 300 * 1024 * 1024
+# Which limit refused a submit or a sync request: the 429's error_type, and when to try again.
+LIMIT_TYPES: dict[type[LimitError], tuple[str, int]] = {
+    RateLimitedError: ("rate_limited", 1), QueueFullError: ("queue_full", 10),
+    KeyQueueCapError: ("key_queue_cap", 10), KeyRunningCapError: ("key_running_cap", 5)}
+_OWNER_SEGMENT = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 class UploadInitiate(BaseModel):
@@ -74,26 +101,70 @@ def _fal_error(status: int, detail, request_id: str | None = None, error_type: s
     return JSONResponse(body, status_code=status, headers=extra)
 
 
+def _limit_response(refused: LimitError) -> JSONResponse:
+    """429 naming the limit (``error_type``: rate_limited, queue_full, key_queue_cap, key_running_cap)."""
+    error_type, retry_after = LIMIT_TYPES.get(type(refused), ("rate_limited", 5))
+    if isinstance(refused, RateLimitedError):
+        retry_after = max(1, math.ceil(refused.retry_after_s))
+    return _fal_error(429, refused.message, error_type=error_type, headers={"retry-after": str(retry_after)})
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.OperationalError, sqlite3.DatabaseError]
+    try:
+        import psycopg
+
+        errors.append(psycopg.OperationalError)
+    except ImportError:  # PostgreSQL is optional for the embedded set-up
+        pass
+    return tuple(errors)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The jobs database or the storage is away (a restart, a failover): 503, which clients retry."""
+    what = "storage" if isinstance(exc, StorageError) else "jobs database"
+    logger.warning("%s %s: the %s is unavailable: %s", request.method, request.url.path, what, type(exc).__name__)
+    return _fal_error(503, f"the {what} is unavailable right now; retry shortly",
+                      error_type="service_unavailable", headers={"retry-after": "2"})
+
+
+for _error in (*_database_errors(), StorageError):
+    api.add_exception_handler(_error, _unavailable)
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, orchestrator, job_queue, args: AppArgs) -> None:
-        self.orchestrator, self.job_queue, self.args = orchestrator, job_queue, args
-        self.storage = make_storage(args.storage)
-        self.signer = Signer(self.storage.signing_secret())
+    def __init__(self, orchestrator, preprocessor, denoiser, postprocessor, args: AppArgs) -> None:
+        self.orchestrator, self.args = orchestrator, args
+        self.deployments = {"Orchestrator": orchestrator, "Preprocessor": preprocessor, "Denoiser": denoiser,
+                            "Postprocessor": postprocessor}
+        self.state = open_service_state(args)
+        self.store, self.storage, self.signer = self.state.store, self.state.storage, self.state.signer
         self.app_owner, _, self.app_alias = args.app_id.partition("/")
         self.keys = ApiKeys(args.auth)
-        self.webhook_guard = AddressGuard(args.inputs.allow_private_hosts)
+        self.webhook_guard = args.inputs.guard()
         self.max_body = int(args.max_request_body_mb * 2**20)
+        self.name = replica_name()
         if not self.keys.enabled:
             logger.warning("*** NO API KEYS CONFIGURED: this server is OPEN; anyone who can reach it can submit "
                            "jobs and read every job. Set %s (or %s_FILE) to require keys. ***",
                            args.auth.keys_env, args.auth.keys_env)
-        logger.info("gateway for %s, preset %s, storage %s", args.app_id, args.preset, self.storage.describe())
+        logger.info("gateway %s for %s, preset %s, storage %s, jobs database %s", self.name, args.app_id,
+                    args.preset, self.storage.describe(), self.store.backend_name)
 
     # -- Python API: serve.get_app_handle("stable-avatar").generate.remote(StableAvatarInput(...)) -------------
     async def generate(self, request: StableAvatarInput) -> StableAvatarOutput:
-        return await self.orchestrator.generate.remote(request, uuid.uuid4().hex)
+        """A sync request from inside the cluster (owner: the open owner ``""``); the same row, rules and
+        result as ``POST /run``. Raises ``LimitError`` at a limit and ``MediaError`` for bad inputs."""
+        stored = await self._run_sync(request, "", new_request_id())
+        return StableAvatarOutput.model_validate(public_result(stored, self.storage))
+
+    def ready(self) -> dict[str, Any]:
+        """This replica's name and a fingerprint of its signing secret (equal fingerprints: equal secrets)."""
+        return {"deployment": "Gateway", "replica": self.name, "secret_fingerprint": self.state.secret_fingerprint}
 
     # -- access --------------------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> str | JSONResponse:
@@ -122,6 +193,20 @@ class Gateway:
                       for err in exc.errors(include_url=False, include_context=False, include_input=False)]
             return _fal_error(422, detail)
 
+    async def _job_input(self, body: StableAvatarInput, owner: str, request_id: str):
+        """The row's input and the objects written for it (``data:`` inputs stored under the job's key)."""
+        async def owns_job(other: str) -> bool:
+            return await self.store.get(other, owner) is not None
+
+        return await build_job_input(body, owner, request_id, self.storage, self.args.inputs.fetch,
+                                     asyncio.to_thread, owns_job)
+
+    async def _forget_inputs(self, request_id: str, owner: str, keys: list[str]) -> None:
+        """Delete the input objects of a request whose row was never created (refused at a limit)."""
+        if keys and await self.store.get(request_id, owner) is None:
+            for key in keys:
+                await asyncio.to_thread(self.storage.delete, key)
+
     # -- playground (static files shipped in the package; relative URLs, so it works under a route prefix) ------
     @api.get("/", response_model=None)
     async def playground(self) -> Response:
@@ -137,12 +222,21 @@ class Gateway:
     # -- health and sync ---------------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        try:
-            await asyncio.gather(self.orchestrator.ping.remote(), self.job_queue.queue_length.remote())
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        """Readiness: storage, the jobs database and every deployment (see deployments.health)."""
+        checks: dict[str, Any] = {"storage": lambda: asyncio.to_thread(self.storage.check),
+                                  "jobs": self.store.ping}
+        for name, handle in self.deployments.items():
+            scaling = getattr(self.args, name.lower()).autoscaling
+            if name == "Denoiser" and scaling is not None and scaling.min_replicas == 0:
+                checks[name] = ON_DEMAND
+            else:
+                checks[name] = handle.ready.remote
+        passed, failed = await run_checks(checks, [self.state.secret_text])
+        if failed:
+            logger.warning("not ready: %s", failed)
+            return JSONResponse({"status": "unavailable", "failed": failed, "checks": passed}, status_code=503)
         return JSONResponse({"status": "ok", "app_id": self.args.app_id, "preset": self.args.preset,
-                             "auth_required": self.keys.enabled})
+                             "auth_required": self.keys.enabled, "checks": passed})
 
     @api.post("/run/{app_id:path}")
     async def run_sync(self, app_id: str, request: Request) -> JSONResponse:
@@ -154,51 +248,85 @@ class Gateway:
         body = await self._parse_input(request)
         if isinstance(body, JSONResponse):
             return body
-        request_id = request.headers.get("x-fal-request-id") or uuid.uuid4().hex
+        request_id = new_request_id()
+        if request.headers.get("x-fal-request-id"):  # the client's own name for it: logged, never used for state
+            logger.info("sync request %s (the client calls it %r)", request_id,
+                        request.headers["x-fal-request-id"][:100])
         try:
-            output: StableAvatarOutput = await self.orchestrator.generate.remote(body, request_id, owner)
+            stored = await self._run_sync(body, owner, request_id)
+        except LimitError as refused:
+            return _limit_response(refused)
         except Exception as exc:  # noqa: BLE001 - mapped to a fal error body
+            cause = root_cause(exc)
+            if isinstance(cause, JobCancelled):
+                error = cancelled_error()
+                return _fal_error(error.status_code, error.detail, request_id, error.error_type)
+            if isinstance(cause, FencedError):
+                return _fal_error(503, "the request lost its runner; retry", request_id, "runner_disconnected")
             status, payload = error_response(exc)
             if status >= 500:
-                logger.exception("request %s failed", request_id)
+                logger.error("sync request %s failed", request_id, exc_info=exc)
             return JSONResponse(payload, status_code=status, headers={"x-fal-request-id": request_id})
-        output.video.url = _absolute(output.video.url, request)
-        return JSONResponse(output.model_dump(), headers={"x-fal-request-id": request_id})
+        output = public_result(stored, self.storage) or {}
+        output["video"]["url"] = _absolute(output["video"]["url"], request)
+        return JSONResponse(output, headers={"x-fal-request-id": request_id})
+
+    async def _run_sync(self, body: StableAvatarInput, owner: str, request_id: str) -> dict[str, Any]:
+        """The stored result of a sync request, run by an Orchestrator replica under its own lease (its row is
+        created there). A ``LimitError`` is raised unwrapped; the inputs of a refused request are deleted."""
+        job_input, keys = await self._job_input(body, owner, request_id)
+        try:
+            return await self.orchestrator.run_sync.remote(request_id, job_input.model_dump(),
+                                                           resolve_seed(body.seed), owner, keys)
+        except Exception as exc:
+            await self._forget_inputs(request_id, owner, keys)
+            cause = root_cause(exc)
+            if isinstance(cause, LimitError):
+                raise cause from None
+            raise
 
     @api.get("/progress/{request_id}")
     async def progress(self, request_id: str, request: Request) -> JSONResponse:
-        """Progress of a sync request sent with an ``x-fal-request-id`` header (queued jobs: use /status)."""
+        """Stage, progress and log lines of any request of the caller (queued or sync; 404 for another key's)."""
         owner = self._authorize(request)
         if isinstance(owner, JSONResponse):
             return owner
-        state = await self.orchestrator.get_progress.remote(request_id)
-        if state is None:
-            return JSONResponse({"detail": "unknown request"}, status_code=404)
-        return JSONResponse(state)
+        snapshot = await self.store.status(request_id, owner, logs_since=0)
+        if snapshot is None:
+            return _fal_error(404, "Request not found", request_id)
+        job = snapshot.job
+        assert snapshot.logs is not None
+        return JSONResponse({"request_id": request_id, "status": job.status, "stage": job.stage,
+                             "progress": round(job.progress, 4), "queue_position": snapshot.position,
+                             "logs": [line.message for line in snapshot.logs.lines]},
+                            headers={"x-fal-request-id": request_id})
 
     # -- fal queue protocol ------------------------------------------------------------------------------------
     def _is_app(self, owner: str, app: str) -> bool:
         return (owner, app) == (self.app_owner, self.app_alias)
 
-    async def _lookup(self, owner: str, app: str, request_id: str,
-                      request: Request) -> tuple[JobRecord, int, str] | JSONResponse:
-        """(job, queue position, caller) for a caller allowed to see it; otherwise the 401/403/404 answer."""
+    async def _lookup(self, owner: str, app: str, request_id: str, request: Request,
+                      logs: bool = False) -> tuple[JobSnapshot, str] | JSONResponse:
+        """(the job's snapshot, caller) for a caller allowed to see it; otherwise the 401/403/404 answer."""
         caller = self._authorize(request)
         if isinstance(caller, JSONResponse):
             return caller
-        found = (await self.job_queue.get_with_position.remote(request_id, caller)
-                 if self._is_app(owner, app) else None)
-        if found is None:
+        snapshot = (await self.store.status(request_id, caller, logs_since=0 if logs else None)
+                    if self._is_app(owner, app) else None)
+        if snapshot is None:
             return _fal_error(404, "Request not found", request_id)
-        return found[0], found[1], caller
+        return snapshot, caller
 
     @api.get("/{owner}/{app}/requests/{request_id}/status")
     async def status(self, owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
-        found = await self._lookup(owner, app, request_id, request)
+        with_logs = parse_bool(request.query_params.get("logs"))
+        found = await self._lookup(owner, app, request_id, request, with_logs)
         if isinstance(found, JSONResponse):
             return found
-        job, position, _ = found
-        body = status_body(job, position, parse_bool(request.query_params.get("logs")), _base_url(request))
+        snapshot, _ = found
+        job = snapshot.job
+        body = status_body(job, snapshot.position, snapshot.logs.lines if snapshot.logs else None,
+                           _base_url(request))
         return JSONResponse(body, status_code=200 if job.finished else 202,
                             headers={"x-fal-request-id": request_id})
 
@@ -207,21 +335,23 @@ class Gateway:
         found = await self._lookup(owner, app, request_id, request)
         if isinstance(found, JSONResponse):
             return found
-        caller = found[2]
+        caller = found[1]
         with_logs, base = parse_bool(request.query_params.get("logs")), _base_url(request)
 
         async def events():
-            sent_logs, last, last_sent_at = 0, None, time.monotonic()
+            cursor, last, last_sent_at = 0, None, time.monotonic()
             while True:
-                found = await self.job_queue.get_with_position.remote(request_id, caller)
-                if found is None:
+                snapshot = await self.store.status(request_id, caller, logs_since=cursor if with_logs else None)
+                if snapshot is None:
                     return
-                job, position = found
-                snapshot = (job.status, position, len(job.logs), job.stage, round(job.progress, 3))
-                if snapshot != last:
-                    body = status_body(job, position, with_logs, base, logs_from=sent_logs)
-                    sent_logs, last, last_sent_at = len(job.logs), snapshot, time.monotonic()
-                    yield f"data: {json.dumps(body)}\n\n"
+                job = snapshot.job
+                seen = (job.status, snapshot.position, job.log_count, job.stage, round(job.progress, 3))
+                if seen != last:
+                    lines = snapshot.logs.lines if snapshot.logs is not None else None
+                    if snapshot.logs is not None:
+                        cursor = snapshot.logs.cursor
+                    last, last_sent_at = seen, time.monotonic()
+                    yield f"data: {json.dumps(status_body(job, snapshot.position, lines, base))}\n\n"
                     if job.finished:
                         return
                 elif time.monotonic() - last_sent_at > SSE_KEEPALIVE_S:
@@ -237,49 +367,60 @@ class Gateway:
         found = await self._lookup(owner, app, request_id, request)
         if isinstance(found, JSONResponse):
             return found
-        job, position, _ = found
+        snapshot, _ = found
+        job = snapshot.job
         if not job.finished:
-            return JSONResponse(status_body(job, position, False, _base_url(request)), status_code=202,
+            return JSONResponse(status_body(job, snapshot.position, None, _base_url(request)), status_code=202,
                                 headers={"x-fal-request-id": request_id})
-        if job.error is not None:
-            headers = {"x-fal-request-timeout-type": job.error.timeout_type} if job.error.timeout_type else None
-            error_type = job.error.error_type if isinstance(job.error.detail, str) else None
-            return _fal_error(job.error.status_code, job.error.detail, request_id, error_type, headers)
-        output = public_result(job.result, self.storage) or {}
-        output["video"]["url"] = _absolute(output["video"]["url"], request)
-        return JSONResponse(output, headers={"x-fal-request-id": request_id})
+        # its error; 410 once the result expired (retention.results_s after completion, swept or not); else the
+        # output, with a link that expires no later than its file
+        answer = result_answer(job, self.storage, self.args.retention.results_s)
+        if answer.status_code == 200:
+            answer.body["video"]["url"] = _absolute(answer.body["video"]["url"], request)
+        return JSONResponse(answer.body, status_code=answer.status_code,
+                            headers={**answer.headers, "x-fal-request-id": request_id})
 
     @api.put("/{owner}/{app}/requests/{request_id}/cancel")
     async def cancel(self, owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
         caller = self._authorize(request)
         if isinstance(caller, JSONResponse):
             return caller
-        outcome = (await self.job_queue.cancel.remote(request_id, caller)
-                   if self._is_app(owner, app) else "NOT_FOUND")
+        outcome = await self.store.cancel(request_id, caller) if self._is_app(owner, app) else "NOT_FOUND"
         code = {"CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}[outcome]
         return JSONResponse({"status": outcome}, status_code=code, headers={"x-fal-request-id": request_id})
 
     # -- storage uploads (JS: initiate + PUT; Python: token + files/upload) ------------------------------------
+    # Every upload lands under uploads/<owner>/ of the caller: the initiate route signs (owner, key) together,
+    # and the PUT and token routes check the key's prefix against the signed owner before writing.
     @api.post("/storage/upload/initiate")
     async def upload_initiate(self, body: UploadInitiate, request: Request) -> JSONResponse:
         owner = self._authorize(request)
         if isinstance(owner, JSONResponse):
             return owner
-        key = f"uploads/{owner or 'public'}/{uuid.uuid4().hex}/{_safe_name(body.file_name)}"
+        subject = owner_segment(owner)
+        key = f"uploads/{subject}/{uuid.uuid4().hex}/{_safe_name(body.file_name)}"
         upload_url = self.storage.upload_url(key, body.content_type, UPLOAD_TOKEN_TTL_S)
         if upload_url is None:
             exp = int(time.time()) + UPLOAD_TOKEN_TTL_S
-            upload_url = f"{_base_url(request)}/storage/upload/put/{key}?exp={exp}&sig={self.signer.sign('put', key, exp)}"
+            sig = self.signer.sign("put", f"{subject}\n{key}", exp)
+            upload_url = f"{_base_url(request)}/storage/upload/put/{key}?owner={subject}&exp={exp}&sig={sig}"
         return JSONResponse({"upload_url": upload_url, "file_url": _absolute(self.storage.url(key), request)})
 
     @api.put("/storage/upload/put/{key:path}")
-    async def upload_put(self, key: str, request: Request, exp: int = 0, sig: str = "") -> JSONResponse:
-        if not self.signer.verify(sig, "put", key, exp):
+    async def upload_put(self, key: str, request: Request, owner: str = "", exp: int = 0,
+                         sig: str = "") -> JSONResponse:
+        if not self.signer.verify(sig, "put", f"{owner}\n{key}", exp):
             return _fal_error(403, "invalid or expired upload URL")
+        if not _OWNER_SEGMENT.fullmatch(owner) or not key.startswith(f"uploads/{owner}/"):
+            return _fal_error(403, "uploads may only be written under the caller's own uploads/<owner>/ prefix")
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            return _fal_error(422, [{"loc": ["path", "key"], "msg": str(exc), "type": "value_error"}])
         data = await self._read_body(request, MAX_UPLOAD_BYTES)
         if data is None:
             return _fal_error(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
-        await asyncio.to_thread(self.storage.put_bytes, validate_key(key), data,
+        await asyncio.to_thread(self.storage.put_bytes, key, data,
                                 request.headers.get("content-type", "application/octet-stream"))
         return JSONResponse({"status": "ok", "file_size": len(data)})
 
@@ -288,7 +429,7 @@ class Gateway:
         owner = self._authorize(request)
         if isinstance(owner, JSONResponse):
             return owner
-        exp, subject = int(time.time()) + UPLOAD_TOKEN_TTL_S, owner or "public"
+        exp, subject = int(time.time()) + UPLOAD_TOKEN_TTL_S, owner_segment(owner)
         token = f"{exp}.{subject}.{self.signer.sign('upload-token', subject, exp)}"
         return JSONResponse({"token": token, "token_type": "Bearer", "base_url": _base_url(request),
                              "expires_at": datetime.fromtimestamp(exp, UTC).isoformat()})
@@ -298,15 +439,17 @@ class Gateway:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         exp_text, _, rest = token.partition(".")
         subject, _, sig = rest.partition(".")
-        if scheme.lower() != "bearer" or not exp_text.isdigit() or not subject.isalnum() or not self.signer.verify(
-                sig, "upload-token", subject, int(exp_text)):
+        valid = scheme.lower() == "bearer" and exp_text.isdigit() and _OWNER_SEGMENT.fullmatch(subject)
+        if not valid or not self.signer.verify(sig, "upload-token", subject, int(exp_text)):
             return _fal_error(401, "a valid upload token is required (POST /storage/auth/token)")
+        name = _safe_name(request.headers.get("x-fal-file-name") or "upload.bin")
+        key = f"uploads/{subject}/{uuid.uuid4().hex}/{name}"
+        if not key.startswith(f"uploads/{subject}/") or key.count("/") != 3:  # the name is one plain segment
+            return _fal_error(403, "uploads may only be written under the caller's own uploads/<owner>/ prefix")
         data = await self._read_body(request, MAX_UPLOAD_BYTES)
         if data is None:
             return _fal_error(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
-        name = _safe_name(request.headers.get("x-fal-file-name") or "upload.bin")
-        key = f"uploads/{subject}/{uuid.uuid4().hex}/{name}"
-        await asyncio.to_thread(self.storage.put_bytes, key, data,
+        await asyncio.to_thread(self.storage.put_bytes, validate_key(key), data,
                                 request.headers.get("content-type", "application/octet-stream"))
         return JSONResponse({"access_url": _absolute(self.storage.url(key), request)})
 
@@ -370,19 +513,24 @@ class Gateway:
                 await asyncio.to_thread(check_webhook_url, query["fal_webhook"], self.webhook_guard)
             except ValueError as exc:
                 return _fal_error(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "value_error"}])
+        request_id = new_request_id()
+        if headers.get("x-fal-request-id"):
+            logger.info("request %s (the client calls it %r)", request_id, headers["x-fal-request-id"][:100])
         try:
-            submitted = await self.job_queue.submit.remote(
-                body, self.args.app_id, owner=caller, priority=priority, webhook_url=query.get("fal_webhook"),
-                start_timeout_s=start_timeout, max_queue_length=max_queue)
-        except Exception as exc:  # noqa: BLE001 - Ray wraps the JobQueue's exception
-            cause = root_cause(exc)
-            if isinstance(cause, QueueFullError):
-                return _fal_error(429, str(cause), headers={"retry-after": "10"})
-            if isinstance(cause, RateLimitedError):
-                return _fal_error(429, str(cause), headers={"retry-after": str(max(1, round(cause.retry_after_s)))})
-            raise
-        request_id = submitted["request_id"]
-        response = {"status": "IN_QUEUE", "request_id": request_id, "queue_position": submitted["queue_position"],
+            job_input, keys = await self._job_input(body, caller, request_id)
+        except MediaError as exc:
+            status, payload = error_response(exc)
+            return JSONResponse(payload, status_code=status)
+        try:
+            submitted = await self.store.submit(
+                app_id=self.args.app_id, input=job_input.model_dump(), seed=resolve_seed(body.seed), owner=caller,
+                priority=priority, webhook_url=query.get("fal_webhook"), start_timeout_s=start_timeout,
+                max_queue_length=max_queue, input_keys=keys, request_id=request_id)
+        except LimitError as refused:
+            await self._forget_inputs(request_id, caller, keys)
+            return _limit_response(refused)
+        metrics.jobs_total().inc(tags={"outcome": "submitted"})
+        response = {"status": "IN_QUEUE", "request_id": request_id, "queue_position": submitted.queue_position,
                     **request_urls(_base_url(request), self.args.app_id, request_id)}
         if query.get("fal_webhook"):
             response["gateway_request_id"] = request_id

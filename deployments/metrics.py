@@ -64,3 +64,27 @@ def bytes_total() -> Counter:
 @cache
 def output_seconds() -> Counter:
     return Counter("stable_avatar_output_video_seconds_total", description="Seconds of video generated.")
+
+
+@cache
+def retention_deleted_total() -> Counter:
+    return Counter("stable_avatar_retention_deleted_total",
+                   description="What the retention sweeper deleted: objects by kind (results, inputs, uploads, "
+                   "checkpoints; orphans included) and job records (jobs).", tag_keys=("kind",))
+
+
+@cache
+def retention_failed_total() -> Counter:
+    return Counter("stable_avatar_retention_failed_total",
+                   description="Objects the retention sweeper could not delete (retried next sweep), by kind.",
+                   tag_keys=("kind",))
+
+
+def record_retention(report) -> None:
+    """Count one sweep's :class:`deployments.retention.SweepReport` (a ``RetentionSweeper`` ``on_report`` hook)."""
+    for kind, n in report.deleted().items():
+        if n:
+            retention_deleted_total().inc(n, tags={"kind": kind})
+    for kind, n in report.failed.items():
+        if n:
+            retention_failed_total().inc(n, tags={"kind": kind})

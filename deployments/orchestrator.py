@@ -1,8 +1,14 @@
-"""Orchestrator: runs one job (prepare -> denoise loop over Denoiser replicas -> finish), async.
+"""Orchestrator: runs jobs (prepare -> denoise loop over Denoiser replicas -> finish), async.
+
+Every replica is a runner (:mod:`deployments.job_runner`): it claims queued jobs from the jobs database with a
+lease, runs the sync route's requests under a lease created with their row, and delivers the webhooks the
+database owes (:mod:`deployments.webhook_worker`). Nothing calls back into the Gateway; progress, logs and
+results go to the job's row, fenced by the lease's epoch.
 
 The denoising loop is the pipeline's own ``denoise``; only the executor differs from the CLI, which is why the
-service's output is bit-identical to ``stable-avatar generate``. Fused latents are checkpointed to storage every
-few steps, so a job whose Orchestrator died resumes where it was instead of starting over.
+service's output is bit-identical to ``stable-avatar generate``. Fused latents of queued jobs are checkpointed to
+storage every few steps (``checkpoints/<id>/e<epoch>/latents.pt``), so a job whose replica died resumes where it
+was on whichever replica claims it next.
 """
 
 from __future__ import annotations
@@ -11,186 +17,153 @@ import asyncio
 import io
 import logging
 import time
-import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 import torch
 from ray import serve
 
 from deployments import metrics
+from deployments.common import replica_name
 from deployments.config import AppArgs
+from deployments.job_inputs import JobInput
+from deployments.job_runner import JobRunner, Run, RunReporter
+from deployments.jobstore import FencedError
 from deployments.placement import request_offset
+from deployments.postprocessor import result_key
 from deployments.ray_executor import RayDenoiserExecutor
-from deployments.results import public_result, stored_output
-from deployments.storage import make_storage
+from deployments.results import stored_output
+from deployments.retention import RetentionSweeper
+from deployments.service_state import open_service_state
 from deployments.units import UnitPlan, unit_plan
-from pipeline.denoise import WindowStep, denoise, initial_noise
-from pipeline.generator import PreparedRequest, resolve_seed
-from pipeline.media.errors import MediaError
-from pipeline.schema import StableAvatarInput, StableAvatarOutput
+from pipeline.denoise import denoise, initial_noise
+from pipeline.generator import PreparedRequest
 from pipeline.windows import FPS
 
 logger = logging.getLogger("ray.serve")
-PROGRESS_KEEP = 1000  # finished jobs whose progress stays readable here
 
 
-@dataclass
-class JobProgress:
-    """What a client can follow while a job runs: stage, step counts and human log lines."""
-
-    stage: str = "queued"
-    step: int = 0
-    total_steps: int = 0
-    windows: int = 0
-    logs: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        fraction = self.step / self.total_steps if self.total_steps else 0.0
-        return {"stage": self.stage, "step": self.step, "total_steps": self.total_steps, "windows": self.windows,
-                "progress": 1.0 if self.stage == "completed" else round(fraction, 4), "logs": list(self.logs)}
-
-
-class Reporter:
-    """Progress sink of one run: in-memory for the sync route, forwarded to the JobQueue for queued jobs."""
-
-    def __init__(self, progress: JobProgress, job_queue=None, request_id: str = ""):
-        self.progress, self.job_queue, self.request_id = progress, job_queue, request_id
-
-    async def __call__(self, stage: str | None = None, message: str | None = None, level: str = "INFO") -> None:
-        p = self.progress
-        if stage:
-            p.stage = stage
-        if message:
-            p.logs.append(message)
-            logger.info("%s: %s", self.request_id, message)
-        if self.job_queue is not None:
-            fraction = p.step / p.total_steps if p.total_steps else 0.0
-            cancelled = await self.job_queue.report.remote(self.request_id, stage, fraction, message, level)
-            if cancelled:
-                raise asyncio.CancelledError("the job was cancelled")
+def checkpoint_key(request_id: str, epoch: int) -> str:
+    """One object per claim (overwritten at each checkpoint of that claim), never shared by two runners."""
+    return f"checkpoints/{request_id}/e{epoch}/latents.pt"
 
 
 @serve.deployment(name="Orchestrator", max_ongoing_requests=64)
 class Orchestrator:
     def __init__(self, preprocessor, denoiser, postprocessor, args: AppArgs):
+        from deployments.webhook_worker import WebhookWorker
+
         self.preprocessor, self.denoiser, self.postprocessor = preprocessor, denoiser, postprocessor
         self.args = args
-        self.storage = make_storage(args.storage)
+        self.state = open_service_state(args)
+        self.store, self.storage = self.state.store, self.state.storage
         self.state_dtype = args.state_dtype()  # from the config: this CPU replica must agree with the Denoisers
-        self.progress: OrderedDict[str, JobProgress] = OrderedDict()
-        self.active: dict[str, asyncio.Task] = {}
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # cache releases that outlive their run
         threads = args.model_preset().torch_threads
         if threads is not None:
             torch.set_num_threads(threads)
-
-    def _job_queue(self):
-        return serve.get_deployment_handle("JobQueue", serve.get_replica_context().app_name)
-
-    def _track(self, request_id: str) -> JobProgress:
-        while len(self.progress) >= PROGRESS_KEEP:
-            self.progress.popitem(last=False)
-        self.progress[request_id] = JobProgress()
-        return self.progress[request_id]
+        self.runner_id = replica_name()
+        self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute)
+        self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id)
+        # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
+        self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
+                                          on_report=metrics.record_retention)
+        # Serve runs the constructor on the replica's event loop: the loops start with the replica, before any
+        # request, so a restarted application resumes its jobs by itself.
+        self.runner.start()
+        self.webhooks.start()
+        self.retention.ensure_running()
+        logger.info("runner %s: up to %d queued jobs at once, lease %.1f s (heartbeat %.1f s), jobs database %s",
+                    self.runner_id, args.max_running_jobs, args.dispatch.lease_s, args.dispatch.heartbeat_s,
+                    self.store.backend_name)
 
     # -- entry points ------------------------------------------------------------------------------------------
-    async def generate(self, request: StableAvatarInput, request_id: str | None = None,
-                       owner: str = "") -> StableAvatarOutput:
-        """Synchronous generation (sync HTTP route and the Python handle); no queue, no checkpoints."""
-        self._check_upload_owner(request, owner)
-        request_id = request_id or uuid.uuid4().hex
-        seed = resolve_seed(request.seed)
-        reporter = Reporter(self._track(request_id), None, request_id)
-        try:
-            result = await self._execute(request_id, request, seed, reporter, checkpoints=False)
-        except BaseException as exc:
-            reporter.progress.stage = "failed"
-            reporter.progress.logs.append(f"failed: {type(exc).__name__}: {exc}")
-            raise
-        reporter.progress.stage = "completed"
-        return StableAvatarOutput.model_validate(public_result(result, self.storage))
+    async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str = "",
+                       input_keys: list[str] | None = None) -> dict[str, Any]:
+        """A sync request (``/run`` and the Python handle): its row is created here, already leased to this
+        replica, counting as a running job of ``owner`` (``LimitError`` when the key is at a limit). Returns the
+        stored result (video as a storage key); raises what stopped it, after recording it on the row."""
+        claimed = await self.store.create_sync(
+            app_id=self.args.app_id, input=job_input, seed=seed, runner_id=self.runner_id,
+            lease_s=self.args.dispatch.lease_s, owner=owner, input_keys=input_keys or [], request_id=request_id)
+        return await self.runner.supervise(Run(claimed))
 
-    async def run_job(self, request_id: str, request: StableAvatarInput, seed: int, owner: str = "") -> dict:
-        """Run a queued job; a second call for a job still running here joins the first run."""
-        self._check_upload_owner(request, owner)
-        task = self.active.get(request_id)
-        if task is None or task.done():
-            reporter = Reporter(self._track(request_id), self._job_queue(), request_id)
-            task = asyncio.get_running_loop().create_task(
-                self._execute(request_id, request, seed, reporter, checkpoints=True))
-            self.active[request_id] = task
-            task.add_done_callback(lambda _t: self.active.pop(request_id, None))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.cancel()  # the caller cancelled the job: stop at the next step boundary
-            raise
-
-    def _check_upload_owner(self, request: StableAvatarInput, owner: str) -> None:
-        """Files uploaded with one API key are not inputs for another key's jobs."""
-        for field_name in ("image_url", "audio_url"):
-            key = self.storage.key_for_url(getattr(request, field_name))
-            if key is not None and key.startswith("uploads/") and key.split("/")[1] != (owner or "public"):
-                raise MediaError("the uploaded file was not found", field=field_name)
-
-    def get_progress(self, request_id: str) -> dict | None:
-        progress = self.progress.get(request_id)
-        return progress.as_dict() if progress else None
+    def ready(self) -> dict[str, Any]:
+        """Readiness: the replica is constructed (its store open), and its claim and webhook loops run."""
+        return {"deployment": "Orchestrator", "replica": self.runner_id, "claiming": self.runner.alive,
+                "delivering_webhooks": self.webhooks.alive, "running": sorted(self.runner.runs)}
 
     def ping(self) -> bool:
         return True
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check: restart a loop that died (it should not), and say so."""
+        for name, loop in (("claim", self.runner), ("webhook", self.webhooks)):
+            if not loop.alive and not loop.stopping:
+                logger.error("runner %s: the %s loop had stopped; restarting it", self.runner_id, name)
+                loop.start()
+        self.retention.ensure_running()  # its loop logs and survives errors; this only covers a cancelled task
+
+    async def __del__(self) -> None:
+        """Graceful shutdown (a redeploy, a scale-down): stop claiming, hand queued jobs back to the queue."""
+        self.webhooks.stop()
+        await self.retention.stop()
+        await self.runner.stop()
+
     # -- one run -----------------------------------------------------------------------------------------------
-    async def _execute(self, request_id: str, request: StableAvatarInput, seed: int, report: Reporter,
-                       checkpoints: bool) -> dict:
-        started = time.perf_counter()
-        await report(stage="preprocessing", message="preprocessing: fetching and decoding the inputs")
-        prepared: PreparedRequest = await self.preprocessor.prepare.remote(request_id, request, seed)
+    async def _execute(self, run: Run, report: RunReporter) -> dict[str, Any]:
+        job, started = run.job, time.perf_counter()
+        job_input = JobInput.model_validate(job.input)
+        request, checkpoints = job_input.model(), job.kind == "queue"
+        await report(stage="preprocessing", message=f"running on {self.runner_id} (epoch {job.epoch}); "
+                                                    "preprocessing: fetching and decoding the inputs")
+        prepared: PreparedRequest = await self.preprocessor.prepare.remote(job.request_id, request, job.seed,
+                                                                           job_input.stored)
         metrics.stage_duration().observe(time.perf_counter() - started, tags={"stage": "preprocess"})
         metrics.bytes_total().inc(prepared.input_bytes, tags={"direction": "downloaded"})
-        plan, progress = prepared.plan, report.progress
-        progress.windows, progress.total_steps = plan.num_windows, prepared.conditioning.num_steps
+        plan = prepared.plan
+        run.total_steps = prepared.conditioning.num_steps
         for note in prepared.notes:
             await report(message=note)
         await report(message=f"prepared in {time.perf_counter() - started:.1f} s: {prepared.width}x{prepared.height}"
-                             f", {plan.output_frames} frames, {plan.num_windows} windows x "
-                             f"{progress.total_steps} steps")
+                             f", {plan.output_frames} frames, {plan.num_windows} windows x {run.total_steps} steps")
 
-        latents, start_step = initial_noise(seed, prepared.latent_shape, self.state_dtype), 0
-        if checkpoints:
-            resumed = await asyncio.to_thread(self._load_checkpoint, request_id, prepared, seed)
-            if resumed is not None:
+        latents, start_step = initial_noise(job.seed, prepared.latent_shape, self.state_dtype), 0
+        if checkpoints and job.checkpoint_key:
+            run.checkpoints.add(job.checkpoint_key)
+            resumed = await asyncio.to_thread(self._load_checkpoint, job.checkpoint_key, prepared, job.seed)
+            if resumed is None:
+                await report(message="the checkpoint does not match this job's inputs; starting over", level="WARN")
+            else:
                 start_step, latents = resumed
-                progress.step = start_step
-                await report(message=f"resumed from the checkpoint after step {start_step}/{progress.total_steps}")
+                run.step = start_step
+                await report(message=f"resumed from the checkpoint after step {start_step}/{run.total_steps}")
 
         await report(stage="denoising")
-        units = await self._unit_plan(request_id, prepared, start_step)
+        units = await self._unit_plan(job.request_id, prepared, start_step)
         await report(message=units.describe())
         conditioning_ref = ray.put(prepared.conditioning)
-        executor = self._executor(request_id, conditioning_ref, report)
+        executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, job.request_id,
+                                       self.args.window_step_retries, on_retry=report.retry)
         step_started = [time.perf_counter()]
         every = self.args.checkpoint_every_steps if checkpoints else 0
         last_saved = [start_step - 1]
 
         async def on_step(step: int, fused: torch.Tensor) -> None:
-            progress.step = step + 1
+            run.step = step + 1
             replicas = len(executor.last_replicas)
-            await report(message=f"denoising step {step + 1}/{progress.total_steps}, {plan.num_windows} windows on "
+            await report(message=f"denoising step {step + 1}/{run.total_steps}, {plan.num_windows} windows on "
                                  f"{replicas} replica{'s' if replicas != 1 else ''} "
                                  f"({time.perf_counter() - step_started[0]:.2f} s)")
             step_started[0] = time.perf_counter()
-            if units.checkpoint_due(step, progress.total_steps, every, last_saved[0]):
-                await asyncio.to_thread(self._save_checkpoint, request_id, prepared, seed, step, fused)
+            if units.checkpoint_due(step, run.total_steps, every, last_saved[0]):
+                await self._checkpoint(run, prepared, step, fused)
                 last_saved[0] = step
 
         denoise_started = time.perf_counter()
         try:
-            latents = await denoise(plan, latents, progress.total_steps, executor,
-                                    self.args.pipeline.weight_scheme, start_step=start_step, on_step=on_step,
-                                    **units.denoise_kwargs())
+            latents = await denoise(plan, latents, run.total_steps, executor, self.args.pipeline.weight_scheme,
+                                    start_step=start_step, on_step=on_step, **units.denoise_kwargs())
         except BaseException:
             self._release_later(executor)  # cancelled or failed: the replicas still drop the request's caches
             raise
@@ -200,15 +173,16 @@ class Orchestrator:
 
         await report(stage="postprocessing", message="decoding and encoding the video")
         post_started = time.perf_counter()
-        stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents)
+        key = result_key(job.request_id, job.epoch)
+        run.uncommitted.add(key)  # deleted unless the completion that names it wins
+        async with run.writing_objects(final=True):
+            stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents, key)
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
         metrics.output_seconds().inc(stored["frames"] / FPS)
         await report(message=f"encoded {stored['frames']} frames in {stored['encode_s']:.1f} s, uploaded "
                              f"{stored['file_size'] / 1e6:.2f} MB")
-        if checkpoints:
-            await asyncio.to_thread(self.storage.delete, self._checkpoint_key(request_id))
-        return stored_output(stored["key"], stored["file_size"], seed)
+        return stored_output(key, stored["file_size"], job.seed)
 
     # -- units: what the Denoisers run for this request (settings from args.pipeline, as the CLI) -------------
     async def _unit_plan(self, request_id: str, prepared: PreparedRequest, start_step: int) -> UnitPlan:
@@ -218,16 +192,6 @@ class Orchestrator:
             step_cache = await self.denoiser.step_cache_plan.remote(request_id, request_offset(request_id),
                                                                     cond.num_steps, level)
         return unit_plan(self.args.pipeline, cond, level, step_cache, start_step)
-
-    def _executor(self, request_id: str, conditioning_ref: ray.ObjectRef, report: Reporter) -> RayDenoiserExecutor:
-        retries = self.args.window_step_retries
-
-        async def on_retry(work: WindowStep, attempt: int, error: BaseException) -> None:
-            await report(message=f"window {work.window} step {work.step + 1} rows {list(work.rows)}: its Denoiser "
-                                 f"replica failed ({type(error).__name__}); retrying ({attempt}/{retries})",
-                         level="WARN")
-
-        return RayDenoiserExecutor(self.denoiser, conditioning_ref, request_id, retries, on_retry=on_retry)
 
     def _max_denoisers(self) -> int:
         options = self.args.denoiser
@@ -239,23 +203,36 @@ class Orchestrator:
         task.add_done_callback(self._background.discard)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _checkpoint_key(request_id: str) -> str:
-        return f"checkpoints/{request_id}/latents.pt"
+    async def _checkpoint(self, run: Run, prepared: PreparedRequest, step: int, latents: torch.Tensor) -> None:
+        """Write the object, then name it on the row (fenced); the checkpoint it replaces is deleted."""
+        key = checkpoint_key(run.request_id, run.epoch)
+        run.uncommitted.add(key)
+        async with run.writing_objects():
+            await asyncio.to_thread(self._save_checkpoint, key, prepared, run.job.seed, step, latents)
+        try:
+            previous = await self.store.record_checkpoint(run.request_id, run.epoch, key, step + 1)
+        except FencedError:
+            run.fenced = True
+            raise
+        run.uncommitted.discard(key)
+        run.checkpoints.add(key)
+        if previous is not None:
+            run.checkpoints.discard(previous)
+            await asyncio.to_thread(self.storage.delete, previous)
 
-    def _save_checkpoint(self, request_id: str, prepared: PreparedRequest, seed: int, step: int,
+    def _save_checkpoint(self, key: str, prepared: PreparedRequest, seed: int, step: int,
                          latents: torch.Tensor) -> None:
         buffer = io.BytesIO()
         torch.save({"step": step, "seed": seed, "shape": list(prepared.latent_shape), "latents": latents,
                     "num_steps": prepared.conditioning.num_steps}, buffer)
-        self.storage.put_bytes(self._checkpoint_key(request_id), buffer.getvalue(), "application/octet-stream")
+        self.storage.put_bytes(key, buffer.getvalue(), "application/octet-stream")
 
-    def _load_checkpoint(self, request_id: str, prepared: PreparedRequest,
-                         seed: int) -> tuple[int, torch.Tensor] | None:
-        key = self._checkpoint_key(request_id)
-        if not self.storage.exists(key):
+    def _load_checkpoint(self, key: str, prepared: PreparedRequest, seed: int) -> tuple[int, torch.Tensor] | None:
+        """(first step to run, latents), or None when the object is gone or belongs to other inputs."""
+        try:
+            state = torch.load(io.BytesIO(self.storage.get_bytes(key)), weights_only=True)
+        except KeyError:
             return None
-        state = torch.load(io.BytesIO(self.storage.get_bytes(key)), weights_only=True)
         if (state["seed"], state["shape"], state["num_steps"]) != (
                 seed, list(prepared.latent_shape), prepared.conditioning.num_steps):
             return None

@@ -9,14 +9,16 @@ from pathlib import Path
 import torch
 from ray import serve
 
-from deployments.common import load_replica_models
+from deployments.common import load_replica_models, replica_name
 from deployments.config import AppArgs
 from deployments.storage import make_storage
 from pipeline.generator import PipelineSettings, PreparedRequest, StableAvatarPipeline
 
 
-def result_key(request_id: str) -> str:
-    return f"results/{request_id}/output.mp4"
+def result_key(request_id: str, epoch: int) -> str:
+    """Where a job's video goes: one folder per claim (epoch), so two runners of one job never overwrite each
+    other's object; the one whose completion wins keeps it, the other deletes its own."""
+    return f"results/{request_id}/e{epoch}/output.mp4"
 
 
 @serve.deployment(name="Postprocessor")
@@ -27,13 +29,17 @@ class Postprocessor:
         self.storage = make_storage(args.storage)
         self._lock = asyncio.Lock()  # one streaming decode per VAE at a time
 
-    async def finish(self, prepared: PreparedRequest, latents: torch.Tensor) -> dict:
-        """Returns ``{"key", "file_size", "frames", "encode_s"}`` of the uploaded mp4."""
+    def ready(self) -> dict:
+        """Readiness: answering at all means the constructor, which loads the models, has finished."""
+        return {"deployment": "Postprocessor", "replica": replica_name()}
+
+    async def finish(self, prepared: PreparedRequest, latents: torch.Tensor, key: str) -> dict:
+        """Encode and upload the mp4 as ``key`` (:func:`result_key`); returns ``{"key", "file_size", "frames",
+        "encode_s"}``."""
         with tempfile.TemporaryDirectory(prefix="stable-avatar-post-") as tmp:
             out = Path(tmp) / "output.mp4"
             async with self._lock:
                 result = await asyncio.to_thread(self.pipeline.finish, prepared, latents, out)
-            key = result_key(prepared.request_id)
             size = await asyncio.to_thread(self.storage.put_file, key, out, "video/mp4")
         return {"key": key, "file_size": size, "frames": result.frames,
                 "encode_s": result.timings.get("decode_encode", 0.0)}

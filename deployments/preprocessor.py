@@ -1,6 +1,7 @@
 """Preprocessor: fetch the inputs, decode audio, wav2vec per window, image conditioning (CLIP + VAE), T5.
 
-Inputs are untrusted: URLs go through :func:`pipeline.fetch.fetch_input` (SSRF guard, size and time limits) and
+Inputs are untrusted: objects in our own storage are read only when the Gateway resolved them to keys at submit
+(``stored``: the job's own ``data:`` inputs, the caller's uploads); URLs go through :func:`pipeline.fetch.fetch_input` (SSRF guard, size and time limits) and
 the bytes through :mod:`pipeline.media.validate` before the models see them, image first (cheap) so a bad image
 is refused before a large audio file is downloaded. Every refusal is a ``MediaError`` naming the field.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.common import load_replica_models
+from deployments.common import load_replica_models, replica_name
 from deployments.config import AppArgs
 from deployments.storage import S3Storage, StorageNotFoundError, StorageTooLargeError, make_storage
 from pipeline.fetch import FetchError, InputField, InputTooLargeError, fetch_input
@@ -36,10 +37,14 @@ class Preprocessor:
         self.guard = args.inputs.guard()
         self._s3_client: Any = None
 
-    def _read(self, url: str, field: InputField) -> bytes:
-        """Files uploaded to our storage are read directly (no network hop); anything else is fetched."""
+    def ready(self) -> dict:
+        """Readiness: answering at all means the constructor, which loads the models, has finished."""
+        return {"deployment": "Preprocessor", "replica": replica_name()}
+
+    def _read(self, url: str, field: InputField, key: str | None) -> bytes:
+        """``key``: the object in our storage that stands for this field (a stored ``data:`` URI, an upload),
+        resolved and checked by the Gateway at submit: read directly. Anything else is fetched."""
         limit = self.inputs.fetch.max_bytes(field)
-        key = self.storage.key_for_url(url)
         if key is None:
             return fetch_input(url, field, self.inputs.fetch, self.guard,
                                read_s3=functools.partial(self._read_s3, limit),
@@ -47,7 +52,7 @@ class Preprocessor:
         try:
             data = self.storage.get_bytes(key, max_bytes=limit)
         except StorageNotFoundError:
-            raise MediaError("the uploaded file does not exist (or has expired)", field=field) from None
+            raise MediaError("the stored or uploaded file does not exist (or has expired)", field=field) from None
         except StorageTooLargeError:
             raise InputTooLargeError(f"{field} is too large: more than the limit of {limit} bytes",
                                      field=field) from None
@@ -79,15 +84,18 @@ class Preprocessor:
         finally:
             body.close()
 
-    async def prepare(self, request_id: str, request: StableAvatarInput, seed: int | None = None) -> PreparedRequest:
+    async def prepare(self, request_id: str, request: StableAvatarInput, seed: int | None = None,
+                      stored: dict[str, str] | None = None) -> PreparedRequest:
+        """``stored`` maps fields to the storage keys that stand for them (``JobInput.stored``)."""
         notes: list[str] = []
+        stored = stored or {}
         started = time.perf_counter()
         media = self.inputs.media
-        image = await asyncio.to_thread(self._read, request.image_url, "image_url")
+        image = await asyncio.to_thread(self._read, request.image_url, "image_url", stored.get("image_url"))
         fetch_s = time.perf_counter() - started
         picture = await asyncio.to_thread(validate_image, image, media)
         started_audio = time.perf_counter()
-        audio = await asyncio.to_thread(self._read, request.audio_url, "audio_url")
+        audio = await asyncio.to_thread(self._read, request.audio_url, "audio_url", stored.get("audio_url"))
         fetch_s += time.perf_counter() - started_audio
         checked = await asyncio.to_thread(check_audio, audio, media)
         notes.append(f"downloaded image {len(image) / 1e6:.2f} MB and audio {len(audio) / 1e6:.2f} MB "

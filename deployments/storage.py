@@ -14,31 +14,42 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.jobstore.config import DEFAULT_SQLITE_NAME
 from deployments.signing import Signer
 
 if TYPE_CHECKING:  # boto3 is imported lazily in S3Storage so importing this module stays cheap
     from botocore.client import BaseClient
 
-URL_SECRET_ENV = "STABLE_AVATAR_URL_SECRET"
 FILE_LINK_PURPOSE = "file"
-URL_SECRET_FILE = ".url_secret"
 _TMP_DIR = ".tmp"
-# Top-level names inside a local root that belong to the backend itself, never to callers.
-_RESERVED_LOCAL_NAMES = frozenset({URL_SECRET_FILE, _TMP_DIR})
+# Top-level names inside a local root that belong to the backend or the service, never to callers: never served,
+# listed or written through a key (the default SQLite jobs database lives beside the objects; .url_secret is
+# where earlier versions kept the signing secret).
+_RESERVED_LOCAL_NAMES = frozenset({".url_secret", _TMP_DIR, *(DEFAULT_SQLITE_NAME + suffix for suffix in
+                                                                ("", "-wal", "-shm", "-journal"))})
 _MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than 7 days
 _MIB = 1024 * 1024
+S3_DELETE_BATCH = 1000  # the most keys one S3 DeleteObjects request may name
+
+
+class ObjectInfo(NamedTuple):
+    """One stored object as a listing sees it: ``last_modified`` in epoch seconds (the backend's clock: file
+    mtimes locally, the server's ``LastModified`` on S3, whole seconds there)."""
+
+    key: str
+    size: int
+    last_modified: float
 
 
 class StorageError(RuntimeError):
@@ -99,8 +110,8 @@ class LocalStorageConfig(BaseModel):
 
     kind: Literal["local"] = "local"
     root: Path = Path("./data")
-    # HMAC key for URLs. None: env STABLE_AVATAR_URL_SECRET, else a random key persisted in root/.url_secret
-    # (mode 0600), so links survive restarts and every process on the machine signs the same way.
+    # HMAC key for URLs and upload tokens. None: env STABLE_AVATAR_URL_SECRET, else a random key the service
+    # creates once in its jobs database (deployments.signing.service_secret), never in the storage itself.
     url_secret: str | None = Field(default=None, repr=False, min_length=1)
     public_base_url: str | None = None  # e.g. http://127.0.0.1:8000; None: relative /files/... URLs
     url_expiry_s: int = Field(default=7 * 24 * 3600, ge=1)
@@ -153,6 +164,20 @@ class Storage(ABC):
         """All keys starting with ``prefix`` (a plain string prefix, as in S3), sorted."""
 
     @abstractmethod
+    def list_objects(self, prefix: str = "", modified_before: float | None = None,
+                     limit: int | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (and, if given, last modified before the epoch time
+        ``modified_before``), at most ``limit`` of them, streamed: the listing is read page by page (S3) or
+        directory by directory (local), never held in memory whole. Objects deleted or written while the
+        iterator runs may or may not appear."""
+
+    @abstractmethod
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Delete ``keys`` in as few requests as the backend allows (missing keys are not errors); returns the
+        keys that could not be deleted, each with the reason (empty: all gone). Every key is validated before
+        anything is deleted (``ValueError``); an unreachable backend raises ``StorageError``."""
+
+    @abstractmethod
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """A URL a client can GET for ``key``; ``filename`` asks for a download under that name."""
 
@@ -165,17 +190,9 @@ class Storage(ABC):
         """The key behind a URL this storage made (uploads are then read directly, without a network hop)."""
         return None
 
-    def signing_secret(self) -> bytes:
-        """A secret shared by every process using this storage, for upload tokens and signed routes."""
-        env = os.environ.get(URL_SECRET_ENV)
-        if env:
-            return env.encode()
-        key = "_internal/signing-secret"
-        try:
-            return self.get_bytes(key)
-        except StorageNotFoundError:
-            self.put_bytes(key, secrets.token_urlsafe(32).encode(), "application/octet-stream")
-            return self.get_bytes(key)
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StorageError`` saying what is wrong when the backend cannot be used now (readiness)."""
 
     @abstractmethod
     def describe(self) -> str:
@@ -186,44 +203,26 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    """Files under ``root``; writes go to ``root/.tmp`` and are moved in with ``os.replace`` (atomic)."""
+    """Files under ``root``; writes go to ``root/.tmp`` and are moved in with ``os.replace`` (atomic).
 
-    def __init__(self, config: LocalStorageConfig):
+    Links (``url``) and their checks need the service's URL secret: ``url_secret`` (what
+    :func:`deployments.signing.service_secret` resolved), else the config's ``url_secret``. Without one the
+    storage still reads and writes (the Preprocessor and Postprocessor need nothing else) but makes no links.
+    """
+
+    def __init__(self, config: LocalStorageConfig, url_secret: bytes | None = None):
         self.config = config
         self.root = config.root.expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / _TMP_DIR
         self._tmp.mkdir(exist_ok=True)
-        self._secret = self._load_secret().encode()
-        self.signer = Signer(self._secret)
+        secret = url_secret or (config.url_secret.encode() if config.url_secret else None)
+        self.signer = Signer(secret) if secret else None
         self.public_base_url = (config.public_base_url or "").rstrip("/")
 
-    def _load_secret(self) -> str:
-        """Config, then env, then ``root/.url_secret`` (created once, 0600, race-free across processes)."""
-        if self.config.url_secret:
-            return self.config.url_secret
-        env = os.environ.get(URL_SECRET_ENV, "").strip()
-        if env:
-            return env
-        path = self.root / URL_SECRET_FILE
-        for _ in range(50):
-            with contextlib.suppress(FileNotFoundError):
-                value = path.read_text().strip()
-                if value:
-                    return value
-            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="url-secret-")  # mkstemp creates it as 0600
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(32))
-                    f.flush()
-                    os.fsync(f.fileno())
-                # link() fails if another process won the race; then we read theirs on the next pass.
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, path)
-            finally:
-                os.unlink(tmp)
-            time.sleep(0.01)
-        raise StorageError(f"could not read or create the URL secret at {path}")
+    def check(self) -> None:
+        if not self.root.is_dir() or not self._tmp.is_dir():
+            raise StorageError(f"the local storage root {self.root} (or its .tmp folder) is missing")
 
     def path_for(self, key: str) -> Path:
         """The file that holds ``key`` (for the Gateway's ``FileResponse``); guaranteed inside ``root``."""
@@ -245,8 +244,14 @@ class LocalStorage(Storage):
                 os.fsync(f.fileno())
                 size = f.tell()
             os.chmod(tmp, 0o644)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
+            for attempt in range(3):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(tmp, target)
+                    break
+                except FileNotFoundError:  # a sweep removed the emptied directory between mkdir and replace
+                    if attempt == 2:
+                        raise
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -310,8 +315,72 @@ class LocalStorage(Storage):
                     keys.append(key)
         return sorted(keys)
 
+    def list_objects(self, prefix: str = "", modified_before: float | None = None,
+                     limit: int | None = None) -> Iterator[ObjectInfo]:
+        """Regular files under the deepest directory the prefix pins down, in sorted order per directory; ages
+        are file mtimes."""
+        _validate_prefix(prefix)
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        yielded = 0
+        for info in self._walk(start):
+            if not info.key.startswith(prefix):
+                continue
+            if modified_before is not None and info.last_modified >= modified_before:
+                continue
+            if limit is not None and yielded >= limit:
+                return
+            yielded += 1
+            yield info
+
+    def _walk(self, directory: Path) -> Iterator[ObjectInfo]:
+        """Depth-first, one directory's entries in memory at a time; a directory removed meanwhile (a sweep
+        deleting what was listed) is skipped."""
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        top = directory == self.root
+        for entry in entries:
+            if top and entry.name in _RESERVED_LOCAL_NAMES:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    key = Path(entry.path).relative_to(self.root).as_posix()
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+            except FileNotFoundError:
+                continue
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Unlink each file, then remove the directories that became empty (up to, not including, the root)."""
+        paths = [(key, self.path_for(key)) for key in dict.fromkeys(keys)]
+        failed: dict[str, str] = {}
+        for key, path in paths:
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as e:
+                failed[key] = f"{type(e).__name__}: {e.strerror or e}"
+                continue
+            self._remove_empty_parents(path.parent)
+        return failed
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        while directory != self.root and directory.is_relative_to(self.root):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone, or not ours to remove): stop here
+                return
+            directory = directory.parent
+
     def sign(self, key: str, exp: int) -> str:
         """The ``sig`` query parameter of a file link: the service's HMAC over ``key`` and ``exp``."""
+        if self.signer is None:
+            raise StorageError("this local storage was opened without the URL secret: it cannot make links")
         return self.signer.sign(FILE_LINK_PURPOSE, key, exp)
 
     def verify_signature(self, key: str, exp: int, sig: str) -> bool:
@@ -320,7 +389,7 @@ class LocalStorage(Storage):
             validate_key(key)
         except (ValueError, TypeError):
             return False
-        return self.signer.verify(sig, FILE_LINK_PURPOSE, key, exp)
+        return self.signer is not None and self.signer.verify(sig, FILE_LINK_PURPOSE, key, exp)
 
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """``{public_base_url}/files/{key}?exp=..&sig=..[&filename=..]``; ``filename`` is not signed (it only
@@ -349,9 +418,6 @@ class LocalStorage(Storage):
                 return key
             start = parsed.path.find("/files/", start + 1)
         return None
-
-    def signing_secret(self) -> bytes:
-        return self._secret
 
     def describe(self) -> str:
         return f"local storage at {self.root} (signed URLs under {self.public_base_url or ''}/files/)"
@@ -563,6 +629,47 @@ class S3Storage(Storage):
             raise self._error(e, "list") from None
         return sorted(keys)
 
+    def list_objects(self, prefix: str = "", modified_before: float | None = None,
+                     limit: int | None = None) -> Iterator[ObjectInfo]:
+        """``ListObjectsV2`` pages of up to 1000 keys, fetched as the iterator is consumed."""
+        _validate_prefix(prefix)
+        yielded = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix, PaginationConfig={"PageSize": S3_DELETE_BATCH}
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    modified = obj["LastModified"].timestamp()
+                    if modified_before is not None and modified >= modified_before:
+                        continue
+                    if limit is not None and yielded >= limit:
+                        return
+                    yielded += 1
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj.get("Size") or 0), modified)
+        except StorageError:
+            raise
+        except Exception as e:
+            raise self._error(e, "list") from None
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """``DeleteObjects`` (quiet mode) in chunks of up to 1000 keys; per-key errors come back, not raised."""
+        full = [self._key(key) for key in dict.fromkeys(keys)]
+        failed: dict[str, str] = {}
+        for start in range(0, len(full), S3_DELETE_BATCH):
+            chunk = full[start:start + S3_DELETE_BATCH]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                )
+            except Exception as e:
+                raise self._error(e, "delete objects in") from None
+            for err in response.get("Errors", []):
+                if err.get("Code") == "NoSuchKey":
+                    continue
+                failed[err["Key"][len(self.prefix):]] = f"{err.get('Code', 'Unknown')}: {err.get('Message', '')}"
+        return failed
+
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """``public_base_url/prefix/key`` when configured (expiry and filename do not apply), else a presigned
         GET valid for ``expires_s`` (at most 7 days, the SigV4 limit)."""
@@ -616,10 +723,11 @@ class S3Storage(Storage):
         )
 
 
-def make_storage(config: LocalStorageConfig | S3StorageConfig) -> Storage:
-    """The backend for ``config`` (the ``storage:`` block of the app arguments)."""
+def make_storage(config: LocalStorageConfig | S3StorageConfig, url_secret: bytes | None = None) -> Storage:
+    """The backend for ``config`` (the ``storage:`` block of the app arguments); ``url_secret`` signs local links
+    (S3 links are presigned with the S3 credentials)."""
     if isinstance(config, LocalStorageConfig):
-        return LocalStorage(config)
+        return LocalStorage(config, url_secret)
     if isinstance(config, S3StorageConfig):
         return S3Storage(config)
     raise TypeError(f"unknown storage config: {type(config).__name__}")

@@ -1,16 +1,20 @@
-"""Webhook delivery: POST the fal webhook payload, retry with exponential backoff, report every attempt."""
+"""Webhooks: fal's payload, one SSRF-guarded POST per delivery attempt, and the retry schedule.
+
+Deliveries are owed through the jobs database's outbox (a row written when the job finished) and leased to one
+Orchestrator replica at a time (:class:`deployments.webhook_worker.WebhookWorker`), so each is delivered once
+even with many replicas and applications; an attempt that fails is due again after :func:`retry_delay`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
-from collections.abc import Callable
 from typing import Any
 
 from pipeline.fetch import AddressGuard, pinned_connection
 
 USER_AGENT = "stable-avatar-serve-webhook/1"
+TIMEOUT_S = 15.0
 
 
 def webhook_payload(request_id: str, ok: bool, payload: Any, error: str | None) -> dict[str, Any]:
@@ -19,37 +23,26 @@ def webhook_payload(request_id: str, ok: bool, payload: Any, error: str | None) 
             "payload": payload, "error": error}
 
 
-def _post(url: str, body: bytes, request_id: str, timeout_s: float, guard: AddressGuard) -> int:
-    """POST to the checked address (resolved once, here; no redirects followed): the SSRF guard holds."""
-    connection, path = pinned_connection(url, guard, timeout_s)
-    try:
-        connection.request("POST", path, body=body, headers={
-            "content-type": "application/json", "user-agent": USER_AGENT, "x-fal-webhook-request-id": request_id})
-        response = connection.getresponse()
-        response.read(64 * 1024)
-        return response.status
-    finally:
-        connection.close()
-
-
-async def deliver_webhook(url: str, body: dict[str, Any], report: Callable[[str, str], None], guard: AddressGuard,
-                          attempts: int = 5, first_delay_s: float = 1.0, timeout_s: float = 15.0) -> bool:
-    """Deliver once successfully (2xx) or give up after ``attempts``; ``report(level, message)`` logs each try."""
+def post_webhook(url: str, body: dict[str, Any], guard: AddressGuard, timeout_s: float = TIMEOUT_S) -> tuple[bool, str]:
+    """One attempt: (delivered, what happened). POSTs to the checked address (resolved once, here; no redirects
+    followed), so the SSRF guard holds; a refused or unreachable target is an outcome, not an exception."""
     data = json.dumps(body).encode()
-    delay = first_delay_s
-    for attempt in range(1, attempts + 1):
+    try:
+        connection, path = pinned_connection(url, guard, timeout_s)
         try:
-            code = await asyncio.to_thread(_post, url, data, body["request_id"], timeout_s, guard)
-            outcome = f"HTTP {code}"
-            if 200 <= code < 300:
-                report("INFO", f"webhook delivered (attempt {attempt}/{attempts}, {outcome})")
-                return True
-        except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: the guard refused
-            outcome = f"{type(exc).__name__}: {exc}"
-        if attempt < attempts:
-            report("WARN", f"webhook attempt {attempt}/{attempts} failed ({outcome}); retrying in {delay:.0f} s")
-            await asyncio.sleep(delay)
-            delay *= 2
-        else:
-            report("ERROR", f"webhook attempt {attempt}/{attempts} failed ({outcome}); giving up")
-    return False
+            connection.request("POST", path, body=data, headers={
+                "content-type": "application/json", "user-agent": USER_AGENT,
+                "x-fal-webhook-request-id": body["request_id"]})
+            response = connection.getresponse()
+            response.read(64 * 1024)
+            code = response.status
+        finally:
+            connection.close()
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: the guard refused the host
+        return False, f"{type(exc).__name__}: {exc}"
+    return 200 <= code < 300, f"HTTP {code}"
+
+
+def retry_delay(attempt: int, first_delay_s: float) -> float:
+    """Seconds before attempt ``attempt + 1``: ``first_delay_s``, doubled after each failed attempt."""
+    return first_delay_s * 2 ** (attempt - 1)

@@ -1,7 +1,8 @@
 """``make demo``: start the local service from serve_config.yaml, generate the example over HTTP with a progress
 display, save demo.mp4, and stop the service cleanly.
 
-The inputs are sent as data: URIs, so nothing but the HTTP API is used.
+The inputs are sent as data: URIs through the fal queue API (submit, then /progress, then the result), so nothing
+but the HTTP API is used.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,44 +45,42 @@ def wait_healthy(server: subprocess.Popen, timeout_s: float = 300) -> None:
     raise SystemExit(f"the service did not become healthy within {timeout_s:.0f} s")
 
 
-def show_progress(request_id: str, done: threading.Event) -> None:
-    """One progress bar line; stage log lines are printed above it (step lines are what the bar shows)."""
-    shown = 0
-    while not done.wait(0.5):
-        try:
-            state = get_json(f"{BASE_URL}/progress/{request_id}")
-        except OSError:
-            continue
+def post_json(url: str, body: dict, timeout: float = 60.0) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def follow(request_id: str, timeout_s: float = 1800) -> dict:
+    """One progress bar line until the job is done; its log lines are printed above it."""
+    shown, deadline = 0, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = get_json(f"{BASE_URL}/progress/{request_id}")
         for line in state["logs"][shown:]:
             if not line.startswith("denoising step"):
                 print(f"\r\033[K  {line}", flush=True)
         shown = len(state["logs"])
         bar = "#" * int(30 * state["progress"])
-        steps = f"step {state['step']}/{state['total_steps']}" if state["total_steps"] else ""
-        print(f"\r\033[K  [{bar:<30}] {state['progress'] * 100:5.1f}% {state['stage']} {steps}", end="", flush=True)
+        print(f"\r\033[K  [{bar:<30}] {state['progress'] * 100:5.1f}% {state['stage']}", end="", flush=True)
+        if state["status"] == "COMPLETED":
+            print()
+            return state
+        time.sleep(0.5)
+    raise SystemExit(f"the job {request_id} did not finish within {timeout_s:.0f} s")
 
 
 def generate(out: Path) -> None:
-    request_id = uuid.uuid4().hex
     body = {
         "image_url": data_uri(ROOT / "examples" / "portrait.png", "image/png"),
         "audio_url": data_uri(ROOT / "examples" / "speech.wav", "audio/wav"),
         "prompt": "A person speaking to the camera, neutral background",
         "seed": 42,
     }
-    request = urllib.request.Request(
-        f"{BASE_URL}/run/{APP_ID}", data=json.dumps(body).encode(), method="POST",
-        headers={"content-type": "application/json", "x-fal-request-id": request_id})
-    done = threading.Event()
-    watcher = threading.Thread(target=show_progress, args=(request_id, done), daemon=True)
-    watcher.start()
-    try:
-        with urllib.request.urlopen(request, timeout=1800) as response:
-            result = json.loads(response.read())
-    finally:
-        done.set()
-        watcher.join()
-    print()
+    submitted = post_json(f"{BASE_URL}/{APP_ID}", body)  # the queue API: the server issues the request id
+    print(f"  request {submitted['request_id']} queued", flush=True)
+    follow(submitted["request_id"])
+    result = get_json(submitted["response_url"], timeout=60)
     video = result["video"]
     with urllib.request.urlopen(video["url"], timeout=60) as response:
         out.write_bytes(response.read())

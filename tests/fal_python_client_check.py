@@ -60,7 +60,8 @@ class Checks:
             call()
         except fal_client.FalClientHTTPError as exc:
             return {"raised": type(exc).__name__, "status_code": exc.status_code, "message": exc.message,
-                    "error_type": exc.error_type, "request_id": exc.response_headers.get("x-fal-request-id")}
+                    "error_type": exc.error_type, "request_id": exc.response_headers.get("x-fal-request-id"),
+                    "timeout_type": exc.response_headers.get("x-fal-request-timeout-type")}
         return {"raised": None}
 
     @staticmethod
@@ -134,17 +135,30 @@ class Checks:
         }
 
     def priority(self) -> dict[str, Any]:
-        """submit(hint=, start_timeout=, priority=) on a one-job server: a low-priority job yields to a later
-        normal one (the client sends X-Fal-Runner-Hint, X-Fal-Request-Timeout "60.0", X-Fal-Queue-Priority)."""
-        first = fal_client.submit(APP, arguments=self.input(), hint="any-runner", start_timeout=60)
+        """submit(hint=, start_timeout=, priority=) on a one-job server: while a long job runs, a job whose
+        start_timeout (5 s) passes in the queue fails with fal's user timeout, and a low-priority job yields to a
+        later normal one (the client sends X-Fal-Runner-Hint, X-Fal-Request-Timeout "5.0", X-Fal-Queue-Priority)."""
+        blocker = fal_client.submit(APP, arguments=self.input(num_inference_steps=100))
+        deadline = time.monotonic() + 120
+        while not isinstance(blocker.status(), fal_client.InProgress):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the blocking job never started")
+            time.sleep(0.1)
+        late = fal_client.submit(APP, arguments=self.input(seed=3), start_timeout=5)
         low = fal_client.submit(APP, arguments=self.input(seed=1), priority="low", start_timeout=60)
-        normal = fal_client.submit(APP, arguments=self.input(seed=2), priority="normal")
-        positions = {"low": getattr(low.status(), "position", None),
-                     "normal": getattr(normal.status(), "position", None)}
+        normal = fal_client.submit(APP, arguments=self.input(seed=2), priority="normal", hint="any-runner")
+        positions = {name: getattr(handle.status(), "position", None)
+                     for name, handle in (("late", late), ("normal", normal), ("low", low))}
+        late_status = self.wait(late, timeout_s=60)
+        blocker_while_late_failed = type(blocker.status()).__name__
+        late_result = self.http_error(late.get)
         low.cancel()
-        normal.cancel()
-        self.wait(first)
-        return {"positions": positions, "first_has_video": "video" in first.get()}
+        blocker.cancel()
+        self.wait(normal)
+        return {"positions": positions, "blocker_while_late_failed": blocker_while_late_failed,
+                "late_status": {"error": getattr(late_status, "error", None),
+                                "error_type": getattr(late_status, "error_type", None)},
+                "late_result": late_result, "normal_has_video": "video" in normal.get()}
 
     def upload(self) -> dict[str, Any]:
         """upload_file (token + files/upload) for both inputs, then a job that reads those URLs."""

@@ -1,16 +1,26 @@
-"""API keys, per-key isolation and limits: unit checks, then a real service with two keys."""
+"""API keys and one set of rules for every route: unit checks, then a real service with two keys.
+
+The service runs one job at a time with tight per-key limits (burst 3 with almost no refill, 2 queued, 1
+running), so each 429 can be provoked on purpose and must name its limit; uploads must land under the caller's
+own prefix; the signing secret must be one value shared by the Gateway replicas and kept out of storage.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from deployments.auth import ApiKeys, AuthConfig, TokenBucket, fingerprint
+from deployments.auth import ApiKeys, AuthConfig, fingerprint
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
+APP = "fal-ai/stable-avatar"
 
 
 def test_keys_from_env_and_file(tmp_path, monkeypatch):
@@ -33,69 +43,199 @@ def test_open_server_without_keys(monkeypatch):
     assert not keys.enabled and keys.check(None).owner == ""
 
 
-def test_token_bucket():
-    bucket = TokenBucket(rate_per_s=1.0, burst=2)
-    assert bucket.take("a") == 0 and bucket.take("a") == 0
-    wait = bucket.take("a")
-    assert 0 < wait <= 1.0
-    assert bucket.take("b") == 0  # per owner
-    time.sleep(wait + 0.05)
-    assert bucket.take("a") == 0
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B}"
+    from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
     from tests.ray_serve import ray_serve_cluster
 
+    root = tmp_path_factory.mktemp("auth-data")
     with ray_serve_cluster(num_gpus=1) as cluster:
         cluster.deploy({
             "device": "cpu", "max_running_jobs": 1,
-            "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 4, "submit_rate_per_minute": 1,
-                     "max_queued_per_key": 3},
-            "storage": cluster.local_storage(tmp_path_factory.mktemp("auth-data")),
+            "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
+                     "max_queued_per_key": 2, "max_running_per_key": 1},
+            "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
+            "storage": cluster.local_storage(root),
+            "gateway": {"num_replicas": 2},
             "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
         })
-        yield cluster.base
+        store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
+        try:
+            yield {"base": cluster.base, "root": root, "store": store}
+        finally:
+            store.close()
     del os.environ["STABLE_AVATAR_TEST_KEYS"]
 
 
-def test_keys_isolation_and_limits(service):
-    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, http_json
+@pytest.fixture(scope="module")
+def long_audio(tmp_path_factory) -> Path:
+    from tests.helpers import synthetic_speech
 
-    base, app = service, "fal-ai/stable-avatar"
-    a, b = {"authorization": f"Key {KEY_A}"}, {"authorization": f"Key {KEY_B}"}
-    body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(EXAMPLE_AUDIO, "audio/wav"),
-            "prompt": "talking", "num_inference_steps": 1}
+    return synthetic_speech(tmp_path_factory.mktemp("auth-audio") / "long.wav", 24.0)
+
+
+A, B = {"authorization": f"Key {KEY_A}"}, {"authorization": f"Key {KEY_B}"}
+
+
+def body(audio=None, steps: int = 1) -> dict:
+    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+
+    return {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio or EXAMPLE_AUDIO,
+                                                                                     "audio/wav"),
+            "prompt": "talking", "num_inference_steps": steps}
+
+
+def wait_running(base: str, rid: str, key: dict) -> None:
+    from tests.helpers import http_json
+
+    deadline = time.monotonic() + 120
+    while http_json("GET", f"{base}/{APP}/requests/{rid}/status", headers=key)[1]["status"] != "IN_PROGRESS":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def refused(response: tuple[int, dict, dict], error_type: str) -> str:
+    code, answer, headers = response
+    assert code == 429 and answer["error_type"] == error_type, answer
+    assert headers["x-fal-error-type"] == error_type and int(headers["retry-after"]) >= 1
+    return answer["detail"]
+
+
+def test_every_route_needs_the_key_and_hides_other_keys_jobs(service):
+    from tests.helpers import http_json
+
+    base = service["base"]
     code, health, _ = http_json("GET", f"{base}/health")
     assert code == 200 and health["auth_required"] is True
-    assert http_json("POST", f"{base}/{app}", body)[0] == 401
-    assert http_json("POST", f"{base}/{app}", body, {"authorization": "Key wrong"})[0] == 403
-    code, submitted, _ = http_json("POST", f"{base}/{app}", body, a)
+    assert http_json("POST", f"{base}/{APP}", body())[0] == 401
+    assert http_json("POST", f"{base}/{APP}", body(), {"authorization": "Key wrong"})[0] == 403
+    assert http_json("POST", f"{base}/run/{APP}", body())[0] == 401
+    code, submitted, _ = http_json("POST", f"{base}/{APP}", body(), A)  # A: 2 of its 3 tokens left
     assert code == 200
     rid = submitted["request_id"]
-    assert http_json("GET", f"{base}/{app}/requests/{rid}/status", headers=a)[0] in (200, 202)
-    for method, path in (("GET", f"/{app}/requests/{rid}/status"), ("GET", f"/{app}/requests/{rid}"),
-                         ("PUT", f"/{app}/requests/{rid}/cancel")):
-        assert http_json(method, base + path, headers=b)[0] == 404, path
-        assert http_json(method, base + path)[0] == 401, path
-    # An upload made with key A is not an input for key B's jobs.
-    code, init, _ = http_json("POST", f"{base}/storage/upload/initiate", {"content_type": "image/png",
-                                                                         "file_name": "a.png"}, a)
-    put = urllib.request.Request(init["upload_url"], data=EXAMPLE_IMAGE.read_bytes(), method="PUT")
-    urllib.request.urlopen(put, timeout=30).close()
-    code, other, _ = http_json("POST", f"{base}/{app}", dict(body, image_url=init["file_url"]), b)
     deadline = time.monotonic() + 120
-    while True:
-        code, state, _ = http_json("GET", f"{base}/{app}/requests/{other['request_id']}/status", headers=b)
-        if state["status"] == "COMPLETED" or time.monotonic() > deadline:
-            break
+    while http_json("GET", f"{base}/{APP}/requests/{rid}/status", headers=A)[1]["status"] != "COMPLETED":
+        assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert state.get("error") and "not found" in state["error"]
-    code, result, _ = http_json("GET", f"{base}/{app}/requests/{other['request_id']}", headers=b)
-    assert code == 422 and result["detail"][0]["loc"] == ["body", "image_url"]
-    # Rate limit: key A has used 1 of its burst of 4 submits (key B 1 of 4); the 5th within a minute is refused.
-    codes = [http_json("POST", f"{base}/{app}", body, a)[0] for _ in range(4)]
-    assert codes[-1] == 429, codes
-    code, refused, headers = http_json("POST", f"{base}/{app}", body, a)
-    assert code == 429 and int(headers["retry-after"]) >= 1
+    assert http_json("GET", f"{base}/progress/{rid}", headers=A)[1]["status"] == "COMPLETED"
+    for method, path in (("GET", f"/{APP}/requests/{rid}/status"), ("GET", f"/{APP}/requests/{rid}"),
+                         ("GET", f"/{APP}/requests/{rid}/status/stream"), ("PUT", f"/{APP}/requests/{rid}/cancel"),
+                         ("GET", f"/progress/{rid}")):
+        assert http_json(method, base + path, headers=B)[0] == 404, path
+        assert http_json(method, base + path)[0] == 401, path
+    assert http_json("GET", f"{base}/{APP}/requests/{rid}", headers=A)[0] == 200  # unharmed by B's attempts
+
+
+def test_each_429_names_the_limit_it_hit(service, long_audio):
+    """Queued cap, running cap (queued jobs and sync requests count as running) and the rate limit that submit
+    and /run share: each refusal says which one, and a refusal by a cap costs no token."""
+    from tests.helpers import http_json
+
+    base, store = service["base"], service["store"]
+    submit = lambda key: http_json("POST", f"{base}/{APP}", body(), key)  # noqa: E731
+    run = lambda key: http_json("POST", f"{base}/run/{APP}", body(), key)  # noqa: E731
+    # Key A (2 tokens left): a long running job, one queued job, then no token is left.
+    code, running, _ = http_json("POST", f"{base}/{APP}", body(long_audio, steps=30), A)
+    assert code == 200, running
+    wait_running(base, running["request_id"], A)
+    code, queued_a, _ = submit(A)
+    assert code == 200
+    assert "running jobs (limit 1)" in refused(run(A), "key_running_cap")  # its queued job holds the slot
+    assert "too many requests" in refused(submit(A), "rate_limited")  # 1 queued, below the cap: the rate
+    # Key B (3 tokens): a sync request holds B's running slot, so a second one is refused by the running cap.
+    outcome: dict = {}
+    sync = threading.Thread(target=lambda: outcome.update(answer=http_json(
+        "POST", f"{base}/run/{APP}", body(steps=3), {**B, "x-fal-request-id": "my-own-id"})))
+    sync.start()
+    deadline = time.monotonic() + 120
+    while store.running_count(fingerprint(KEY_B)) == 0:
+        assert time.monotonic() < deadline and sync.is_alive()
+        time.sleep(0.05)
+    assert "running jobs (limit 1)" in refused(run(B), "key_running_cap")
+    sync.join(timeout=300)
+    code, output, headers = outcome["answer"]
+    assert code == 200, output
+    sync_id = headers["x-fal-request-id"]
+    assert sync_id != "my-own-id" and len(sync_id) == 32  # server-issued
+    # The sync request is a job of B's like any other: status, logs and result by its id; 404 for A.
+    code, state, _ = http_json("GET", f"{base}/{APP}/requests/{sync_id}/status?logs=1", headers=B)
+    assert code == 200 and state["status"] == "COMPLETED" and len(state["logs"]) > 3
+    assert http_json("GET", f"{base}/{APP}/requests/{sync_id}", headers=B)[1]["video"]["file_size"] > 0
+    assert http_json("GET", f"{base}/progress/{sync_id}", headers=A)[0] == 404
+    # B (2 tokens left): two queued jobs (behind A's, one runner) fill B's queued cap; the third is refused by the
+    # cap, not by the rate limit.
+    queued_b = [submit(B) for _ in range(2)]
+    assert [c for c, _, _ in queued_b] == [200, 200]
+    assert "queued jobs (limit 2)" in refused(submit(B), "key_queue_cap")
+    assert store.running_count(fingerprint(KEY_B)) == 0
+    # No token left: /run is refused by the same rate limit as submit, and so is a submit below the cap.
+    assert "too many requests" in refused(run(B), "rate_limited")
+    http_json("PUT", f"{base}/{APP}/requests/{queued_b[0][1]['request_id']}/cancel", headers=B)
+    assert "too many requests" in refused(submit(B), "rate_limited")
+    for key, rid in ((A, running["request_id"]), (A, queued_a["request_id"]), (B, queued_b[1][1]["request_id"])):
+        assert http_json("PUT", f"{base}/{APP}/requests/{rid}/cancel", headers=key)[0] == 202
+
+
+def test_uploads_land_only_under_the_callers_prefix(service):
+    from deployments.signing import SECRET_NAME, Signer
+    from tests.helpers import EXAMPLE_IMAGE, http_json
+
+    base, root, store = service["base"], service["root"], service["store"]
+    mine, theirs = fingerprint(KEY_A), fingerprint(KEY_B)
+    code, init, _ = http_json("POST", f"{base}/storage/upload/initiate", {"content_type": "image/png",
+                                                                         "file_name": "a.png"}, A)
+    assert code == 200 and f"/storage/upload/put/uploads/{mine}/" in init["upload_url"]
+
+    def put(url: str) -> int:
+        request = urllib.request.Request(url, data=EXAMPLE_IMAGE.read_bytes(), method="PUT")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert put(init["upload_url"].replace(f"uploads/{mine}/", f"uploads/{theirs}/")) == 403  # signature breaks
+    # Even a correctly signed URL (made here with the service's secret) cannot name a key outside the owner's
+    # prefix: the PUT route checks the prefix, not only the signature.
+    signer, exp = Signer(store.shared_secret(SECRET_NAME).encode()), int(time.time()) + 600
+    outside = f"uploads/{theirs}/x/evil.png"
+    signature = signer.sign("put", mine + "\n" + outside, exp)
+    forged = f"{base}/storage/upload/put/{outside}?owner={mine}&exp={exp}&sig={signature}"
+    assert put(forged) == 403 and not (root / outside).exists()
+    assert put(init["upload_url"]) == 200
+    # Token route: the key is built from the token's owner; a hostile file name stays one segment inside it.
+    token = http_json("POST", f"{base}/storage/auth/token", {}, A)[1]["token"]
+    upload = urllib.request.Request(f"{base}/files/upload", data=b"abc", method="POST", headers={
+        "authorization": f"Bearer {token}", "x-fal-file-name": f"../../uploads/{theirs}/evil.png"})
+    with urllib.request.urlopen(upload, timeout=30) as response:
+        access_url = json.loads(response.read())["access_url"]
+    key = access_url.split("/files/")[1].split("?")[0]
+    assert key.startswith(f"uploads/{mine}/") and key.count("/") == 3, key
+    assert not (root / "uploads" / theirs).exists()
+    forged_token = f"{exp}.{theirs}.{signer.sign('upload-token', mine, exp)}"  # A's signature, B's prefix
+    assert http_json("POST", f"{base}/files/upload", None, {"authorization": f"Bearer {forged_token}"})[0] == 401
+    # A's upload is not an input for B: refused at submit, naming the field.
+    code, answer, _ = http_json("POST", f"{base}/{APP}", dict(body(), image_url=init["file_url"]), B)
+    assert code == 422 and answer["detail"][0]["loc"] == ["body", "image_url"], answer
+    assert answer["detail"][0]["type"] == "file_not_found"
+
+
+def test_signing_secret_is_shared_by_gateway_replicas_and_kept_out_of_storage(service):
+    from ray import serve
+
+    from deployments.config import APP_NAME
+    from deployments.service_state import secret_fingerprint
+    from deployments.signing import SECRET_NAME
+
+    handle = serve.get_deployment_handle("Gateway", APP_NAME)
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < 2:
+        answer = handle.ready.remote().result(timeout_s=30)
+        seen[answer["replica"]] = answer["secret_fingerprint"]
+        assert time.monotonic() < deadline, seen
+    secret = service["store"].shared_secret(SECRET_NAME).encode()  # created once, in the jobs database
+    assert set(seen.values()) == {secret_fingerprint(secret)}
+    files = [p for p in service["root"].rglob("*") if p.is_file() and not p.name.startswith("jobs.sqlite3")]
+    assert files and not any(secret in p.read_bytes() for p in files)

@@ -1,7 +1,7 @@
 """A catalogue of malformed and hostile inputs through the running service (Ray + Serve, one module cluster).
 
-Each bad input gets a 4xx naming the field and the problem: schema errors at submit time (422), media and fetch
-errors when the job runs (the job completes with an error; its result is the 4xx). Afterwards the service is
+Each bad input gets a 4xx naming the field and the problem: schema and ``data:`` URI errors at submit time (422,
+413), media and fetch errors when the job runs (the job completes with an error; its result is the 4xx). Afterwards the service is
 healthy, the next valid job succeeds, the forbidden server on 127.0.0.1 was never contacted, and no temporary
 file was left behind.
 
@@ -87,7 +87,7 @@ def service(tmp_path_factory, files):
                 "storage": cluster.local_storage(root),
                 "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
                 "preprocessor": {"max_ongoing_requests": 16},
-                "auth": {"submit_rate_per_minute": 60000, "submit_burst": 1000},
+                "auth": {"submit_rate_per_minute": 60000, "submit_burst": 1000, "max_running_per_key": 16},
                 "inputs": {
                     "allow_private_hosts": [ALLOWED_IP],
                     "fetch": {"max_image_bytes": MIB, "max_audio_bytes": 4 * MIB, "connect_timeout_s": 1.0,
@@ -144,11 +144,13 @@ def catalogue(files) -> list[Bad]:
             kind="unsupported_audio_format"),
         Bad("video file as audio", 422, audio, "video without an audio track", {"audio_url": url("/clip.mp4")}),
         Bad("HTML page as audio", 415, audio, "received an html page, not audio", {"audio_url": url("/speech.mp3")}),
-        # -- data URIs
+        # -- data URIs (decoded at submit, where they are stored once with the job)
         Bad("malformed data URI", 422, image, "malformed data: uri",
-            {"image_url": "data:image/png;base64,this is not base64!"}),
-        Bad("data URI without comma", 422, audio, "malformed data: uri", {"audio_url": "data:audio/wav;base64"}),
-        Bad("oversized data URI", 413, image, "too large", {"image_url": too_big}, kind="file_too_large"),
+            {"image_url": "data:image/png;base64,this is not base64!"}, at_submit=True),
+        Bad("data URI without comma", 422, audio, "malformed data: uri", {"audio_url": "data:audio/wav;base64"},
+            at_submit=True),
+        Bad("oversized data URI", 413, image, "too large", {"image_url": too_big}, kind="file_too_large",
+            at_submit=True),
         # -- addresses (SSRF)
         Bad("URL to 127.0.0.1", 422, image, "loopback address (127.0.0.1)",
             {"image_url": files["forbidden"].url("/portrait.png")}, kind="url_not_allowed"),

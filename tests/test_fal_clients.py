@@ -179,9 +179,9 @@ def run_js(node: str, base: str, scenario: str, media: dict[str, Path]) -> dict[
 def test_js_subscribe_polling(server, node, media, tmp_path):
     line = run_js(node, server, "subscribe", media)
     statuses = line["statuses"]
-    assert statuses[-1] == "COMPLETED" and {"IN_QUEUE", "IN_PROGRESS"} & set(statuses[:-1]), statuses
-    if "IN_PROGRESS" in statuses:
-        assert line["in_progress_logs"] > 0
+    # Polled every 100 ms, a job of several seconds is always seen running, with the log lines it wrote so far.
+    assert statuses[-1] == "COMPLETED" and statuses.count("COMPLETED") == 1, statuses
+    assert "IN_PROGRESS" in statuses and line["in_progress_logs"] > 0, line
     assert line["request_id"] == line["enqueued"]  # from the result's x-fal-request-id header
     assert_video(line["data"], server, tmp_path)
 

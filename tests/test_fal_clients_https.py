@@ -132,11 +132,16 @@ def test_cancel_queued_and_completed(server, tls, media):
     assert line["last_result_has_video"]
 
 
-def test_priority_hint_and_start_timeout_are_accepted(server, tls, media):
+def test_priority_hint_and_start_timeout_take_effect(server, tls, media):
     line = python_https("priority", media, server, tls)
-    positions = line["positions"]
-    assert None not in positions.values() and positions["normal"] < positions["low"], positions
-    assert line["first_has_video"]
+    assert line["positions"] == {"late": 0, "normal": 1, "low": 2}, line["positions"]
+    # The job that could not start within its 5 s failed with fal's timeout while the blocker still ran.
+    assert line["blocker_while_late_failed"] == "InProgress", line
+    assert line["late_status"]["error_type"] == "request_timeout", line["late_status"]
+    late = line["late_result"]
+    assert late["raised"] == "FalClientHTTPError" and late["status_code"] == 504, late
+    assert late["timeout_type"] == "user" and late["error_type"] == "request_timeout", late
+    assert line["normal_has_video"]
 
 
 def test_upload_file_then_use_the_urls(server, tls, media, tmp_path):

@@ -10,6 +10,7 @@ from pipeline.keymaps import CheckpointKeyError
 from pipeline.keymaps.vae import load_vae_weights, original_vae_keys
 from pipeline.models.vae import StreamingVaeDecoder, build_vae, encode_latents, frames_to_uint8
 from pipeline.presets import TINY_VAE
+from tests.helpers import assert_golden
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,6 @@ def test_key_list_is_the_original_file(state_dict, vae):
     with torch.device("meta"):  # the real Wan2.1 config has the same names (no need to allocate 127M params)
         real = build_vae()
     assert len(original_vae_keys(real)) == 194
-
-
-# The golden vectors are bit-exact on the CPU that made them; another CPU's convolution kernels (AVX2 vs AVX-512
-# code paths in MKL/oneDNN) round differently by a few fp32 ulps: measured max |d| 5e-7 (encode) and 4.4e-6
-# (decode, values in [-1, 1]) on an AVX-512 Xeon. Our own code against diffusers on one machine stays bit-exact.
-GOLDEN_ATOL = 1e-5
-
-
-def assert_golden(actual: torch.Tensor, golden: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, golden, atol=GOLDEN_ATOL, rtol=0)
 
 
 def test_encode_matches_golden(vae, inputs, outputs):

@@ -35,7 +35,9 @@ from deployments.jobstore import (
     cancelled_error,
     make_job_store,
     make_sync_job_store,
+    new_request_id,
 )
+from deployments.jobstore.schema import MIGRATIONS
 from tests.postgres import Postgres
 
 BACKENDS = ["sqlite", "postgres"]
@@ -655,6 +657,74 @@ def test_retention_removes_only_what_expired_in_bounded_batches(env: Env):
     assert store.purge("jobs", [recent, queued_old], 3600) == 0  # the TTL is re-checked at purge time
 
 
+# -- server-issued ids, maintenance, shared secrets ----------------------------------------------------------------
+def test_an_id_issued_before_the_row_keys_the_job_and_nothing_else_is_accepted(env: Env):
+    store = env.open()
+    issued = new_request_id()
+    assert submit(store, request_id=issued) == issued
+    claimed = store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="r", lease_s=30, owner="k1",
+                                rate_limited=False, request_id=new_request_id())
+    assert claimed.request_id != issued and len(claimed.request_id) == 32
+    for bad in ("client-chosen-id", issued.upper(), issued + "0", ""):
+        with pytest.raises(ValueError, match="32 lowercase hex digits"):
+            submit(store, request_id=bad)
+    import psycopg
+
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):  # taken: never a second row
+        submit(store, request_id=issued)
+    assert sql(store, "SELECT count(*) AS n FROM jobs WHERE request_id = ?", (issued,))[0]["n"] == 1
+
+
+def test_maintain_expires_leases_and_start_deadlines_without_claiming(env: Env):
+    store = env.open()
+    running = submit(store)
+    job = store.claim("r", 0.2)
+    late = submit(store, start_timeout_s=0.2)
+    waiting = submit(store)
+    time.sleep(0.5)
+    assert store.maintain() == (1, 1)
+    assert store.get(running, "k1").status == "IN_QUEUE"  # its lease ran out: queued again, not claimed
+    assert store.get(late, "k1").error.error_type == "request_timeout"
+    assert store.get(waiting, "k1").status == "IN_QUEUE"
+    with pytest.raises(FencedError):
+        store.heartbeat(running, job.epoch, 30)
+    assert store.maintain() == (0, 0)
+
+
+def test_shared_secret_is_created_once_for_every_store_on_the_database(env: Env):
+    first, second = env.open(), env.open()
+    values: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def ask(store: SyncJobStore) -> None:
+        barrier.wait()
+        values.append(store.shared_secret("url-signing"))
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in (first, second, first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(values)) == 1 and len(values[0]) >= 40
+    assert first.shared_secret("another") != values[0]
+    with pytest.raises(ValueError, match="secret name"):
+        first.shared_secret("Bad Name")
+    assert first.ping() is True
+
+
+def test_every_store_error_survives_pickling_with_its_fields():
+    """Ray pickles an exception raised in one replica (the Orchestrator's create_sync) to re-raise it in another
+    (the Gateway answers 429 naming the limit); one that does not unpickle becomes an opaque 500."""
+    import pickle
+
+    errors = [QueueFullError("full"), KeyQueueCapError("queued"), KeyRunningCapError("running"),
+              RateLimitedError("slow down", 2.5), FencedError("abc", 3, "complete"), MigrationError("newer")]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert vars(copy) == vars(error)
+
+
 # -- schema and logs --------------------------------------------------------------------------------------------------
 def test_migrations_are_idempotent_and_safe_when_processes_start_together(env: Env, tmp_path: Path):
     config = env.fresh_config(tmp_path)
@@ -675,10 +745,12 @@ def test_migrations_are_idempotent_and_safe_when_processes_start_together(env: E
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(applied) == [[], [], [], [1]]
+    every = [m.version for m in MIGRATIONS]
+    assert every == list(range(1, len(every) + 1))
+    assert sorted(applied) == [[], [], [], every]
     store = env.open(config)
     assert store.migrations_applied == []
-    assert [r["version"] for r in sql(store, "SELECT version FROM schema_migrations")] == [1]
+    assert [r["version"] for r in sql(store, "SELECT version FROM schema_migrations ORDER BY version")] == every
     with store.backend.write() as cur:
         cur.execute(store.backend.sql("INSERT INTO schema_migrations (version, name, applied_at) "
                                       "VALUES (99, 'from the future', 0)"))

@@ -73,10 +73,14 @@ def test_renders_the_expected_objects(report: TreeReport) -> None:
     kinds = {name: sorted(m.doc["kind"] for m in r.manifests) for name, r in report.rendered.items()}
     assert kinds == {
         "k8s/base": ["PodMonitor", "RayService"],
-        "k8s/overlays/dev": ["PodMonitor", "RayService"],
+        "k8s/overlays/dev": ["PodMonitor", "RayService", "Service", "StatefulSet"],  # + its own PostgreSQL
         "k8s/weights": ["Job", "PersistentVolumeClaim"],
     }
-    assert [m.doc["kind"] for m in report.loose] == ["Secret"]  # the example, applied by hand
+    # the examples, applied by hand: S3 credentials; the jobs database DSN, URL signing secret and API keys; the dev
+    # PostgreSQL's own credentials
+    assert sorted(m.doc["metadata"]["name"] for m in report.loose if m.doc["kind"] == "Secret") == [
+        "stable-avatar-postgres", "stable-avatar-s3", "stable-avatar-service"]
+    assert len(report.loose) == 3
     for r in report.rendered.values():
         for m in r.manifests:
             assert m.doc["metadata"]["namespace"] == "stable-avatar"
@@ -109,10 +113,18 @@ def test_production_requirements(report: TreeReport, kustomization: str) -> None
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "stable-avatar-s3", "key": key}
+    # the service's secrets on the CPU pods (Gateway, Orchestrator): jobs database, URL signing secret, API keys
+    cpu_env = {e["name"]: e for e in groups(doc)["cpu"]["template"]["spec"]["containers"][0]["env"]}
+    for key in ("STABLE_AVATAR_JOBS_DSN", "STABLE_AVATAR_URL_SECRET", "STABLE_AVATAR_API_KEYS"):
+        assert cpu_env[key]["valueFrom"]["secretKeyRef"] == {"name": "stable-avatar-service", "key": key}
     args = serve_args(doc)
     assert args["preset"] == "stableavatar-1.3b" and args["checkpoints"] == "/models/stableavatar"
     assert args["storage"]["kind"] == "s3"
-    assert "api_key" not in doc["spec"]["serveConfigV2"].lower()  # not implemented in the app yet
+    assert args["jobs"] == {"kind": "postgres", "dsn_env": "STABLE_AVATAR_JOBS_DSN"}  # the DSN never in the YAML
+    assert set(args["retention"]) == {"results_s", "uploads_s", "inputs_s", "jobs_s", "checkpoints_s",
+                                      "sweep_interval_s"}
+    assert args["storage"]["url_expiry_s"] <= args["retention"]["results_s"]  # no link outlives its file
+    assert "api_key" not in doc["spec"]["serveConfigV2"].lower()  # keys come from the Secret, never the config
 
 
 def test_dev_overlay_is_a_small_cluster(report: TreeReport) -> None:
@@ -123,9 +135,37 @@ def test_dev_overlay_is_a_small_cluster(report: TreeReport) -> None:
 
 
 def test_one_image_everywhere(report: TreeReport) -> None:
-    """The weights Job and the service run the same image, mapped from the placeholder name in both places."""
-    images = {c["image"] for r in report.rendered.values() for m in r.manifests for c in _all_containers(m.doc)}
+    """The weights Job and the service run the same image, mapped from the placeholder name in both places (the
+    dev overlay's PostgreSQL is the only other image)."""
+    images = {c["image"] for r in report.rendered.values() for m in r.manifests if m.doc["kind"] != "StatefulSet"
+              for c in _all_containers(m.doc)}
     assert len(images) == 1 and images.pop().endswith("/stable-avatar-serve:0.1.0")
+
+
+def test_dev_overlay_runs_its_own_postgres_where_the_dsn_points(report: TreeReport) -> None:
+    from urllib.parse import urlsplit
+
+    dev = report.rendered["k8s/overlays/dev"]
+    (db,), (svc,) = dev.of_kind("StatefulSet"), dev.of_kind("Service")
+    pod = db["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "postgres:15" and db["spec"]["replicas"] == 1
+    env = {e["name"]: e for e in container["env"]}
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "stable-avatar-postgres", "key": key}
+    (claim,) = db["spec"]["volumeClaimTemplates"]
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}[claim["metadata"]["name"]]
+    assert env["PGDATA"]["value"].startswith(mount + "/")  # the data lives on the claim
+    assert db["spec"]["serviceName"] == svc["metadata"]["name"] and svc["spec"]["ports"][0]["port"] == 5432
+    # the example DSN (and the README's command) reach this Service by its in-cluster name
+    (service_secret,) = [m.doc for m in report.loose if m.doc["metadata"]["name"] == "stable-avatar-service"]
+    dsn = urlsplit(service_secret["stringData"]["STABLE_AVATAR_JOBS_DSN"])
+    assert (dsn.hostname, dsn.port) == (f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local",
+                                        5432)
+    (credentials,) = [m.doc for m in report.loose if m.doc["metadata"]["name"] == "stable-avatar-postgres"]
+    assert (dsn.username, dsn.path.lstrip("/")) == (credentials["stringData"]["POSTGRES_USER"],
+                                                   credentials["stringData"]["POSTGRES_DB"])
+    assert "app.kubernetes.io/name" not in db["spec"]["template"]["metadata"]["labels"]  # not scraped as a Ray pod
 
 
 def _all_containers(node: Any) -> list[dict[str, Any]]:
@@ -207,8 +247,33 @@ def test_deployment_names_come_from_the_bound_application() -> None:
     ("base/kustomization.yaml", "images:", "imagez:", "imagez: not in the supported kustomize subset"),
     ("s3-credentials.example.yaml", "  name: stable-avatar-s3\n", "  nme: stable-avatar-s3\n",
      "metadata.name: required field is missing"),
+    ("overlays/dev/postgres.yaml", "  selector: {app.kubernetes.io/component: jobs-database}",
+     "  selector: {app.kubernetes.io/component: jobs-db}",
+     "Service/postgres: spec.selector: {'app.kubernetes.io/component': 'jobs-db'} matches the labels of no pod"),
+    ("overlays/dev/postgres.yaml", "targetPort: postgres}", "targetPort: pg}",
+     "spec.ports[0].targetPort: no selected container has a port named 'pg'"),
+    ("overlays/dev/postgres.yaml", "port: 5432, targetPort", "port: 543200, targetPort",
+     "spec.ports[0].port: must be a port number (1-65535), not 543200"),
+    ("overlays/dev/postgres.yaml", "  serviceName: postgres", "  serviceName: postgress",
+     "serviceName 'postgress': no Service of that name is defined"),
+    ("overlays/dev/postgres.yaml", "  volumeClaimTemplates:", "  volumeClaimTemplate:",
+     "spec.volumeClaimTemplate: unknown field (did you mean 'volumeClaimTemplates'?)"),
+    ("overlays/dev/postgres.yaml", "            storage: 5Gi", "            storage: five",
+     "spec.volumeClaimTemplates[0].spec.resources.requests.storage: not a quantity: 'five'"),
+    ("overlays/dev/postgres.yaml", "    matchLabels: {app.kubernetes.io/component: jobs-database}",
+     "    matchLabels: {app.kubernetes.io/component: database}",
+     "spec.selector.matchLabels.app.kubernetes.io/component: 'database' is not a label of the pod template"),
+    ("overlays/dev/postgres.yaml", "          readinessProbe:", "          readinesProbe:",
+     "spec.template.spec.containers[0].readinesProbe: unknown field (did you mean 'readinessProbe'?)"),
+    ("overlays/dev/postgres.yaml", "name: stable-avatar-postgres, key: POSTGRES_PASSWORD",
+     "name: stable-avatar-pg, key: POSTGRES_PASSWORD", "secretKeyRef 'stable-avatar-pg': no Secret of that name"),
+    ("overlays/dev/postgres.yaml", "mountPath: /var/lib/postgresql/data}", "mountPath: /var/lib/postgresql/data}\n"
+     "            - {name: scratch, mountPath: /scratch}", "volume 'scratch' is not declared in spec.volumes"),
 ], ids=["misspelled-spec-field", "bad-appargs-preset", "dangling-claim", "patch-test-guard", "patch-bad-path",
-        "job-pod-typo", "unsupported-kustomize-field", "secret-without-name"])
+        "job-pod-typo", "unsupported-kustomize-field", "secret-without-name", "service-selects-nothing",
+        "service-unknown-target-port", "service-port-range", "statefulset-dangling-service",
+        "statefulset-misspelled-spec", "claim-template-bad-storage", "statefulset-selector-mismatch",
+        "statefulset-pod-typo", "dangling-secret", "undeclared-volume"])
 def test_corrupted_file_fails_with_the_field_named(schemas: CrdSchemas, tmp_path: Path, file: str, old: str,
                                                    new: str, expected: str) -> None:
     root = tmp_path / "k8s"

@@ -71,8 +71,9 @@ def service(tmp_path_factory):
         cluster.deploy(config)
         prefixed = AppArgs.model_validate(config | {
             "auth": {"keys_file": str(keys)}, "storage": cluster.local_storage(root)})
-        gateway = Gateway.options(name="Gateway").bind(serve.get_deployment_handle("Orchestrator", APP_NAME),
-                                                        serve.get_deployment_handle("JobQueue", APP_NAME), prefixed)
+        handles = [serve.get_deployment_handle(name, APP_NAME)
+                   for name in ("Orchestrator", "Preprocessor", "Denoiser", "Postprocessor")]
+        gateway = Gateway.options(name="Gateway").bind(*handles, prefixed)  # same jobs database and storage
         serve.run(gateway, name="stable-avatar-prefixed", route_prefix=PREFIX)
         yield {"base": cluster.base}
 

@@ -1,13 +1,18 @@
-"""The fal queue protocol over plain HTTP, durable jobs, webhooks and uploads, on a real local Ray cluster."""
+"""The fal queue protocol over plain HTTP on a real local Ray cluster, with job state in a real PostgreSQL
+database: queue order, cancel, start deadlines, webhooks, uploads, leases (a killed runner, a restarted
+application, two applications on one database and storage) and readiness."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import os
+import re
+import shutil
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +22,8 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME  # noqa: E402
+from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from deployments.jobstore import PostgresJobsConfig, SyncJobStore, make_sync_job_store  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import (  # noqa: E402
     EXAMPLE_AUDIO,
@@ -30,24 +36,49 @@ from tests.helpers import (  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
+DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (inherited through the raylet)
+SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, postgres):
     root = tmp_path_factory.mktemp("queue-data")
-    with ray_serve_cluster(num_gpus=2, metrics=True) as cluster:
-        args = cluster.deploy({
-            "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
-            "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
-            "storage": cluster.local_storage(root),
-            "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
-        })
-        yield {"base": cluster.base, "args": args, "root": root, "metrics": cluster.metrics_url}
+    dsn = postgres.create_database("queue")
+    os.environ[DSN_ENV] = dsn
+    try:
+        with ray_serve_cluster(num_gpus=2, metrics=True) as cluster:
+            config = {
+                "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
+                "jobs": {"kind": "postgres", "dsn_env": DSN_ENV, "pool_max_size": 4, "connect_timeout_s": 5},
+                # lease: short enough that the killed runner's job is reclaimed quickly, long enough that a replica
+                # starved of CPU on a loaded 2-core machine still renews it in time
+                "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
+                "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
+                "storage": cluster.local_storage(root),
+                "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
+            }
+            args = cluster.deploy(config)
+            store = make_sync_job_store(PostgresJobsConfig(dsn_env=DSN_ENV, pool_max_size=2), root / "unused")
+            try:
+                yield {"base": cluster.base, "args": args, "config": config, "root": root,
+                       "metrics": cluster.metrics_url, "store": store, "postgres": postgres, "dsn": dsn}
+            finally:
+                store.close()
+    finally:
+        os.environ.pop(DSN_ENV, None)
+        postgres.drop_database(dsn)
 
 
 @pytest.fixture(scope="module")
 def long_audio(tmp_path_factory):
     return synthetic_speech(tmp_path_factory.mktemp("audio") / "long.wav", 24.0)
+
+
+@pytest.fixture(scope="module")
+def resumable_reference(tmp_path_factory, long_audio) -> bytes:
+    """The uninterrupted CLI output of :func:`resumable_body` (the job the lease tests interrupt)."""
+    return cli_reference(tmp_path_factory.mktemp("cli"), long_audio, 8, 21)
 
 
 def job_body(audio=EXAMPLE_AUDIO, steps=2, seed=7, **extra) -> dict:
@@ -56,10 +87,15 @@ def job_body(audio=EXAMPLE_AUDIO, steps=2, seed=7, **extra) -> dict:
             **extra}
 
 
+def resumable_body(long_audio) -> dict:
+    return job_body(long_audio, steps=8, seed=21)
+
+
 def submit(base: str, body: dict, query: str = "", headers: dict | None = None) -> dict:
     code, result, response_headers = http_json("POST", f"{base}/{APP}{query}", body, headers)
     assert code == 200, result
     assert response_headers.get("x-fal-request-id") == result["request_id"]
+    assert REQUEST_ID.fullmatch(result["request_id"])  # issued by the server
     return result
 
 
@@ -71,8 +107,11 @@ def status(base: str, request_id: str, logs: str = "1") -> tuple[int, dict]:
 def wait_status(base: str, request_id: str, want=("COMPLETED",), timeout_s: float = 240, **check) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        _, body = status(base, request_id)
-        if body["status"] in want and all(body.get(k) == v for k, v in check.items()):
+        try:
+            _, body = status(base, request_id)
+        except OSError:  # the proxy restarts its routes while an application is redeployed
+            body = {"status": None}
+        if body.get("status") in want and all(body.get(k) == v for k, v in check.items()):
             return body
         time.sleep(0.05)
     raise AssertionError(f"{request_id} did not reach {want}: {body}")
@@ -89,14 +128,24 @@ def wait_progress(base: str, request_id: str, min_fraction: float, timeout_s: fl
     raise AssertionError("no progress")
 
 
+def messages(body: dict) -> list[str]:
+    return [entry["message"] for entry in body["logs"]]
+
+
+def stored_keys(root: Path, prefix: str) -> list[str]:
+    folder = root / prefix
+    return sorted(str(p.relative_to(root)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
 def test_submit_status_result_roundtrip(service):
     base = service["base"]
-    submitted = submit(base, job_body())
+    submitted = submit(base, job_body(), headers={"x-fal-request-id": "client-chosen"})
     rid = submitted["request_id"]
-    assert submitted["status"] == "IN_QUEUE" and submitted["queue_position"] >= 0
+    assert submitted["status"] == "IN_QUEUE" and submitted["queue_position"] == 0  # nothing else is queued
     assert submitted["status_url"] == f"{base}/{APP}/requests/{rid}/status"
     assert submitted["response_url"] == f"{base}/{APP}/requests/{rid}"
     assert submitted["cancel_url"] == f"{base}/{APP}/requests/{rid}/cancel"
+    assert status(base, "client-chosen")[0] == 404  # the client's header never names a job
     seen = set()
     while True:
         code, body = status(base, rid, logs="true")
@@ -106,14 +155,15 @@ def test_submit_status_result_roundtrip(service):
             break
         assert code == 202
         if body["status"] == "IN_QUEUE":
-            assert "queue_position" in body
+            assert body["queue_position"] == 0
         time.sleep(0.05)
     assert isinstance(body["logs"], list) and body["metrics"]["inference_time"] > 0 and "error" not in body
-    messages = [entry["message"] for entry in body["logs"]]
-    assert any(m.startswith("downloaded image") for m in messages)
-    assert any(m.startswith("denoising step 2/2") and "replica" in m for m in messages)
-    assert any(m.startswith("encoded") and "uploaded" in m for m in messages)
-    assert {"message", "level", "source", "timestamp"} <= set(body["logs"][0])
+    lines = messages(body)
+    assert any(m.startswith("downloaded image") for m in lines)
+    assert any(m.startswith("denoising step 2/2") and "replica" in m for m in lines)
+    assert any(m.startswith("encoded") and "uploaded" in m for m in lines)
+    assert any(m.startswith("running on stable-avatar#Orchestrator#") for m in lines)  # the runner is named
+    assert {"message", "level", "source", "timestamp"} == set(body["logs"][0])
     for flag in ("0", "false"):
         assert status(base, rid, logs=flag)[1]["logs"] is None
     code, output, headers = http_json("GET", f"{base}/{APP}/requests/{rid}")
@@ -121,12 +171,16 @@ def test_submit_status_result_roundtrip(service):
     assert output["seed"] == 7 and output["video"]["content_type"] == "video/mp4"
     assert len(http_bytes(output["video"]["url"])) == output["video"]["file_size"]
     assert status(base, rid)[0] == 200  # COMPLETED is stable
+    # The row holds references: the data: inputs were stored once under the job's own key.
+    owner_inputs = stored_keys(service["root"], f"inputs/public/{rid}")
+    assert owner_inputs == [f"inputs/public/{rid}/audio.wav", f"inputs/public/{rid}/image.png"]
+    assert (service["root"] / owner_inputs[1]).read_bytes() == EXAMPLE_IMAGE.read_bytes()
+    row = service["store"].get(rid, "")
+    assert row.attempts == 1 and row.epoch == 1 and row.result_keys == [f"results/{rid}/e1/output.mp4"]
 
 
 def scrape(url: str) -> dict[str, float]:
     """Our metrics (Ray exports them with a ``ray_`` prefix), summed over tags other than outcome/stage/direction."""
-    import re
-
     values: dict[str, float] = {}
     for line in http_bytes(url).decode().splitlines():
         match = re.match(r"^ray_(stable_avatar_\w+?)(\{[^}]*\})? (\S+)$", line)
@@ -166,6 +220,9 @@ def test_validation_errors(service):
     assert code == 422 and body["detail"][0]["loc"] == ["body", "num_inference_steps"]
     code, body, _ = http_json("POST", f"{base}/{APP}", {"image_url": "x", "audio_url": "y"})
     assert code == 422 and ["body", "prompt"] in [d["loc"] for d in body["detail"]]
+    # A data: URI that is not base64 is refused at submit (it is decoded there, once, to be stored).
+    code, body, _ = http_json("POST", f"{base}/{APP}", job_body(image_url="data:image/png;base64,not base64!"))
+    assert code == 422 and body["detail"][0]["loc"] == ["body", "image_url"]
     # Bad media is found while the job runs: it completes with an error; the result is the 422.
     rid = submit(base, job_body(image_url="data:image/png;base64,bm90IGFuIGltYWdl"))["request_id"]
     done = wait_status(base, rid)
@@ -195,6 +252,8 @@ def test_cancel_queued_and_running_and_completed(service, long_audio):
     code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")
     assert (code, body) == (400, {"status": "ALREADY_COMPLETED"})
     assert http_json("PUT", f"{base}/{APP}/requests/unknown/cancel")[:2] == (404, {"status": "NOT_FOUND"})
+    # A cancelled job leaves no checkpoint behind.
+    assert stored_keys(service["root"], f"checkpoints/{running}") == []
     # The Denoiser replicas are free: the next job runs at once.
     started = time.monotonic()
     wait_status(base, submit(base, job_body())["request_id"])
@@ -205,21 +264,29 @@ def test_queue_order_priority_limits_and_start_timeout(service, long_audio):
     base = service["base"]
     blocker = submit(base, job_body(long_audio, steps=30))["request_id"]
     wait_progress(base, blocker, 0.0)
-    normal_1 = submit(base, job_body())["request_id"]
-    low = submit(base, job_body(), headers={"X-Fal-Queue-Priority": "low"})["request_id"]
-    normal_2 = submit(base, job_body())["request_id"]
-    positions = {rid: status(base, rid)[1]["queue_position"] for rid in (normal_1, normal_2, low)}
-    assert positions == {normal_1: 0, normal_2: 1, low: 2}
+    normal_1 = submit(base, job_body())
+    low = submit(base, job_body(), headers={"X-Fal-Queue-Priority": "low"})
+    normal_2 = submit(base, job_body())
+    # Positions at submit: jobs ahead in dispatch order (normal before low, then first come first served).
+    assert (normal_1["queue_position"], low["queue_position"], normal_2["queue_position"]) == (0, 1, 1)
+    ids = normal_1["request_id"], normal_2["request_id"], low["request_id"]
+    positions = {rid: status(base, rid)[1]["queue_position"] for rid in ids}
+    assert positions == dict(zip(ids, (0, 1, 2), strict=True))
     code, body, headers = http_json("POST", f"{base}/{APP}?fal_max_queue_length=3", job_body())
-    assert code == 429 and "retry-after" in {k.lower() for k in headers}
+    assert code == 429 and body["error_type"] == "queue_full" and "limit 3" in body["detail"]
+    assert int(headers["retry-after"]) >= 1
     timed = submit(base, job_body(), headers={"X-Fal-Request-Timeout": "1.5"})["request_id"]
     done = wait_status(base, timed, timeout_s=30)
     assert done["error_type"] == "request_timeout"
+    assert status(base, ids[0])[1]["status"] == "IN_QUEUE"  # the timeout came while the queue was blocked
     code, body, headers = http_json("GET", f"{base}/{APP}/requests/{timed}")
     assert code == 504 and headers.get("x-fal-request-timeout-type") == "user"
     http_json("PUT", f"{base}/{APP}/requests/{blocker}/cancel")
-    finished = [wait_status(base, rid) for rid in (normal_1, normal_2, low)]
+    finished = [wait_status(base, rid) for rid in ids]
     assert all("error" not in f for f in finished)
+    # They ran in dispatch order: normal_1, normal_2, then low.
+    started = {rid: service["store"].get(rid, "").started_at for rid in ids}
+    assert started[ids[0]] < started[ids[1]] < started[ids[2]]
 
 
 def test_status_stream_sends_new_logs_and_closes(service):
@@ -266,14 +333,15 @@ def test_webhook_is_retried_then_delivered_once(service):
         deadline = time.monotonic() + 30
         while not any(code == 200 for code, _ in WebhookReceiver.calls) and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(1.0)
+        time.sleep(1.5)  # several polls of the outbox later: still exactly one success
         assert [code for code, _ in WebhookReceiver.calls] == [500, 200]
         payload = WebhookReceiver.calls[-1][1]
         assert payload["request_id"] == rid and payload["status"] == "OK" and payload["error"] is None
         assert payload["payload"]["video"]["url"].startswith(base)
-        logs = [e["message"] for e in status(base, rid)[1]["logs"]]
+        logs = messages(status(base, rid)[1])
         assert any("webhook attempt 1/5 failed (HTTP 500)" in m for m in logs)
         assert any("webhook delivered (attempt 2/5" in m for m in logs)
+        assert service["store"].webhook_state(rid)["state"] == "delivered"
     finally:
         server.shutdown()
 
@@ -311,6 +379,7 @@ def test_uploads_are_usable_as_inputs(service):
     assert err.value.code == 401
     rid = submit(base, job_body(image_url=init["file_url"], audio_url=access_url))["request_id"]
     assert "error" not in wait_status(base, rid)
+    assert stored_keys(service["root"], f"inputs/public/{rid}") == []  # uploads are read where they are
 
 
 def cli_reference(tmp_path, audio, steps, seed) -> bytes:
@@ -321,53 +390,117 @@ def cli_reference(tmp_path, audio, steps, seed) -> bytes:
     return out.read_bytes()
 
 
-def test_killed_orchestrator_resumes_from_checkpoint(service, long_audio, tmp_path):
-    base = service["base"]
-    rid = submit(base, job_body(long_audio, steps=8, seed=21))["request_id"]
-    wait_progress(base, rid, 5 / 8)  # past the checkpoint after step 4
-    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith("SERVE_REPLICA::") and "#Orchestrator#" in a["name"]]
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+def runner_of(store: SyncJobStore, request_id: str) -> str:
+    job = store.get(request_id, "")
+    assert job.status == "IN_PROGRESS" and job.lease_owner, job
+    return job.lease_owner
+
+
+def assert_resumed_once(service, rid: str, reference: bytes, min_step: int) -> list[str]:
+    """The job finished without error, resumed from a checkpoint after step >= ``min_step``, produced exactly
+    the uninterrupted run's bytes, and left one result object and no checkpoint."""
+    base, root = service["base"], service["root"]
     done = wait_status(base, rid)
     assert "error" not in done, done
-    messages = [e["message"] for e in done["logs"]]
-    assert any("Orchestrator replica was lost" in m for m in messages)
-    assert any("resumed from the checkpoint after step" in m for m in messages)
+    lines = messages(done)
+    resumed = [m for m in lines if m.startswith("resumed from the checkpoint after step ")]
+    assert len(resumed) == 1, lines
+    assert int(resumed[0].split("after step ")[1].split("/")[0]) >= min_step, resumed
     output = http_json("GET", f"{base}/{APP}/requests/{rid}")[1]
-    assert http_bytes(output["video"]["url"]) == cli_reference(tmp_path, long_audio, 8, 21)
+    assert http_bytes(output["video"]["url"]) == reference
+    job = service["store"].get(rid, "")
+    assert job.epoch == 2 and job.result_keys == [f"results/{rid}/e2/output.mp4"]
+    assert stored_keys(root, f"results/{rid}") == job.result_keys  # the first runner wrote no result
+    assert stored_keys(root, f"checkpoints/{rid}") == []  # deleted once the job was done
+    return lines
 
 
-def test_restarted_application_finishes_queued_and_running_jobs(service, long_audio):
+def test_killed_runner_is_replaced_and_the_job_resumes_from_its_checkpoint(service, long_audio,
+                                                                          resumable_reference):
     base = service["base"]
-    running = submit(base, job_body(long_audio, steps=8, seed=3))["request_id"]
+    rid = submit(base, resumable_body(long_audio))["request_id"]
+    wait_progress(base, rid, 5 / 8)  # past the checkpoint after step 4
+    killed = runner_of(service["store"], rid)
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{killed}", namespace="serve"), no_restart=True)
+    lines = assert_resumed_once(service, rid, resumable_reference, min_step=4)
+    assert any(f"the runner {killed} stopped renewing its lease" in m for m in lines), lines
+    assert any(m.startswith("started again (attempt 2); resuming from the checkpoint after step") for m in lines)
+    reran = [m for m in lines if m.startswith("running on ")]
+    assert len(reran) == 2 and killed in reran[0] and killed not in reran[1], reran
+
+
+def test_restarted_application_resumes_running_and_runs_queued_jobs(service, long_audio, resumable_reference):
+    base = service["base"]
+    running = submit(base, resumable_body(long_audio))["request_id"]
     queued = submit(base, job_body(seed=4))["request_id"]
-    wait_progress(base, running, 0.3)
-    serve.delete(APP_NAME)
+    wait_progress(base, running, 5 / 8)
+    serve.delete(APP_NAME)  # graceful: the runner hands its job back to the queue
+    row = service["store"].get(running, "")
+    assert row.status == "IN_QUEUE" and row.checkpoint_step >= 4, row
     serve.run(build_app(service["args"]), name=APP_NAME, route_prefix="/")
-    for rid in (running, queued):
-        done = wait_status(base, rid)
-        assert "error" not in done, done
-    messages = [e["message"] for e in status(base, running)[1]["logs"]]
-    assert any("service restarted" in m for m in messages)
+    lines = assert_resumed_once(service, running, resumable_reference, min_step=4)
+    assert any("is shutting down; queued again" in m for m in lines), lines
+    done = wait_status(base, queued)
+    assert "error" not in done and service["store"].get(queued, "").attempts == 1
 
 
-def test_killed_job_queue_reloads_and_finishes_jobs(service, long_audio):
-    base = service["base"]
-    running = submit(base, job_body(long_audio, steps=6, seed=5))["request_id"]
-    queued = submit(base, job_body(seed=6))["request_id"]
-    wait_progress(base, running, 0.2)
-    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith("SERVE_REPLICA::") and "#JobQueue#" in a["name"]]
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 240
-    for rid in (running, queued):
-        while True:  # status reads fail while Serve replaces the JobQueue replica
-            try:
-                code, body = status(base, rid)
-            except OSError:
-                code, body = 0, {}
-            if code == 200 and body.get("status") == "COMPLETED":
-                break
-            assert time.monotonic() < deadline, (rid, code, body)
-            time.sleep(0.2)
-        assert "error" not in body, body
+def test_two_applications_on_one_database_run_each_job_once(service):
+    """Two applications (a RayService upgrade: old and new cluster on one database and bucket) claim from the same
+    queue: every job completes once, in one attempt, with one result object."""
+    base, root, store = service["base"], service["root"], service["store"]
+    second = AppArgs.model_validate(service["config"] | {"denoiser": {"num_replicas": 1, "num_gpus": 0,
+                                                                      "max_ongoing_requests": 1}})
+    serve.run(build_app(second), name=SECOND_APP, route_prefix=SECOND_PREFIX)
+    try:
+        ids = [submit(base if i % 2 else base + SECOND_PREFIX, job_body(seed=100 + i, steps=1))["request_id"]
+               for i in range(4)]
+        runners = set()
+        for rid in ids:
+            done = wait_status(base, rid)
+            assert "error" not in done, done
+            job = store.get(rid, "")
+            assert (job.attempts, job.epoch) == (1, 1), messages(done)
+            assert stored_keys(root, f"results/{rid}") == [f"results/{rid}/e1/output.mp4"]
+            lines = messages(done)
+            started = [m for m in lines if m.startswith("running on ")]
+            assert len(started) == 1 and sum(m.startswith("completed in ") for m in lines) == 1, lines
+            runners.add(started[0].split()[2])
+        assert {r.split("#")[0] for r in runners} == {APP_NAME, SECOND_APP}, runners  # both applications worked
+    finally:
+        serve.delete(SECOND_APP)
+
+
+def test_health_names_what_is_not_ready(service):
+    base, root, postgres = service["base"], service["root"], service["postgres"]
+    code, body, _ = http_json("GET", f"{base}/health")
+    assert code == 200 and body["status"] == "ok", body
+    assert body["checks"] == {name: "ok" for name in ("storage", "jobs", "Orchestrator", "Preprocessor", "Denoiser",
+                                                       "Postprocessor")}
+    # The storage root disappears: 503 naming storage, and nothing else.
+    moved = root.with_name(root.name + "-away")
+    shutil.move(root, moved)
+    try:
+        code, body, _ = http_json("GET", f"{base}/health")
+    finally:
+        shutil.move(moved, root)
+    assert code == 503 and body["status"] == "unavailable" and set(body["failed"]) == {"storage"}, body
+    assert "local storage root" in body["failed"]["storage"]
+    # The jobs database stops accepting connections (its existing ones are cut): 503 naming jobs.
+    import psycopg
+
+    name = dict(part.split("=", 1) for part in service["dsn"].split())["dbname"]
+    with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            code, body, _ = http_json("GET", f"{base}/health")
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert code == 503 and set(body["failed"]) == {"jobs"}, body
+    assert "password" not in json.dumps(body) and service["dsn"] not in json.dumps(body)
+    deadline = time.monotonic() + 90  # the pools reconnect by themselves
+    while http_json("GET", f"{base}/health")[0] != 200:
+        assert time.monotonic() < deadline, "the service did not become ready again"
+        time.sleep(1)
+    rid = submit(base, job_body(steps=1))["request_id"]
+    assert "error" not in wait_status(base, rid)

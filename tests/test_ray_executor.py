@@ -101,3 +101,25 @@ def test_units_travel_with_their_own_frames_only():
     assert len(pickle.dumps(sent)) < len(pickle.dumps(unit)) / 10  # 21 of 300 frames, twice
     own = WindowStep(0, 0, torch.randn(1, 16, 21, 8, 8))
     assert compact_unit(own).latents is own.latents  # no copy when it already owns exactly its storage
+
+
+def test_an_async_retry_hook_is_awaited_before_the_retry():
+    """The Orchestrator's hook writes a WARN line to the job's log (a database call): it must have run, in order,
+    before the window-step runs again."""
+    handle, events = FlakyHandle({2: 1}), []
+
+    async def hook(work, attempt, exc):
+        await asyncio.sleep(0.01)
+        events.append(("logged", work.window, work.step, attempt, type(exc).__name__))
+
+    executor = RayDenoiserExecutor(handle, object(), "req", retries=2, on_retry=hook)
+    original = handle.remote
+
+    def remote(refs, request_id, work):
+        events.append(("call", work.window))
+        return original(refs, request_id, work)
+
+    handle.remote = remote
+    asyncio.run(executor.run(_steps(3)))
+    window_2 = [e for e in events if e[1] == 2]
+    assert window_2 == [("call", 2), ("logged", 2, 0, 1, "RayActorError"), ("call", 2)]

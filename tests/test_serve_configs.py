@@ -256,3 +256,28 @@ def test_denoisers_accept_a_steps_units_and_autoscale_on_them(where):
     assert built.max_ongoing_requests == DENOISER_MAX_ONGOING
     assert built.request_router_config.request_router_class.endswith(StickyBalancedRouter.__name__)
     assert "deployments" not in CONFIGS[where]["applications"][0]  # no override replaces what args built
+
+
+# ------------------------------------------------------------------------------------------- the jobs database
+
+
+def test_s3_storage_needs_a_shared_jobs_database(tmp_path, monkeypatch):
+    """With S3 storage a cluster's replicas would each find their own SQLite file: refused at config time, naming
+    the fix; an explicit SQLite path (one machine) or PostgreSQL is accepted. Local storage keeps the default."""
+    from pydantic import ValidationError
+
+    from deployments.app import pin_paths
+    from deployments.jobstore import PostgresJobsConfig, SqliteJobsConfig
+
+    s3 = {"kind": "s3", "bucket": "media", "endpoint_url": "http://127.0.0.1:9"}
+    for jobs in (None, {"kind": "sqlite"}):
+        with pytest.raises(ValidationError, match=r"jobs: S3 storage .* \{kind: postgres\}"):
+            AppArgs.model_validate({"storage": s3} | ({"jobs": jobs} if jobs else {}))
+    assert isinstance(AppArgs(storage=s3, jobs={"kind": "postgres"}).jobs_config(), PostgresJobsConfig)
+    single = AppArgs(storage=s3, jobs={"kind": "sqlite", "path": "state/jobs.sqlite3"})
+    monkeypatch.chdir(tmp_path)
+    assert pin_paths(single).jobs.path == tmp_path / "state" / "jobs.sqlite3"  # replicas run elsewhere
+    local = AppArgs(storage={"kind": "local", "root": str(tmp_path / "data")})
+    assert local.jobs_config() == SqliteJobsConfig() and local.default_jobs_path() == tmp_path / "data" / "jobs.sqlite3"
+    with pytest.raises(ValidationError, match="dsn"):  # a DSN (a password) never comes from the YAML
+        AppArgs.model_validate({"jobs": {"kind": "postgres", "dsn": "postgresql://u:p@h/db"}})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import time
 import urllib.error
 import urllib.request
@@ -161,7 +160,7 @@ def test_local_files_are_plain_files_and_atomic(tmp_path: Path) -> None:
     assert store.path_for("a/b.txt") == tmp_path.resolve() / "a" / "b.txt"
     assert (tmp_path / "a" / "b.txt").read_bytes() == b"hello"
     assert list((tmp_path / ".tmp").iterdir()) == []  # no temp files left behind
-    assert store.list_keys() == ["a/b.txt"]  # the secret and temp dir are not keys
+    assert store.list_keys() == ["a/b.txt"]  # the temp dir is not a key
     for reserved in (".url_secret", ".tmp/x"):
         with pytest.raises(ValueError):
             store.put_bytes(reserved, b"x", "text/plain")
@@ -204,23 +203,26 @@ def test_local_url_signature(tmp_path: Path) -> None:
 
 
 def test_local_public_base_url(tmp_path: Path) -> None:
-    store = LocalStorage(LocalStorageConfig(root=tmp_path, public_base_url="http://127.0.0.1:8000/"))
+    store = LocalStorage(LocalStorageConfig(root=tmp_path, public_base_url="http://127.0.0.1:8000/"),
+                         url_secret=b"s" * 32)
     assert store.url("a/b.png").startswith("http://127.0.0.1:8000/files/a/b.png?exp=")
 
 
-def test_local_secret_persists_and_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("STABLE_AVATAR_URL_SECRET", raising=False)
-    first = LocalStorage(LocalStorageConfig(root=tmp_path))
-    secret_file = tmp_path / ".url_secret"
-    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+def test_local_links_need_the_service_secret_and_leave_nothing_in_the_root(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secret comes from the service (environment, config or jobs database), never from a file in storage."""
+    monkeypatch.setenv("STABLE_AVATAR_URL_SECRET", "ignored-here: the service resolves it")
+    plain = LocalStorage(LocalStorageConfig(root=tmp_path))  # Preprocessor/Postprocessor: read and write only
+    plain.put_bytes("a/b.txt", b"x", "text/plain")
+    with pytest.raises(StorageError, match="without the URL secret"):
+        plain.url("a/b.txt")
     exp = int(time.time()) + 100
-    second = LocalStorage(LocalStorageConfig(root=tmp_path))  # e.g. another process, or after a restart
-    assert second.verify_signature("k", exp, first.sign("k", exp))
-
-    monkeypatch.setenv("STABLE_AVATAR_URL_SECRET", "from-the-environment")
-    from_env = LocalStorage(LocalStorageConfig(root=tmp_path))
-    assert not from_env.verify_signature("k", exp, first.sign("k", exp))
-    assert LocalStorage(LocalStorageConfig(root=tmp_path / "x")).sign("k", exp) == from_env.sign("k", exp)
+    given = LocalStorage(LocalStorageConfig(root=tmp_path), url_secret=b"from-the-service")
+    assert not plain.verify_signature("a/b.txt", exp, given.sign("a/b.txt", exp))
+    assert plain.key_for_url(given.url("a/b.txt")) is None and given.key_for_url(given.url("a/b.txt")) == "a/b.txt"
+    same = LocalStorage(LocalStorageConfig(root=tmp_path / "x"), url_secret=b"from-the-service")
+    assert same.verify_signature("a/b.txt", exp, given.sign("a/b.txt", exp))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp", "a", "x"]
 
 
 def test_config_discriminator(tmp_path: Path) -> None:

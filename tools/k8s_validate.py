@@ -19,9 +19,13 @@
 4. **Cluster fit**: each Serve replica fits some worker pod (CPU, GPU, Ray memory), the GPUs of all replicas
    at their maxima fit the GPU groups' ``maxReplicas``, worker-group replica bounds are ordered, and
    ``rayVersion`` matches the installed Ray.
-5. **Other kinds** (PVC, Job, PodMonitor, Secret, ConfigMap): apiVersion/kind/metadata, a few required fields,
-   and Job pod templates against the PodTemplateSpec schema embedded in the RayCluster CRD; finally every
-   Secret/PVC/ConfigMap a pod refers to must be defined somewhere under ``k8s/``.
+5. **Other kinds** (PVC, Job, StatefulSet, Service, PodMonitor, Secret, ConfigMap): apiVersion/kind/metadata, a
+   few required fields, and the pod templates of Jobs and StatefulSets against the PodTemplateSpec schema embedded
+   in the RayCluster CRD; a StatefulSet's selector must match its pod template, its claim templates must ask for
+   storage, and its spec, like a Service's spec and ports, may hold only the fields Kubernetes knows. Finally
+   every Secret/PVC/ConfigMap a pod refers to and every Service a StatefulSet names must be defined somewhere
+   under ``k8s/``, and every Service must select a pod template of its kustomization (a named ``targetPort``
+   must be a port of that template's containers).
 
 Every problem is reported as ``<file>: <Kind>/<name>: <field path>: <message>`` and all of them are collected,
 so one run shows everything that is wrong.
@@ -55,10 +59,25 @@ _BASIC_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "PersistentVolumeClaim": ("v1", ("spec.accessModes", "spec.resources.requests.storage")),
     "Job": ("batch/v1", ("spec.template.spec.containers", "spec.template.spec.restartPolicy")),
     "PodMonitor": ("monitoring.coreos.com/v1", ("spec.selector", "spec.podMetricsEndpoints")),
+    "StatefulSet": ("apps/v1", ("spec.serviceName", "spec.selector.matchLabels", "spec.template.metadata.labels",
+                                "spec.template.spec.containers")),
+    "Service": ("v1", ("spec.ports", "spec.selector")),
     "Secret": ("v1", ()),
     "ConfigMap": ("v1", ()),
     "Namespace": ("v1", ()),
 }
+# Fields of the specs checked field by field (Kubernetes' apps/v1 StatefulSetSpec, core/v1 ServiceSpec and
+# ServicePort), so a misspelled one is an error, as in the CRD-checked kinds.
+_STATEFULSET_SPEC = {"replicas", "selector", "serviceName", "template", "volumeClaimTemplates", "updateStrategy",
+                     "podManagementPolicy", "revisionHistoryLimit", "minReadySeconds",
+                     "persistentVolumeClaimRetentionPolicy", "ordinals"}
+_SERVICE_SPEC = {"selector", "ports", "type", "clusterIP", "clusterIPs", "externalName", "externalTrafficPolicy",
+                 "internalTrafficPolicy", "ipFamilies", "ipFamilyPolicy", "loadBalancerIP", "loadBalancerClass",
+                 "loadBalancerSourceRanges", "sessionAffinity", "sessionAffinityConfig", "publishNotReadyAddresses",
+                 "allocateLoadBalancerNodePorts", "healthCheckNodePort", "externalIPs", "trafficDistribution"}
+_SERVICE_PORT = {"name", "port", "targetPort", "protocol", "nodePort", "appProtocol"}
+# Kinds whose spec.template is a pod template (what a Service can select).
+_WORKLOAD_KINDS = {"StatefulSet", "Deployment", "DaemonSet", "ReplicaSet", "Job"}
 _RAY_KINDS = {"RayService": "rayservices", "RayCluster": "rayclusters", "RayJob": "rayjobs"}
 
 
@@ -727,9 +746,9 @@ def check_cluster(cluster: dict[str, Any], demands: list[ReplicaDemand], autosca
     return problems
 
 
-def _volume_problems(template: Any, path: tuple[Any, ...]) -> list[str]:
+def _volume_problems(template: Any, path: tuple[Any, ...], claims: Iterable[str] = ()) -> list[str]:
     spec = (template or {}).get("spec") or {}
-    declared = {v.get("name") for v in spec.get("volumes") or []}
+    declared = {v.get("name") for v in spec.get("volumes") or []} | set(claims)
     problems = []
     for key in ("initContainers", "containers"):
         for i, c in enumerate(spec.get(key) or []):
@@ -792,6 +811,10 @@ def check_manifest(doc: dict[str, Any], schemas: CrdSchemas) -> list[str]:
             template = (doc.get("spec") or {}).get("template")
             problems += schema_errors(schemas.pod_template_validator(), template, ("spec", "template"))
             problems += _volume_problems(template, ("spec", "template"))
+        if kind == "StatefulSet" and isinstance(doc.get("spec"), dict):
+            problems += _statefulset_problems(doc["spec"], schemas)
+        if kind == "Service" and isinstance(doc.get("spec"), dict):
+            problems += _service_problems(doc["spec"])
         if kind in ("Secret", "ConfigMap"):
             for key in ("data", "stringData"):
                 for k, v in (doc.get(key) or {}).items():
@@ -800,6 +823,110 @@ def check_manifest(doc: dict[str, Any], schemas: CrdSchemas) -> list[str]:
     elif kind:
         problems.append(f"kind: no offline check for {kind!r}; add one to tools/k8s_validate.py")
     return problems
+
+
+def _unknown_fields(data: Any, known: set[str], path: tuple[Any, ...]) -> list[str]:
+    out = []
+    for key in sorted(set(data) - known) if isinstance(data, dict) else []:
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"{_path_str((*path, key))}: unknown field{hint}")
+    return out
+
+
+def _statefulset_problems(spec: dict[str, Any], schemas: CrdSchemas) -> list[str]:
+    problems = _unknown_fields(spec, _STATEFULSET_SPEC, ("spec",))
+    template = spec.get("template")
+    problems += schema_errors(schemas.pod_template_validator(), template, ("spec", "template"))
+    replicas = spec.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        problems.append(f"spec.replicas: must be a non-negative integer, not {replicas!r}")
+    labels = ((template or {}).get("metadata") or {}).get("labels") or {}
+    for key, value in ((spec.get("selector") or {}).get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            problems.append(f"spec.selector.matchLabels.{key}: {value!r} is not a label of the pod template "
+                            "(the StatefulSet would own no pod)")
+    claims = []
+    for i, claim in enumerate(spec.get("volumeClaimTemplates") or []):
+        where = ("spec", "volumeClaimTemplates", i)
+        name = (claim.get("metadata") or {}).get("name") if isinstance(claim, dict) else None
+        if not name:
+            problems.append(f"{_path_str((*where, 'metadata', 'name'))}: required field is missing")
+        claims.append(name)
+        claim_spec = claim.get("spec") if isinstance(claim, dict) else None
+        if not (claim_spec or {}).get("accessModes"):
+            problems.append(f"{_path_str((*where, 'spec', 'accessModes'))}: required field is missing")
+        storage = (((claim_spec or {}).get("resources") or {}).get("requests") or {}).get("storage")
+        try:
+            quantity(storage)
+        except ValueError:
+            problems.append(f"{_path_str((*where, 'spec', 'resources', 'requests', 'storage'))}: "
+                            f"{'required field is missing' if storage is None else f'not a quantity: {storage!r}'}")
+    problems += _volume_problems(template, ("spec", "template"), claims)
+    return problems
+
+
+def _service_problems(spec: dict[str, Any]) -> list[str]:
+    problems = _unknown_fields(spec, _SERVICE_SPEC, ("spec",))
+    ports = spec.get("ports") if isinstance(spec.get("ports"), list) else []
+    names = [p.get("name") for p in ports if isinstance(p, dict)]
+    for i, port in enumerate(ports):
+        where = ("spec", "ports", i)
+        if not isinstance(port, dict):
+            problems.append(f"{_path_str(where)}: must be a mapping")
+            continue
+        problems += _unknown_fields(port, _SERVICE_PORT, where)
+        number = port.get("port")
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
+            problems.append(f"{_path_str((*where, 'port'))}: must be a port number (1-65535), not {number!r}")
+        target = port.get("targetPort", number)
+        if not (isinstance(target, int) and 1 <= target <= 65535
+                or isinstance(target, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?", target)):
+            problems.append(f"{_path_str((*where, 'targetPort'))}: must be a port number or a port name, "
+                            f"not {target!r}")
+        if port.get("protocol", "TCP") not in ("TCP", "UDP", "SCTP"):
+            problems.append(f"{_path_str((*where, 'protocol'))}: must be TCP, UDP or SCTP")
+        if len(ports) > 1 and not port.get("name"):
+            problems.append(f"{_path_str((*where, 'name'))}: required when a Service has several ports")
+    for name in sorted({n for n in names if n and names.count(n) > 1}):
+        problems.append(f"spec.ports: the name {name!r} is used twice")
+    return problems
+
+
+def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod templates a workload (or a RayService/RayCluster) runs."""
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    if doc.get("kind") in _WORKLOAD_KINDS:
+        return [spec["template"]] if isinstance(spec.get("template"), dict) else []
+    cluster = spec.get("rayClusterConfig") if doc.get("kind") == "RayService" else spec
+    if doc.get("kind") in _RAY_KINDS and isinstance(cluster, dict):
+        groups = [cluster.get("headGroupSpec") or {}, *(cluster.get("workerGroupSpecs") or [])]
+        return [g["template"] for g in groups if isinstance(g, dict) and isinstance(g.get("template"), dict)]
+    return []
+
+
+def service_selection_problems(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """(Service, problem) for each Service of ``docs`` (one kustomization's output) that selects no pod template
+    of ``docs``, or whose named ``targetPort`` no selected container declares."""
+    templates = [t for d in docs for t in _pod_templates(d)]
+    out = []
+    for doc in docs:
+        spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+        if doc.get("kind") != "Service" or not isinstance(spec.get("selector"), dict):
+            continue
+        selector = spec["selector"]
+        chosen = [t for t in templates if selector.items() <= (((t.get("metadata") or {}).get("labels")) or {}).items()]
+        if not chosen:
+            out.append((doc, f"spec.selector: {selector} matches the labels of no pod template here (the Service "
+                             "would have no endpoints)"))
+            continue
+        named = {p.get("name") for t in chosen for c in ((t.get("spec") or {}).get("containers") or [])
+                 for p in c.get("ports") or []}
+        for i, port in enumerate(spec.get("ports") or []):
+            target = port.get("targetPort") if isinstance(port, dict) else None
+            if isinstance(target, str) and target not in named:
+                out.append((doc, f"spec.ports[{i}].targetPort: no selected container has a port named {target!r}"))
+    return out
 
 
 def _basic_problems(doc: dict[str, Any]) -> list[str]:
@@ -818,6 +945,9 @@ def _basic_problems(doc: dict[str, Any]) -> list[str]:
 
 def _references(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(kind, name, field) of every Secret/ConfigMap/PVC a pod template in ``doc`` refers to."""
+    if doc.get("kind") == "StatefulSet" and isinstance(doc.get("spec"), dict) and doc["spec"].get("serviceName"):
+        yield "Service", doc["spec"]["serviceName"], "serviceName"
+
     def walk(node: Any) -> Iterator[tuple[str, str, str]]:
         if isinstance(node, dict):
             for ref_key, kind in (("secretKeyRef", "Secret"), ("secretRef", "Secret"),
@@ -834,7 +964,7 @@ def _references(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
             for item in node:
                 yield from walk(item)
 
-    return walk(doc.get("spec"))
+    yield from walk(doc.get("spec"))
 
 
 # -------------------------------------------------------------------------------------------- whole tree
@@ -879,6 +1009,9 @@ def validate_tree(root: Path, schemas: CrdSchemas) -> TreeReport:
     everything = [(f"[{name}] {m.where}" if m.source.parent != r.directory else m.where, m)
                   for name, r in rendered.items() for m in r.manifests] + [(m.where, m) for m in loose]
     defined = {(m.doc.get("kind"), (m.doc.get("metadata") or {}).get("name")) for _, m in everything}
+    labels = {id(m.doc): where for where, m in everything}
+    for docs in [[m.doc for m in r.manifests] for r in rendered.values()] + [[m.doc for m in loose]]:
+        problems += [f"{labels[id(doc)]}: {problem}" for doc, problem in service_selection_problems(docs)]
     for where, m in everything:
         problems += [f"{where}: {p}" for p in check_manifest(m.doc, schemas)]
         for kind, name, ref in _references(m.doc):

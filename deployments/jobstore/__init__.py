@@ -18,13 +18,14 @@ driver errors (``sqlite3.OperationalError``, ``psycopg.OperationalError``: answe
 Gateway (every read is owner-scoped: another owner's job is ``None`` / ``NOT_FOUND``, i.e. 404)
 -----------------------------------------------------------------------------------------------
 - ``submit(app_id=, input=, seed=, owner=, priority=, webhook_url=, start_timeout_s=, max_queue_length=,
-  input_keys=)`` -> ``Submitted(request_id, queue_position)``; the row is committed first. ``input`` holds
-  references only: write ``data:`` URIs to storage first and pass the keys in the input and in ``input_keys``
-  (retention deletes them). Raises ``QueueFullError`` / ``KeyQueueCapError`` / ``RateLimitedError``
-  (``retry_after_s``), all ``LimitError`` (429) with a ``message`` for the client.
-- ``create_sync(app_id=, input=, seed=, runner_id=, lease_s=, owner=)`` -> ``ClaimedJob`` (epoch 1): the sync
-  route's row, already running under the caller's lease; ``KeyRunningCapError`` when the key is at its running
-  cap. Heartbeat it like any job; if the lease expires it is failed, never re-queued.
+  input_keys=, request_id=)`` -> ``Submitted(request_id, queue_position)``; the row is committed first. ``input``
+  holds references only: write ``data:`` URIs to storage first and pass the keys in the input and in
+  ``input_keys`` (retention deletes them); ``request_id`` (from ``new_request_id()``, server-issued) lets the
+  caller name those objects after the job before the row exists. Raises ``QueueFullError`` /
+  ``KeyQueueCapError`` / ``RateLimitedError`` (``retry_after_s``), all ``LimitError`` (429) with a ``message``.
+- ``create_sync(app_id=, input=, seed=, runner_id=, lease_s=, owner=, input_keys=, request_id=)`` -> ``ClaimedJob``
+  (epoch 1): the sync route's row, already running under the caller's lease; ``KeyRunningCapError`` when the key
+  is at its running cap. Heartbeat it like any job; if the lease expires it is failed, never re-queued.
 - ``status(request_id, owner, logs_since=None)`` -> ``JobSnapshot(job, position, logs)`` in one read: a status
   poll or one SSE tick (pass the previous ``logs.cursor`` as ``logs_since``; lines are numbered per job, 1..,
   ``LogLine`` is ``jobs.LogEntry`` plus ``line``). ``JobView`` replaces ``JobRecord`` for ``status_body``: same
@@ -41,8 +42,8 @@ Dispatcher / runner (fenced by ``(request_id, epoch)``)
 - ``claim(runner_id, lease_s, max_running_total=None)`` -> ``ClaimedJob | None``: priority then FIFO, skipping
   keys at their running cap; also re-queues expired leases (the job resumes from ``checkpoint_key``/``_step``),
   fails expired sync jobs, jobs out of attempts and jobs past their start deadline. Poll it (e.g. every 0.2-1 s
-  when idle; there is no LISTEN/NOTIFY wake-up); ``expire_leases`` / ``expire_start_deadlines`` do the
-  maintenance part alone. ``ClaimedJob`` carries the input, seed, owner, epoch and the checkpoint to resume.
+  when idle; there is no LISTEN/NOTIFY wake-up); ``expire_leases`` / ``expire_start_deadlines`` (both at once:
+  ``maintain``) do the maintenance part alone. ``ClaimedJob`` carries the input, seed, owner, epoch and the checkpoint to resume.
 - While running: ``heartbeat(id, epoch, lease_s)`` -> cancel_requested (renew well before ``lease_s``, e.g. every
   ``lease_s / 3``); ``report(id, epoch, stage=, progress=, message=, lease_s=)``; ``log(id, epoch, message)``;
   ``record_checkpoint(id, epoch, key, step)`` -> the previous key to delete; ``complete(id, epoch, result=,
@@ -60,6 +61,11 @@ Webhooks (an outbox row is written in the transaction that finishes a job with a
 one else gets them while leased; build the payload from ``get(request_id, owner)``); then
 ``webhook_delivered(id, attempt, message=)`` or ``webhook_failed(id, attempt, error, retry_in_s=None|s)``; a
 lease that runs out makes the delivery due again (its worker died). ``webhook_state(id)`` for status and tests.
+
+Service-wide values
+-------------------
+``ping()`` (readiness), ``shared_secret(name)`` (created once with insert-if-absent: the URL signing secret when
+none is configured, the same in every process on the database).
 
 Retention (bounded batches; objects first, rows after)
 ------------------------------------------------------
@@ -80,7 +86,7 @@ from deployments.jobstore.config import (
     PostgresJobsConfig,
     SqliteJobsConfig,
 )
-from deployments.jobstore.core import SyncJobStore
+from deployments.jobstore.core import SyncJobStore, new_request_id
 from deployments.jobstore.errors import (
     FencedError,
     JobStoreError,
@@ -114,8 +120,8 @@ __all__ = [
     "JobLimits", "JobSnapshot", "JobStore", "JobStoreError", "JobView", "JobsConfig", "KeyQueueCapError",
     "KeyRunningCapError", "LimitError", "LogLine", "LogPage", "MigrationError", "PostgresJobsConfig",
     "QueueFullError", "RateLimitedError", "RetentionKind", "SqliteJobsConfig", "Submitted", "SyncJobStore",
-    "WebhookDelivery", "cancelled_error", "make_job_store", "make_sync_job_store", "runner_lost_error",
-    "start_timeout_error",
+    "WebhookDelivery", "cancelled_error", "make_job_store", "make_sync_job_store", "new_request_id",
+    "runner_lost_error", "start_timeout_error",
 ]
 
 

@@ -62,6 +62,23 @@ class Backend(ABC):
         returns False at once instead of waiting when another transaction holds it."""
 
     @abstractmethod
+    def json_elements(self, column: str, alias: str) -> str:
+        """A FROM item expanding the JSON array of strings in ``column`` into rows with a text ``<alias>.value``."""
+
+    @abstractmethod
+    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
+        """Every string anywhere in the JSON document ``column``, as (a FROM item, its text value expression, the
+        condition that keeps strings only)."""
+
+    @abstractmethod
+    def text_list_rows(self) -> str:
+        """A SELECT yielding one row (column ``value``) per string of one list parameter (:meth:`text_list_in`)."""
+
+    @abstractmethod
+    def text_list_in(self, values: list[str]) -> Any:
+        """A list of strings as the parameter of :meth:`text_list_rows` (no per-item placeholder limit)."""
+
+    @abstractmethod
     def json_in(self, value: Any) -> Any:
         """A Python value as a parameter for a JSON column."""
 

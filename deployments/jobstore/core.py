@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -57,6 +59,8 @@ MAX_CLAIM_CANDIDATES = 64  # rows a claim looks at before giving up (owners at t
 MAX_BATCH = 1000  # retention rows per call
 MAX_INPUT_BYTES = 64 * 1024
 LOG_LEVELS = frozenset({"INFO", "WARN", "ERROR", "DEBUG", "STDOUT", "STDERR"})
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+_SECRET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 # Retention: which finished rows hold expired objects of each kind. The predicates repeat the partial indexes'
 # WHERE clauses word for word, so both databases use those indexes.
@@ -100,6 +104,21 @@ def _check_input(input: dict[str, Any]) -> None:
 def _check_lease(lease_s: float) -> None:
     if not lease_s > 0:
         raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+
+
+def new_request_id() -> str:
+    """A server-issued request id (uuid4 hex): the only kind of id that ever keys job state."""
+    return uuid.uuid4().hex
+
+
+def _request_id(given: str | None) -> str:
+    """``given`` (an id the service issued before creating the row, e.g. to name the input objects it wrote
+    first) or a fresh one; anything but 32 lowercase hex digits is refused."""
+    if given is None:
+        return new_request_id()
+    if not isinstance(given, str) or not _REQUEST_ID.fullmatch(given):
+        raise ValueError(f"request_id must be 32 lowercase hex digits (new_request_id()), got {given!r}")
+    return given
 
 
 def _placeholders(n: int) -> str:
@@ -216,13 +235,14 @@ class SyncJobStore:
     def submit(self, *, app_id: str, input: dict[str, Any], seed: int, owner: str = "",
                priority: Priority = "normal", webhook_url: str | None = None, start_timeout_s: float | None = None,
                max_queue_length: int | None = None, input_keys: Sequence[str] = (),
-               rate_limited: bool = True) -> Submitted:
+               rate_limited: bool = True, request_id: str | None = None) -> Submitted:
         """Queue a job; the row is committed before this returns. Caps are checked before the rate limit, so a
-        refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError."""
+        refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError.
+        ``request_id``: an id from :func:`new_request_id` the caller already used (for its input objects)."""
         if priority not in PRIORITY_RANK:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANK)}, got {priority!r}")
         _check_input(input)
-        rank, request_id = PRIORITY_RANK[priority], uuid.uuid4().hex
+        rank, request_id = PRIORITY_RANK[priority], _request_id(request_id)
         limit = self.limits.max_queue_length
         if max_queue_length is not None:
             limit = min(limit, max_queue_length)
@@ -255,13 +275,14 @@ class SyncJobStore:
             return Submitted(request_id=request_id, queue_position=int(counts["ahead"]))
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,
-                    owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True) -> ClaimedJob:
+                    owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True,
+                    request_id: str | None = None) -> ClaimedJob:
         """A sync request's row, created already claimed (IN_PROGRESS, epoch 1, leased to ``runner_id``); it
         counts as a running job of ``owner``. Its lease expiring fails it (never re-queued). Raises
         KeyRunningCapError or RateLimitedError."""
         _check_input(input)
         _check_lease(lease_s)
-        request_id, j = uuid.uuid4().hex, self.backend.json_in
+        request_id, j = _request_id(request_id), self.backend.json_in
         with self.backend.write() as cur:
             self._check_running_cap(cur, owner)
             if rate_limited:
@@ -513,6 +534,30 @@ class SyncJobStore:
         with self.backend.write() as cur:
             return self._expire_start_deadlines(cur, limit)
 
+    def maintain(self, limit: int = MAINTENANCE_BATCH) -> tuple[int, int]:
+        """``expire_leases`` and ``expire_start_deadlines`` in one transaction, for a dispatcher that is not
+        claiming (it is at its own capacity) but must still enforce deadlines; returns both counts."""
+        with self.backend.write() as cur:
+            return self._expire_leases(cur, limit), self._expire_start_deadlines(cur, limit)
+
+    # -- service-wide values -------------------------------------------------------------------------------------
+    @_read
+    def ping(self) -> bool:
+        """One round trip (readiness checks)."""
+        with self.backend.read() as cur:
+            return self._x(cur, "SELECT 1 AS ok").fetchone() is not None
+
+    def shared_secret(self, name: str) -> str:
+        """The secret called ``name``, created on first use with insert-if-absent: every process sharing the
+        database (Gateways, dispatchers, applications) gets the same value, whoever asks first. It lives in the
+        database only, never in storage where a public link could reach it."""
+        if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
+            raise ValueError(f"secret name must be lowercase letters, digits, '_', '.' or '-', got {name!r}")
+        with self.backend.write() as cur:
+            self._x(cur, "INSERT INTO service_secrets (name, value, created_at) VALUES (?, ?, {now}) "
+                         "ON CONFLICT (name) DO NOTHING", (name, secrets.token_urlsafe(32)))
+            return str(self._x(cur, "SELECT value FROM service_secrets WHERE name = ?", (name,)).fetchone()["value"])
+
     # -- fenced runner writes ------------------------------------------------------------------------------------
     def _fenced(self, cur: Cursor, request_id: str, epoch: int, what: str, assignments: str,
                 params: Sequence[Any] = ()) -> dict[str, Any]:
@@ -691,3 +736,79 @@ class SyncJobStore:
                 self._x(cur, f"DELETE FROM job_logs WHERE request_id IN ({marks})", gone)
                 self._x(cur, f"DELETE FROM webhooks WHERE request_id IN ({marks})", gone)
             return len(gone)
+
+    @_read
+    def named_keys(self, keys: Sequence[str], read_by_unfinished_only: bool = False) -> set[str]:
+        """Which of ``keys`` (at most 1000) a row still names: an input of an unfinished job or of a finished one
+        whose inputs were not purged, a result not purged, a checkpoint (to resume from, or not yet swept), or any
+        string in the input of an unfinished job (an upload, or an earlier result, that it will read). The
+        retention sweeper deletes an old object found by listing only when no row names it (an orphan), and keeps
+        the objects of expired rows that an unfinished job reads (``read_by_unfinished_only``: that last source
+        alone). Each source is read through its partial index, so the cost follows the rows retention keeps live
+        (and the queue), not the table."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return set()
+        if len(wanted) > MAX_BATCH:
+            raise ValueError(f"named_keys takes at most {MAX_BATCH} keys, got {len(wanted)}")
+        b = self.backend
+        unfinished = [("status = 'IN_QUEUE'", "jobs_queue_order"), ("status = 'IN_PROGRESS'", "jobs_running_owner")]
+        from_item, value, is_text = b.json_strings("jobs.input", "s")
+        selects = [f"SELECT {value} AS key FROM jobs {b.index_hint(index)}, {from_item} WHERE {where} AND {is_text} "
+                   f"AND {value} IN (SELECT value FROM wanted)" for where, index in unfinished]
+        if not read_by_unfinished_only:
+            sources = [("input_keys", "status = 'COMPLETED' AND NOT inputs_purged", "jobs_finished_inputs"),
+                       *(("input_keys", where, index) for where, index in unfinished),
+                       ("result_keys", "status = 'COMPLETED' AND NOT result_purged", "jobs_finished_results")]
+            selects += [f"SELECT e.value AS key FROM jobs {b.index_hint(index)}, "
+                        f"{b.json_elements(f'jobs.{column}', 'e')} WHERE {where} "
+                        "AND e.value IN (SELECT value FROM wanted)" for column, where, index in sources]
+            checkpoints = [("status = 'COMPLETED' AND checkpoint_key IS NOT NULL", "jobs_finished_checkpoints"),
+                           *unfinished]
+            selects += [f"SELECT checkpoint_key AS key FROM jobs {b.index_hint(index)} WHERE {where} "
+                        "AND checkpoint_key IN (SELECT value FROM wanted)" for where, index in checkpoints]
+        statement = f"WITH wanted(value) AS ({b.text_list_rows()}) " + " UNION ".join(selects)
+        with b.read() as cur:
+            return {r["key"] for r in self._x(cur, statement, (b.text_list_in(wanted),)).fetchall()}
+
+    # -- maintenance leases (one process of all that share the database runs a periodic task) -------------------
+    def acquire_lease(self, name: str, owner: str, lease_s: float) -> int | None:
+        """Take the lease ``name`` for ``lease_s`` seconds if it is free, expired, or already ``owner``'s;
+        returns its new epoch (the holder's fencing token), or None while another owner holds it."""
+        _check_lease(lease_s)
+        with self.backend.single() as cur:
+            row = self._x(cur, """
+                INSERT INTO maintenance_leases (name, owner, epoch, expires_at, updated_at)
+                VALUES (?, ?, 1, {now} + ?, {now})
+                ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, epoch = maintenance_leases.epoch + 1,
+                    expires_at = excluded.expires_at, updated_at = excluded.updated_at
+                WHERE maintenance_leases.expires_at <= excluded.updated_at
+                   OR maintenance_leases.owner = excluded.owner
+                RETURNING epoch""", (name, owner, lease_s)).fetchone()
+        return None if row is None else int(row["epoch"])
+
+    def renew_lease(self, name: str, owner: str, epoch: int, lease_s: float) -> bool:
+        """Extend the lease by ``lease_s`` from now; False once another owner took it (stop working)."""
+        _check_lease(lease_s)
+        with self.backend.single() as cur:
+            return self._x(cur, "UPDATE maintenance_leases SET expires_at = {now} + ?, updated_at = {now} "
+                                "WHERE name = ? AND owner = ? AND epoch = ? RETURNING name",
+                           (lease_s, name, owner, epoch)).fetchone() is not None
+
+    def release_lease(self, name: str, owner: str, epoch: int, keep_s: float = 0.0) -> bool:
+        """End the lease ``keep_s`` seconds from now (0: now, the next :meth:`acquire_lease` gets it; more: nobody
+        else runs the task before then, e.g. until the next periodic run is due); False if it was not held."""
+        if not keep_s >= 0:
+            raise ValueError(f"keep_s must be a non-negative number of seconds, got {keep_s!r}")
+        with self.backend.single() as cur:
+            return self._x(cur, "UPDATE maintenance_leases SET expires_at = {now} + ?, updated_at = {now} "
+                                "WHERE name = ? AND owner = ? AND epoch = ? RETURNING name",
+                           (keep_s, name, owner, epoch)).fetchone() is not None
+
+    @_read
+    def lease_holder(self, name: str) -> dict[str, Any] | None:
+        """``owner``, ``epoch`` and ``expires_at`` (database clock) of the lease ``name``, if it was ever taken."""
+        with self.backend.read() as cur:
+            row = self._x(cur, "SELECT owner, epoch, expires_at FROM maintenance_leases WHERE name = ?",
+                          (name,)).fetchone()
+            return None if row is None else dict(row)

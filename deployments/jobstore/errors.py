@@ -17,6 +17,9 @@ class LimitError(JobStoreError):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):  # picklable with every field: Ray carries it from the Orchestrator to the Gateway
+        return type(self), (self.message,)
+
 
 class QueueFullError(LimitError):
     """The whole queue holds as many jobs as the server (or the caller's ``fal_max_queue_length``) allows."""
@@ -37,6 +40,9 @@ class RateLimitedError(LimitError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self):
+        return type(self), (self.message, self.retry_after_s)
+
 
 class FencedError(JobStoreError):
     """A runner wrote with an epoch that no longer holds the job's lease (reclaimed, finished, or cancelled and
@@ -45,6 +51,9 @@ class FencedError(JobStoreError):
     def __init__(self, request_id: str, epoch: int, what: str):
         super().__init__(f"job {request_id} epoch {epoch}: {what} refused, this runner no longer holds the lease")
         self.request_id, self.epoch, self.what = request_id, epoch, what
+
+    def __reduce__(self):
+        return type(self), (self.request_id, self.epoch, self.what)
 
 
 class MigrationError(JobStoreError):

@@ -85,6 +85,19 @@ class PostgresBackend(Backend):
         cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s)) AS ok", (ADVISORY_NAMESPACE, name))
         return bool(cur.fetchone()["ok"])
 
+    def json_elements(self, column: str, alias: str) -> str:
+        return f"jsonb_array_elements_text({column}) AS {alias}(value)"
+
+    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
+        return (f"jsonb_path_query({column}, 'strict $.**') AS {alias}(j)", f"({alias}.j #>> ARRAY[]::text[])",
+                f"jsonb_typeof({alias}.j) = 'string'")
+
+    def text_list_rows(self) -> str:
+        return "SELECT unnest(?::text[]) AS value"
+
+    def text_list_in(self, values: list[str]) -> Any:
+        return list(values)
+
     def json_in(self, value: Any) -> Any:
         from psycopg.types.json import Jsonb
 

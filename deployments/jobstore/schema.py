@@ -100,6 +100,15 @@ CREATE TABLE webhooks (
     updated_at DOUBLE PRECISION NOT NULL
 )"""
 
+_MAINTENANCE_LEASES = """
+CREATE TABLE maintenance_leases (
+    name TEXT PRIMARY KEY,              -- the task, e.g. 'retention'
+    owner TEXT NOT NULL,                -- the process holding it (unique per process)
+    epoch BIGINT NOT NULL,              -- +1 on every acquisition: the holder's fencing token
+    expires_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+)"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, logs, rate buckets, webhooks", (
         _JOBS,
@@ -128,6 +137,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         _WEBHOOKS,
         "CREATE INDEX webhooks_due ON webhooks (next_attempt_at) WHERE state = 'pending'",
     )),
+    Migration(2, "service secrets", (
+        # values every process of the service must agree on (the URL signing secret when none is configured)
+        "CREATE TABLE service_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL)",
+    )),
+    # one row per periodic task that only one process of all applications sharing the database should run at a
+    # time (the retention sweep), held by a lease like a job's
+    Migration(3, "maintenance leases", (_MAINTENANCE_LEASES,)),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

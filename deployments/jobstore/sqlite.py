@@ -130,6 +130,18 @@ class SqliteBackend(Backend):
         return True
 
     # -- values ---------------------------------------------------------------------------------------------------
+    def json_elements(self, column: str, alias: str) -> str:
+        return f"json_each({column}) AS {alias}"
+
+    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
+        return f"json_tree({column}) AS {alias}", f"{alias}.value", f"{alias}.type = 'text'"
+
+    def text_list_rows(self) -> str:
+        return "SELECT value FROM json_each(?)"
+
+    def text_list_in(self, values: list[str]) -> Any:
+        return json.dumps(list(values))
+
     def json_in(self, value: Any) -> Any:
         return None if value is None else json.dumps(value, separators=(",", ":"))
 

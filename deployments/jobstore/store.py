@@ -67,6 +67,10 @@ class JobStore:
     claim = _in_thread(SyncJobStore.claim)
     expire_leases = _in_thread(SyncJobStore.expire_leases)
     expire_start_deadlines = _in_thread(SyncJobStore.expire_start_deadlines)
+    maintain = _in_thread(SyncJobStore.maintain)
+    # service-wide values
+    ping = _in_thread(SyncJobStore.ping)
+    shared_secret = _in_thread(SyncJobStore.shared_secret)
     # fenced runner writes
     heartbeat = _in_thread(SyncJobStore.heartbeat)
     report = _in_thread(SyncJobStore.report)
@@ -82,3 +86,9 @@ class JobStore:
     # retention
     expired = _in_thread(SyncJobStore.expired)
     purge = _in_thread(SyncJobStore.purge)
+    named_keys = _in_thread(SyncJobStore.named_keys)
+    # maintenance leases
+    acquire_lease = _in_thread(SyncJobStore.acquire_lease)
+    renew_lease = _in_thread(SyncJobStore.renew_lease)
+    release_lease = _in_thread(SyncJobStore.release_lease)
+    lease_holder = _in_thread(SyncJobStore.lease_holder)

@@ -1,0 +1,34 @@
+"""What every Gateway and Orchestrator replica opens at start: the jobs database, the signing secret (shared
+through it) and the storage that signs links with that secret."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from deployments.config import AppArgs
+from deployments.jobstore import JobStore, make_job_store
+from deployments.signing import Signer, service_secret
+from deployments.storage import LocalStorageConfig, Storage, make_storage
+
+
+@dataclass
+class ServiceState:
+    store: JobStore
+    storage: Storage
+    signer: Signer
+    secret_fingerprint: str  # for tests and logs: equal fingerprints mean equal secrets (the secret is not shown)
+    secret_text: str  # only to mask it in messages (health reasons)
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    return hashlib.sha256(b"stable-avatar fingerprint\n" + secret).hexdigest()[:12]
+
+
+def open_service_state(args: AppArgs) -> ServiceState:
+    """Blocking (connects, applies migrations, may create the secret): call it from a replica's constructor."""
+    store = make_job_store(args.jobs_config(), args.default_jobs_path(), args.job_limits())
+    configured = args.storage.url_secret if isinstance(args.storage, LocalStorageConfig) else None
+    secret = service_secret(configured, store.sync)
+    return ServiceState(store, make_storage(args.storage, secret), Signer(secret), secret_fingerprint(secret),
+                        secret.decode(errors="replace"))

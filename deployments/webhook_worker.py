@@ -1,0 +1,86 @@
+"""Delivers the webhooks the jobs database owes (its outbox), from every Orchestrator replica.
+
+Each replica polls ``claim_webhooks``; a claimed delivery is leased to it alone, so each is attempted by one
+replica at a time and delivered once. Every attempt is logged on the job (``webhook attempt 1/5 failed ...``,
+``webhook delivered ...``); a failed one is due again after the doubling back-off, up to ``webhook_attempts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from deployments.config import AppArgs
+from deployments.jobstore import JobStore, WebhookDelivery
+from deployments.results import public_result
+from deployments.storage import Storage
+from deployments.webhooks import post_webhook, retry_delay, webhook_payload
+
+logger = logging.getLogger("ray.serve")
+MAX_IN_FLIGHT = 16
+
+
+class WebhookWorker:
+    def __init__(self, store: JobStore, storage: Storage, args: AppArgs, worker_id: str):
+        self.store, self.storage, self.args, self.worker_id = store, storage, args, worker_id
+        self.guard = args.inputs.guard()
+        self.in_flight: set[asyncio.Task] = set()
+        self.stopping = False
+        self._loop_task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
+    async def _loop(self) -> None:
+        while not self.stopping:
+            deliveries: list[WebhookDelivery] = []
+            room = MAX_IN_FLIGHT - len(self.in_flight)
+            if room > 0:
+                try:
+                    deliveries = await self.store.claim_webhooks(self.worker_id, self.args.dispatch.webhook_lease_s,
+                                                                 min(room, 8))
+                except Exception:  # noqa: BLE001 - the database may be away for a while
+                    logger.exception("webhook worker %s: claim failed; trying again", self.worker_id)
+            for delivery in deliveries:
+                task = asyncio.get_running_loop().create_task(self.deliver(delivery))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+            if not deliveries:
+                await asyncio.sleep(self.args.dispatch.poll_interval_s)
+
+    async def deliver(self, delivery: WebhookDelivery) -> None:
+        request_id, attempt, total = delivery.request_id, delivery.attempt, self.args.webhook_attempts
+        try:
+            job = await self.store.get(request_id, delivery.owner)
+            if job is None:  # deleted by retention before it could be delivered
+                await self.store.webhook_failed(request_id, attempt, "the job no longer exists")
+                return
+            if job.error is None:
+                body = webhook_payload(request_id, True, public_result(job.result, self.storage), None)
+            else:
+                body = webhook_payload(request_id, False, {"detail": job.error.detail}, job.error.message)
+            delivered, outcome = await asyncio.to_thread(post_webhook, delivery.url, body, self.guard)
+            if delivered:
+                await self.store.webhook_delivered(
+                    request_id, attempt, message=f"webhook delivered (attempt {attempt}/{total}, {outcome})")
+            elif attempt < total:
+                delay = retry_delay(attempt, self.args.webhook_first_delay_s)
+                await self.store.webhook_failed(
+                    request_id, attempt, outcome, retry_in_s=delay,
+                    message=f"webhook attempt {attempt}/{total} failed ({outcome}); retrying in {delay:.0f} s")
+            else:
+                await self.store.webhook_failed(
+                    request_id, attempt, outcome,
+                    message=f"webhook attempt {attempt}/{total} failed ({outcome}); giving up")
+        except Exception:  # noqa: BLE001 - the lease runs out and the delivery is due again
+            logger.exception("webhook of %s (attempt %d) could not be settled", request_id, attempt)
