@@ -115,9 +115,9 @@ def test_an_async_retry_hook_is_awaited_before_the_retry():
     executor = RayDenoiserExecutor(handle, object(), "req", retries=2, on_retry=hook)
     original = handle.remote
 
-    def remote(refs, request_id, work):
+    def remote(request_id, slot, refs, work):
         events.append(("call", work.window))
-        return original(refs, request_id, work)
+        return original(request_id, slot, refs, work)
 
     handle.remote = remote
     asyncio.run(executor.run(_steps(3)))
