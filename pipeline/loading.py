@@ -209,7 +209,7 @@ def load_models(
             # Keep diffusers' fp32 modules (norms, modulation tables, time embedder) in fp32 under bf16.
             bundle.transformer = model.to(device).to_inference_dtype(dtype)
         elif component == "vae":
-            model = _build(lambda: build_vae(**preset.vae), preset, component, device)
+            model = _build(preset.vae_factory or (lambda: build_vae(**preset.vae)), preset, component, device)
             if layout:
                 from pipeline.keymaps.vae import load_vae_weights
 

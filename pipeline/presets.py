@@ -84,6 +84,9 @@ class ModelPreset:
     # When set, builds the DiT instead of StableAvatarTransformer3DModel (a stand-in registered by a benchmark, see
     # bench/simulated.py); its forward takes the same arguments. None for every shipped preset.
     transformer_factory: Callable[[], Any] | None = None
+    # When set, builds the VAE instead of ``AutoencoderKLWan(**vae)`` (a benchmark stand-in with the same interface
+    # and the same x8 spatial / x4 temporal factors, see bench/simulated.py). None for every shipped preset.
+    vae_factory: Callable[[], Any] | None = None
 
     @property
     def is_random(self) -> bool:
