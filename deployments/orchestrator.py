@@ -14,7 +14,6 @@ was on whichever replica claims it next.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from typing import Any
@@ -24,17 +23,19 @@ import torch
 from ray import serve
 
 from deployments import metrics
-from deployments.common import replica_name
+from deployments.common import limit_heap_retention, replica_name
 from deployments.config import AppArgs
 from deployments.job_inputs import JobInput
 from deployments.job_runner import JobRunner, Run, RunReporter
 from deployments.jobstore import FencedError
+from deployments.latent_checkpoints import load_checkpoint, save_checkpoint
 from deployments.placement import request_offset
 from deployments.postprocessor import result_key
 from deployments.ray_executor import RayDenoiserExecutor
 from deployments.results import stored_output
 from deployments.retention import RetentionSweeper
 from deployments.service_state import open_service_state
+from deployments.transport import put_tensor
 from deployments.units import UnitPlan, unit_plan
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest
@@ -55,6 +56,7 @@ class Orchestrator:
 
         self.preprocessor, self.denoiser, self.postprocessor = preprocessor, denoiser, postprocessor
         self.args = args
+        limit_heap_retention()  # units, their outputs and fused states churn through latent-sized buffers
         self.state = open_service_state(args)
         self.store, self.storage = self.state.store, self.state.storage
         self.state_dtype = args.state_dtype()  # from the config: this CPU replica must agree with the Denoisers
@@ -143,6 +145,7 @@ class Orchestrator:
         units = await self._unit_plan(job.request_id, prepared, start_step)
         await report(message=units.describe())
         conditioning_ref = ray.put(prepared.conditioning)
+        prepared = prepared.without_conditioning()  # the object store holds it now: no second copy here
         executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, job.request_id,
                                        self.args.window_step_retries, on_retry=report.retry)
         step_started = [time.perf_counter()]
@@ -168,7 +171,10 @@ class Orchestrator:
             self._release_later(executor)  # cancelled or failed: the replicas still drop the request's caches
             raise
         await executor.release(self._max_denoisers())
-        del conditioning_ref
+        executor.close()
+        del conditioning_ref  # the conditioning leaves the object store now, not after postprocessing
+        latents_ref = put_tensor(latents)  # into the object store once, read in place by the Postprocessor
+        del latents
         metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
         await report(stage="postprocessing", message="decoding and encoding the video")
@@ -176,7 +182,8 @@ class Orchestrator:
         key = result_key(job.request_id, job.epoch)
         run.uncommitted.add(key)  # deleted unless the completion that names it wins
         async with run.writing_objects(final=True):
-            stored = await self.postprocessor.finish.remote(prepared.without_conditioning(), latents, key)
+            stored = await self.postprocessor.finish.remote(prepared, latents_ref, key)
+        del latents_ref
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
         metrics.output_seconds().inc(stored["frames"] / FPS)
@@ -208,7 +215,8 @@ class Orchestrator:
         key = checkpoint_key(run.request_id, run.epoch)
         run.uncommitted.add(key)
         async with run.writing_objects():
-            await asyncio.to_thread(self._save_checkpoint, key, prepared, run.job.seed, step, latents)
+            await asyncio.to_thread(self._save_checkpoint, key, prepared, run.job.seed, step, run.total_steps,
+                                    latents)
         try:
             previous = await self.store.record_checkpoint(run.request_id, run.epoch, key, step + 1)
         except FencedError:
@@ -220,17 +228,15 @@ class Orchestrator:
             run.checkpoints.discard(previous)
             await asyncio.to_thread(self.storage.delete, previous)
 
-    def _save_checkpoint(self, key: str, prepared: PreparedRequest, seed: int, step: int,
+    def _save_checkpoint(self, key: str, prepared: PreparedRequest, seed: int, step: int, num_steps: int,
                          latents: torch.Tensor) -> None:
-        buffer = io.BytesIO()
-        torch.save({"step": step, "seed": seed, "shape": list(prepared.latent_shape), "latents": latents,
-                    "num_steps": prepared.conditioning.num_steps}, buffer)
-        self.storage.put_bytes(key, buffer.getvalue(), "application/octet-stream")
+        save_checkpoint(self.storage, key, latents, step=step, seed=seed, shape=list(prepared.latent_shape),
+                        num_steps=num_steps)
 
     def _load_checkpoint(self, key: str, prepared: PreparedRequest, seed: int) -> tuple[int, torch.Tensor] | None:
         """(first step to run, latents), or None when the object is gone or belongs to other inputs."""
         try:
-            state = torch.load(io.BytesIO(self.storage.get_bytes(key)), weights_only=True)
+            state = load_checkpoint(self.storage, key)
         except KeyError:
             return None
         if (state["seed"], state["shape"], state["num_steps"]) != (

@@ -6,12 +6,14 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
 from ray import serve
 
 from deployments.common import load_replica_models, replica_name
 from deployments.config import AppArgs
 from deployments.storage import make_storage
+from deployments.transport import take_tensor
 from pipeline.generator import PipelineSettings, PreparedRequest, StableAvatarPipeline
 
 
@@ -33,9 +35,12 @@ class Postprocessor:
         """Readiness: answering at all means the constructor, which loads the models, has finished."""
         return {"deployment": "Postprocessor", "replica": replica_name()}
 
-    async def finish(self, prepared: PreparedRequest, latents: torch.Tensor, key: str) -> dict:
+    async def finish(self, prepared: PreparedRequest, latents: torch.Tensor | list[ray.ObjectRef], key: str) -> dict:
         """Encode and upload the mp4 as ``key`` (:func:`result_key`); returns ``{"key", "file_size", "frames",
-        "encode_s"}``."""
+        "encode_s"}``. ``latents``: the tensor, or (the Orchestrator's way) :func:`~deployments.transport.put_tensor`'s
+        reference, read in place from the object store."""
+        if isinstance(latents, list):
+            latents = await take_tensor(latents)
         with tempfile.TemporaryDirectory(prefix="stable-avatar-post-") as tmp:
             out = Path(tmp) / "output.mp4"
             async with self._lock:

@@ -12,11 +12,11 @@ spread evenly and each unit stays on its replica from step to step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import ray
 import torch
@@ -30,23 +30,6 @@ logger = logging.getLogger("ray.serve")
 
 RETRYABLE = (RayActorError, ReplicaUnavailableError)
 RetryHook = Callable[[WindowStep, int, BaseException], Awaitable[None] | None]
-
-
-def compact(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself when it owns exactly its storage, else a contiguous copy of just its elements."""
-    if tensor.is_contiguous() and tensor.storage_offset() == 0 and (
-            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()):
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def compact_unit(work: WindowStep) -> WindowStep:
-    """A unit's latents (and anchor latents) are views into the whole latent tensor, and pickling a view writes
-    its whole storage: without this a unit would carry all T frames to its replica instead of its window's."""
-    cache = work.cache
-    if cache is not None and cache.anchor_latents is not None:
-        cache = dataclasses.replace(cache, anchor_latents=compact(cache.anchor_latents))
-    return dataclasses.replace(work, latents=compact(work.latents), cache=cache)
 
 
 class RayDenoiserExecutor:
@@ -63,13 +46,37 @@ class RayDenoiserExecutor:
         self.units_per_replica: Counter[str] = Counter()  # over the whole run
         self.retried = 0  # units re-sent after their replica failed
 
-    async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
+    def close(self) -> None:
+        """Drop the conditioning's reference, so the object store frees it once the caller's is gone too."""
+        self.ref = None
+
+    async def as_completed(self, steps: Sequence[WindowStep]) -> AsyncIterator[tuple[int, torch.Tensor]]:
+        """All units are sent at once (the router sees the whole step: fan-out, placement, autoscaling); each
+        ``(position, output)`` is handed on as it returns, so the caller can fuse and drop it. Leaving early (an
+        error, a cancelled job) cancels the units still running."""
         self.last_replicas, self.last_placement = set(), [None] * len(steps)
-        return list(await asyncio.gather(*(self._run_one(index, work) for index, work in enumerate(steps))))
+        tasks = [asyncio.ensure_future(self._positioned(index, work)) for index, work in enumerate(steps)]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor | None] = [None] * len(steps)
+        async with contextlib.aclosing(self.as_completed(steps)) as results:
+            async for position, output in results:
+                outputs[position] = output
+        return outputs  # type: ignore[return-value]
+
+    async def _positioned(self, index: int, work: WindowStep) -> tuple[int, torch.Tensor]:
+        return index, await self._run_one(index, work)
 
     async def _run_one(self, index: int, work: WindowStep) -> torch.Tensor:
+        """Sends the unit as it is: it pickles just its own frames (``WindowStep.__reduce__``), and the view it
+        holds is what a retry resends."""
         slot = self.offset + index
-        work = compact_unit(work)
         for attempt in range(self.retries + 1):
             try:
                 result = await self.handle.step.remote(self.request_id, slot, [self.ref], work)

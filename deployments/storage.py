@@ -152,6 +152,11 @@ class Storage(ABC):
         """Read ``key``. ``StorageNotFoundError`` if missing, ``StorageTooLargeError`` above ``max_bytes``."""
 
     @abstractmethod
+    def get_file(self, key: str, path: Path) -> int:
+        """Copy ``key`` into the file ``path`` without loading it into memory; return its size.
+        ``StorageNotFoundError`` if missing."""
+
+    @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""
 
@@ -286,6 +291,15 @@ class LocalStorage(Storage):
         if len(data) > max_bytes:
             raise StorageTooLargeError(f"{key!r} is larger than the allowed {max_bytes} bytes")
         return data
+
+    def get_file(self, key: str, path: Path) -> int:
+        try:
+            shutil.copyfile(self.path_for(key), path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise StorageNotFoundError(f"no such key: {key!r}") from e
+        except OSError as e:
+            raise StorageError(f"could not read {key!r} under {self.root}: {e}") from e
+        return Path(path).stat().st_size
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
@@ -595,6 +609,14 @@ class S3Storage(Storage):
         if max_bytes is not None and len(data) > max_bytes:
             raise StorageTooLargeError(f"{key!r} is larger than the allowed {max_bytes} bytes")
         return data
+
+    def get_file(self, key: str, path: Path) -> int:
+        full = self._key(key)
+        try:  # download_file streams to the file (ranged parts above the multipart threshold)
+            self.client.download_file(self.bucket, full, str(path), Config=self._transfer)
+        except Exception as e:
+            raise self._error(e, "read", key) from None
+        return Path(path).stat().st_size
 
     def exists(self, key: str) -> bool:
         full = self._key(key)

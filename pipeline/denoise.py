@@ -22,13 +22,16 @@ A unit may also carry a ``CacheDirective`` (``pipeline.step_cache``): run the bl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from pipeline.models.transformer import BlockResidual
+from pipeline.raw_tensor import RawTensor
 from pipeline.schedule import SigmaSchedule, guided_step, sigma_schedule
 from pipeline.step_cache import (
     ALL_ROWS,
@@ -38,7 +41,7 @@ from pipeline.step_cache import (
     StepCachePlan,
     StepCacheSettings,
 )
-from pipeline.windows import WeightScheme, Window, WindowPlan, fuse_step
+from pipeline.windows import StreamingFusion, WeightScheme, Window, WindowPlan
 
 CFG_AUDIO_ROWS = (False, True, True)  # rows: [neg text + null audio, neg text + audio, pos text + audio]
 SPLIT_ROWS: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,))
@@ -79,6 +82,13 @@ class WindowStep:
     ``rows``: the guidance rows it computes (``ALL_ROWS``: the whole window-step, output = post-step latents;
     otherwise output = those rows' noise predictions ``[len(rows), 16, L, h, w]`` in the state dtype).
     ``cache``: the step-cache directive (``None``: no step cache, the plain forward).
+
+    ``latents`` (and the directive's ``anchor_latents``) are usually views into the whole latent [1, 16, T, h, w],
+    and pickling a torch view writes its whole storage: a unit sent to a Denoiser replica would carry all T frames
+    (1.4 GiB at 600 s and 480x832 instead of 8 MiB). A unit pickles a compact copy of its own frames instead, as a
+    :class:`~pipeline.raw_tensor.RawTensor`: out of band under pickle protocol 5 (Ray's), so the copy exists only
+    while it is written into the object store, and the sender keeps just the view (which a retry resends). The
+    receiver's tensors are then read-only, which a unit never needs to change.
     """
 
     window: int
@@ -86,6 +96,19 @@ class WindowStep:
     latents: torch.Tensor  # [1, 16, L, h, w] in the state dtype
     rows: tuple[int, ...] = ALL_ROWS
     cache: CacheDirective | None = None
+
+    def __reduce__(self):
+        cache, anchor = self.cache, None
+        if cache is not None and cache.anchor_latents is not None:
+            cache, anchor = dataclasses.replace(cache, anchor_latents=None), RawTensor(cache.anchor_latents)
+        return _unpickle_unit, (self.window, self.step, RawTensor(self.latents), self.rows, cache, anchor)
+
+
+def _unpickle_unit(window: int, step: int, latents: RawTensor, rows: tuple[int, ...], cache: CacheDirective | None,
+                   anchor: RawTensor | None) -> WindowStep:
+    if anchor is not None:
+        cache = dataclasses.replace(cache, anchor_latents=anchor.tensor())
+    return WindowStep(window, step, latents.tensor(), rows, cache)
 
 
 class ResidualMissingError(RuntimeError):
@@ -196,9 +219,27 @@ class WindowDenoiser:
 
 
 class WindowStepExecutor(Protocol):
-    """Runs a batch of units (any order, anywhere) and returns their outputs in the order given."""
+    """Runs a batch of units (any order, anywhere) and returns their outputs in the order given.
+
+    An executor may also offer ``as_completed(steps)``: an async iterator of ``(position, output)`` as each unit
+    finishes (leaving it early cancels the units still running), which lets the loop fuse outputs as they come
+    instead of holding all of them (:func:`completed`).
+    """
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]: ...
+
+
+async def completed(executor: WindowStepExecutor,
+                    steps: Sequence[WindowStep]) -> AsyncIterator[tuple[int, torch.Tensor]]:
+    """``(position, output)`` pairs: streamed by executors with ``as_completed``, all at the end otherwise."""
+    stream = getattr(executor, "as_completed", None)
+    if stream is None:
+        for item in enumerate(await executor.run(steps)):
+            yield item
+        return
+    async with contextlib.aclosing(stream(steps)) as results:
+        async for item in results:
+            yield item
 
 
 class InProcessExecutor:
@@ -212,14 +253,18 @@ class InProcessExecutor:
         self.on_window_step = on_window_step
         self.step_cache = step_cache if step_cache is not None else StepCache()
 
-    async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
-        outputs = []
-        for work in steps:
-            outputs.append(self.denoiser(self.conditioning, work, self.step_cache))
+    async def as_completed(self, steps: Sequence[WindowStep]) -> AsyncIterator[tuple[int, torch.Tensor]]:
+        """Each unit's ``(position, output)`` as soon as it has run (in order: one at a time here)."""
+        for position, work in enumerate(steps):
+            output = self.denoiser(self.conditioning, work, self.step_cache)
             if self.on_window_step is not None:
                 self.on_window_step(work)
+            yield position, output
             await asyncio.sleep(0)  # cancellation point
-        return outputs
+
+    async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
+        async with contextlib.aclosing(self.as_completed(steps)) as results:
+            return [output async for _, output in results]
 
 
 def initial_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -237,6 +282,36 @@ def _directive(plan: StepCachePlan | None, step: int, anchor: torch.Tensor | Non
     if plan is None:
         return None
     return plan.directive(step, None if plan.compute[step] else anchor[:, :, window.start:window.end])
+
+
+class _StepOutputs:
+    """Turns a step's unit outputs, arriving in any order, into window outputs for :class:`StreamingFusion`:
+    a batch-3 unit's output is its window's; split rows are combined by ``guided_step`` (against the previous
+    state's slice) as soon as the window's three row outputs are in, so each window holds one output at most."""
+
+    def __init__(self, fusion: StreamingFusion, previous: torch.Tensor, plan: WindowPlan, step: int,
+                 schedule: SigmaSchedule, split_guidance: GuidanceScales | None):
+        self.fusion, self.previous, self.plan, self.step = fusion, previous, plan, step
+        self.schedule, self.split = schedule, split_guidance
+        self.rows: dict[int, dict[int, torch.Tensor]] = {}  # split rows of windows still incomplete
+
+    def add(self, position: int, output: torch.Tensor) -> None:
+        if self.split is None:
+            self.fusion.add(position, output)
+            return
+        k, row = divmod(position, len(SPLIT_ROWS))
+        rows = self.rows.setdefault(k, {})
+        if row in rows:
+            raise ValueError(f"window {k} row {row}'s output arrived twice")
+        rows[row] = output
+        if len(rows) < len(SPLIT_ROWS):
+            return
+        del self.rows[k]
+        w = self.plan.windows[k]
+        stepped = guided_step(torch.cat([rows[r] for r in range(len(SPLIT_ROWS))]),
+                              self.previous[:, :, w.start:w.end], self.schedule, self.step, self.split.audio_scale,
+                              self.split.text_scale)
+        self.fusion.add(k, stepped)
 
 
 async def denoise(
@@ -261,6 +336,12 @@ async def denoise(
     ``step_cache``: the request's skip plan; units carry their directive, reusing units carry their window's
     latents at the anchor step. Resuming at a skipped step needs ``anchor_latents``: the latents that were the input
     of ``step_cache.anchor(start_step)`` (save ``latents`` after step ``s`` when ``step_cache.compute[s + 1]``).
+
+    Memory: unit outputs are fused as they arrive (executors with ``as_completed``; :class:`StreamingFusion`), so
+    a step holds the previous state, the new one, and only the window outputs that arrived ahead of their turn
+    (none when they come in window order; with split rows, up to three row outputs per incomplete window), plus
+    the step cache's anchor state while skipped steps follow a computed one. Units carry views of the previous
+    state, never copies (:class:`WindowStep` pickles only its own frames).
     """
     schedule = sigma_schedule(num_steps)
     unit_rows = SPLIT_ROWS if split_guidance is not None else (ALL_ROWS,)
@@ -278,14 +359,14 @@ async def denoise(
             WindowStep(w.index, step, latents[:, :, w.start:w.end], rows, _directive(step_cache, step, anchor, w))
             for w in plan.windows for rows in unit_rows
         ]
-        outputs = await executor.run(work)
-        if split_guidance is not None:
-            outputs = [
-                guided_step(torch.cat(outputs[3 * k:3 * k + 3]), latents[:, :, w.start:w.end], schedule, step,
-                            split_guidance.audio_scale, split_guidance.text_scale)
-                for k, w in enumerate(plan.windows)
-            ]
-        latents = fuse_step(latents, outputs, plan.windows, step, plan.overlap, weight_scheme)
+        fusion = StreamingFusion(latents, plan.windows, step, plan.overlap, weight_scheme)
+        outputs = _StepOutputs(fusion, latents, plan, step, schedule, split_guidance)
+        async with contextlib.aclosing(completed(executor, work)) as results:
+            async for position, output in results:
+                outputs.add(position, output)
+        del work, outputs  # the units' views of the previous state
+        latents = fusion.result()
+        del fusion
         if on_step is not None:
             result = on_step(step, latents)
             if asyncio.iscoroutine(result):

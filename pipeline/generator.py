@@ -245,11 +245,12 @@ class StableAvatarPipeline:
     @torch.no_grad()
     def finish(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
                progress: ProgressCallback | None = None) -> VideoResult:
-        """Stream-decode the latents chunk by chunk into ffmpeg: memory does not grow with the video length."""
+        """Stream-decode the latents chunk by chunk into ffmpeg. Besides ``latents`` (read, never copied whole),
+        memory does not grow with the video length: one chunk at a time is converted to fp32 and decoded."""
         say = progress or (lambda _msg: None)
         started = time.perf_counter()
         plan = prepared.plan
-        latents = latents[:, :, : plan.decoded_latent_frames].float()
+        latents = latents[:, :, : plan.decoded_latent_frames]  # a view
         decoder = StreamingVaeDecoder(self.models.vae)
         decoder.reset()
         chunk = self.settings.decode_chunk_latents
@@ -261,7 +262,7 @@ class StableAvatarPipeline:
             writer = stack.enter_context(VideoWriter(out_path, prepared.width, prepared.height, fps=FPS,
                                                      audio_path=audio_path, num_frames=plan.output_frames))
             for start in range(0, latents.shape[2], chunk):
-                frames = decoder.feed(latents[:, :, start:start + chunk])  # [1, 3, f, H, W] in [-1, 1]
+                frames = decoder.feed(latents[:, :, start:start + chunk].float())  # [1, 3, f, H, W] in [-1, 1]
                 pixels = frames_to_uint8(frames)[: plan.output_frames - written]  # [f, H, W, 3]
                 if len(pixels):
                     writer.write(pixels)

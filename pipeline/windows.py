@@ -156,10 +156,54 @@ def fuse_step(
     fused = torch.zeros_like(previous)
     weights = fusion_weights(overlap, scheme, previous.dtype)
     for window, output in zip(windows, outputs, strict=True):
-        out = output.to(previous.dtype).clone()
-        if window.start != 0 and step != 0:
-            base = window.previous_end - overlap
-            for j in range(overlap):
-                out[:, :, j] = weights[j] * out[:, :, j] + (1 - weights[j]) * fused[:, :, base + j]
-        fused[:, :, window.start:window.end] = out.to(torch.bfloat16).to(previous.dtype)
+        _fold_window(fused, output, window, step, overlap, weights)
     return fused
+
+
+def _fold_window(fused: torch.Tensor, output: torch.Tensor, window: Window, step: int, overlap: int,
+                 weights: torch.Tensor) -> None:
+    """One term of the left fold: blend the window's output with ``fused`` over the overlap, write its frames."""
+    out = output.to(fused.dtype).clone()
+    if window.start != 0 and step != 0:
+        base = window.previous_end - overlap
+        for j in range(overlap):
+            out[:, :, j] = weights[j] * out[:, :, j] + (1 - weights[j]) * fused[:, :, base + j]
+    fused[:, :, window.start:window.end] = out.to(torch.bfloat16).to(fused.dtype)
+
+
+class StreamingFusion:
+    """``fuse_step``'s left fold, done as window outputs arrive in any order: window k is folded into the new
+    buffer as soon as windows 0..k-1 are, so only outputs that arrived ahead of their turn are held.
+
+    The arithmetic is ``fuse_step``'s, term by term and in the same order, so the result is bit-identical. It
+    never writes into ``previous`` (only its shape and dtype are used): the caller's units still read their slices
+    of it (split guidance rows combine against it, the step cache keeps it as the anchor of skipped steps, a
+    retried unit resends its slice).
+    """
+
+    def __init__(self, previous: torch.Tensor, windows: Sequence[Window], step: int, overlap: int,
+                 scheme: WeightScheme = "uniform"):
+        self.windows, self.step, self.overlap = list(windows), step, overlap
+        self.fused = torch.zeros_like(previous)
+        self.weights = fusion_weights(overlap, scheme, previous.dtype)
+        self.pending: dict[int, torch.Tensor] = {}
+        self.folded = 0
+        self.most_held = 0  # the most outputs held at once, waiting for their turn (memory accounting)
+
+    def add(self, k: int, output: torch.Tensor) -> None:
+        """Window ``k``'s output; folds every window whose turn has come."""
+        if k < self.folded or k in self.pending or not 0 <= k < len(self.windows):
+            raise ValueError(f"window {k}'s output arrived twice (or is not a window of this step)")
+        self.pending[k] = output
+        self.most_held = max(self.most_held, len(self.pending))
+        while self.folded in self.pending:
+            k = self.folded
+            _fold_window(self.fused, self.pending.pop(k), self.windows[k], self.step, self.overlap, self.weights)
+            self.folded += 1
+
+    def result(self) -> torch.Tensor:
+        """The fused state; every window's output must have arrived."""
+        if self.folded != len(self.windows):
+            missing = [k for k in range(self.folded, len(self.windows)) if k not in self.pending]
+            raise RuntimeError(f"step {self.step} is missing the outputs of windows {missing}")
+        return self.fused

@@ -4,6 +4,7 @@ bounded, in order; unit i of a step carries slot offset(request) + i."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -85,22 +86,64 @@ def test_release_reaches_every_slot_residue_and_survives_dead_or_silent_replicas
     assert freed == 10 + 13  # residues 0 and 3 answered; 1 failed, 2 timed out
 
 
+def test_as_completed_hands_on_each_output_as_it_returns_and_leaving_early_cancels_the_rest():
+    handle = FlakyHandle({})
+    executor = RayDenoiserExecutor(handle, object(), "req", retries=0)
+
+    async def everything():
+        async with contextlib.aclosing(executor.as_completed(_steps(5))) as results:
+            return [item async for item in results]
+
+    arrived = asyncio.run(everything())
+    assert [p for p, _ in arrived] == [4, 3, 2, 1, 0]  # arrival order (window k sleeps 5 - k ms)
+    assert all(torch.equal(out, torch.full_like(out, p)) for p, out in arrived)
+
+    finished: list[int] = []
+
+    class SlowHandle:
+        step = None
+
+        def remote(self, request_id, slot, refs, work):
+            async def run():
+                await asyncio.sleep(0.02 * (work.window + 1))
+                finished.append(work.window)
+                return work.latents
+
+            return run()
+
+    handle = SlowHandle()
+    handle.step = handle
+    executor = RayDenoiserExecutor(handle, object(), "req", retries=0)
+
+    async def first_only():
+        async with contextlib.aclosing(executor.as_completed(_steps(4))) as results:
+            first = await anext(results)
+        await asyncio.sleep(0.15)  # the other units would have finished by now, had they not been cancelled
+        return first[0]
+
+    assert asyncio.run(first_only()) == 0 and finished == [0]
+
+
 def test_units_travel_with_their_own_frames_only():
-    """A unit's latents and anchor latents are views into the whole latent: what is sent holds just the window."""
+    """A unit's latents and anchor latents are views into the whole latent: what is sent holds just the window,
+    out of band under pickle protocol 5 (Ray's), so the sender never holds a pickled copy."""
     import pickle
 
-    from deployments.ray_executor import compact_unit
     from pipeline.step_cache import CacheDirective
 
     whole = torch.randn(1, 16, 300, 8, 8)
     view = whole[:, :, 100:121]
-    unit = WindowStep(3, 2, view, (1,), CacheDirective(reuse_from=1, anchor_latents=whole[:, :, 100:121]))
-    sent = compact_unit(unit)
-    assert torch.equal(sent.latents, view) and torch.equal(sent.cache.anchor_latents, view)
+    window_bytes = view.numel() * 4
+    unit = WindowStep(3, 2, view, (1,), CacheDirective(reuse_from=1, anchor_latents=whole[:, :, 90:111]))
+    sent = pickle.loads(pickle.dumps(unit))
+    assert torch.equal(sent.latents, view) and torch.equal(sent.cache.anchor_latents, whole[:, :, 90:111])
     assert (sent.window, sent.step, sent.rows, sent.cache.reuse_from) == (3, 2, (1,), 1)
-    assert len(pickle.dumps(sent)) < len(pickle.dumps(unit)) / 10  # 21 of 300 frames, twice
-    own = WindowStep(0, 0, torch.randn(1, 16, 21, 8, 8))
-    assert compact_unit(own).latents is own.latents  # no copy when it already owns exactly its storage
+    assert len(pickle.dumps(unit)) < 2 * window_bytes + 4096  # 21 of 300 frames, twice
+    buffers: list[pickle.PickleBuffer] = []
+    assert len(pickle.dumps(unit, protocol=5, buffer_callback=buffers.append)) < 2048
+    assert [memoryview(b).nbytes for b in buffers] == [window_bytes, window_bytes]
+    plain = pickle.loads(pickle.dumps(WindowStep(0, 0, whole[:, :, :21])))
+    assert plain.cache is None and plain.rows == (0, 1, 2) and torch.equal(plain.latents, whole[:, :, :21])
 
 
 def test_an_async_retry_hook_is_awaited_before_the_retry():

@@ -143,6 +143,18 @@ def test_put_file_large(storage: Storage, tmp_path: Path) -> None:
         assert head["ContentType"] == "video/mp4"
 
 
+def test_get_file_copies_the_object_to_a_file_and_names_a_missing_key(storage: Storage, tmp_path: Path) -> None:
+    """~11 MB with a 5 MB threshold: a ranged (multipart) download on S3, a file copy locally."""
+    data = os.urandom(11 * 1024 * 1024 + 77)
+    storage.put_bytes("checkpoints/job/latents.pt", data, "application/octet-stream")
+    target = tmp_path / "latents.pt"
+    assert storage.get_file("checkpoints/job/latents.pt", target) == len(data)
+    assert target.read_bytes() == data
+    with pytest.raises(StorageNotFoundError, match="missing.pt"):
+        storage.get_file("checkpoints/job/missing.pt", tmp_path / "missing.pt")
+    assert not (tmp_path / "missing.pt").exists()
+
+
 def test_put_file_small(storage: Storage, tmp_path: Path) -> None:
     src = tmp_path / "small.wav"
     src.write_bytes(b"RIFF....WAVE")
