@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-gpu clean
+.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu clean
 
 setup: $(STAMP) system-deps postgres-deps browser-deps
 
@@ -67,6 +67,10 @@ bench: setup
 	$(BIN)/python bench/bench_retention.py
 	$(BIN)/python bench/bench_step_cache.py
 	$(BIN)/python bench/bench_split_rows.py
+
+# 10 s, 60 s and 600 s of audio at 480x832 through the service (about an hour on 2 CPU cores); --quick: 10 s, 60 s.
+bench-long: setup
+	$(BIN)/python bench/bench_long_video.py
 
 # Needs a CUDA GPU: StableAvatar 1.3B sizes (random weights), bf16, 480x832 -> bench/results/gpu.json.
 # BENCH_GPU_ARGS="--steps 20" shortens it (see bench/bench_gpu.py).

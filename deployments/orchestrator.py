@@ -130,16 +130,23 @@ class Orchestrator:
         await report(message=f"prepared in {time.perf_counter() - started:.1f} s: {prepared.width}x{prepared.height}"
                              f", {plan.output_frames} frames, {plan.num_windows} windows x {run.total_steps} steps")
 
-        latents, start_step = initial_noise(job.seed, prepared.latent_shape, self.state_dtype), 0
+        # The initial state sits in a list that ``denoise`` takes it from: no local name keeps it alive through
+        # the loop (a latent-sized buffer: 1.4 GiB fp32 at 600 s and 480x832).
+        initial: list[torch.Tensor] = []
+        start_step = 0
         if checkpoints and job.checkpoint_key:
             run.checkpoints.add(job.checkpoint_key)
             resumed = await asyncio.to_thread(self._load_checkpoint, job.checkpoint_key, prepared, job.seed)
             if resumed is None:
                 await report(message="the checkpoint does not match this job's inputs; starting over", level="WARN")
             else:
-                start_step, latents = resumed
+                start_step, state = resumed
+                initial.append(state)
+                del resumed, state
                 run.step = start_step
                 await report(message=f"resumed from the checkpoint after step {start_step}/{run.total_steps}")
+        if not initial:
+            initial.append(initial_noise(job.seed, prepared.latent_shape, self.state_dtype))
 
         await report(stage="denoising")
         units = await self._unit_plan(job.request_id, prepared, start_step)
@@ -165,7 +172,7 @@ class Orchestrator:
 
         denoise_started = time.perf_counter()
         try:
-            latents = await denoise(plan, latents, run.total_steps, executor, self.args.pipeline.weight_scheme,
+            latents = await denoise(plan, initial.pop(), run.total_steps, executor, self.args.pipeline.weight_scheme,
                                     start_step=start_step, on_step=on_step, **units.denoise_kwargs())
         except BaseException:
             self._release_later(executor)  # cancelled or failed: the replicas still drop the request's caches
