@@ -444,17 +444,39 @@ def wait_ready(base: str, timeout_s: float = 300) -> None:
     raise TimeoutError("the service did not become healthy")
 
 
+@contextlib.contextmanager
+def started_cluster(object_store_mb: int, attempts: int = 3) -> Iterator[Any]:
+    """A fresh local cluster; its start is tried again when Ray's node does not come up within Ray's fixed 30 s
+    (it happens on a loaded shared box)."""
+    import ray
+
+    from tests.ray_serve import ray_serve_cluster
+
+    for attempt in range(attempts):
+        stack = contextlib.ExitStack()
+        try:
+            running = stack.enter_context(ray_serve_cluster(num_cpus=8, object_store_mb=object_store_mb))
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for a node that timed out
+            ray.shutdown()
+            if attempt + 1 == attempts:
+                raise
+            print(f"the cluster did not start ({exc}); trying again", flush=True)
+            time.sleep(10)
+            continue
+        with stack:  # serve.shutdown, ray.shutdown when the block ends
+            yield running
+        return
+
+
 def run_length(seconds: float, steps: int, workdir: Path, denoisers: int = 1, object_store_mb: int = 4096,
                timeout_s: float = 6 * 3600) -> dict[str, Any]:
     """One job of ``seconds`` of audio through a fresh cluster; returns the measurements (see the module doc)."""
-    from tests.ray_serve import ray_serve_cluster
-
     case = workdir / f"{seconds:g}s"
     tmp, storage_root = case / "replica-tmp", case / "storage"
     tmp.mkdir(parents=True)
     audio = synthetic_speech(case / "speech.wav", seconds)
     row: dict[str, Any] = {"audio_s": seconds, "steps": steps, "denoisers": denoisers, **geometry(seconds)}
-    with replica_environment(tmp), ray_serve_cluster(num_cpus=8, object_store_mb=object_store_mb) as cluster:
+    with replica_environment(tmp), started_cluster(object_store_mb) as cluster:
         cluster.deploy({
             "preset": PRESET, "preset_modules": ["bench.simulated"], "device": "cpu",
             "storage": cluster.local_storage(storage_root), "checkpoint_every_steps": 1,
@@ -555,29 +577,44 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "long_video",
                         help="writes OUT.json and OUT.txt")
     parser.add_argument("--keep", type=Path, default=None, help="keep inputs, outputs and storage here")
+    parser.add_argument("--merge", action="store_true", help="keep OUT.json's rows of other lengths (a length "
+                        "measured again replaces its row): the lengths can be measured in separate runs")
+    parser.add_argument("--wan-vae", action="store_true", help="also time the tiny Wan VAE (default: with the "
+                        "full set of lengths)")
     args = parser.parse_args()
     seconds = args.seconds or (QUICK_SECONDS if args.quick else FULL_SECONDS)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     label = args.label or f"commit {commit}"
-    rows = []
+    previous = json.loads(args.out.with_suffix(".json").read_text()) if args.merge and args.out.with_suffix(
+        ".json").exists() else {"meta": {}, "runs": []}
+    rows = [r for r in previous["runs"] if r["audio_s"] not in seconds]
     with contextlib.ExitStack() as stack:
         workdir = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-long-")))
         for length in seconds:
             print(f"--- {length:g} s of audio", flush=True)
-            rows.append(run_length(length, args.steps, Path(workdir), args.denoisers, args.object_store_mb))
-            print(json.dumps(rows[-1]), flush=True)
-    wan_fps = None if args.quick or args.seconds else tiny_wan_vae_decode_fps()
-    report = text_report(rows, label)
+            row = run_length(length, args.steps, Path(workdir), args.denoisers, args.object_store_mb)
+            row["label"], row["commit"] = label, commit
+            rows = sorted([*rows, row], key=lambda r: r["audio_s"])
+            print(json.dumps(row), flush=True)
+            write_results(args.out, rows, label, commit, previous["meta"].get("tiny_wan_vae_decode_fps"))
+    if args.wan_vae or not (args.quick or args.seconds):
+        write_results(args.out, rows, label, commit, tiny_wan_vae_decode_fps())
+    print(args.out.with_suffix(".txt").read_text())
+
+
+def write_results(out: Path, rows: list[dict], label: str, commit: str, wan_fps: float | None) -> None:
+    """OUT.txt and OUT.json, rewritten after every length (a long run that fails later keeps what it measured)."""
+    labels = sorted({r.get("label", label) for r in rows})
+    report = text_report(rows, "; ".join(labels))
     if wan_fps is not None:
         report += (f"\nfor comparison, the tiny preset's real Wan VAE (base_dim 4) decodes 480x832 at {wan_fps} "
                    f"frames/s in one process here: hence the stand-in VAE\n")
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".txt").write_text(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".txt").write_text(report)
     meta = {"preset": PRESET, "aspect_ratio": ASPECT, "label": label, "commit": commit, "note": NOISE_NOTE,
             "cpus": os.cpu_count(), "machine": platform.machine(), "tiny_wan_vae_decode_fps": wan_fps}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
