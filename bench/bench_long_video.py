@@ -469,8 +469,9 @@ def started_cluster(object_store_mb: int, attempts: int = 5) -> Iterator[Any]:
 
 
 def lower_priority(nice: int) -> None:
-    """This process and the whole cluster under it (processes the raylet starts later inherit it) at ``nice``."""
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    """The whole cluster under this process at ``nice`` or lower priority (processes the raylet starts later
+    inherit it; this process keeps its own, so the next length's cluster starts at it)."""
+    for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if proc.nice() < nice:
                 proc.nice(nice)
