@@ -55,12 +55,16 @@ class RayDenoiserExecutor:
         ``(position, output)`` is handed on as it returns, so the caller can fuse and drop it. Leaving early (an
         error, a cancelled job) cancels the units still running."""
         self.last_replicas, self.last_placement = set(), [None] * len(steps)
-        tasks = [asyncio.ensure_future(self._positioned(index, work)) for index, work in enumerate(steps)]
+        # A finished task holds its output: it is dropped as soon as its output is handed on, so the outputs
+        # already fused are not kept until the step ends (at 600 s and 480x832 that would be 2.7 GiB).
+        pending = {asyncio.ensure_future(self._positioned(index, work)) for index, work in enumerate(steps)}
         try:
-            for finished in asyncio.as_completed(tasks):
-                yield await finished
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                while done:
+                    yield done.pop().result()
         finally:
-            for task in tasks:
+            for task in pending:
                 task.cancel()
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:

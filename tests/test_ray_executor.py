@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -86,34 +87,42 @@ def test_release_reaches_every_slot_residue_and_survives_dead_or_silent_replicas
     assert freed == 10 + 13  # residues 0 and 3 answered; 1 failed, 2 timed out
 
 
-def test_as_completed_hands_on_each_output_as_it_returns_and_leaving_early_cancels_the_rest():
-    handle = FlakyHandle({})
-    executor = RayDenoiserExecutor(handle, object(), "req", retries=0)
-
-    async def everything():
-        async with contextlib.aclosing(executor.as_completed(_steps(5))) as results:
-            return [item async for item in results]
-
-    arrived = asyncio.run(everything())
-    assert [p for p, _ in arrived] == [4, 3, 2, 1, 0]  # arrival order (window k sleeps 5 - k ms)
-    assert all(torch.equal(out, torch.full_like(out, p)) for p, out in arrived)
-
+def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_early_cancels_the_rest():
     finished: list[int] = []
 
     class SlowHandle:
-        step = None
+        """Window k answers after 20·(delay(k)) ms with its latents + k."""
+
+        def __init__(self, delay):
+            self.delay, self.step = delay, self
 
         def remote(self, request_id, slot, refs, work):
             async def run():
-                await asyncio.sleep(0.02 * (work.window + 1))
+                await asyncio.sleep(0.02 * self.delay(work.window))
                 finished.append(work.window)
-                return work.latents
+                return work.latents + work.window
 
             return run()
 
-    handle = SlowHandle()
-    handle.step = handle
-    executor = RayDenoiserExecutor(handle, object(), "req", retries=0)
+    executor = RayDenoiserExecutor(SlowHandle(lambda k: 5 - k), object(), "req", retries=0)
+
+    async def everything():
+        arrived, alive = [], []
+        async with contextlib.aclosing(executor.as_completed(_steps(5))) as results:
+            async for position, output in results:
+                arrived.append((position, float(output.flatten()[0])))
+                alive.append(sum(ref() is not None for ref in refs))  # outputs handed on before this one
+                refs.append(weakref.ref(output))
+                del output
+        return arrived, alive
+
+    refs: list[weakref.ref] = []
+    arrived, alive = asyncio.run(everything())
+    assert arrived == [(4, 4.0), (3, 3.0), (2, 2.0), (1, 1.0), (0, 0.0)]  # arrival order, each with its position
+    assert alive == [0, 0, 0, 0, 0]  # the executor keeps no output it has handed on
+
+    finished.clear()
+    executor = RayDenoiserExecutor(SlowHandle(lambda k: k + 1), object(), "req", retries=0)
 
     async def first_only():
         async with contextlib.aclosing(executor.as_completed(_steps(4))) as results:
