@@ -257,7 +257,7 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     load_before = [round(x, 1) for x in os.getloadavg()]
-    ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
     try:
         with tempfile.TemporaryDirectory() as tmp:

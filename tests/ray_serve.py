@@ -48,7 +48,8 @@ def ray_serve_cluster(num_cpus: int = 4, num_gpus: int = 0, object_store_mb: int
     ``metrics`` exports Prometheus metrics on a free port (``metrics_url``)."""
     metrics_port = free_port() if metrics else None
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    # address="local": always a fresh instance, never a cluster someone else started on this machine
+    # address="local": always a new cluster of our own, even where another one on this machine (a `ray start`, a
+    # multi-node test's cluster) would otherwise be found through /tmp/ray/ray_current_cluster and joined.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=object_store_mb * 2**20, **extra)
     try:

@@ -2,7 +2,7 @@
 
 ``download_weights`` hands ``ALLOW_PATTERNS`` to ``huggingface_hub.snapshot_download``, which filters the repo's
 file list with ``filter_repo_objects``; the same function is applied here to the paths ``CheckpointLayout`` (and the
-folders it points at) resolve to, so renaming a file on either side fails here instead of after a 20 GB download.
+folders it points at) resolve to, so renaming a file on either side fails here instead of after a 27-36 GB download.
 """
 
 from __future__ import annotations
@@ -60,3 +60,34 @@ def test_optional_and_training_files_are_not_downloaded():
     """The vocal separator (optional preprocessing, not used by inference) stays on the hub."""
     skipped = ["Kim_Vocal_2.onnx", "StableAvatar-1.3B/optimizer.bin", "README.md"]
     assert list(filter_repo_objects(skipped, allow_patterns=ALLOW_PATTERNS)) == []
+
+
+# Bytes per parameter of each downloaded file, from its published dtype; the two StableAvatar .pt files' dtype is not
+# published (bf16 or fp32 master weights), and wav2vec2-base-960h's folder carries one copy per framework (1..4).
+DOWNLOAD_PARTS = {  # manifest: (bytes per parameter, copies) as (low, high)
+    "upstream_text_encoder_module.json": ((2, 1), (2, 1)),  # models_t5_umt5-xxl-enc-bf16.pth
+    "upstream_image_encoder_file.json": ((4, 1), (4, 1)),  # the open-clip .pth, fp32
+    "upstream_transformer_base_file_assumed.json": ((2, 1), (2, 1)),  # diffusion_pytorch_model.safetensors, bf16
+    "upstream_vae_file.json": ((4, 1), (4, 1)),  # Wan2.1_VAE.pth, fp32
+    "upstream_audio_encoder_file.json": ((4, 1), (4, 4)),
+    "upstream_transformer_module.json": ((2, 2), (4, 2)),  # transformer3d-square.pt + transformer3d-rec-vec.pt
+}
+
+
+def test_the_readmes_download_size_matches_the_real_parameter_counts():
+    """The size both READMEs quote for ``download-weights`` is what the real-size manifests' parameter counts give."""
+    import json
+    import math
+
+    from tests.conftest import GOLDEN_DIR
+
+    real_size = GOLDEN_DIR / "real-size"
+    low = high = 0
+    for manifest, ((low_bytes, low_copies), (high_bytes, high_copies)) in DOWNLOAD_PARTS.items():
+        params = sum(math.prod(shape) for shape in json.loads((real_size / manifest).read_text())["params"].values())
+        low, high = low + params * low_bytes * low_copies, high + params * high_bytes * high_copies
+    quoted = f"{math.floor(low / 1e9)}-{math.ceil(high / 1e9)} GB"
+    assert quoted == "27-36 GB", (low / 1e9, high / 1e9)
+    repo = Path(__file__).resolve().parents[1]
+    assert f"about {quoted}" in (repo / "README.md").read_text()
+    assert f"~{quoted}" in (repo / "k8s" / "README.md").read_text()

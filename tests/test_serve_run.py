@@ -36,7 +36,7 @@ def test_serve_run_with_the_shipped_config(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
 
     serve_bin = Path(sys.executable).with_name("serve")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")  # its own cluster, never another one
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([str(serve_bin), "run", str(config_path)], cwd=REPO_ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
