@@ -133,6 +133,40 @@ def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_
     assert asyncio.run(first_only()) == 0 and finished == [0]
 
 
+def test_what_the_call_machinery_keeps_of_a_unit_does_not_keep_the_latent_state_alive():
+    """Serve keeps a call's arguments for a while after it returned (lazily cleaned queues, reference cycles that
+    only the garbage collector frees); a unit is a view of the whole state, so the executor's parcel is emptied
+    once its call returned, and still pickles as the unit itself while it runs."""
+    import pickle
+
+    kept, pickled = [], []
+
+    class KeepingHandle:
+        step = None
+
+        def remote(self, request_id, slot, refs, parcel):
+            kept.append(parcel)
+            pickled.append(pickle.loads(pickle.dumps(parcel)))  # what a replica receives
+
+            async def run():
+                return parcel.latents + parcel.window  # reads as its unit while the call runs
+
+            return run()
+
+    handle = KeepingHandle()
+    handle.step = handle
+    state = torch.randn(1, 16, 60, 2, 2)
+    alive = weakref.ref(state)
+    units = [WindowStep(k, 0, state[:, :, 10 * k:10 * k + 21]) for k in range(3)]
+    outputs = asyncio.run(RayDenoiserExecutor(handle, object(), "req", retries=0).run(units))
+    assert all(torch.equal(out, state[:, :, 10 * k:10 * k + 21] + k) for k, out in enumerate(outputs))
+    assert all(type(p) is WindowStep and p.window == k for k, p in enumerate(pickled))
+    del state, units, outputs
+    assert alive() is None and all(p.work is None for p in kept)  # the kept parcels hold nothing
+    with pytest.raises(RuntimeError, match="after its call had returned"):
+        pickle.dumps(kept[0])
+
+
 def test_units_travel_with_their_own_frames_only():
     """A unit's latents and anchor latents are views into the whole latent: what is sent holds just the window,
     out of band under pickle protocol 5 (Ray's), so the sender never holds a pickled copy."""
