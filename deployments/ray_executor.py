@@ -60,7 +60,10 @@ class RayDenoiserExecutor:
 
     def __init__(self, denoiser_handle, conditioning_ref: ray.ObjectRef, request_id: str, retries: int,
                  on_retry: RetryHook | None = None):
-        self.handle, self.ref, self.request_id = denoiser_handle, conditioning_ref, request_id
+        self.handle, self.request_id = denoiser_handle, request_id
+        # One list for every call (a list, so Ray passes the reference on unresolved): ``close`` empties it, so
+        # the arguments Serve keeps of finished calls stop pinning the conditioning in the object store.
+        self.refs = [conditioning_ref]
         self.retries, self.on_retry = retries, on_retry
         self.offset = request_offset(request_id)
         self.last_replicas: set[str] = set()  # replicas that served the last batch
@@ -70,7 +73,7 @@ class RayDenoiserExecutor:
 
     def close(self) -> None:
         """Drop the conditioning's reference, so the object store frees it once the caller's is gone too."""
-        self.ref = None
+        self.refs.clear()
 
     async def as_completed(self, steps: Sequence[WindowStep]) -> AsyncIterator[tuple[int, torch.Tensor]]:
         """All units are sent at once (the router sees the whole step: fan-out, placement, autoscaling); each
@@ -107,7 +110,7 @@ class RayDenoiserExecutor:
             try:
                 parcel = Parcel(work)
                 try:
-                    result = await self.handle.step.remote(self.request_id, slot, [self.ref], parcel)
+                    result = await self.handle.step.remote(self.request_id, slot, self.refs, parcel)
                 finally:
                     parcel.work = None
             except RETRYABLE as exc:
