@@ -19,7 +19,7 @@ cancels of queued and running jobs. Invariants checked afterwards:
 - a final retention sweep with seconds-long TTLs leaves no expired row and no expired object under ``uploads/``,
   ``inputs/``, ``results/``, ``checkpoints/`` (a fresh upload, younger than its TTL, stays).
 
-Bounded: ``SOAK_JOBS`` (default 180) jobs, ``SOAK_SEED`` (default 20261130); about 5-6 minutes on 2 busy cores.
+Bounded: ``SOAK_JOBS`` (default 150) jobs, ``SOAK_SEED`` (default 20261130); about 5-6 minutes on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
 DSN_ENV = "STABLE_AVATAR_SOAK_DSN"
 KEYS_ENV = "STABLE_AVATAR_SOAK_KEYS"
 KEYS = ("soak-key-alpha", "soak-key-bravo", "soak-key-charlie")
-JOBS = int(os.environ.get("SOAK_JOBS", "180"))
+JOBS = int(os.environ.get("SOAK_JOBS", "150"))
 SEED = int(os.environ.get("SOAK_SEED", "20261130"))
 IN_FLIGHT = 10  # unfinished jobs kept in the system (queued + running)
 CANCEL_QUEUED, CANCEL_RUNNING = 0.06, 0.06  # shares of jobs cancelled right after submit / once running
@@ -79,7 +79,8 @@ PROMPT = "a person talking"
 # unit counts, logs): together well under 64 MiB for this run. A leak of even 100 KB per job over the ~60-180
 # jobs one replica sees would be caught only above that; the trend line (printed) shows the rest.
 RSS_GROWTH_BOUND = 64 * 2**20
-RSS_WARMUP_JOBS = 20  # samples before this many completed jobs only load models and warm allocators
+RSS_WARMUP_JOBS = 20  # a replica's samples before this many more jobs finished load models and warm allocators
+RSS_MIN_SPAN_JOBS = 30  # a replica is judged only if it lived this many jobs after its warm-up
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -143,13 +144,19 @@ def kill_replica(name: str) -> None:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
-def replica_processes() -> dict[int, str]:
-    """pid -> "<app>:<Deployment>" of every Serve replica process on this machine (by process title)."""
-    found = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+def raylet_pids(nodes) -> set[int]:
+    """The raylets of the cluster's live nodes (head and workers): every worker process of ours descends from one."""
+    return {node.all_processes["raylet"][0].process.pid for node in [nodes.head_node, *nodes.worker_nodes]}
+
+
+def replica_processes(nodes) -> dict[int, str]:
+    """pid -> "<app>:<Deployment>" of every Serve replica process of this cluster (by process title; other Ray
+    clusters on the machine, e.g. another session's benchmark, are told apart by their raylet)."""
+    ours, found = raylet_pids(nodes), {}
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ServeReplica:" in cmdline:
-            found[proc.info["pid"]] = cmdline.split("ServeReplica:", 1)[1].split()[0]
+        if "ServeReplica:" in cmdline and proc.info["ppid"] in ours:
+            found[proc.info["pid"]] = cmdline.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
     return found
 
 
@@ -263,8 +270,9 @@ def test_soak_with_chaos_keeps_every_invariant(soak_env):  # noqa: C901, PLR0912
             return max(1, int(fraction * JOBS) + rng.randint(-3, 3))
 
         schedule = sorted([
-            (at(0.08), "kill_orchestrator"), (at(0.14), "kill_denoiser"), (at(0.20), "kill_preprocessor"),
-            (at(0.26), "kill_postprocessor"), (at(0.33), "remove_node"),
+            # the Preprocessor and Postprocessor (one replica each) die together: one wait for their replacements
+            (at(0.08), "kill_orchestrator"), (at(0.14), "kill_denoiser"), (at(0.21), "kill_preprocessor"),
+            (at(0.21), "kill_postprocessor"), (at(0.30), "remove_node"),
             (at(0.46), "start_second_app"), (at(0.58), "restart_main_app"), (at(0.70), "kill_orchestrator_b"),
             (at(0.78), "stop_second_app"),
         ])
@@ -335,7 +343,7 @@ def test_soak_with_chaos_keeps_every_invariant(soak_env):  # noqa: C901, PLR0912
                 chaos.note(started, submitted, f"killed {victim}")
             elif action == "remove_node":
                 workers = list(cluster.nodes.worker_nodes)
-                holding = [node_of_process(pid, workers) for pid, name in replica_processes().items()
+                holding = [node_of_process(pid, workers) for pid, name in replica_processes(cluster.nodes).items()
                            if name == f"{APP_NAME}:Denoiser"]
                 holding = [n for n in holding if n is not None]
                 assert holding, "no worker node holds a Denoiser replica"
@@ -393,7 +401,7 @@ def test_soak_with_chaos_keeps_every_invariant(soak_env):  # noqa: C901, PLR0912
             return True
 
         def sample_rss() -> None:
-            for pid, name in replica_processes().items():
+            for pid, name in replica_processes(cluster.nodes).items():
                 with contextlib.suppress(psutil.NoSuchProcess):
                     rss[pid].append((done_count, psutil.Process(pid).memory_info().rss, name))
 
@@ -522,10 +530,11 @@ def test_soak_with_chaos_keeps_every_invariant(soak_env):  # noqa: C901, PLR0912
 
         # -- memory of every replica ------------------------------------------------------------------------------
         growth = {}
-        for pid, samples in rss.items():
-            warm = [s for s in samples if s[0] >= RSS_WARMUP_JOBS]
-            if len(warm) >= 3 and warm[-1][0] - warm[0][0] >= 30:
+        for pid, samples in rss.items():  # per process: its baseline once it has seen RSS_WARMUP_JOBS jobs finish
+            warm = [s for s in samples if s[0] >= samples[0][0] + RSS_WARMUP_JOBS]
+            if len(warm) >= 3 and warm[-1][0] - warm[0][0] >= RSS_MIN_SPAN_JOBS:
                 growth[f"{samples[0][2]} (pid {pid})"] = (warm[0][0], warm[-1][0], warm[0][1], warm[-1][1])
+            print(f"  rss {samples[0][2]} pid {pid}: " + " ".join(f"{j}:{r / 2**20:.0f}" for j, r, _ in samples))
         print("replica RSS (jobs done at first/last warm sample: MiB first -> last):")
         for name, (j0, j1, r0, r1) in sorted(growth.items()):
             print(f"  {name}: {j0}->{j1} jobs: {r0 / 2**20:.0f} -> {r1 / 2**20:.0f} MiB ({(r1 - r0) / 2**20:+.1f})")
