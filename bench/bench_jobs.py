@@ -19,7 +19,7 @@ and bytes on disk per job, on SQLite and on PostgreSQL, side by side in one run.
    ``git archive``, run in its own process and Ray cluster), at as many jobs as samples (it runs what is queued,
    so it cannot hold 10,000 rows); the issue's figures are quoted beside it. ``--no-old-store`` skips it.
 
-    python bench/bench_jobs.py [--rows 10000] [--samples 200] [--dispatch-jobs 30] [--quick]
+    python bench/bench_jobs.py [--rows 10000] [--samples 150] [--dispatch-jobs 20] [--quick]
 
 The machine is shared with other sessions: the load average is recorded before and after each section.
 """
@@ -225,6 +225,12 @@ def run_batch(base: str, store: SyncJobStore, n: int, audio: str, first_seed: in
             "queue_wait_p50_s": round(percentile([v.started_at - v.created_at for v in views], 50), 2)}
 
 
+def count_rows(store: SyncJobStore) -> int:
+    with store.backend.read() as cur:
+        cur.execute("SELECT count(*) AS n FROM jobs")
+        return int(cur.fetchone()["n"])
+
+
 def disk_bytes(root: Path) -> dict[str, int]:
     objects = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.name.startswith("jobs.sqlite3"))
     database = sum(p.stat().st_size for p in root.glob("jobs.sqlite3*"))
@@ -260,7 +266,7 @@ def bench_dispatch(cluster, name: str, jobs: dict[str, Any], store: SyncJobStore
     result["disk_per_job_bytes"] = {
         "jobs": done, "before_sweep": {k: v // done for k, v in before.items()},
         "after_sweep": {k: v // done for k, v in after.items()}, "sweep": report.summary(),
-        "rows_left": store.queue_length() + store.running_count()}
+        "rows_left": count_rows(store)}
     result["load_avg_after"] = load()
     print(f"disk {name}: {result['disk_per_job_bytes']}", flush=True)
     return result
@@ -381,8 +387,8 @@ def text_report(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000)
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--dispatch-jobs", type=int, default=30, help="jobs per dispatch batch")
+    parser.add_argument("--samples", type=int, default=150)
+    parser.add_argument("--dispatch-jobs", type=int, default=20, help="jobs per dispatch batch")
     parser.add_argument("--memory-batches", type=int, default=3, help="batches at 2 orchestrators (memory trend)")
     parser.add_argument("--quick", action="store_true", help="1,000 rows, 50 samples, 10-job batches")
     parser.add_argument("--no-old-store", action="store_true", help="skip measuring the old store (ddcf32e)")
