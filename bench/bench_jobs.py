@@ -399,6 +399,29 @@ def main() -> None:
     started, load_start = time.monotonic(), load()
     os.environ[KEYS_ENV] = KEY
     latency, dispatch, old_store, old_store_error = [], [], None, None
+    def save(final: bool = False) -> None:
+        """Write what has been measured so far (a run stopped half-way still leaves its sections)."""
+        report = {
+            "what": f"job system through the service: HTTP latency at {args.rows} rows ({args.samples} samples), "
+                    f"dispatch with {args.dispatch_jobs}-job batches of the simulated-instant preset",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_start": load_start,
+                        "load_avg_end": load(), "shared": "other sessions run on this machine: timings are noisy"},
+            "duration_s": round(time.monotonic() - started, 1),
+            "target": "submit and status p95 < 50 ms at 10,000 rows; no replica memory growth with jobs run",
+            "latency": latency, "dispatch": dispatch, "old_store": old_store, "old_store_reference": OLD_STORE_REFERENCE,
+            "old_store_note": ("measured in this run with the same HTTP load, but only at as many jobs as samples: the "
+                               "old JobQueue keeps every job in one actor and runs what is queued (its jobs ran during "
+                               "the measurement), so it cannot hold 10,000 rows without running them"
+                               if old_store else f"not measured in this run ({old_store_error or '--no-old-store'}): "
+                               "the issue's figures are quoted"),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        text = text_report(report) + f"total {report['duration_s']} s\n"
+        args.json.with_suffix(".txt").write_text(text)
+        if final:
+            print(text)
+
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp_dir, run_postgres(fast=False) as pg:
         tmp = Path(tmp_dir)
         audio_path = synthetic_speech(tmp / "speech.wav", 1.0)
@@ -409,6 +432,7 @@ def main() -> None:
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # e.g. Ray could not start on an
                 old_store_error = str(exc).splitlines()[-1][:300]                # overloaded machine: quote instead
                 print(f"old store not measured: {old_store_error}", flush=True)
+            save()
         limits = JobLimits(max_queue_length=10**7, max_queued_per_owner=10**7, rate_per_s=1e6, rate_burst=10**6,
                            max_running_per_owner=None)
         def dsn_file(name: str, dsn: str) -> Path:  # replicas read the DSN from a file (their environment was
@@ -425,6 +449,7 @@ def main() -> None:
             latency.append(bench_latency(cluster, "sqlite", {"kind": "sqlite", "path": str(sqlite_path)}, filler,
                                          sqlite_path.parent, args.rows, args.samples, audio, 1))
             filler.close()
+            save()
             dsn = pg.create_database("latency")
             # the filler commits without waiting for the WAL flush (a bulk load); the service's own connections
             # keep PostgreSQL's durable defaults
@@ -435,6 +460,7 @@ def main() -> None:
                 dsn_file("latency", dsn)), "pool_max_size": 4}, filler, tmp / "lat-pg", args.rows, args.samples,
                 audio, 4))
             filler.close()
+            save()
             # 2-4. dispatch, memory, disk: fresh databases
             for name in ("sqlite", "postgres"):
                 root = tmp / f"dispatch-{name}"
@@ -451,26 +477,9 @@ def main() -> None:
                                                    args.memory_batches, audio))
                 finally:
                     store.close()
+                save()
 
-    report = {
-        "what": f"job system through the service: HTTP latency at {args.rows} rows ({args.samples} samples), "
-                f"dispatch with {args.dispatch_jobs}-job batches of the simulated-instant preset",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_start": load_start,
-                    "load_avg_end": load(), "shared": "other sessions run on this machine: timings are noisy"},
-        "duration_s": round(time.monotonic() - started, 1),
-        "target": "submit and status p95 < 50 ms at 10,000 rows; no replica memory growth with jobs run",
-        "latency": latency, "dispatch": dispatch, "old_store": old_store, "old_store_reference": OLD_STORE_REFERENCE,
-        "old_store_note": ("measured in this run with the same HTTP load, but only at as many jobs as samples: the "
-                           "old JobQueue keeps every job in one actor and runs what is queued (its jobs ran during "
-                           "the measurement), so it cannot hold 10,000 rows without running them"
-                           if old_store else f"not measured in this run ({old_store_error or '--no-old-store'}): "
-                           "the issue's figures are quoted"),
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    text = text_report(report) + f"total {report['duration_s']} s\n"
-    args.json.with_suffix(".txt").write_text(text)
-    print(text)
+    save(final=True)
 
 
 if __name__ == "__main__":
