@@ -63,3 +63,4 @@ def simulated_preset(row_s: float = SIMULATED_ROW_S, name: str = "simulated"):
 
 register_preset(simulated_preset())
 register_preset(simulated_preset(0.2, "simulated-fast"))  # tests of placement and fairness
+register_preset(simulated_preset(0.0, "simulated-instant"))  # dispatcher throughput (bench/bench_jobs.py)
