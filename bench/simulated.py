@@ -188,3 +188,4 @@ def simulated_realsize_preset(name: str = "simulated-realsize"):
 register_preset(simulated_preset())
 register_preset(simulated_preset(0.2, "simulated-fast"))  # tests of placement and fairness
 register_preset(simulated_realsize_preset())
+register_preset(simulated_preset(0.0, "simulated-instant"))  # dispatcher throughput (bench/bench_jobs.py)

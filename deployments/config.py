@@ -163,7 +163,8 @@ class AppArgs(BaseModel):
         None, description="the jobs database: {kind: sqlite, path?} or {kind: postgres, dsn_env?, dsn_file?}; "
         "default: SQLite in <local storage root>/jobs.sqlite3 (with S3 storage a jobs block is required)")
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
-    window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step whose replica died")
+    window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step, or of a "
+                                     "Preprocessor/Postprocessor call, whose replica died")
     conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
     unit_order: UnitOrder = Field(
         "round_robin", description="order of the units waiting on a Denoiser replica: round_robin across requests "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -31,7 +32,7 @@ from deployments.jobstore import FencedError
 from deployments.latent_checkpoints import load_checkpoint, save_checkpoint
 from deployments.placement import request_offset
 from deployments.postprocessor import result_key
-from deployments.ray_executor import RayDenoiserExecutor
+from deployments.ray_executor import RETRYABLE, RayDenoiserExecutor
 from deployments.results import stored_output
 from deployments.retention import RetentionSweeper
 from deployments.service_state import open_service_state
@@ -119,8 +120,9 @@ class Orchestrator:
         request, checkpoints = job_input.model(), job.kind == "queue"
         await report(stage="preprocessing", message=f"running on {self.runner_id} (epoch {job.epoch}); "
                                                     "preprocessing: fetching and decoding the inputs")
-        prepared: PreparedRequest = await self.preprocessor.prepare.remote(job.request_id, request, job.seed,
-                                                                           job_input.stored)
+        prepared: PreparedRequest = await self._call_stage(
+            "Preprocessor", lambda: self.preprocessor.prepare.remote(job.request_id, request, job.seed,
+                                                                     job_input.stored), report)
         metrics.stage_duration().observe(time.perf_counter() - started, tags={"stage": "preprocess"})
         metrics.bytes_total().inc(prepared.input_bytes, tags={"direction": "downloaded"})
         plan = prepared.plan
@@ -189,7 +191,8 @@ class Orchestrator:
         key = result_key(job.request_id, job.epoch)
         run.uncommitted.add(key)  # deleted unless the completion that names it wins
         async with run.writing_objects(final=True):
-            stored = await self.postprocessor.finish.remote(prepared, latents_ref, key)
+            stored = await self._call_stage(
+                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, latents_ref, key), report)
         del latents_ref
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
@@ -197,6 +200,21 @@ class Orchestrator:
         await report(message=f"encoded {stored['frames']} frames in {stored['encode_s']:.1f} s, uploaded "
                              f"{stored['file_size'] / 1e6:.2f} MB")
         return stored_output(key, stored["file_size"], job.seed)
+
+    async def _call_stage(self, deployment: str, call: Callable[[], Awaitable[Any]], report: RunReporter) -> Any:
+        """One Preprocessor/Postprocessor call, sent again when its replica died under it (a killed replica, a lost
+        node): both calls are pure functions of their arguments (the Postprocessor overwrites the same result key),
+        so a retry cannot change the result, and the job is not failed for a replica's death."""
+        retries = self.args.window_step_retries
+        for attempt in range(retries + 1):
+            try:
+                return await call()
+            except RETRYABLE as exc:
+                if attempt == retries:
+                    raise
+                await report(message=f"the {deployment} replica failed ({type(exc).__name__}); running the call "
+                                     f"again on another replica (retry {attempt + 1})", level="WARN")
+        raise AssertionError("unreachable")
 
     # -- units: what the Denoisers run for this request (settings from args.pipeline, as the CLI) -------------
     async def _unit_plan(self, request_id: str, prepared: PreparedRequest, start_step: int) -> UnitPlan:

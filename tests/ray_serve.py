@@ -25,10 +25,13 @@ from tests.helpers import free_port  # noqa: E402
 
 @dataclass
 class RayServeCluster:
-    """A running cluster: ``base`` is the proxy's URL (``http(s)://127.0.0.1:<port>``)."""
+    """A running cluster: ``base`` is the proxy's URL (``http(s)://127.0.0.1:<port>``); ``nodes`` is the
+    ``ray.cluster_utils.Cluster`` of a multi-node cluster (``add_node``/``remove_node``), else None."""
 
     base: str
     metrics_url: str | None = None
+    nodes: Any = None
+    worker_args: dict[str, Any] | None = None  # what a multi-node cluster's worker nodes are started with
 
     def deploy(self, config: dict[str, Any], name: str = APP_NAME, route_prefix: str = "/") -> AppArgs:
         """Validate ``config`` as the app args and (re)deploy the application; returns the args."""
@@ -63,3 +66,32 @@ def ray_serve_cluster(num_cpus: int = 4, num_gpus: int = 0, object_store_mb: int
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def ray_serve_multinode_cluster(head_cpus: int = 8, workers: int = 2, worker_gpus: int = 2,
+                                object_store_mb: int = 200) -> Iterator[RayServeCluster]:
+    """A head node (CPUs, no GPUs: the CPU deployments land here) and ``workers`` nodes with ``worker_gpus`` fake
+    GPUs and no CPUs (only GPU deployments fit there), all on this machine, as Ray's own tests build one
+    (``ray.cluster_utils.Cluster``). ``nodes.add_node(**worker_args)``/``nodes.remove_node(node)`` add and
+    lose a worker node like a GPU pod of a KubeRay cluster. Serve's proxy runs on the head only (one port)."""
+    from ray.cluster_utils import Cluster
+
+    worker_args = {"num_cpus": 0, "num_gpus": worker_gpus, "object_store_memory": object_store_mb * 2**20}
+    nodes = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": head_cpus, "num_gpus": 0, "object_store_memory": object_store_mb * 2**20,
+        "include_dashboard": False})
+    try:
+        for _ in range(workers):
+            nodes.add_node(**worker_args)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+            yield RayServeCluster(f"http://127.0.0.1:{port}", nodes=nodes, worker_args=worker_args)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    finally:
+        nodes.shutdown()
