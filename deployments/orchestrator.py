@@ -182,7 +182,7 @@ class Orchestrator:
         await executor.release(self._max_denoisers())
         executor.close()
         del conditioning_ref  # the conditioning leaves the object store now, not after postprocessing
-        latents_ref = put_tensor(latents)  # into the object store once, read in place by the Postprocessor
+        handed_over = put_tensor(latents)  # into the object store once, read in place by the Postprocessor
         del latents
         metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
@@ -192,8 +192,8 @@ class Orchestrator:
         run.uncommitted.add(key)  # deleted unless the completion that names it wins
         async with run.writing_objects(final=True):
             stored = await self._call_stage(
-                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, latents_ref, key), report)
-        del latents_ref
+                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key), report)
+        handed_over.clear()  # the latents leave the object store now
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
         metrics.output_seconds().inc(stored["frames"] / FPS)
