@@ -157,16 +157,23 @@ def test_a_stopping_runner_hands_its_queued_job_back(env):
     asyncio.run(scenario())
 
 
+
+async def start_slow_sync_job(store, storage, args):
+    """A sync job (200 steps of 50 ms) supervised by runner-a, returned once it has made progress."""
+    runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage, steps=200, step_s=0.05))
+    claimed = await store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="runner-a", lease_s=1.0,
+                                      rate_limited=False)
+    caller = asyncio.ensure_future(runner.supervise(Run(claimed)))
+    await wait_until(lambda: (store.sync.get(claimed.request_id).progress or 0) > 0)
+    return claimed, caller
+
+
 def test_a_sync_caller_that_leaves_ends_its_job_cancelled(env):
     args, open_store, storage = env
 
     async def scenario() -> None:
         store = open_store()
-        runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage, steps=200, step_s=0.05))
-        claimed = await store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="runner-a", lease_s=1.0,
-                                          rate_limited=False)
-        caller = asyncio.ensure_future(runner.supervise(Run(claimed)))
-        await wait_until(lambda: (store.sync.get(claimed.request_id).progress or 0) > 0)
+        claimed, caller = await start_slow_sync_job(store, storage, args)
         caller.cancel()  # the HTTP client went away
         with pytest.raises(asyncio.CancelledError):
             await caller
@@ -181,11 +188,7 @@ def test_a_cancel_request_reaches_a_sync_job_as_jobcancelled(env):
 
     async def scenario() -> None:
         store = open_store()
-        runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage, steps=200, step_s=0.05))
-        claimed = await store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="runner-a", lease_s=1.0,
-                                          rate_limited=False)
-        caller = asyncio.ensure_future(runner.supervise(Run(claimed)))
-        await wait_until(lambda: (store.sync.get(claimed.request_id).progress or 0) > 0)
+        claimed, caller = await start_slow_sync_job(store, storage, args)
         started = time.monotonic()
         await store.cancel(claimed.request_id)
         with pytest.raises(JobCancelled):
