@@ -73,6 +73,16 @@ class Checks:
             time.sleep(0.1)
         return status
 
+    @staticmethod
+    def wait_left_queue(handle: fal_client.SyncRequestHandle, timeout_s: float = 120) -> fal_client.Status:
+        """Polls until the request is running or done (a runner claims queued jobs asynchronously)."""
+        deadline = time.monotonic() + timeout_s
+        while isinstance(status := handle.status(), fal_client.Queued):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"request {handle.request_id} stayed queued")
+            time.sleep(0.1)
+        return status
+
     def subscribe(self) -> dict[str, Any]:
         """subscribe(with_logs=True, on_queue_update=...): the update types and the logs InProgress carried."""
         updates: list[dict[str, Any]] = []
@@ -114,8 +124,10 @@ class Checks:
         }
 
     def cancel(self) -> dict[str, Any]:
-        """Three jobs on a one-job server: cancel the queued middle one, then a finished one (400)."""
+        """Three jobs on a one-job server: cancel the queued middle one, then a finished one (400). Positions are
+        read once the first job runs, so a runner claiming it between two reads cannot shift them."""
         first, middle, last = (fal_client.submit(APP, arguments=self.input(seed=i)) for i in range(3))
+        first_running = self.wait_left_queue(first)
         before, last_before = middle.status(), last.status()
         middle.cancel()  # raises on a non-2xx answer
         after, last_after = middle.status(with_logs=True), last.status()
@@ -124,7 +136,7 @@ class Checks:
         cancel_completed = self.http_error(first.cancel)
         self.wait(last)
         return {
-            "middle_before": type(before).__name__, "middle_position": getattr(before, "position", None),
+            "first_running": type(first_running).__name__, "middle_before": type(before).__name__, "middle_position": getattr(before, "position", None),
             "last_position_before": getattr(last_before, "position", None),
             "middle_after": {"type": type(after).__name__, "error": getattr(after, "error", None),
                              "error_type": getattr(after, "error_type", None)},

@@ -211,12 +211,14 @@ def test_js_queue_submit_status_result(server, node, media, tmp_path):
 
 def test_js_cancel_of_a_queued_request(server, node, media):
     line = run_js(node, server, "cancel", media)
-    assert line["middle_before"]["status"] == "IN_QUEUE", line
-    assert line["last_position_before"] == line["middle_before"]["queue_position"] + 1
+    # The first job runs (one at a time), so the middle one is next and the last one has the middle one ahead.
+    assert line["first_running"] == "IN_PROGRESS", line
+    assert line["middle_before"] == {"status": "IN_QUEUE", "queue_position": 0}, line
+    assert line["last_position_before"] == 1, line
     assert line["cancel"] == {"rejected": False}
     assert line["middle_after"] == {"status": "COMPLETED", "error": "Request cancelled",
                                     "error_type": "client_cancelled"}
-    assert line["last_after"]["queue_position"] == line["last_position_before"] - 1
+    assert line["last_after"] == {"status": "IN_QUEUE", "queue_position": 0}, line
     rejected = line["cancelled_result"]
     assert rejected["rejected"] and rejected["api_error"] and rejected["status"] == 499, rejected
     completed = line["cancel_completed"]

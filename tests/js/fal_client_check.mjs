@@ -86,12 +86,17 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Polls queue.status until COMPLETED (the caller's own loop, not subscribe). */
 async function waitCompleted(requestId, timeoutMs = 120000) {
+  return waitLeftQueue(requestId, ["COMPLETED"], timeoutMs);
+}
+
+/** Polls until the request's status is one of `statuses` (a runner claiming a job is asynchronous). */
+async function waitLeftQueue(requestId, statuses = ["IN_PROGRESS", "COMPLETED"], timeoutMs = 120000) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const status = await fal.queue.status(APP, { requestId, logs: false });
-    if (status.status === "COMPLETED") return status;
-    if (Date.now() > deadline) throw new Error(`request ${requestId} did not complete`);
-    await sleep(200);
+    if (statuses.includes(status.status)) return status;
+    if (Date.now() > deadline) throw new Error(`request ${requestId} never reached ${statuses.join("/")}`);
+    await sleep(100);
   }
 }
 
@@ -173,11 +178,13 @@ const scenarios = {
     };
   },
 
-  /** Three jobs on a one-job server: cancel the queued middle one; cancelling a finished one is a 400. */
+  /** Three jobs on a one-job server: cancel the queued middle one; cancelling a finished one is a 400.
+   * Positions are read once the first job runs, so a runner claiming it between two reads cannot shift them. */
   async cancel() {
     const ids = [];
     for (let i = 0; i < 3; i++) ids.push((await fal.queue.submit(APP, { input: input({ seed: i }) })).request_id);
     const [first, middle, last] = ids;
+    const firstRunning = await waitLeftQueue(first);
     const before = await fal.queue.status(APP, { requestId: middle, logs: false });
     const lastBefore = await fal.queue.status(APP, { requestId: last, logs: false });
     const cancel = await rejection(fal.queue.cancel(APP, { requestId: middle }));
@@ -189,6 +196,7 @@ const scenarios = {
     await waitCompleted(last);
     const lastResult = await fal.queue.result(APP, { requestId: last });
     return {
+      first_running: firstRunning.status,
       middle_before: { status: before.status, queue_position: before.queue_position },
       last_position_before: lastBefore.queue_position,
       cancel,
