@@ -41,4 +41,4 @@ def golden():
 # Real servers (session scope), started on first use: PostgreSQL (Debian's postgresql package, a throw-away
 # cluster) and SeaweedFS S3.
 from tests.postgres import postgres  # noqa: E402, F401
-from tests.seaweedfs import seaweedfs  # noqa: E402, F401
+from tests.seaweedfs import s3_env, seaweedfs  # noqa: E402, F401

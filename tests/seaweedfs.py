@@ -67,6 +67,14 @@ class SeaweedFS:
         """The AWS environment variables that make the boto3 credential chain pick this server's keys."""
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
+    def storage_config(self, prefix: str | None = None, **overrides: Any) -> Any:
+        """An ``S3StorageConfig`` on this server's bucket; by default in a corner of its own (a random prefix)."""
+        from deployments.storage import S3StorageConfig
+
+        values = {"kind": "s3", "bucket": self.bucket, "prefix": prefix or f"t-{secrets.token_hex(4)}",
+                  "endpoint_url": self.endpoint_url}
+        return S3StorageConfig(**(values | overrides))
+
 
 def find_weed() -> str | None:
     """The ``weed`` binary next to this Python (the venv's bin dir), else on PATH."""
@@ -238,6 +246,20 @@ def run_seaweedfs(bucket: str = "test-bucket", timeout: float = START_TIMEOUT_S)
             _stop(proc)
         _remove_grpc_sockets(used_ports)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedFS) -> SeaweedFS:
+    """The session's server, its credentials only through the environment (the boto3 chain storage uses),
+    isolated from any AWS config on this machine."""
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    return seaweedfs
 
 
 @pytest.fixture(scope="session")

@@ -38,11 +38,9 @@ from deployments.storage import (
     LocalStorageConfig,
     ObjectInfo,
     S3Storage,
-    S3StorageConfig,
     Storage,
 )
 from tests.postgres import Postgres
-from tests.seaweedfs import SeaweedFS
 
 DEFAULTS = RetentionConfig()
 INPUT = {"image_url": "stored", "audio_url": "https://example.invalid/a.wav", "prompt": "hi"}
@@ -81,22 +79,6 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
         pg.drop_database(dsn)
 
 
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedFS) -> SeaweedFS:
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in seaweedfs.env().items():
-        monkeypatch.setenv(name, value)
-    return seaweedfs
-
-
-def s3_config(server: SeaweedFS, prefix: str) -> S3StorageConfig:
-    return S3StorageConfig(kind="s3", bucket=server.bucket, prefix=prefix, endpoint_url=server.endpoint_url)
-
-
 @dataclass
 class Objects:
     """A storage, a second instance on the same place (another application), and a way to age objects."""
@@ -132,7 +114,7 @@ def objects(request: pytest.FixtureRequest, tmp_path: Path) -> Objects:
         config = LocalStorageConfig(root=tmp_path / "store")
         return Objects("local", LocalStorage(config), lambda: LocalStorage(config))
     server = request.getfixturevalue("s3_env")
-    config = s3_config(server, f"ret-{uuid.uuid4().hex[:8]}")
+    config = server.storage_config()
     return Objects("s3", S3Storage(config), lambda: S3Storage(config))
 
 

@@ -19,7 +19,7 @@ cancels of queued and running jobs. Invariants checked afterwards:
 - a final retention sweep with seconds-long TTLs leaves no expired row and no expired object under ``uploads/``,
   ``inputs/``, ``results/``, ``checkpoints/`` (a fresh upload, younger than its TTL, stays).
 
-Bounded: ``SOAK_JOBS`` (default 150) jobs, ``SOAK_SEED`` (default 20261130). Measured on the shared 2-core box: 10
+Bounded: ``SOAK_JOBS`` (default 200) jobs, ``SOAK_SEED`` (default 20261130). Measured on the shared 2-core box: 10
 minutes (180 jobs, load average ~8) and 16.5 minutes (150 jobs, load average ~50); most of it is ~24 replica process
 starts (each imports torch, diffusers and transformers: ~8 CPU-s) that the chaos causes, and ~1.5 CPU-s per job.
 """
@@ -54,7 +54,7 @@ from deployments.auth import fingerprint  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.jobstore import JobStore, PostgresJobsConfig, make_sync_job_store  # noqa: E402
 from deployments.retention import RetentionConfig, sweep_once  # noqa: E402
-from deployments.storage import S3Storage, S3StorageConfig  # noqa: E402
+from deployments.storage import S3Storage  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, synthetic_speech  # noqa: E402
 from tests.ray_serve import ray_serve_multinode_cluster  # noqa: E402
@@ -66,7 +66,7 @@ SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
 DSN_ENV = "STABLE_AVATAR_SOAK_DSN"
 KEYS_ENV = "STABLE_AVATAR_SOAK_KEYS"
 KEYS = ("soak-key-alpha", "soak-key-bravo", "soak-key-charlie")
-JOBS = int(os.environ.get("SOAK_JOBS", "150"))
+JOBS = int(os.environ.get("SOAK_JOBS", "200"))
 SEED = int(os.environ.get("SOAK_SEED", "20261130"))
 IN_FLIGHT = 10  # unfinished jobs kept in the system (queued + running)
 CANCEL_QUEUED, CANCEL_RUNNING = 0.06, 0.06  # shares of jobs cancelled right after submit / once running
@@ -234,7 +234,7 @@ def test_soak_with_chaos_keeps_every_invariant(soak_env):  # noqa: C901, PLR0912
     hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Webhooks)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     hook_url = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
-    storage = S3Storage(S3StorageConfig(kind="s3", bucket=s3.bucket, prefix="soak", endpoint_url=s3.endpoint_url))
+    storage = S3Storage(s3.storage_config(prefix="soak"))
     store = make_sync_job_store(PostgresJobsConfig(dsn_env=DSN_ENV, pool_max_size=2), tmp / "unused")
     owners = {key: fingerprint(key) for key in KEYS}
 

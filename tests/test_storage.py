@@ -30,28 +30,9 @@ from tests.seaweedfs import SeaweedFS
 BAD_KEYS = ["", "/abs", "a/../b", "..", "a//b", "a/", "./a", "a\\b", "a\x00b", "a\nb"]
 
 
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedFS) -> SeaweedFS:
-    """Credentials only through the environment, isolated from any AWS config on this machine."""
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in seaweedfs.env().items():
-        monkeypatch.setenv(name, value)
-    return seaweedfs
-
-
 def s3_config(server: SeaweedFS, **overrides) -> S3StorageConfig:
-    values = {
-        "kind": "s3",
-        "bucket": server.bucket,
-        "prefix": f"t-{uuid.uuid4().hex[:8]}",  # every test gets its own corner of the shared bucket
-        "endpoint_url": server.endpoint_url,
-        "multipart_threshold_mb": 5,
-    }
-    return S3StorageConfig(**{**values, **overrides})
+    """Every test gets its own corner of the shared bucket; 5 MB parts so the multipart path is exercised."""
+    return server.storage_config(**({"multipart_threshold_mb": 5} | overrides))
 
 
 @pytest.fixture(params=["local", "s3"])
