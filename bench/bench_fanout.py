@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
 from bench.simulated import SIMULATED_ROW_S  # noqa: E402
+from bench.stats import load_average  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.denoiser import Denoiser  # noqa: E402
 from deployments.ray_executor import RayDenoiserExecutor  # noqa: E402
@@ -256,7 +257,7 @@ def main() -> None:
     fanout_steps, fair_steps, short_steps = (2, 5, 10) if args.quick else (10, 10, 10)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    load_before = [round(x, 1) for x in os.getloadavg()]
+    load_before = load_average(1)
     ray.init(address="local", num_cpus=4, num_gpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
     try:
@@ -290,7 +291,7 @@ def main() -> None:
     results = {
         "quick": args.quick, "fanout_steps": fanout_steps, "short_steps": short_steps, "fairness_steps": fair_steps,
         "fairness_replicas": 4, "row_s": SIMULATED_ROW_S, "load_before": load_before,
-        "load_after": [round(x, 1) for x in os.getloadavg()], "fanout": fan, "short_clip": clip, "fairness": fair,
+        "load_after": load_average(1), "fanout": fan, "short_clip": clip, "fairness": fair,
         "fanout_identical": len({r["latents_sha256"] for r in fan}) == 1 if fan else None,
         "short_clip_identical": all(len({r["latents_sha256"] for r in clip if r["split_rows"] == s}) == 1
                                     for s in (False, True)) if clip else None,

@@ -28,6 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import stats  # noqa: E402
+from bench.stats import load_average  # noqa: E402
 from deployments.jobstore import (  # noqa: E402
     JobLimits,
     JobStore,
@@ -43,15 +45,8 @@ INPUT = {"image_url": "uploads/0123456789abcdef/face.png", "audio_url": "uploads
 OWNERS = [f"{i:016x}" for i in range(8)]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def summary(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {"p50_ms": round(percentile(ms, 50), 3), "p95_ms": round(percentile(ms, 95), 3),
-            "max_ms": round(max(ms), 3), "n": len(ms)}
+    return stats.summary(seconds, digits=3)
 
 
 def limits(rows: int) -> JobLimits:
@@ -172,7 +167,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "job_store.json")
     args = parser.parse_args()
 
-    load_before = os.getloadavg()
+    load_before = load_average()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
         for sync in ("FULL", "NORMAL"):
@@ -192,8 +187,7 @@ def main() -> None:
         "what": f"job store latency with {args.rows} queued rows (worst case for position and caps), "
                 f"{args.samples} samples per operation",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_before": [round(x, 2) for x in load_before],
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+                    "load_avg_before": load_before, "load_avg_after": load_average()},
         "target": "submit and status p95 < 50 ms at 10,000 rows",
         "results": results,
     }

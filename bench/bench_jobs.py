@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # Ray hands the driver's sys.path to its workers:
 import psutil  # noqa: E402
 from ray import serve  # noqa: E402
 
+from bench.stats import load_average, percentile, summary  # noqa: E402
 from deployments.app import build_app  # noqa: E402
 from deployments.auth import fingerprint  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
@@ -76,21 +77,6 @@ OLD_STORE_REFERENCE = {"what": "old store (single JobQueue replica, commit ddcf3
                                "with data-URI inputs, 1 step, 2 cores, as quoted in issue 10",
                        "submit_p50_ms": 167, "submit_p95_ms": 294, "status_p50_ms": 22, "status_p95_ms": 45,
                        "bytes_left_per_job": 430_000}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def summary(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {"p50_ms": round(percentile(ms, 50), 2), "p95_ms": round(percentile(ms, 95), 2),
-            "max_ms": round(max(ms), 2), "n": len(ms)}
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def auth() -> dict[str, str]:
@@ -170,7 +156,7 @@ def measure_http(base: str, mine: list[str], samples: int, audio: str) -> dict[s
 
 def bench_latency(cluster, name: str, jobs: dict[str, Any], filler: SyncJobStore, root: Path, rows: int,
                   samples: int, audio: str, threads: int) -> dict[str, Any]:
-    load_before = load()
+    load_before = load_average()
     mine, fill_s = fill(filler, rows, threads)
     total = filler.queue_length() + filler.running_count()
     config = app_config(cluster.base, root, jobs, 2, running_cap=RUNNING_CAP)  # every key is at its cap: no claims
@@ -180,7 +166,7 @@ def bench_latency(cluster, name: str, jobs: dict[str, Any], filler: SyncJobStore
         result |= measure_http(cluster.base, mine, samples, audio)
     finally:
         serve.delete(APP_NAME)
-    result["load_avg"] = {"before": load_before, "after": load()}
+    result["load_avg"] = {"before": load_before, "after": load_average()}
     print(f"latency {name}: {json.dumps(result)}", flush=True)
     return result
 
@@ -240,7 +226,7 @@ def disk_bytes(root: Path) -> dict[str, int]:
 
 def bench_dispatch(cluster, name: str, jobs: dict[str, Any], store: SyncJobStore, root: Path, per_batch: int,
                    memory_batches: int, audio: str) -> dict[str, Any]:
-    result: dict[str, Any] = {"backend": name, "load_avg_before": load()}
+    result: dict[str, Any] = {"backend": name, "load_avg_before": load_average()}
     done, memory = 0, []
     for orchestrators in (1, 2):
         args = AppArgs.model_validate(app_config(cluster.base, root, jobs, orchestrators))
@@ -253,7 +239,7 @@ def bench_dispatch(cluster, name: str, jobs: dict[str, Any], store: SyncJobStore
             memory.append({"orchestrators": orchestrators, "jobs_run_by_this_deployment": (b + 1) * per_batch,
                            "rss_mib": {k: round(v / 2**20, 1) for k, v in sorted(replica_rss().items())}})
             print(f"dispatch {name}, {orchestrators} orchestrator(s), batch {b + 1}: {rates[-1]} "
-                  f"(load {load()})", flush=True)
+                  f"(load {load_average()})", flush=True)
         result[f"orchestrators_{orchestrators}"] = rates[0] | {"later_batches": rates[1:]}
     serve.delete(APP_NAME)
     result["memory"] = memory
@@ -268,7 +254,7 @@ def bench_dispatch(cluster, name: str, jobs: dict[str, Any], store: SyncJobStore
         "jobs": done, "before_sweep": {k: v // done for k, v in before.items()},
         "after_sweep": {k: v // done for k, v in after.items()}, "sweep": report.summary(),
         "rows_left": count_rows(store)}
-    result["load_avg_after"] = load()
+    result["load_avg_after"] = load_average()
     print(f"disk {name}: {result['disk_per_job_bytes']}", flush=True)
     return result
 
@@ -316,7 +302,7 @@ def bench_old_store(tmp: Path, audio_path: Path, samples: int) -> dict[str, Any]
     tree.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    load_before = load()
+    load_before = load_average()
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run([sys.executable, "-c", OLD_STORE_SCRIPT, str(EXAMPLE_IMAGE), str(audio_path), str(samples)],
                           cwd=tree, env=env, capture_output=True, text=True, timeout=900)
@@ -324,7 +310,7 @@ def bench_old_store(tmp: Path, audio_path: Path, samples: int) -> dict[str, Any]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"the old store's run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1].removeprefix("OLD_STORE_RESULT "))
-    result |= {"commit": OLD_COMMIT, "load_avg": {"before": load_before, "after": load()}}
+    result |= {"commit": OLD_COMMIT, "load_avg": {"before": load_before, "after": load_average()}}
     print(f"old store: {json.dumps(result)}", flush=True)
     return result
 
@@ -396,7 +382,7 @@ def main() -> None:
     if args.quick:
         args.rows, args.samples, args.dispatch_jobs, args.memory_batches = 1000, 50, 10, 2
 
-    started, load_start = time.monotonic(), load()
+    started, load_start = time.monotonic(), load_average()
     os.environ[KEYS_ENV] = KEY
     latency, dispatch, old_store, old_store_error = [], [], None, None
     def save(final: bool = False) -> None:
@@ -405,7 +391,7 @@ def main() -> None:
             "what": f"job system through the service: HTTP latency at {args.rows} rows ({args.samples} samples), "
                     f"dispatch with {args.dispatch_jobs}-job batches of the simulated-instant preset",
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_start": load_start,
-                        "load_avg_end": load(), "shared": "other sessions run on this machine: timings are noisy"},
+                        "load_avg_end": load_average(), "shared": "other sessions run on this machine: timings are noisy"},
             "duration_s": round(time.monotonic() - started, 1),
             "target": "submit and status p95 < 50 ms at 10,000 rows; no replica memory growth with jobs run",
             "latency": latency, "dispatch": dispatch, "old_store": old_store, "old_store_reference": OLD_STORE_REFERENCE,

@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import load_average, percentile  # noqa: E402
 from deployments.jobstore import (  # noqa: E402
     JobLimits,
     JobStore,
@@ -52,11 +53,6 @@ from tests.seaweedfs import run_seaweedfs  # noqa: E402
 
 INPUT = {"image_url": "stored", "audio_url": "stored", "prompt": "a person talking"}
 AGE_S = 40 * DAY  # past every default TTL, records included
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def make_jobs(store: SyncJobStore, storage: Storage, n: int, tag: str, threads: int) -> list[str]:
@@ -146,7 +142,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="parallel object writes while filling")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "retention.json")
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    load_before = load_average()
     results: dict[str, Any] = {}
     limits = JobLimits(max_queue_length=10 * args.jobs, max_queued_per_owner=10 * args.jobs)
     with contextlib.ExitStack() as stack:
@@ -172,10 +168,9 @@ def main() -> None:
                 finally:
                     store.close()
                 print(name, results[name], flush=True)
-    load_after = os.getloadavg()
+    load_after = load_average()
     header = (f"retention sweep with {args.jobs} expired + {args.jobs} live jobs (4 objects each) and {args.orphans} "
-              f"orphaned uploads; load average before/after {[round(x, 2) for x in load_before]} / "
-              f"{[round(x, 2) for x in load_after]} on {os.cpu_count()} CPUs (shared machine: noisy)")
+              f"orphaned uploads; load average before/after {load_before} / {load_after} on {os.cpu_count()} CPUs (shared machine: noisy)")
     columns = ("full_sweep_s", "rows_purged_per_s", "objects_deleted_per_s", "idle_sweep_s", "idle_listed_objects",
                "named_keys_500_p50_ms", "named_keys_500_p95_ms")
     lines = [header, f"{'pair':<16} | " + " | ".join(f"{c:>22}" for c in columns)]

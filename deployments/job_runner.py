@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments import metrics
+from deployments.background import BackgroundLoop
 from deployments.config import AppArgs
 from deployments.errors import error_response
 from deployments.jobs import JobError
@@ -136,22 +137,12 @@ class JobRunner:
         self.dispatch = args.dispatch
         self.runs: dict[str, Run] = {}
         self.queued_runs: set[asyncio.Task] = set()
-        self.stopping = False
-        self._loop_task: asyncio.Task | None = None
+        self.loop = BackgroundLoop(f"job-claims-{runner_id}", self._claim_loop)
 
     # -- the claim loop ------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start (or restart, if it died) the claim loop on the running event loop."""
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._claim_loop())
-
-    @property
-    def alive(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
-
     async def _claim_loop(self) -> None:
         idle_ticks = 0
-        while not self.stopping:
+        while True:
             claimed = None
             try:
                 if len(self.queued_runs) < self.args.max_running_jobs:
@@ -298,9 +289,7 @@ class JobRunner:
     # -- shutdown ------------------------------------------------------------------------------------------------
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop claiming and hand the queued jobs back (each resumes from its checkpoint on another replica)."""
-        self.stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        await self.loop.stop()
         tasks = list(self.queued_runs)
         for run in self.runs.values():
             if run.job.kind == "queue":

@@ -73,9 +73,9 @@ class Orchestrator:
                                           on_report=metrics.record_retention)
         # Serve runs the constructor on the replica's event loop: the loops start with the replica, before any
         # request, so a restarted application resumes its jobs by itself.
-        self.runner.start()
-        self.webhooks.start()
-        self.retention.ensure_running()
+        self.loops = {"claim": self.runner.loop, "webhook": self.webhooks.loop, "retention": self.retention.loop}
+        for loop in self.loops.values():
+            loop.ensure_running()
         logger.info("runner %s: up to %d queued jobs at once, lease %.1f s (heartbeat %.1f s), jobs database %s",
                     self.runner_id, args.max_running_jobs, args.dispatch.lease_s, args.dispatch.heartbeat_s,
                     self.store.backend_name)
@@ -93,24 +93,23 @@ class Orchestrator:
 
     def ready(self) -> dict[str, Any]:
         """Readiness: the replica is constructed (its store open), and its claim and webhook loops run."""
-        return {"deployment": "Orchestrator", "replica": self.runner_id, "claiming": self.runner.alive,
-                "delivering_webhooks": self.webhooks.alive, "running": sorted(self.runner.runs)}
+        return {"deployment": "Orchestrator", "replica": self.runner_id, "claiming": self.runner.loop.alive,
+                "delivering_webhooks": self.webhooks.loop.alive, "sweeping": self.retention.loop.alive,
+                "running": sorted(self.runner.runs)}
 
     def ping(self) -> bool:
         return True
 
     async def check_health(self) -> None:
         """Serve's periodic health check: restart a loop that died (it should not), and say so."""
-        for name, loop in (("claim", self.runner), ("webhook", self.webhooks)):
-            if not loop.alive and not loop.stopping:
-                logger.error("runner %s: the %s loop had stopped; restarting it", self.runner_id, name)
-                loop.start()
-        self.retention.ensure_running()  # its loop logs and survives errors; this only covers a cancelled task
+        for name, loop in self.loops.items():
+            if loop.ensure_running():
+                logger.error("runner %s: the %s loop had stopped; restarted it", self.runner_id, name)
 
     async def __del__(self) -> None:
         """Graceful shutdown (a redeploy, a scale-down): stop claiming, hand queued jobs back to the queue."""
-        self.webhooks.stop()
-        await self.retention.stop()
+        await self.webhooks.loop.stop()
+        await self.retention.loop.stop()
         await self.runner.stop()
 
     # -- one run -----------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.background import BackgroundLoop
+
 if TYPE_CHECKING:
     from deployments.jobstore import ExpiredItem, JobStore
     from deployments.storage import ObjectInfo, Storage
@@ -271,8 +273,8 @@ ReportHook = Callable[[SweepReport], None]
 class RetentionSweeper:
     """Runs :func:`sweep_once` every ``sweep_interval_s`` in the background of an async replica.
 
-    Call :meth:`ensure_running` from a method running on the replica's event loop (``check_health`` does: Ray
-    Serve calls it every few seconds, so the loop also comes back if it ever died). Every replica of every
+    Start ``loop`` (a :class:`deployments.background.BackgroundLoop`) from a method running on the replica's
+    event loop (the Orchestrator's constructor does, and its ``check_health`` restarts it if it ever died). Every replica of every
     application may run one: the lease lets one sweep per interval through. ``on_report`` receives each report
     of a sweep that ran (e.g. :func:`deployments.metrics.record_retention`). Errors are logged and the sweep is
     tried again at the next interval.
@@ -286,22 +288,7 @@ class RetentionSweeper:
         self.on_report, self.batch_size, self.lease_s = on_report, batch_size, lease_s
         self.last_report: SweepReport | None = None
         self.sweeps = 0  # sweeps that ran here (not skipped)
-        self._task: asyncio.Task | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def ensure_running(self) -> None:
-        if not self.running:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="retention-sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self.loop = BackgroundLoop(f"retention-sweeper-{self.owner}", self._sweep_loop)
 
     async def sweep(self) -> SweepReport:
         """One sweep now (taking the lease like the loop does) and its report."""
@@ -318,7 +305,7 @@ class RetentionSweeper:
                 self.on_report(report)
         return report
 
-    async def _loop(self) -> None:
+    async def _sweep_loop(self) -> None:
         interval = self.retention.sweep_interval_s
         # replicas start together: spread their first attempts so one of them finds the lease free first
         await asyncio.sleep(random.uniform(0, min(interval, 30.0) * 0.2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from deployments.background import BackgroundLoop
 from deployments.config import AppArgs
 from deployments.jobstore import JobStore, WebhookDelivery
 from deployments.results import public_result
@@ -25,24 +26,10 @@ class WebhookWorker:
         self.store, self.storage, self.args, self.worker_id = store, storage, args, worker_id
         self.guard = args.inputs.guard()
         self.in_flight: set[asyncio.Task] = set()
-        self.stopping = False
-        self._loop_task: asyncio.Task | None = None
+        self.loop = BackgroundLoop(f"webhook-deliveries-{worker_id}", self._deliver_loop)
 
-    def start(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
-
-    @property
-    def alive(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
-
-    def stop(self) -> None:
-        self.stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-
-    async def _loop(self) -> None:
-        while not self.stopping:
+    async def _deliver_loop(self) -> None:
+        while True:
             deliveries: list[WebhookDelivery] = []
             room = MAX_IN_FLIGHT - len(self.in_flight)
             if room > 0:

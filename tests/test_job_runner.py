@@ -92,7 +92,7 @@ def test_a_cancel_during_the_result_write_waits_for_it_then_deletes_it(env):
         pipeline = Pipeline(storage, write_s=0.8)  # the write spans several heartbeats
         runner = JobRunner(store, storage, args, "runner-a", pipeline)
         submitted = await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)
-        runner.start()
+        runner.loop.ensure_running()
         await asyncio.wait_for(pipeline.writing.wait(), 10)
         assert await store.cancel(submitted.request_id) == "CANCELLATION_REQUESTED"
         await wait_until(lambda: store.sync.get(submitted.request_id).status == "COMPLETED")
@@ -114,7 +114,7 @@ def test_a_runner_that_lost_its_lease_deletes_its_result_and_the_winner_keeps_on
         slow = Pipeline(storage, block=release_a)
         runner_a = JobRunner(store_a, storage, args, "runner-a", slow)
         submitted = await store_a.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)
-        runner_a.start()
+        runner_a.loop.ensure_running()
         await wait_until(lambda: submitted.request_id in runner_a.runs)
 
         async def partitioned(*_args, **_kwargs):  # runner A can no longer reach the database for heartbeats
@@ -122,7 +122,7 @@ def test_a_runner_that_lost_its_lease_deletes_its_result_and_the_winner_keeps_on
 
         store_a.heartbeat = partitioned
         runner_b = JobRunner(store_b, storage, args, "runner-b", Pipeline(storage))
-        runner_b.start()  # claims the job once A's lease ran out (epoch 2) and finishes it
+        runner_b.loop.ensure_running()  # claims the job once A's lease ran out (epoch 2) and finishes it
         await wait_until(lambda: store_b.sync.get(submitted.request_id).status == "COMPLETED", 15)
         release_a.set()  # A wakes up, writes its result under epoch 1, and its completion is refused
         await wait_until(lambda: not runner_a.runs, 10)
@@ -145,7 +145,7 @@ def test_a_stopping_runner_hands_its_queued_job_back(env):
         store = open_store()
         runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage, steps=200, step_s=0.05))
         submitted = await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)
-        runner.start()
+        runner.loop.ensure_running()
         await wait_until(lambda: (store.sync.get(submitted.request_id).progress or 0) > 0)
         await runner.stop()
         job = store.sync.get(submitted.request_id)
@@ -209,9 +209,9 @@ def test_heartbeats_keep_a_long_job_claimed_by_its_runner(env):
         runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage, steps=1, step_s=3.0))  # > lease
         other = JobRunner(open_store(), storage, args, "runner-b", Pipeline(storage))
         submitted = await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)
-        runner.start()
+        runner.loop.ensure_running()
         await wait_until(lambda: submitted.request_id in runner.runs)
-        other.start()  # polls the whole time: it must never get the job
+        other.loop.ensure_running()  # polls the whole time: it must never get the job
         await wait_until(lambda: store.sync.get(submitted.request_id).status == "COMPLETED", 15)
         job = store.sync.get(submitted.request_id)
         assert job.error is None and (job.epoch, job.attempts) == (1, 1)

@@ -490,16 +490,16 @@ def test_sweepers_in_many_replicas_take_turns_and_keep_deleting(tmp_path: Path):
                 end = time.monotonic()
                 windows.append((end - report.duration_s, end, owner, report.objects["uploads"]))
             sweeper = RetentionSweeper(JobStore(sync), storage, retention, owner=f"replica-{n}", on_report=hook)
-            sweeper.ensure_running()
-            sweeper.ensure_running()  # idempotent: still one loop
+            assert sweeper.loop.ensure_running()
+            assert not sweeper.loop.ensure_running()  # idempotent: still one loop
             sweepers.append(sweeper)
         for n in range(12):
             await asyncio.to_thread(storage.put_bytes, f"uploads/k1/{n}/f.png", b"u", "image/png")
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         for sweeper in sweepers:
-            await sweeper.stop()
-            assert not sweeper.running
+            await sweeper.loop.stop()
+            assert not sweeper.loop.alive and not sweeper.loop.ensure_running()  # stopped for good
         return sweepers
 
     try:
