@@ -19,7 +19,12 @@ and bytes on disk per job, on SQLite and on PostgreSQL, side by side in one run.
    ``git archive``, run in its own process and Ray cluster), at as many jobs as samples (it runs what is queued,
    so it cannot hold 10,000 rows); the issue's figures are quoted beside it. ``--no-old-store`` skips it.
 
+6. **memory trend** (``--memory-trend BATCHES``, run on its own, written to ``jobs_memory.json``/``.txt``): one
+   application (SQLite, 1 Orchestrator) runs BATCHES batches of 25 ``simulated-instant`` jobs; every replica's RSS
+   after each batch, and the growth per job over the second half of the run (after the allocators have warmed).
+
     python bench/bench_jobs.py [--rows 10000] [--samples 150] [--dispatch-jobs 20] [--quick]
+    python bench/bench_jobs.py --memory-trend 12
 
 The machine is shared with other sessions: the load average is recorded before and after each section.
 """
@@ -315,6 +320,51 @@ def bench_old_store(tmp: Path, audio_path: Path, samples: int) -> dict[str, Any]
     return result
 
 
+def bench_memory_trend(batches: int, per_batch: int, out: Path) -> dict[str, Any]:
+    """RSS of every replica after each batch of jobs on one application that lives through all of them."""
+    limits = JobLimits(max_queue_length=10**7, max_queued_per_owner=10**7, rate_per_s=1e6, rate_burst=10**6,
+                       max_running_per_owner=None)
+    started, load_before, samples = time.monotonic(), load_average(), []
+    with tempfile.TemporaryDirectory(prefix="bench-jobs-memory-") as tmp_dir, \
+            ray_serve_cluster(num_cpus=6) as cluster:
+        root = Path(tmp_dir)
+        audio = data_uri(synthetic_speech(root / "speech.wav", 1.0), "audio/wav")
+        jobs = {"kind": "sqlite", "path": str(root / "jobs.sqlite3")}
+        store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root, limits)
+        try:
+            serve.run(build_app(AppArgs.model_validate(app_config(cluster.base, root, jobs, 1))), name=APP_NAME,
+                      route_prefix="/")
+            for b in range(batches):
+                rate = run_batch(cluster.base, store, per_batch, audio, b * per_batch)
+                rss = {k.split(" (")[0]: round(v / 2**20, 1) for k, v in sorted(replica_rss().items())}
+                samples.append({"jobs_run": (b + 1) * per_batch, "rss_mib": rss, "jobs_per_min": rate["jobs_per_min"]})
+                print(f"memory trend: {samples[-1]}", flush=True)
+            serve.delete(APP_NAME)
+        finally:
+            store.close()
+    half = samples[len(samples) // 2 - 1]
+    growth = {name: round((samples[-1]["rss_mib"][name] - half["rss_mib"][name]) * 1024
+                          / (samples[-1]["jobs_run"] - half["jobs_run"]), 1) for name in samples[-1]["rss_mib"]}
+    report = {"what": f"replica RSS over {batches * per_batch} simulated-instant jobs (SQLite, 1 Orchestrator, "
+                      f"batches of {per_batch})",
+              "machine": {"cpus": os.cpu_count(), "load_avg_before": load_before, "load_avg_after": load_average()},
+              "duration_s": round(time.monotonic() - started, 1), "samples": samples,
+              "growth_kib_per_job_second_half": growth,
+              "second_half": [half["jobs_run"], samples[-1]["jobs_run"]]}
+    names = list(samples[-1]["rss_mib"])
+    lines = [report["what"], f"machine: {report['machine']}", "",
+             f"{'jobs run':>8} | " + " | ".join(f"{n:>13}" for n in names) + " | jobs/min"]
+    lines += [f"{s['jobs_run']:>8} | " + " | ".join(f"{s['rss_mib'].get(n, float('nan')):>13}" for n in names)
+              + f" | {s['jobs_per_min']:>8}" for s in samples]
+    lines += ["", f"growth from {half['jobs_run']} to {samples[-1]['jobs_run']} jobs, KiB per job: "
+              + ", ".join(f"{n} {g}" for n, g in growth.items()), f"total {report['duration_s']} s"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
+
+
 # -- report -----------------------------------------------------------------------------------------------------
 def text_report(report: dict[str, Any]) -> str:
     lines = [f"{report['what']}", f"machine: {report['machine']}", ""]
@@ -377,13 +427,20 @@ def main() -> None:
     parser.add_argument("--memory-batches", type=int, default=3, help="batches at 2 orchestrators (memory trend)")
     parser.add_argument("--quick", action="store_true", help="1,000 rows, 50 samples, 10-job batches")
     parser.add_argument("--no-old-store", action="store_true", help="skip measuring the old store (ddcf32e)")
+    parser.add_argument("--memory-trend", type=int, metavar="BATCHES",
+                        help="only the memory trend: BATCHES batches of 25 jobs on one application")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "jobs.json")
     args = parser.parse_args()
+    os.environ[KEYS_ENV] = KEY
+    if args.memory_trend:
+        if args.memory_trend < 4:
+            parser.error("--memory-trend needs at least 4 batches (the growth is taken over the second half)")
+        bench_memory_trend(args.memory_trend, 25, args.json.with_name("jobs_memory.json"))
+        return
     if args.quick:
         args.rows, args.samples, args.dispatch_jobs, args.memory_batches = 1000, 50, 10, 2
 
     started, load_start = time.monotonic(), load_average()
-    os.environ[KEYS_ENV] = KEY
     latency, dispatch, old_store, old_store_error = [], [], None, None
     def save(final: bool = False) -> None:
         """Write what has been measured so far (a run stopped half-way still leaves its sections)."""
