@@ -320,8 +320,37 @@ def bench_old_store(tmp: Path, audio_path: Path, samples: int) -> dict[str, Any]
     return result
 
 
+def object_census(_replica: Any = None) -> dict[str, int]:
+    """Live Python objects by type in this process, after a full collection (run in a replica by ``__ray_call__``)."""
+    import gc
+    from collections import Counter
+
+    gc.collect()
+    return dict(Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()))
+
+
+def replica_censuses() -> dict[str, dict[str, int]]:
+    """:func:`object_census` in every replica of this benchmark's application, by deployment."""
+    import ray
+
+    found = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#"):
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            found[actor["name"].split("#")[1]] = ray.get(handle.__ray_call__.remote(object_census), timeout=60)
+    return found
+
+
+def census_growth(before: dict[str, int], after: dict[str, int], jobs: int) -> dict[str, Any]:
+    """Objects gained per job in total, and the types that gained the most."""
+    gained = {t: after.get(t, 0) - before.get(t, 0) for t in set(before) | set(after)}
+    top = sorted(((n, t) for t, n in gained.items() if n > 0), reverse=True)[:5]
+    return {"objects_per_job": round(sum(gained.values()) / jobs, 3), "top_gains": {t: n for n, t in top}}
+
+
 def bench_memory_trend(batches: int, per_batch: int, out: Path) -> dict[str, Any]:
-    """RSS of every replica after each batch of jobs on one application that lives through all of them."""
+    """RSS of every replica after each batch of jobs on one application that lives through all of them, and which
+    Python objects each replica gained over the second half (a leak in our code would show there)."""
     limits = JobLimits(max_queue_length=10**7, max_queued_per_owner=10**7, rate_per_s=1e6, rate_burst=10**6,
                        max_running_per_owner=None)
     started, load_before, samples = time.monotonic(), load_average(), []
@@ -334,22 +363,28 @@ def bench_memory_trend(batches: int, per_batch: int, out: Path) -> dict[str, Any
         try:
             serve.run(build_app(AppArgs.model_validate(app_config(cluster.base, root, jobs, 1))), name=APP_NAME,
                       route_prefix="/")
+            censuses = {}
             for b in range(batches):
+                if b == batches // 2:
+                    censuses["half"] = replica_censuses()
                 rate = run_batch(cluster.base, store, per_batch, audio, b * per_batch)
                 rss = {k.split(" (")[0]: round(v / 2**20, 1) for k, v in sorted(replica_rss().items())}
                 samples.append({"jobs_run": (b + 1) * per_batch, "rss_mib": rss, "jobs_per_min": rate["jobs_per_min"]})
                 print(f"memory trend: {samples[-1]}", flush=True)
+            censuses["end"] = replica_censuses()
             serve.delete(APP_NAME)
         finally:
             store.close()
-    half = samples[len(samples) // 2 - 1]
+    half = samples[batches // 2 - 1]
+    objects = {name: census_growth(censuses["half"][name], censuses["end"].get(name, {}),
+                                   samples[-1]["jobs_run"] - half["jobs_run"]) for name in censuses["half"]}
     growth = {name: round((samples[-1]["rss_mib"][name] - half["rss_mib"][name]) * 1024
                           / (samples[-1]["jobs_run"] - half["jobs_run"]), 1) for name in samples[-1]["rss_mib"]}
     report = {"what": f"replica RSS over {batches * per_batch} simulated-instant jobs (SQLite, 1 Orchestrator, "
                       f"batches of {per_batch})",
               "machine": {"cpus": os.cpu_count(), "load_avg_before": load_before, "load_avg_after": load_average()},
               "duration_s": round(time.monotonic() - started, 1), "samples": samples,
-              "growth_kib_per_job_second_half": growth,
+              "growth_kib_per_job_second_half": growth, "python_objects_second_half": objects,
               "second_half": [half["jobs_run"], samples[-1]["jobs_run"]]}
     names = list(samples[-1]["rss_mib"])
     lines = [report["what"], f"machine: {report['machine']}", "",
@@ -357,7 +392,11 @@ def bench_memory_trend(batches: int, per_batch: int, out: Path) -> dict[str, Any
     lines += [f"{s['jobs_run']:>8} | " + " | ".join(f"{s['rss_mib'].get(n, float('nan')):>13}" for n in names)
               + f" | {s['jobs_per_min']:>8}" for s in samples]
     lines += ["", f"growth from {half['jobs_run']} to {samples[-1]['jobs_run']} jobs, KiB per job: "
-              + ", ".join(f"{n} {g}" for n, g in growth.items()), f"total {report['duration_s']} s"]
+              + ", ".join(f"{n} {g}" for n, g in growth.items()),
+              "Python objects gained per job over the same jobs (gc census in each replica): "
+              + ", ".join(f"{n} {o['objects_per_job']}" for n, o in sorted(objects.items())),
+              *(f"  {n}: most gained {o['top_gains']}" for n, o in sorted(objects.items())),
+              f"total {report['duration_s']} s"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
