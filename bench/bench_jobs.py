@@ -366,6 +366,7 @@ def bench_memory_trend(batches: int, per_batch: int, out: Path) -> dict[str, Any
             censuses = {}
             for b in range(batches):
                 if b == batches // 2:
+                    replica_censuses()  # the first call's own objects (Ray's function table...) stay out
                     censuses["half"] = replica_censuses()
                 rate = run_batch(cluster.base, store, per_batch, audio, b * per_batch)
                 rss = {k.split(" (")[0]: round(v / 2**20, 1) for k, v in sorted(replica_rss().items())}

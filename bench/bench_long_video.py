@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,21 +102,46 @@ class ProcessPeaks:
     hwm_kib: int = 0  # the kernel's high-water mark at the end
 
 
-class MemoryMonitor:
+class Sampler:
+    """Calls ``sample()`` every ``interval_s`` in a thread, from ``with`` until its end (and once more there)."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class MemoryMonitor(Sampler):
     """Resets the RSS high-water mark of every replica process, then samples RSS until stopped."""
 
     def __init__(self, processes: dict[str, list[int]], interval_s: float = 0.1):
-        self.processes, self.interval_s = processes, interval_s
+        super().__init__(interval_s)
+        self.processes = processes
         self.peaks: dict[int, ProcessPeaks] = {}
         for pids in processes.values():
             for pid in pids:
                 with open(f"/proc/{pid}/clear_refs", "w") as f:
                     f.write("5")  # reset VmHWM to the current RSS
                 self.peaks[pid] = ProcessPeaks(_status_kib(pid)["VmRSS"])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         for pid, peak in self.peaks.items():
             with contextlib.suppress(OSError):
                 s = _status_kib(pid)  # a process that died (Ray's memory monitor) has no Vm* lines left
@@ -123,20 +149,6 @@ class MemoryMonitor:
                 peak.anon_kib = max(peak.anon_kib, s.get("RssAnon", 0))
                 peak.shmem_kib = max(peak.shmem_kib, s.get("RssShmem", 0))
                 peak.hwm_kib = max(peak.hwm_kib, s.get("VmHWM", 0))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> MemoryMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
     def report(self) -> dict[str, dict[str, float]]:
         """Per deployment (the replica with the highest peak when there are several), in MiB."""
@@ -162,28 +174,17 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
-class DiskMonitor:
+class DiskMonitor(Sampler):
     """Peak total size of files under each folder, sampled in a thread."""
 
     def __init__(self, folders: dict[str, Path], interval_s: float = 0.25):
-        self.folders, self.interval_s = folders, interval_s
+        super().__init__(interval_s)
+        self.folders = folders
         self.peak = {name: 0 for name in folders}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, folder in self.folders.items():
-                self.peak[name] = max(self.peak[name], tree_bytes(folder))
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> DiskMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        for name, folder in self.folders.items():
+            self.peak[name] = max(self.peak[name], tree_bytes(folder))
 
 
 def object_store_stats() -> dict[str, int]:
@@ -216,27 +217,15 @@ def download(url: str, target: Path) -> int:
     return target.stat().st_size
 
 
-class ObjectStoreSampler:
+class ObjectStoreSampler(Sampler):
     """The raylet's object-store counters every ``interval_s`` (wall-clock time), in a thread."""
 
     def __init__(self, interval_s: float = 0.05):
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         self.samples: list[tuple[float, dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.time(), object_store_stats()))
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> ObjectStoreSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.samples.append((time.time(), object_store_stats()))
 
     def after(self, t: float, name: str = "created") -> int:
         """Counter ``name`` from the first sample taken at or after ``t``."""
@@ -421,16 +410,8 @@ def geometry(seconds: float) -> dict[str, Any]:
 def replica_environment(tmp: Path) -> Iterator[None]:
     """Replicas inherit the driver's environment: their ``TMPDIR`` is a folder this benchmark measures (Ray's own
     session folder stays under /tmp)."""
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
-    os.environ["TMPDIR"], os.environ["RAY_TMPDIR"] = str(tmp), tempfile.gettempdir()
-    try:
+    with mock.patch.dict(os.environ, {"TMPDIR": str(tmp), "RAY_TMPDIR": tempfile.gettempdir()}):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def wait_ready(base: str, timeout_s: float = 300) -> None:

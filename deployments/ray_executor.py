@@ -12,7 +12,6 @@ spread evenly and each unit stays on its replica from step to step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections import Counter
@@ -24,7 +23,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from deployments.placement import request_offset
-from pipeline.denoise import WindowStep
+from pipeline.denoise import WindowStep, in_order
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,11 +92,7 @@ class RayDenoiserExecutor:
                 task.cancel()
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor | None] = [None] * len(steps)
-        async with contextlib.aclosing(self.as_completed(steps)) as results:
-            async for position, output in results:
-                outputs[position] = output
-        return outputs  # type: ignore[return-value]
+        return await in_order(self.as_completed(steps), len(steps))
 
     async def _positioned(self, index: int, work: WindowStep) -> tuple[int, torch.Tensor]:
         return index, await self._run_one(index, work)

@@ -229,6 +229,15 @@ class WindowStepExecutor(Protocol):
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]: ...
 
 
+async def in_order(stream: AsyncIterator[tuple[int, torch.Tensor]], count: int) -> list[torch.Tensor]:
+    """The ``count`` outputs of an ``as_completed`` stream, by position: ``run`` for a streaming executor."""
+    outputs: list[torch.Tensor | None] = [None] * count
+    async with contextlib.aclosing(stream) as results:
+        async for position, output in results:
+            outputs[position] = output
+    return outputs  # type: ignore[return-value]
+
+
 async def completed(executor: WindowStepExecutor,
                     steps: Sequence[WindowStep]) -> AsyncIterator[tuple[int, torch.Tensor]]:
     """``(position, output)`` pairs: streamed by executors with ``as_completed``, all at the end otherwise."""
@@ -263,8 +272,7 @@ class InProcessExecutor:
             await asyncio.sleep(0)  # cancellation point
 
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
-        async with contextlib.aclosing(self.as_completed(steps)) as results:
-            return [output async for _, output in results]
+        return await in_order(self.as_completed(steps), len(steps))
 
 
 def initial_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

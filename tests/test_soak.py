@@ -191,17 +191,12 @@ def cli_reference(folder: Path, audio: Path, steps: int, seed: int) -> bytes:
 def soak_env(postgres, seaweedfs, tmp_path_factory):
     """Environment the replicas inherit (DSN, S3 credentials, API keys), a database and a bucket prefix."""
     dsn = postgres.create_database("soak")
-    saved = {name: os.environ.get(name) for name in (DSN_ENV, KEYS_ENV, "AWS_ACCESS_KEY_ID",
-                                                     "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({DSN_ENV: dsn, KEYS_ENV: " ".join(KEYS), **seaweedfs.env()})
     try:
-        yield {"dsn": dsn, "s3": seaweedfs, "tmp": tmp_path_factory.mktemp("soak")}
+        with pytest.MonkeyPatch.context() as patch:  # module scope: the context form of ``monkeypatch``
+            for name, value in {DSN_ENV: dsn, KEYS_ENV: " ".join(KEYS), **seaweedfs.env()}.items():
+                patch.setenv(name, value)
+            yield {"dsn": dsn, "s3": seaweedfs, "tmp": tmp_path_factory.mktemp("soak")}
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         postgres.drop_database(dsn)
 
 
