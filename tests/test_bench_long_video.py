@@ -47,8 +47,11 @@ def test_object_store_traffic_is_one_window_per_window_step_and_the_latents_once
     assert window == pytest.approx(16 * 21 * 104 * 60 * 4 / 2**20, abs=0.01)
     assert row["window_step_sent_mb"] == pytest.approx(window, rel=0.01)
     assert row["window_step_received_mb"] == pytest.approx(window, rel=0.01)
-    (step,) = row["object_store"]["per_step_mb"]  # includes the conditioning put; edges exact to a message
-    assert window <= step <= 2 * window + row["conditioning_mb"] + window
+    # The step's window: the conditioning put, the unit out, its output back, the latents put for the
+    # Postprocessor. The edges are object-store samples taken every 50 ms by a thread that lags on a loaded box, so
+    # the first sample may still precede the Preprocessor's answer (the conditioning once more).
+    (step,) = row["object_store"]["per_step_mb"]
+    assert window <= step <= 3 * window + 2 * row["conditioning_mb"]
     assert row["latents_mb"] <= row["object_store"]["postprocess_in_use_mb"] <= row["latents_mb"] * 1.5
     assert row["object_store"]["spilled_mb"] == 0
 
