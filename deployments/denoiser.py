@@ -39,8 +39,9 @@ from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
 
 # Test hook (never set in production): a JSON file naming one unit {"step": s, "window": w}; the first replica that
-# receives that unit claims the file and exits at once, so a test's kill lands on a replica that holds work.
+# receives that unit claims the file and exits while holding it, so a test's kill lands on a replica that holds work.
 CRASH_FILE_ENV = "STABLE_AVATAR_TEST_CRASH_FILE"
+CRASH_DELAY_S = 2.0  # see _maybe_crash
 UNITS_KEEP = 256  # requests whose unit counts a replica remembers (stats)
 
 
@@ -78,7 +79,7 @@ class Denoiser:
     async def step(self, request_id: str, slot: int, conditioning: list[ray.ObjectRef],
                    work: WindowStep) -> tuple[torch.Tensor, str]:
         """Runs one unit; returns its output and this replica's id (progress and tests see where units ran)."""
-        self._maybe_crash(work)
+        await self._maybe_crash(work)
         cond = await self._conditioning(request_id, conditioning[0])
         async with self._gpu.hold(request_id):
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
@@ -117,19 +118,25 @@ class Denoiser:
         while len(self.units) > UNITS_KEEP:
             self.units.popitem(last=False)
 
-    def _maybe_crash(self, work: WindowStep) -> None:
-        if self._crash_file is None or not self._crash_file.exists():
-            return
+    async def _maybe_crash(self, work: WindowStep) -> None:
+        """Test hook: the replica running the unit named in the crash file exits while holding it. It waits
+        ``CRASH_DELAY_S`` first: Serve's router re-sends by itself a request whose replica dies before its
+        acceptance has reached the caller, so an immediate exit would sometimes test the router, not our retry."""
+        if self._crash_file is not None and await asyncio.to_thread(self._claim_crash, work):
+            await asyncio.sleep(CRASH_DELAY_S)
+            os._exit(1)
+
+    def _claim_crash(self, work: WindowStep) -> bool:
         import json
 
         try:
             target = json.loads(self._crash_file.read_text())
-        except (OSError, ValueError):
-            return
+        except (OSError, ValueError):  # none (left), or being written
+            return False
         if (work.step, work.window) != (target["step"], target["window"]):
-            return
+            return False
         try:
             self._crash_file.rename(self._crash_file.with_suffix(".claimed"))  # exactly one replica claims it
         except OSError:
-            return
-        os._exit(1)
+            return False
+        return True
