@@ -1,14 +1,9 @@
-"""Helpers shared by the deployments: model loading per replica, the heap's retention, logging."""
+"""Helpers shared by the deployments: the heap's retention and the replica's name (no torch: the Gateway uses
+them too)."""
 
 from __future__ import annotations
 
 import ctypes
-import logging
-
-from deployments.config import AppArgs, DeploymentOptions
-from pipeline.loading import Component, ModelBundle, load_models
-
-logger = logging.getLogger("ray.serve")
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -37,14 +32,3 @@ def replica_name() -> str:
 
     context = serve.get_replica_context()
     return f"{context.app_name}#{context.deployment}#{context.replica_tag}"
-
-
-def load_replica_models(args: AppArgs, options: DeploymentOptions, components: list[Component]) -> ModelBundle:
-    """Load the components this replica needs, once, in its constructor (which also sets the heap's policy)."""
-    limit_heap_retention()
-    device = args.torch_device(options.num_gpus)
-    bundle = load_models(args.model_preset(), components, checkpoints=args.checkpoints, device=device,
-                         variant=args.variant, dtype_policy=args.replica_dtype_policy(options))
-    logger.info("loaded %s of preset %s on %s in %s", ", ".join(components), args.preset, device,
-                {k: round(v, 2) for k, v in bundle.load_seconds.items()})
-    return bundle

@@ -18,10 +18,10 @@ from deployments.jobstore import DEFAULT_SQLITE_NAME, JobLimits, JobsConfig, Sql
 from deployments.retention import RetentionConfig
 from deployments.storage import LocalStorageConfig, StorageConfig
 from pipeline.fetch import AddressGuard, FetchLimits
-from pipeline.generator import PipelineSettings
 from pipeline.media.validate import MediaLimits
 from pipeline.presets import PRESETS, ModelPreset, get_preset
 from pipeline.schema import APP_ID
+from pipeline.settings import PipelineSettings
 
 APP_NAME = "stable-avatar"  # serve.get_app_handle(APP_NAME)
 DEFAULT_APP_ID = APP_ID

@@ -31,10 +31,11 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments import metrics
-from deployments.common import load_replica_models, replica_name
+from deployments.common import replica_name
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.gpu_queue import RoundRobinGate
 from deployments.placement import StickyBalancedRouter
+from deployments.replica_models import load_replica_models
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
 

@@ -49,9 +49,8 @@ from deployments.results import public_result, result_answer
 from deployments.service_state import open_service_state
 from deployments.storage import LocalStorage, StorageError, StorageNotFoundError, validate_key
 from pipeline.fetch import check_webhook_url
-from pipeline.generator import resolve_seed
 from pipeline.media.errors import MediaError
-from pipeline.schema import StableAvatarInput, StableAvatarOutput
+from pipeline.schema import StableAvatarInput, StableAvatarOutput, resolve_seed
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="stable-avatar-serve", description="fal-ai/stable-avatar compatible video generation")

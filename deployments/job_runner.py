@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments import metrics
 from deployments.background import BackgroundLoop
@@ -29,7 +29,9 @@ from deployments.errors import error_response
 from deployments.jobs import JobError
 from deployments.jobstore import ClaimedJob, FencedError, JobStore, cancelled_error
 from deployments.storage import Storage
-from pipeline.denoise import WindowStep
+
+if TYPE_CHECKING:
+    from pipeline.denoise import WindowStep
 
 logger = logging.getLogger("ray.serve")
 

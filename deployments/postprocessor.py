@@ -10,8 +10,9 @@ import ray
 import torch
 from ray import serve
 
-from deployments.common import load_replica_models, replica_name
+from deployments.common import replica_name
 from deployments.config import AppArgs
+from deployments.replica_models import load_replica_models
 from deployments.storage import make_storage
 from deployments.transport import take_tensor
 from pipeline.generator import PipelineSettings, PreparedRequest, StableAvatarPipeline

@@ -15,8 +15,9 @@ from typing import Any
 
 from ray import serve
 
-from deployments.common import load_replica_models, replica_name
+from deployments.common import replica_name
 from deployments.config import AppArgs
+from deployments.replica_models import load_replica_models
 from deployments.storage import S3Storage, StorageNotFoundError, StorageTooLargeError, make_storage
 from pipeline.fetch import FetchError, InputField, InputTooLargeError, fetch_input
 from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline

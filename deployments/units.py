@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.denoise import GuidanceScales, RequestConditioning
-from pipeline.generator import PipelineSettings
+from pipeline.settings import PipelineSettings
 from pipeline.step_cache import AccelerationLevel, StepCachePlan
 
 

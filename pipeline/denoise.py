@@ -40,6 +40,7 @@ from pipeline.step_cache import (
     StepCache,
     StepCachePlan,
     StepCacheSettings,
+    plan_for,
 )
 from pipeline.windows import StreamingFusion, WeightScheme, Window, WindowPlan
 
@@ -137,7 +138,7 @@ class WindowDenoiser:
             if len(self._plans) >= 64:
                 self._plans.pop(next(iter(self._plans)))
             modulation = self.transformer.timestep_modulation(sigma_schedule(num_steps).timesteps)  # [N, 6, C]
-            self._plans[memo] = settings.plan(modulation, level)
+            self._plans[memo] = plan_for(settings, modulation, level)
         return self._plans[memo]
 
     def model_inputs(self, cond: RequestConditioning, window: int, step: int, latents: torch.Tensor,

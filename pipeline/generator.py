@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import tempfile
 import time
 import uuid
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
 
 from pipeline.conditioning import build_clip_context, build_y
 from pipeline.denoise import (
@@ -39,34 +37,15 @@ from pipeline.media.image import choose_size, load_image, resize_cover
 from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
 from pipeline.models.vae import StreamingVaeDecoder, frames_to_uint8
-from pipeline.schema import AspectRatio
-from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan, StepCacheSettings
-from pipeline.text import NEGATIVE_PROMPT, PromptEncoder
-from pipeline.windows import FPS, SAMPLE_RATE, WeightScheme, WindowPlan, WindowPolicy, plan_windows
+from pipeline.schema import AspectRatio, resolve_seed
+from pipeline.settings import PipelineSettings
+from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
+from pipeline.text import PromptEncoder
+from pipeline.windows import FPS, SAMPLE_RATE, WindowPlan, plan_windows
 
 LATENT_CHANNELS = 16
 VAE_SPATIAL = 8
 PATCH = 2
-RANDOM_SEED_LIMIT = 2**32  # seeds the server picks lie in [0, 2**32), as fal's do
-
-
-class PipelineSettings(BaseModel):
-    """Knobs that are not part of the fal schema (service configuration, not per request)."""
-
-    overlap: int = Field(10, ge=2, le=20, description="Latent frames shared by neighbouring windows (fal: 10).")
-    window_policy: WindowPolicy = Field("full", description="'full' (default) or 'upstream' (bit parity).")
-    audio_window_frames: int = Field(
-        81, ge=81, le=84, description="Video frames of audio per window: 81 as trained; 84 is upstream HEAD.",
-    )
-    weight_scheme: WeightScheme = "uniform"
-    negative_prompt: str = NEGATIVE_PROMPT
-    decode_chunk_latents: int = Field(4, ge=1, le=64, description="Latent frames per streaming VAE decode chunk.")
-    split_guidance_rows: bool = Field(
-        False, description="Run the three guidance rows of a window-step as separate units (3·K units per step).")
-    acceleration: AccelerationLevel = Field(
-        "none", description="Step-cache level of requests that do not choose one: none, regular, high.")
-    step_cache: StepCacheSettings = Field(default_factory=StepCacheSettings)
-    compile: bool = Field(False, description="torch.compile the DiT's repeated blocks.")
 
 
 @dataclass
@@ -119,10 +98,6 @@ class VideoResult:
 
 
 ProgressCallback = Callable[[str], None]
-
-
-def resolve_seed(seed: int | None) -> int:
-    return random.SystemRandom().randrange(RANDOM_SEED_LIMIT) if seed is None else int(seed)
 
 
 class StableAvatarPipeline:

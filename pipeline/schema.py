@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,7 @@ AccelerationLevel = Literal["none", "regular", "high"]  # as fal's other endpoin
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
+RANDOM_SEED_LIMIT = 2**32  # seeds the server picks lie in [0, 2**32), as fal's do
 
 
 class StableAvatarInput(BaseModel):
@@ -69,3 +71,8 @@ class StableAvatarOutput(BaseModel):
 
     video: File
     seed: int
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The request's seed, or one the server picks (then the output reports it, as fal's does)."""
+    return random.SystemRandom().randrange(RANDOM_SEED_LIMIT) if seed is None else int(seed)

@@ -68,42 +68,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 
 from pipeline.schema import AccelerationLevel
+from pipeline.settings import WAN21_1P3B_E0_COEFFICIENTS, StepCacheSettings
 
-# TeaCache4Wan2.1 (use_ret_steps, 1.3B): rescale polynomial of the e0 relative L1 distance, highest power first.
-WAN21_1P3B_E0_COEFFICIENTS: tuple[float, ...] = (
-    -5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02,
-)
 ALL_ROWS: tuple[int, ...] = (0, 1, 2)
 
 
-class StepCacheSettings(BaseModel):
-    """Thresholds of the acceleration levels and the runner's memory bound (service configuration)."""
-
-    regular_threshold: float = Field(0.05, ge=0, le=1, description="TeaCache threshold of 'regular' (0: no skip).")
-    high_threshold: float = Field(0.10, ge=0, le=1, description="TeaCache threshold of 'high' (0: no skip).")
-    always_compute_first: int = Field(5, ge=1, le=100, description="Leading steps that are always computed.")
-    coefficients: tuple[float, ...] = Field(
-        WAN21_1P3B_E0_COEFFICIENTS, min_length=1, description="Rescale polynomial, highest power first.")
-    guard_fitted_range: bool = Field(
-        True, description="Compute a step whose e0 distance is past the polynomial's first local maximum.")
-    max_entries: int = Field(256, ge=1, description="Residuals kept per runner (LRU beyond).")
-    max_bytes: int = Field(8 << 30, ge=1, description="Bytes of residuals kept per runner (LRU beyond).")
-
-    def plan(self, modulation: torch.Tensor, level: AccelerationLevel) -> StepCachePlan:
-        """The plan of ``level`` for a schedule whose per-step modulated inputs are ``modulation``."""
-        limit = fitted_range_limit(self.coefficients) if self.guard_fitted_range else None
-        return plan_step_cache(modulation, self.threshold(level), self.always_compute_first, self.coefficients,
-                               limit)
-
-    def threshold(self, level: AccelerationLevel) -> float:
-        if level == "regular":
-            return self.regular_threshold
-        if level == "high":
-            return self.high_threshold
-        raise ValueError(f"acceleration level {level!r} has no step cache threshold")
+def plan_for(settings: StepCacheSettings, modulation: torch.Tensor, level: AccelerationLevel) -> StepCachePlan:
+    """The plan of ``level`` under ``settings`` for a schedule whose per-step modulated inputs are ``modulation``."""
+    limit = fitted_range_limit(settings.coefficients) if settings.guard_fitted_range else None
+    return plan_step_cache(modulation, settings.threshold(level), settings.always_compute_first,
+                           settings.coefficients, limit)
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.settings import NEGATIVE_PROMPT
+
 TEXT_LENGTH = 512  # T5 tokens; the DiT hard-codes a 512-row text context
 
-# Wan's default negative prompt, hard-coded by StableAvatar's inference.py and fal's fork.
-NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"  # noqa: RUF001
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"  # noqa: RUF001
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # noqa: RUF001
-)
 
 Tokenizer = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
 

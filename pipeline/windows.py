@@ -20,17 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-WindowPolicy = Literal["full", "upstream"]
-WeightScheme = Literal["uniform", "log"]
+from pipeline.media.rates import FPS, SAMPLE_RATE
+from pipeline.settings import WeightScheme, WindowPolicy
 
 WINDOW_LATENT_FRAMES = 21  # 81 video frames: the length StableAvatar was trained on
 TEMPORAL_COMPRESSION = 4
-FPS = 25
-SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 
 

@@ -225,8 +225,8 @@ def test_denoiser_replica_loads_with_the_orchestrator_state_dtype():
     uses; a CPU deployment of the same app stays fp32."""
     import torch
 
-    from deployments.common import load_replica_models
     from deployments.config import DeploymentOptions
+    from deployments.replica_models import load_replica_models
 
     args = AppArgs(preset="tiny", device="auto", denoiser=DeploymentOptions(num_gpus=1))
     bundle = load_replica_models(args, args.denoiser, ["transformer"])

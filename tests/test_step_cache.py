@@ -23,6 +23,7 @@ from pipeline.step_cache import (
     StepCachePlan,
     StepCacheSettings,
     fitted_range_limit,
+    plan_for,
     plan_step_cache,
     rescale,
 )
@@ -74,7 +75,7 @@ def test_fitted_range_guard_computes_steps_that_move_further_than_the_fit():
     # 0.12 rescales to -0.88 (the quartic has turned down): unguarded TeaCache skips exactly the big moves
     modulation = modulation_with_distances([0.12] * 5)
     unguarded = plan_step_cache(modulation, threshold=0.1, always_compute_first=1)
-    guarded = StepCacheSettings(always_compute_first=1).plan(modulation, "high")
+    guarded = plan_for(StepCacheSettings(always_compute_first=1), modulation, "high")
     assert unguarded.compute == (True, False, False, False, False, True)
     assert guarded.compute == (True,) * 6
 

@@ -22,7 +22,8 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
-from pipeline.text import NEGATIVE_PROMPT, TEXT_LENGTH, HFTokenizer, clean_prompt
+from pipeline.settings import NEGATIVE_PROMPT
+from pipeline.text import TEXT_LENGTH, HFTokenizer, clean_prompt
 
 SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3, as umt5
 EXTRA_IDS = 8  # umt5 ships 300 sentinels; 8 keep the files small with the same layout

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.media.audio import decode_audio
 from pipeline.media.errors import FFmpegError, UnreadableAudioError, UnreadableImageError
 from pipeline.media.image import MAX_PIXELS, load_image
+from pipeline.media.rates import SAMPLE_RATE
 from pipeline.media.video import probe_media
 
 IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
@@ -44,7 +45,6 @@ AUDIO_CONTAINERS = frozenset({
     "wav", "w64", "mp3", "ogg", "flac", "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "aac",
     "aiff", "asf", "amr", "caf", "avi", "au", "ac3", "eac3", "mpeg", "mpegts", "wv", "ape", "mp2", "opus",
 })
-AUDIO_SAMPLE_RATE = 16000
 PROBE_PREFIX = "stable-avatar-probe-"
 
 
@@ -220,7 +220,7 @@ def _other_image_format(data: bytes) -> str | None:
 
 @dataclass
 class AudioCheck:
-    """A validated audio input: its duration and the mono float32 samples at ``AUDIO_SAMPLE_RATE``."""
+    """A validated audio input: its duration and the mono float32 samples at ``SAMPLE_RATE``."""
 
     duration_s: float
     samples: np.ndarray
@@ -231,7 +231,7 @@ def validate_audio(data: bytes, limits: MediaLimits) -> float:
     return check_audio(data, limits).duration_s
 
 
-def check_audio(data: bytes, limits: MediaLimits, sample_rate: int = AUDIO_SAMPLE_RATE) -> AudioCheck:
+def check_audio(data: bytes, limits: MediaLimits, sample_rate: int = SAMPLE_RATE) -> AudioCheck:
     """Probe, then decode at most ``max_audio_s`` (+0.5 s to tell "too long"); see the module docstring."""
     if not data:
         raise InvalidAudioError("Could not read the audio: the file is empty.")

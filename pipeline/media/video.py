@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.media._proc import stderr_tail
 from pipeline.media.errors import FFmpegError
 from pipeline.media.ffmpeg_bin import ffmpeg_path, ffprobe_path
-from pipeline.windows import FPS
+from pipeline.media.rates import FPS
 
 MUX_TIMEOUT_S = 600.0
 ENCODE_WAIT_S = 600.0

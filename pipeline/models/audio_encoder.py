@@ -16,8 +16,8 @@ from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from pipeline.keymaps.audio_encoder import load_audio_encoder_weights
 from pipeline.keymaps.files import read_state_dict
+from pipeline.media.rates import SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 # Regularisers that only act in training; zeroed so a model accidentally left in train mode still matches.
 TRAINING_ONLY = {
     "layerdrop": 0.0,
