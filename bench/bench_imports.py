@@ -82,13 +82,17 @@ def measure_all(root: Path, repeat: int) -> dict:
     return rows
 
 
-def run(repeat: int, compare_rev: str | None) -> dict:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+def short_hash(rev: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO_ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
-    result = {"repeat": repeat, "python": sys.version.split()[0], "commits": {head: measure_all(REPO_ROOT, repeat)}}
+
+
+def run(repeat: int, compare_rev: str | None) -> dict:
+    result = {"repeat": repeat, "python": sys.version.split()[0],
+              "commits": {short_hash("HEAD"): measure_all(REPO_ROOT, repeat)}}
     if compare_rev:
         with checkout(compare_rev) as root:
-            result["commits"][f"{compare_rev} (compared)"] = measure_all(root, repeat)
+            result["commits"][f"{short_hash(compare_rev)} (compared)"] = measure_all(root, repeat)
     result["load_average"] = load_average()
     return result
 
