@@ -459,18 +459,23 @@ def lower_priority(nice: int) -> None:
 
 
 def run_length(seconds: float, steps: int, workdir: Path, denoisers: int = 1, object_store_mb: int = 4096,
-               timeout_s: float = 6 * 3600, nice: int = 0) -> dict[str, Any]:
-    """One job of ``seconds`` of audio through a fresh cluster; returns the measurements (see the module doc)."""
+               timeout_s: float = 6 * 3600, nice: int = 0, denoiser_max_ongoing: int | None = None) -> dict[str, Any]:
+    """One job of ``seconds`` of audio through a fresh cluster; returns the measurements (see the module doc).
+    ``denoiser_max_ongoing``: the Denoisers' ``max_ongoing_requests`` (None: the application's default)."""
     case = workdir / f"{seconds:g}s"
     tmp, storage_root = case / "replica-tmp", case / "storage"
     tmp.mkdir(parents=True)
     audio = synthetic_speech(case / "speech.wav", seconds)
-    row: dict[str, Any] = {"audio_s": seconds, "steps": steps, "denoisers": denoisers, **geometry(seconds)}
+    row: dict[str, Any] = {"audio_s": seconds, "steps": steps, "denoisers": denoisers,
+                           "denoiser_max_ongoing": denoiser_max_ongoing, **geometry(seconds)}
+    denoiser: dict[str, Any] = {"num_replicas": denoisers}
+    if denoiser_max_ongoing is not None:
+        denoiser["max_ongoing_requests"] = denoiser_max_ongoing
     with replica_environment(tmp), started_cluster(object_store_mb) as cluster:
         cluster.deploy({
             "preset": PRESET, "preset_modules": ["bench.simulated"], "device": "cpu",
             "storage": cluster.local_storage(storage_root), "checkpoint_every_steps": 1,
-            "denoiser": {"num_replicas": denoisers},
+            "denoiser": denoiser,
         })
         wait_ready(cluster.base)
         if nice:
@@ -516,10 +521,15 @@ def run_length(seconds: float, steps: int, workdir: Path, denoisers: int = 1, ob
 
 # -- report ---------------------------------------------------------------------------------------------------------
 
+def max_ongoing_note(row: dict) -> str:
+    value = row.get("denoiser_max_ongoing")
+    return "" if value is None else f" taking {value} units at once (max_ongoing_requests)"
+
+
 def text_report(rows: list[dict], label: str) -> str:
     lines = [f"long videos through the service: {PRESET} preset at 480x832 ({ASPECT}), "
-             f"{rows[0]['steps']} denoising steps, {rows[0]['denoisers']} Denoiser replicas, fp32 state (CPU) "
-             f"[{label}]", NOISE_NOTE, ""]
+             f"{rows[0]['steps']} denoising steps, {rows[0]['denoisers']} Denoiser replicas"
+             f"{max_ongoing_note(rows[0])}, fp32 state (CPU) [{label}]", NOISE_NOTE, ""]
     lines.append("audio s | frames | windows | latents MiB | preprocess s | denoise s | postprocess s | total s | "
                  "decode+encode fps | output MiB | ffprobe frames | duration s | ok")
     for r in rows:
@@ -565,6 +575,9 @@ def main() -> None:
     parser.add_argument("--denoisers", type=int, default=1, help="Denoiser replicas (each holds its own "
                         "conditioning cache; 1 keeps the benchmark's footprint small on a shared box)")
     parser.add_argument("--object-store-mb", type=int, default=4096)
+    parser.add_argument("--denoiser-max-ongoing", type=int, default=None, help="the Denoisers' "
+                        "max_ongoing_requests (default: the application's); below the windows of a step, Serve "
+                        "rejects and re-sends units")
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. before/after a fix)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "long_video",
                         help="writes OUT.json and OUT.txt")
@@ -589,7 +602,7 @@ def main() -> None:
         for length in seconds:
             print(f"--- {length:g} s of audio", flush=True)
             row = run_length(length, args.steps, Path(workdir), args.denoisers, args.object_store_mb,
-                             nice=args.nice)
+                             nice=args.nice, denoiser_max_ongoing=args.denoiser_max_ongoing)
             row["label"], row["commit"] = label, commit
             rows = sorted([*rows, row], key=lambda r: r["audio_s"])
             print(json.dumps(row), flush=True)

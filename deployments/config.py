@@ -49,6 +49,9 @@ class Autoscaling(BaseModel):
         return self
 
 
+SERVE_DEFAULT_MAX_ONGOING = 5  # Ray Serve's max_ongoing_requests when a deployment sets none
+
+
 class DeploymentOptions(BaseModel):
     """Resources and scaling of one deployment: fixed ``num_replicas`` or ``autoscaling``."""
 
@@ -60,6 +63,15 @@ class DeploymentOptions(BaseModel):
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
+    @property
+    def capacity(self) -> int:
+        """Requests the deployment accepts at once at its largest: beyond that, Serve's replicas reject calls."""
+        return self.max_replicas * (self.max_ongoing_requests or SERVE_DEFAULT_MAX_ONGOING)
 
     def serve_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}

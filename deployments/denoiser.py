@@ -78,8 +78,10 @@ class Denoiser:
         return conditioning
 
     async def step(self, request_id: str, slot: int, conditioning: list[ray.ObjectRef],
-                   work: WindowStep) -> tuple[torch.Tensor, str]:
-        """Runs one unit; returns its output and this replica's id (progress and tests see where units ran)."""
+                   unit: list[ray.ObjectRef]) -> tuple[torch.Tensor, str]:
+        """Runs one unit (fetched from the object store now that this replica has accepted the call); returns its
+        output and this replica's id (progress and tests see where units ran)."""
+        work: WindowStep = await unit[0]
         await self._maybe_crash(work)
         cond = await self._conditioning(request_id, conditioning[0])
         async with self._gpu.hold(request_id):

@@ -155,7 +155,8 @@ class Orchestrator:
         conditioning_ref = ray.put(prepared.conditioning)
         prepared = prepared.without_conditioning()  # the object store holds it now: no second copy here
         executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, job.request_id,
-                                       self.args.window_step_retries, on_retry=report.retry)
+                                       self.args.window_step_retries, on_retry=report.retry,
+                                       max_in_flight=self.args.denoiser.capacity)
         step_started = [time.perf_counter()]
         every = self.args.checkpoint_every_steps if checkpoints else 0
         last_saved = [start_step - 1]
@@ -178,7 +179,7 @@ class Orchestrator:
         except BaseException:
             self._release_later(executor)  # cancelled or failed: the replicas still drop the request's caches
             raise
-        await executor.release(self._max_denoisers())
+        await executor.release(self.args.denoiser.max_replicas)
         executor.close()
         del conditioning_ref  # the conditioning leaves the object store now, not after postprocessing
         handed_over = put_tensor(latents)  # into the object store once, read in place by the Postprocessor
@@ -224,12 +225,8 @@ class Orchestrator:
                                                                     cond.num_steps, level)
         return unit_plan(self.args.pipeline, cond, level, step_cache, start_step)
 
-    def _max_denoisers(self) -> int:
-        options = self.args.denoiser
-        return options.autoscaling.max_replicas if options.autoscaling is not None else options.num_replicas
-
     def _release_later(self, executor: RayDenoiserExecutor) -> None:
-        task = asyncio.get_running_loop().create_task(executor.release(self._max_denoisers()))
+        task = asyncio.get_running_loop().create_task(executor.release(self.args.denoiser.max_replicas))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -4,18 +4,28 @@ A unit is a pure function of its inputs (latents slice, step index, rows, cache 
 so retrying it on another replica cannot change the result: a replica that lacks the unit's step-cache residual
 rebuilds it from the directive's anchor latents.
 
-Unit ``i`` of a step is called as ``step(request_id, slot, [conditioning], unit)`` with ``slot = offset(request) +
+Unit ``i`` of a step is called as ``step(request_id, slot, [conditioning], [unit])`` with ``slot = offset(request) +
 i``: Serve's router places it on ``sorted(live replicas)[slot mod N]`` (:mod:`deployments.placement`), so a step is
 spread evenly and each unit stays on its replica from step to step.
+
+A unit is put in the object store once and its call carries only the reference (in a list, so Ray hands it on
+unresolved and the replica fetches it once it has accepted the call). Serve serializes a call's arguments again at
+every attempt, and a replica at its ``max_ongoing_requests`` rejects the call, which the router then re-sends: with
+the unit itself as the argument, a 600 s job on one Denoiser (341 units of 8 MiB a step, 64 accepted at a time)
+created 12-17 GiB in the object store per step instead of 5.3 (``bench/results/long_video.txt``, commit 04f843a).
+At most ``max_in_flight`` units (the Denoisers' capacity at their largest) are stored and sent at once, so the
+object store holds that many, not a whole step's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import ray
 import torch
@@ -31,35 +41,16 @@ RETRYABLE = (RayActorError, ReplicaUnavailableError)
 RetryHook = Callable[[WindowStep, int, BaseException], Awaitable[None] | None]
 
 
-class Parcel:
-    """What a unit's handle call carries: it pickles as the unit itself (the Denoiser receives a ``WindowStep``)
-    and is emptied once the call has returned. The call machinery keeps references to its arguments longer than
-    the call (Serve's routing queues are cleaned lazily; some of its objects are freed only by the garbage
-    collector's cycle pass), and a unit holds a view of the whole latent state: without this, every step's
-    previous state could stay alive for a while (measured: two to three extra states in the Orchestrator at
-    60 s; ``bench/results/long_video.txt``)."""
-
-    __slots__ = ("work",)
-
-    def __init__(self, work: WindowStep):
-        self.work: WindowStep | None = work
-
-    def __getattr__(self, name: str):  # in process (stand-in handles in tests) it reads as its unit
-        return getattr(self.work, name)
-
-    def __reduce__(self):
-        if self.work is None:
-            raise RuntimeError("a unit's parcel was pickled after its call had returned")
-        return self.work.__reduce__()
-
-
 class RayDenoiserExecutor:
     """``on_retry(work, attempt, error)`` (sync or async) runs before each retry: the Orchestrator logs it on the
-    job, so a client sees which unit was re-run."""
+    job, so a client sees which unit was re-run. ``put`` stores a unit and returns what its calls carry (``ray.put``;
+    tests without a cluster pass their own); ``max_in_flight`` bounds the units stored and sent at once."""
 
     def __init__(self, denoiser_handle, conditioning_ref: ray.ObjectRef, request_id: str, retries: int,
-                 on_retry: RetryHook | None = None):
-        self.handle, self.request_id = denoiser_handle, request_id
+                 on_retry: RetryHook | None = None, put: Callable[[WindowStep], Any] = ray.put,
+                 max_in_flight: int | None = None):
+        self.handle, self.request_id, self.put = denoiser_handle, request_id, put
+        self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else contextlib.nullcontext()
         # One list for every call (a list, so Ray passes the reference on unresolved): ``close`` empties it, so
         # the arguments Serve keeps of finished calls stop pinning the conditioning in the object store.
         self.refs = [conditioning_ref]
@@ -98,34 +89,40 @@ class RayDenoiserExecutor:
         return index, await self._run_one(index, work)
 
     async def _run_one(self, index: int, work: WindowStep) -> torch.Tensor:
-        """Sends the unit as it is: it pickles just its own frames (``WindowStep.__reduce__``), and the view it
-        holds is what a retry resends."""
+        async with self.in_flight:  # units wait their turn here, in order, before they are stored
+            return await self._send(index, work)
+
+    async def _send(self, index: int, work: WindowStep) -> torch.Tensor:
+        """Stores the unit once (it pickles just its own frames: ``WindowStep.__reduce__``) and sends its reference
+        at every attempt. The list is emptied when the unit is done: Serve keeps a call's arguments for a while
+        after it returned (lazily cleaned queues, cycles that only the garbage collector frees), and a reference
+        it kept would keep the unit in the object store."""
         slot = self.offset + index
-        for attempt in range(self.retries + 1):
-            try:
-                parcel = Parcel(work)
+        unit = [await asyncio.to_thread(self.put, work)]  # a put copies megabytes: off the event loop
+        try:
+            for attempt in range(self.retries + 1):
                 try:
-                    result = await self.handle.step.remote(self.request_id, slot, self.refs, parcel)
-                finally:
-                    parcel.work = None
-            except RETRYABLE as exc:
-                if attempt == self.retries:
-                    raise
-                self.retried += 1
-                logger.warning("window %d step %d rows %s: replica failed (%s), retrying (%d/%d)", work.window,
-                               work.step, work.rows, type(exc).__name__, attempt + 1, self.retries)
-                if self.on_retry is not None:
-                    outcome = self.on_retry(work, attempt + 1, exc)
-                    if inspect.isawaitable(outcome):
-                        await outcome
-                continue
-            if isinstance(result, tuple):  # (output, replica id) from the Denoiser deployment
-                result, replica = result
-                self.last_replicas.add(replica)
-                self.last_placement[index] = replica
-                self.units_per_replica[replica] += 1
-            return result
-        raise AssertionError("unreachable")
+                    result = await self.handle.step.remote(self.request_id, slot, self.refs, unit)
+                except RETRYABLE as exc:
+                    if attempt == self.retries:
+                        raise
+                    self.retried += 1
+                    logger.warning("window %d step %d rows %s: replica failed (%s), retrying (%d/%d)", work.window,
+                                   work.step, work.rows, type(exc).__name__, attempt + 1, self.retries)
+                    if self.on_retry is not None:
+                        outcome = self.on_retry(work, attempt + 1, exc)
+                        if inspect.isawaitable(outcome):
+                            await outcome
+                    continue
+                if isinstance(result, tuple):  # (output, replica id) from the Denoiser deployment
+                    result, replica = result
+                    self.last_replicas.add(replica)
+                    self.last_placement[index] = replica
+                    self.units_per_replica[replica] += 1
+                return result
+            raise AssertionError("unreachable")
+        finally:
+            unit.clear()
 
     async def release(self, max_replicas: int, timeout_s: float = 30.0) -> int:
         """Tell the replicas to drop this request's conditioning and residuals: one ``free`` per slot residue

@@ -23,7 +23,8 @@ class FlakyHandle:
         self.failures, self.calls, self.slots = dict(failures), [], {}
         self.step = self
 
-    def remote(self, request_id, slot, refs, work: WindowStep):
+    def remote(self, request_id, slot, refs, unit: list[WindowStep]):
+        work = unit[0]
         self.calls.append(work.window)
         self.slots.setdefault(work.window, set()).add((request_id, slot))
 
@@ -41,10 +42,18 @@ def _steps(n: int) -> list[WindowStep]:
     return [WindowStep(i, 0, torch.zeros(1, 16, 21, 2, 2)) for i in range(n)]
 
 
+def in_process(work: WindowStep) -> WindowStep:
+    """The executor's ``put`` without a cluster: the call carries the unit itself."""
+    return work
+
+
+def executor_for(handle, retries: int = 0, **kwargs) -> RayDenoiserExecutor:
+    return RayDenoiserExecutor(handle, object(), "req", retries=retries, put=in_process, **kwargs)
+
+
 def test_dead_replica_is_retried_and_results_stay_in_order():
     handle, retries = FlakyHandle({1: 1, 3: 2}), []
-    executor = RayDenoiserExecutor(handle, object(), "req", retries=3,
-                                   on_retry=lambda w, n, exc: retries.append((w.window, n)))
+    executor = executor_for(handle, 3, on_retry=lambda w, n, exc: retries.append((w.window, n)))
     outputs = asyncio.run(executor.run(_steps(5)))
     assert [int(o[0, 0, 0, 0, 0]) for o in outputs] == [0, 1, 2, 3, 4]
     assert sorted(retries) == [(1, 1), (3, 1), (3, 2)] and executor.retried == 3
@@ -54,7 +63,7 @@ def test_dead_replica_is_retried_and_results_stay_in_order():
 
 
 def test_retries_are_bounded():
-    executor = RayDenoiserExecutor(FlakyHandle({0: 5}), object(), "req", retries=2)
+    executor = executor_for(FlakyHandle({0: 5}), 2)
     with pytest.raises(RayActorError):
         asyncio.run(executor.run(_steps(1)))
 
@@ -81,7 +90,7 @@ class FreeingHandle:
 
 def test_release_reaches_every_slot_residue_and_survives_dead_or_silent_replicas():
     handle = FreeingHandle(replicas=4)
-    executor = RayDenoiserExecutor(handle, object(), "req", retries=0)
+    executor = executor_for(handle)
     freed = asyncio.run(executor.release(max_replicas=4, timeout_s=0.5))
     assert sorted(s % 4 for s in handle.slots) == [0, 1, 2, 3]  # max_replicas consecutive slots: every residue
     assert freed == 10 + 13  # residues 0 and 3 answered; 1 failed, 2 timed out
@@ -96,7 +105,9 @@ def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_
         def __init__(self, delay):
             self.delay, self.step = delay, self
 
-        def remote(self, request_id, slot, refs, work):
+        def remote(self, request_id, slot, refs, unit):
+            work = unit[0]
+
             async def run():
                 await asyncio.sleep(0.02 * self.delay(work.window))
                 finished.append(work.window)
@@ -104,7 +115,7 @@ def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_
 
             return run()
 
-    executor = RayDenoiserExecutor(SlowHandle(lambda k: 5 - k), object(), "req", retries=0)
+    executor = executor_for(SlowHandle(lambda k: 5 - k))
 
     async def everything():
         arrived, alive = [], []
@@ -122,7 +133,7 @@ def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_
     assert alive == [0, 0, 0, 0, 0]  # the executor keeps no output it has handed on
 
     finished.clear()
-    executor = RayDenoiserExecutor(SlowHandle(lambda k: k + 1), object(), "req", retries=0)
+    executor = executor_for(SlowHandle(lambda k: k + 1))
 
     async def first_only():
         async with contextlib.aclosing(executor.as_completed(_steps(4))) as results:
@@ -133,23 +144,21 @@ def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_
     assert asyncio.run(first_only()) == 0 and finished == [0]
 
 
-def test_what_the_call_machinery_keeps_of_a_unit_does_not_keep_the_latent_state_alive():
+def test_what_the_call_machinery_keeps_of_a_unit_does_not_keep_the_unit_alive():
     """Serve keeps a call's arguments for a while after it returned (lazily cleaned queues, reference cycles that
-    only the garbage collector frees); a unit is a view of the whole state, so the executor's parcel is emptied
-    once its call returned, and still pickles as the unit itself while it runs."""
-    import pickle
-
-    kept, pickled = [], []
+    only the garbage collector frees): the list that carries the unit's reference is emptied once the unit is
+    done, so what Serve kept no longer pins the stored unit (here: the unit itself, a view of the whole state)."""
+    kept = []
 
     class KeepingHandle:
         step = None
 
-        def remote(self, request_id, slot, refs, parcel):
-            kept.append(parcel)
-            pickled.append(pickle.loads(pickle.dumps(parcel)))  # what a replica receives
+        def remote(self, request_id, slot, refs, unit):
+            kept.append(unit)
+            work = unit[0]
 
             async def run():
-                return parcel.latents + parcel.window  # reads as its unit while the call runs
+                return work.latents + work.window
 
             return run()
 
@@ -158,13 +167,61 @@ def test_what_the_call_machinery_keeps_of_a_unit_does_not_keep_the_latent_state_
     state = torch.randn(1, 16, 60, 2, 2)
     alive = weakref.ref(state)
     units = [WindowStep(k, 0, state[:, :, 10 * k:10 * k + 21]) for k in range(3)]
-    outputs = asyncio.run(RayDenoiserExecutor(handle, object(), "req", retries=0).run(units))
+    outputs = asyncio.run(executor_for(handle).run(units))
     assert all(torch.equal(out, state[:, :, 10 * k:10 * k + 21] + k) for k, out in enumerate(outputs))
-    assert all(type(p) is WindowStep and p.window == k for k, p in enumerate(pickled))
     del state, units, outputs
-    assert alive() is None and all(p.work is None for p in kept)  # the kept parcels hold nothing
-    with pytest.raises(RuntimeError, match="after its call had returned"):
-        pickle.dumps(kept[0])
+    assert alive() is None and kept == [[], [], []]  # the kept arguments hold nothing
+
+
+def test_a_unit_is_stored_once_whatever_the_attempts():
+    """A replica's death (our retry) or a full replica (Serve's re-send) makes another attempt of the same call:
+    each attempt carries the stored unit's reference, never a new copy of the unit."""
+    stored: list[int] = []
+
+    def put(work: WindowStep) -> WindowStep:
+        stored.append(work.window)
+        return work
+
+    handle = FlakyHandle({0: 2, 2: 1})
+    executor = RayDenoiserExecutor(handle, object(), "req", retries=3, put=put)
+    asyncio.run(executor.run(_steps(4)))
+    assert len(handle.calls) == 4 + 3 and sorted(stored) == [0, 1, 2, 3]
+
+
+def test_at_most_max_in_flight_units_are_stored_and_sent_at_once_in_order():
+    events: list[tuple[str, int]] = []
+    running = [0, 0]  # now, most
+
+    def put(work: WindowStep) -> WindowStep:
+        events.append(("stored", work.window))
+        return work
+
+    class CountingHandle:
+        def __init__(self):
+            self.step = self
+
+        def remote(self, request_id, slot, refs, unit):
+            work = unit[0]
+
+            async def run():
+                running[0] += 1
+                running[1] = max(running)
+                await asyncio.sleep(0.01)
+                running[0] -= 1
+                events.append(("done", work.window))
+                return work.latents + work.window
+
+            return run()
+
+    executor = RayDenoiserExecutor(CountingHandle(), object(), "req", retries=0, put=put, max_in_flight=2)
+    outputs = asyncio.run(executor.run(_steps(6)))
+    assert [int(o.flatten()[0]) for o in outputs] == list(range(6))
+    assert running[1] == 2
+    stored = [window for kind, window in events if kind == "stored"]
+    assert stored == list(range(6))  # in order
+    for k in range(2, 6):  # unit k is stored only after some unit has finished, freeing its place
+        assert events.index(("stored", k)) > min(events.index(("done", j)) for j in range(k))
+    assert sum(1 for kind, _ in events[:events.index(("done", 0))] if kind == "stored") <= 2
 
 
 def test_units_travel_with_their_own_frames_only():
@@ -198,12 +255,12 @@ def test_an_async_retry_hook_is_awaited_before_the_retry():
         await asyncio.sleep(0.01)
         events.append(("logged", work.window, work.step, attempt, type(exc).__name__))
 
-    executor = RayDenoiserExecutor(handle, object(), "req", retries=2, on_retry=hook)
+    executor = executor_for(handle, 2, on_retry=hook)
     original = handle.remote
 
-    def remote(request_id, slot, refs, work):
-        events.append(("call", work.window))
-        return original(request_id, slot, refs, work)
+    def remote(request_id, slot, refs, unit):
+        events.append(("call", unit[0].window))
+        return original(request_id, slot, refs, unit)
 
     handle.remote = remote
     asyncio.run(executor.run(_steps(3)))
