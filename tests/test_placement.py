@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from bench.bench_long_video import object_store_stats  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.denoiser import Denoiser  # noqa: E402
 from deployments.gpu_queue import RoundRobinGate  # noqa: E402
@@ -229,14 +230,6 @@ def test_the_caller_does_not_busy_loop_even_when_replicas_reject(cluster):
     assert result["placements"][-1] == [ids[(offset + i) % 2] for i in range(8)]  # still sticky when full
 
 
-def object_store_created_bytes() -> int:
-    """The raylet's cumulative bytes created in the object store (this module's one-node cluster)."""
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
-    return reply.store_stats.cumulative_created_bytes
-
-
 def test_a_unit_rejected_by_full_replicas_is_stored_once(cluster):
     """Replicas that take one unit at a time reject the rest, and Serve's router re-sends each rejected call;
     every attempt carries the stored unit's reference, so the object store receives each unit once (and each
@@ -245,9 +238,9 @@ def test_a_unit_rejected_by_full_replicas_is_stored_once(cluster):
     caller = deploy(2, max_ongoing_requests=1)  # as the previous test left it: no restart
     units, steps, size = 8, 2, 16
     unit_bytes = 16 * 21 * size * size * 4  # 344 KiB: more than Ray inlines in a call, so it is stored
-    before = object_store_created_bytes()
+    before = object_store_stats()["created"]
     result = caller.run.remote("stored-once", units, steps, size=size).result(timeout_s=120)
-    created = object_store_created_bytes() - before
+    created = object_store_stats()["created"] - before
     conditioning = 20 * 21 * size * size * 4  # y, the largest part
     expected = units * steps * 2 * unit_bytes + conditioning  # each unit in, each output back
     print("object store bytes created:", created, "expected about", expected, result)
