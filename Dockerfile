@@ -20,14 +20,15 @@ WORKDIR /home/ray/stable-avatar-serve
 # x86_64 the PyPI wheel of the pinned torch==2.13.0 is a CUDA build, which is what the GPU workers need;
 # ray[serve]==2.60.0 is already in the base image and stays as it is.
 COPY --chown=ray:users pyproject.toml README.md ./
-RUN mkdir -p pipeline deployments stable_avatar \
-    && touch pipeline/__init__.py deployments/__init__.py stable_avatar/__init__.py \
+RUN mkdir -p guarded_fetch pipeline deployments stable_avatar \
+    && touch guarded_fetch/__init__.py pipeline/__init__.py deployments/__init__.py stable_avatar/__init__.py \
     && pip install --no-cache-dir . \
     && pip uninstall -y stable-avatar-serve \
-    && rm -rf build pipeline deployments stable_avatar ./*.egg-info
+    && rm -rf build guarded_fetch pipeline deployments stable_avatar ./*.egg-info
 
 # The project itself: the runtime packages only (the `stable-avatar` CLI and the `deployments.app:build_app`
 # Serve application). Development tools (tools/, bench/, tests/) are not shipped.
+COPY --chown=ray:users guarded_fetch ./guarded_fetch
 COPY --chown=ray:users pipeline ./pipeline
 COPY --chown=ray:users deployments ./deployments
 COPY --chown=ray:users stable_avatar ./stable_avatar

@@ -4,7 +4,7 @@ The Denoisers run the ``simulated`` stand-in DiT (``bench/simulated.py``): 0.5 s
 unit takes 1.5 s, about what one row-forward of the 1.3B model at 480x832 costs on a datacenter GPU; Ray's
 per-call overhead then weighs as it would there. The denoising loop runs inside a Serve replica (``BenchCaller``),
 exactly as in the Orchestrator: the pipeline's ``denoise`` driving the Ray executor, whose units Serve's router
-places with :class:`deployments.placement.StickyBalancedRouter`. Replicas get fake GPUs. In one run:
+places with :class:`deployments.workers.placement.StickyBalancedRouter`. Replicas get fake GPUs. In one run:
 
 1. **fan-out**: one job of 24 windows (batch-3 units) on 1, 2, 4 and 8 replicas. ``efficiency_vs_ideal`` =
    (24 x steps x 1.5 s / N) / wall; ``efficiency`` = T1 / (N x TN). Latents must be identical on every N.
@@ -50,8 +50,8 @@ from ray import serve  # noqa: E402
 from bench.simulated import SIMULATED_ROW_S  # noqa: E402
 from bench.stats import load_average  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
-from deployments.denoiser import Denoiser  # noqa: E402
-from deployments.ray_executor import RayDenoiserExecutor  # noqa: E402
+from deployments.orchestrator.executor import RayDenoiserExecutor  # noqa: E402
+from deployments.workers.denoiser import Denoiser  # noqa: E402
 from pipeline.denoise import GuidanceScales, WindowStep, denoise, initial_noise  # noqa: E402
 from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402

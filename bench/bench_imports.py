@@ -30,11 +30,11 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench.stats import load_average  # noqa: E402
 
 MODULES = {
-    "Gateway": "deployments.gateway",
-    "Orchestrator": "deployments.orchestrator",
-    "Preprocessor": "deployments.preprocessor",
-    "Denoiser": "deployments.denoiser",
-    "Postprocessor": "deployments.postprocessor",
+    "Gateway": "deployments.gateway.deployment",
+    "Orchestrator": "deployments.orchestrator.deployment",
+    "Preprocessor": "deployments.workers.preprocessor",
+    "Denoiser": "deployments.workers.denoiser",
+    "Postprocessor": "deployments.workers.postprocessor",
 }
 MODEL_LIBRARIES = ("torch", "diffusers", "transformers")
 PROBE = """

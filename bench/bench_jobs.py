@@ -57,8 +57,8 @@ from ray import serve  # noqa: E402
 
 from bench.stats import load_average, percentile, summary  # noqa: E402
 from deployments.app import build_app  # noqa: E402
-from deployments.auth import fingerprint  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
+from deployments.gateway.auth import fingerprint  # noqa: E402
 from deployments.jobstore import (  # noqa: E402
     JobLimits,
     JobStore,
@@ -67,7 +67,7 @@ from deployments.jobstore import (  # noqa: E402
     SyncJobStore,
     make_sync_job_store,
 )
-from deployments.retention import RetentionConfig, sweep_once  # noqa: E402
+from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import LocalStorage, LocalStorageConfig  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, data_uri, http_json, synthetic_speech  # noqa: E402
 from tests.postgres import run_postgres  # noqa: E402

@@ -46,7 +46,7 @@ from deployments.jobstore import (  # noqa: E402
     SyncJobStore,
     make_sync_job_store,
 )
-from deployments.retention import DAY, RetentionConfig, sweep_once  # noqa: E402
+from deployments.orchestrator.retention import DAY, RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import LocalStorage, LocalStorageConfig, S3Storage, S3StorageConfig, Storage  # noqa: E402
 from tests.postgres import run_postgres  # noqa: E402
 from tests.seaweedfs import run_seaweedfs  # noqa: E402

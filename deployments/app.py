@@ -12,13 +12,13 @@
 from ray.serve import Application
 
 from deployments.config import APP_NAME, AppArgs
-from deployments.denoiser import Denoiser
-from deployments.gateway import Gateway
+from deployments.gateway.deployment import Gateway
 from deployments.jobstore import SqliteJobsConfig
-from deployments.orchestrator import Orchestrator
-from deployments.postprocessor import Postprocessor
-from deployments.preprocessor import Preprocessor
+from deployments.orchestrator.deployment import Orchestrator
 from deployments.storage import LocalStorageConfig
+from deployments.workers.denoiser import Denoiser
+from deployments.workers.postprocessor import Postprocessor
+from deployments.workers.preprocessor import Preprocessor
 
 __all__ = ["APP_NAME", "AppArgs", "build_app"]
 

@@ -12,12 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.auth import AuthConfig
-from deployments.gpu_queue import UnitOrder
-from deployments.jobstore import DEFAULT_SQLITE_NAME, JobLimits, JobsConfig, SqliteJobsConfig
-from deployments.retention import RetentionConfig
+from deployments.gateway.auth import AuthConfig
+from deployments.jobstore import JobLimits, JobsConfig, SqliteJobsConfig
+from deployments.orchestrator.retention import RetentionConfig
 from deployments.storage import LocalStorageConfig, StorageConfig
-from pipeline.fetch import AddressGuard, FetchLimits
+from deployments.storage.keys import LOCAL_JOBS_DATABASE
+from deployments.workers.unit_queue import UnitOrder
+from guarded_fetch import AddressGuard, FetchLimits
 from pipeline.media.validate import MediaLimits
 from pipeline.presets import PRESETS, ModelPreset, get_preset
 from pipeline.schema import APP_ID
@@ -224,7 +225,7 @@ class AppArgs(BaseModel):
         """Where SQLite keeps jobs when ``jobs`` names no path: ``<local storage root>/jobs.sqlite3`` (a file the
         storage never serves: only keys under results/, uploads/, ... are linked)."""
         root = self.storage.root if isinstance(self.storage, LocalStorageConfig) else Path(".")
-        return root / DEFAULT_SQLITE_NAME
+        return root / LOCAL_JOBS_DATABASE
 
     def job_limits(self) -> JobLimits:
         """The limits the jobs database enforces in its transactions, from ``auth`` and the queue settings."""

@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
+    from guarded_fetch import InputError
     from pipeline.keymaps import CheckpointKeyError
     from pipeline.loading import CheckpointNotFoundError
-    from pipeline.media.errors import MediaError
 
     handler = serve_command.run if args.command == "serve" else generate_commands.HANDLERS[args.command]
     try:
         return handler(args)
-    except MediaError as exc:
+    except InputError as exc:
         print(f"error: {exc.field}: {exc}", file=sys.stderr)
     except ValidationError as exc:
         for err in exc.errors():

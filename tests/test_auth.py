@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.auth import ApiKeys, AuthConfig, fingerprint
+from deployments.gateway.auth import ApiKeys, AuthConfig, fingerprint
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
 APP = "fal-ai/stable-avatar"
@@ -178,7 +178,7 @@ def test_each_429_names_the_limit_it_hit(service, long_audio):
 
 
 def test_uploads_land_only_under_the_callers_prefix(service):
-    from deployments.signing import SECRET_NAME, Signer
+    from deployments.storage.signing import SECRET_NAME, Signer
     from tests.helpers import EXAMPLE_IMAGE, http_json
 
     base, root, store = service["base"], service["root"], service["store"]
@@ -225,8 +225,8 @@ def test_signing_secret_is_shared_by_gateway_replicas_and_kept_out_of_storage(se
     from ray import serve
 
     from deployments.config import APP_NAME
-    from deployments.service_state import secret_fingerprint
-    from deployments.signing import SECRET_NAME
+    from deployments.runtime.service_state import secret_fingerprint
+    from deployments.storage.signing import SECRET_NAME
 
     handle = serve.get_deployment_handle("Gateway", APP_NAME)
     seen: dict[str, str] = {}

@@ -1,10 +1,10 @@
-"""deployments.background.BackgroundLoop: one task per loop, restarted after it died, stopped for good."""
+"""deployments.runtime.background.BackgroundLoop: one task per loop, restarted after it died, stopped for good."""
 
 from __future__ import annotations
 
 import asyncio
 
-from deployments.background import BackgroundLoop
+from deployments.runtime.background import BackgroundLoop
 
 
 def test_one_task_a_dead_loop_restarts_and_a_stopped_loop_stays_stopped():

@@ -18,8 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline import fetch as fetch_module
-from pipeline.fetch import (
+from guarded_fetch import (
     AddressGuard,
     BlockedAddressError,
     FetchError,
@@ -31,6 +30,7 @@ from pipeline.fetch import (
     fetch_input,
     pinned_connection,
 )
+from guarded_fetch import http as fetch_module
 from tests.helpers import EXAMPLE_IMAGE
 
 ALLOWED_IP = "127.0.0.2"
@@ -269,7 +269,7 @@ BLOCKED = ["http://127.0.0.1/", "http://169.254.169.254/latest/meta-data/", "htt
 def no_connect(monkeypatch):
     def refuse(*_args, **_kw):
         raise AssertionError("a connection was attempted")
-    monkeypatch.setattr(fetch_module._Fetcher, "connect", refuse)
+    monkeypatch.setattr(fetch_module.HttpFetcher, "connect", refuse)
 
 
 @pytest.mark.parametrize("url", BLOCKED)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from deployments.config import AppArgs
-from deployments.job_runner import JobCancelled, JobRunner, Run, RunReporter
+from deployments.contracts import JobCancelled, StoredResult, StoredVideo
 from deployments.jobstore import FencedError, JobStore, SqliteJobsConfig, make_job_store
-from deployments.postprocessor import result_key
-from deployments.results import stored_output
+from deployments.orchestrator.runner import JobRunner, Run, RunReporter
 from deployments.storage import LocalStorage, LocalStorageConfig
+from deployments.storage.keys import result_key
 
 INPUT = {"request": {"image_url": "https://example.invalid/a.png", "audio_url": "https://example.invalid/a.wav",
                      "prompt": "hi"}, "stored": {}}
@@ -54,7 +54,7 @@ class Pipeline:
         async with run.writing_objects(final=True):
             self.writing.set()
             await asyncio.to_thread(self._write, key)
-        return stored_output(key, 5, run.job.seed)
+        return StoredResult(video=StoredVideo(key=key, file_size=5), seed=run.job.seed)
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Each package imports only from the packages below it: pipeline <- deployments <- stable_avatar (the CLI).
+"""Each package imports only from the packages below it: guarded_fetch <- pipeline <- deployments <- stable_avatar
+(the CLI); inside ``deployments/`` no deployment's room (gateway, orchestrator, workers) imports another's: what
+they share is in ``contracts``, ``storage``, ``jobstore`` and ``runtime``.
 
 Development tools (tools/, bench/, tests/) are never imported by runtime code, so the image can leave them out.
 """
@@ -13,25 +15,38 @@ import pytest
 from bench.bench_imports import measure
 from tests.helpers import REPO_ROOT
 
-RUNTIME_PACKAGES = ("pipeline", "deployments", "stable_avatar")
+RUNTIME_PACKAGES = ("guarded_fetch", "pipeline", "deployments", "stable_avatar")
 DEV_PACKAGES = ("tools", "bench", "tests")
 # What each runtime package may import from this repository.
 ALLOWED = {
-    "pipeline": {"pipeline"},
-    "deployments": {"pipeline", "deployments"},
-    "stable_avatar": {"pipeline", "deployments", "stable_avatar"},
+    "guarded_fetch": {"guarded_fetch"},
+    "pipeline": {"guarded_fetch", "pipeline"},
+    "deployments": {"guarded_fetch", "pipeline", "deployments"},
+    "stable_avatar": {"guarded_fetch", "pipeline", "deployments", "stable_avatar"},
 }
+ROOMS = ("gateway", "orchestrator", "workers")  # one deployment (or three, the model workers) each
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Top-level names of every import in ``path`` (lazy imports inside functions included)."""
+def imported_modules(path: Path) -> set[str]:
+    """Dotted names of every import in ``path`` (lazy imports inside functions included)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of every import in ``path``."""
+    return {name.split(".")[0] for name in imported_modules(path)}
+
+
+def rooms_imported(path: Path) -> set[str]:
+    """The deployment rooms (``deployments.<room>``) that ``path`` imports from."""
+    return {parts[1] for name in imported_modules(path)
+            if (parts := name.split("."))[0] == "deployments" and len(parts) > 1 and parts[1] in ROOMS}
 
 
 @pytest.mark.parametrize("package", RUNTIME_PACKAGES)
@@ -45,13 +60,24 @@ def test_package_imports_only_what_is_below_it(package):
     assert offenders == {}, f"{package} imports from above itself or from dev tools: {offenders}"
 
 
+@pytest.mark.parametrize("room", ROOMS)
+def test_no_deployment_room_imports_another(room):
+    offenders = {str(path.relative_to(REPO_ROOT)): sorted(other)
+                 for path in sorted((REPO_ROOT / "deployments" / room).rglob("*.py"))
+                 if (other := rooms_imported(path) - {room})}
+    assert offenders == {}, f"deployments/{room} imports another deployment's room: {offenders}"
+
+
 def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from deployments.app import build_app\n    import stable_avatar.cli\n")
     assert imported_packages(bad) == {"deployments", "stable_avatar"}
+    assert rooms_imported(bad) == set()
+    bad.write_text("from deployments.workers.placement import place\nimport deployments.gateway.auth\n")
+    assert rooms_imported(bad) == {"workers", "gateway"}
 
 
-@pytest.mark.parametrize("module", ["deployments.gateway", "deployments.config", "pipeline.settings"])
+@pytest.mark.parametrize("module", ["deployments.gateway.deployment", "deployments.config", "pipeline.settings"])
 def test_the_gateway_and_the_configuration_load_no_model_library(module):
     """The Gateway runs no model: importing torch, diffusers and transformers cost each of its replicas 5.6 s and
     449 MiB at start, against 2.0 s and 133 MiB without them (``bench/results/imports.txt``)."""

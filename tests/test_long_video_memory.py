@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.latent_checkpoints import load_checkpoint, save_checkpoint
+from deployments.orchestrator.checkpoints import load_checkpoint, save_checkpoint
 from deployments.storage import LocalStorage, LocalStorageConfig, StorageNotFoundError
 from pipeline.denoise import ALL_ROWS, SPLIT_ROWS, GuidanceScales, WindowStep, denoise
 from pipeline.generator import GenerationParams, StableAvatarPipeline
@@ -216,7 +216,7 @@ def test_a_raw_tensor_travels_out_of_band_and_is_read_in_place(dtype):
 CHURN = """
 import re, sys, torch
 from concurrent.futures import ThreadPoolExecutor
-from deployments.common import limit_heap_retention
+from deployments.runtime.replica import limit_heap_retention
 
 def private_mib():
     return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024

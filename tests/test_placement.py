@@ -3,7 +3,7 @@ to a scale change; the replica's GPU queue is fair across concurrent jobs; and t
 
 The cluster tests run the units from inside a replica (``UnitCaller``), as the Orchestrator does: every call made
 while a replica serves one request shares Serve's internal request id, which is what Serve's default matching
-cannot handle (see ``deployments/placement.py``). The Denoisers run the ``simulated-fast`` stand-in DiT (0.2 s per
+cannot handle (see ``deployments/workers/placement.py``). The Denoisers run the ``simulated-fast`` stand-in DiT (0.2 s per
 guidance row, ``bench/simulated.py``).
 """
 
@@ -24,10 +24,11 @@ from ray import serve  # noqa: E402
 
 from bench.bench_long_video import object_store_stats  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
-from deployments.denoiser import Denoiser  # noqa: E402
-from deployments.gpu_queue import RoundRobinGate  # noqa: E402
-from deployments.placement import place, placement_slot, request_offset, unit_slot  # noqa: E402
-from deployments.ray_executor import RayDenoiserExecutor  # noqa: E402
+from deployments.contracts import request_offset, unit_slot  # noqa: E402
+from deployments.orchestrator.executor import RayDenoiserExecutor  # noqa: E402
+from deployments.workers.denoiser import Denoiser  # noqa: E402
+from deployments.workers.placement import place, placement_slot  # noqa: E402
+from deployments.workers.unit_queue import RoundRobinGate  # noqa: E402
 from pipeline.denoise import RequestConditioning, WindowStep  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 

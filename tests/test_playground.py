@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from ray import serve  # noqa: E402
 
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from deployments.gateway import Gateway  # noqa: E402
+from deployments.gateway.deployment import Gateway  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from ray.exceptions import RayActorError
 
-from deployments.placement import request_offset
-from deployments.ray_executor import RayDenoiserExecutor
+from deployments.contracts import request_offset
+from deployments.orchestrator.executor import RayDenoiserExecutor
 from pipeline.denoise import WindowStep
 
 

@@ -20,12 +20,13 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.config import AppArgs
+from deployments.contracts import StoredResult, StoredVideo
+from deployments.gateway.results import RESULT_EXPIRED, result_answer
 from deployments.jobs import JobError
 from deployments.jobstore import JobLimits, JobStore, PostgresJobsConfig, SqliteJobsConfig, SyncJobStore
 from deployments.jobstore import make_sync_job_store as open_store
 from deployments.jobstore.schema import MIGRATIONS
-from deployments.results import RESULT_EXPIRED, result_answer, stored_output
-from deployments.retention import (
+from deployments.orchestrator.retention import (
     DAY,
     LEASE_NAME,
     RetentionConfig,
@@ -736,3 +737,8 @@ def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path):
             "jobs") == 1 and c, 60, 1.0)
         assert counts == {"results": 1, "inputs": 2, "uploads": 1, "jobs": 1}
     assert not (root / "results").exists() and not (root / "inputs").exists()  # emptied directories removed too
+
+
+def stored_output(key: str, file_size: int, seed: int) -> dict:
+    """A result as a runner records it."""
+    return StoredResult(video=StoredVideo(key=key, file_size=file_size), seed=seed).model_dump()

@@ -226,7 +226,7 @@ def test_denoiser_replica_loads_with_the_orchestrator_state_dtype():
     import torch
 
     from deployments.config import DeploymentOptions
-    from deployments.replica_models import load_replica_models
+    from deployments.workers.models import load_replica_models
 
     args = AppArgs(preset="tiny", device="auto", denoiser=DeploymentOptions(num_gpus=1))
     bundle = load_replica_models(args, args.denoiser, ["transformer"])
@@ -246,8 +246,8 @@ def test_denoisers_accept_a_steps_units_and_autoscale_on_them(where):
     round-robin GPU queue, so Serve's router places each unit on its sticky replica at once and never holds one
     back), routes through the sticky router, and autoscales on one in-flight unit per replica."""
     from deployments.config import DENOISER_MAX_ONGOING
-    from deployments.denoiser import Denoiser
-    from deployments.placement import StickyBalancedRouter
+    from deployments.workers.denoiser import Denoiser
+    from deployments.workers.placement import StickyBalancedRouter
 
     args = AppArgs.model_validate(CONFIGS[where]["applications"][0]["args"])
     assert args.denoiser.max_ongoing_requests == DENOISER_MAX_ONGOING == AppArgs().denoiser.max_ongoing_requests

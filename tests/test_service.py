@@ -24,8 +24,8 @@ from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from deployments.denoiser import CRASH_FILE_ENV  # noqa: E402
-from deployments.placement import request_offset  # noqa: E402
+from deployments.contracts import request_offset  # noqa: E402
+from deployments.workers.denoiser import CRASH_FILE_ENV  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import (  # noqa: E402

@@ -52,10 +52,10 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
-from deployments.auth import fingerprint  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from deployments.gateway.auth import fingerprint  # noqa: E402
 from deployments.jobstore import JobStore, PostgresJobsConfig, make_sync_job_store  # noqa: E402
-from deployments.retention import RetentionConfig, sweep_once  # noqa: E402
+from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import S3Storage  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, synthetic_speech  # noqa: E402

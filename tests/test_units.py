@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from deployments.units import UnitPlan, unit_plan
+from deployments.orchestrator.units import UnitPlan, unit_plan
 from pipeline.denoise import denoise
 from pipeline.generator import GenerationParams, PipelineSettings, StableAvatarPipeline
 from pipeline.loading import load_models

@@ -574,7 +574,7 @@ def app_deployments(application: Any) -> dict[str, Any]:
 def deployment_names_in_source(package_dir: Path = REPO_ROOT / "deployments") -> set[str]:
     """Fallback for a Ray without ``Application._bound_deployment``: ``@serve.deployment(name=...)`` names."""
     pattern = re.compile(r"@serve\.deployment\([^)]*name=\"([^\"]+)\"")
-    return {m for f in package_dir.glob("*.py") for m in pattern.findall(f.read_text())}
+    return {m for f in package_dir.rglob("*.py") for m in pattern.findall(f.read_text())}
 
 
 def _check_deployment(name: str, dep: Any, override: dict[str, Any], path: tuple[Any, ...],

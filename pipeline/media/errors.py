@@ -1,26 +1,17 @@
 """User-facing media errors.
 
-They subclass ``ValueError`` so the API layer can map them to a 4xx response naming the offending request
-field (``error.field``). ``str(error)`` is a short human sentence without the field name or any traceback;
+They subclass :class:`guarded_fetch.InputError` (a ``ValueError``) so the API layer maps them, like fetch errors,
+to a 4xx response naming the offending request field (``error.field``). ``str(error)`` is a short human sentence without the field name or any traceback;
 ffmpeg/PIL diagnostics go to ``error.detail`` for logs only (they may contain temporary paths).
 """
 
 from __future__ import annotations
 
+from guarded_fetch import InputError
 
-class MediaError(ValueError):
-    """A request input could not be used. ``field`` names the request field ("image_url"/"audio_url")."""
 
-    field: str = "input"
-    status_code: int = 422  # 413 too large, 415 unsupported type, 422 otherwise (subclasses override)
-    error_type: str | None = None  # fal-style ``type`` of the detail entry
-
-    def __init__(self, message: str, *, field: str | None = None, detail: str = ""):
-        super().__init__(message)
-        if field is not None:
-            self.field = field
-        self.message = message
-        self.detail = detail
+class MediaError(InputError):
+    """A media input (image or audio) could not be used: undecodable, too small or large, the wrong kind."""
 
 
 class UnreadableAudioError(MediaError):

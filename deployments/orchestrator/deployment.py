@@ -1,8 +1,8 @@
 """Orchestrator: runs jobs (prepare -> denoise loop over Denoiser replicas -> finish), async.
 
-Every replica is a runner (:mod:`deployments.job_runner`): it claims queued jobs from the jobs database with a
+Every replica is a runner (:mod:`deployments.orchestrator.runner`): it claims queued jobs from the jobs database with a
 lease, runs the sync route's requests under a lease created with their row, and delivers the webhooks the
-database owes (:mod:`deployments.webhook_worker`). Nothing calls back into the Gateway; progress, logs and
+database owes (:mod:`deployments.orchestrator.webhook_worker`). Nothing calls back into the Gateway; progress, logs and
 results go to the job's row, fenced by the lease's epoch.
 
 The denoising loop is the pipeline's own ``denoise``; only the executor differs from the CLI, which is why the
@@ -23,21 +23,19 @@ import ray
 import torch
 from ray import serve
 
-from deployments import metrics
-from deployments.common import limit_heap_retention, replica_name
 from deployments.config import AppArgs
-from deployments.job_inputs import JobInput
-from deployments.job_runner import JobRunner, Run, RunReporter
+from deployments.contracts import JobInput, PostprocessResult, StoredResult, StoredVideo, request_offset
 from deployments.jobstore import FencedError
-from deployments.latent_checkpoints import load_checkpoint, save_checkpoint
-from deployments.placement import request_offset
-from deployments.postprocessor import result_key
-from deployments.ray_executor import RETRYABLE, RayDenoiserExecutor
-from deployments.results import stored_output
-from deployments.retention import RetentionSweeper
-from deployments.service_state import open_service_state
-from deployments.transport import put_tensor
-from deployments.units import UnitPlan, unit_plan
+from deployments.orchestrator.checkpoints import load_checkpoint, save_checkpoint
+from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor
+from deployments.orchestrator.retention import RetentionSweeper
+from deployments.orchestrator.runner import JobRunner, Run, RunReporter
+from deployments.orchestrator.units import UnitPlan, unit_plan
+from deployments.runtime import metrics
+from deployments.runtime.replica import limit_heap_retention, replica_name
+from deployments.runtime.service_state import open_service_state
+from deployments.runtime.transport import put_tensor
+from deployments.storage.keys import checkpoint_key, result_key
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest
 from pipeline.windows import FPS
@@ -45,15 +43,10 @@ from pipeline.windows import FPS
 logger = logging.getLogger("ray.serve")
 
 
-def checkpoint_key(request_id: str, epoch: int) -> str:
-    """One object per claim (overwritten at each checkpoint of that claim), never shared by two runners."""
-    return f"checkpoints/{request_id}/e{epoch}/latents.pt"
-
-
 @serve.deployment(name="Orchestrator", max_ongoing_requests=64)
 class Orchestrator:
     def __init__(self, preprocessor, denoiser, postprocessor, args: AppArgs):
-        from deployments.webhook_worker import WebhookWorker
+        from deployments.orchestrator.webhook_worker import WebhookWorker
 
         self.preprocessor, self.denoiser, self.postprocessor = preprocessor, denoiser, postprocessor
         self.args = args
@@ -82,7 +75,7 @@ class Orchestrator:
 
     # -- entry points ------------------------------------------------------------------------------------------
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str = "",
-                       input_keys: list[str] | None = None) -> dict[str, Any]:
+                       input_keys: list[str] | None = None) -> StoredResult:
         """A sync request (``/run`` and the Python handle): its row is created here, already leased to this
         replica, counting as a running job of ``owner`` (``LimitError`` when the key is at a limit). Returns the
         stored result (video as a storage key); raises what stopped it, after recording it on the row."""
@@ -113,7 +106,7 @@ class Orchestrator:
         await self.runner.stop()
 
     # -- one run -----------------------------------------------------------------------------------------------
-    async def _execute(self, run: Run, report: RunReporter) -> dict[str, Any]:
+    async def _execute(self, run: Run, report: RunReporter) -> StoredResult:
         job, started = run.job, time.perf_counter()
         job_input = JobInput.model_validate(job.input)
         request, checkpoints = job_input.model(), job.kind == "queue"
@@ -191,15 +184,15 @@ class Orchestrator:
         key = result_key(job.request_id, job.epoch)
         run.uncommitted.add(key)  # deleted unless the completion that names it wins
         async with run.writing_objects(final=True):
-            stored = await self._call_stage(
+            stored: PostprocessResult = await self._call_stage(
                 "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key), report)
         handed_over.clear()  # the latents leave the object store now
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
-        metrics.bytes_total().inc(stored["file_size"], tags={"direction": "uploaded"})
-        metrics.output_seconds().inc(stored["frames"] / FPS)
-        await report(message=f"encoded {stored['frames']} frames in {stored['encode_s']:.1f} s, uploaded "
-                             f"{stored['file_size'] / 1e6:.2f} MB")
-        return stored_output(key, stored["file_size"], job.seed)
+        metrics.bytes_total().inc(stored.file_size, tags={"direction": "uploaded"})
+        metrics.output_seconds().inc(stored.frames / FPS)
+        await report(message=f"encoded {stored.frames} frames in {stored.encode_s:.1f} s, uploaded "
+                             f"{stored.file_size / 1e6:.2f} MB")
+        return StoredResult(video=StoredVideo(key=key, file_size=stored.file_size), seed=job.seed)
 
     async def _call_stage(self, deployment: str, call: Callable[[], Awaitable[Any]], report: RunReporter) -> Any:
         """One Preprocessor/Postprocessor call, sent again when its replica died under it (a killed replica, a lost

@@ -6,7 +6,7 @@ The ``retention:`` block of the app args (:class:`RetentionConfig`) gives one TT
 1. **Rows first, then what they name.** For ``results``, ``inputs``, ``checkpoints`` and finally ``jobs`` it asks
    the job store for finished jobs past the TTL (``expired``), deletes the objects they name, then marks them
    purged (``purge``; ``jobs`` deletes the rows with their logs and webhook, after deleting every key they still
-   own). A result marked purged answers 410 (:func:`deployments.results.result_answer`). Objects first, rows
+   own). A result marked purged answers 410 (:func:`deployments.gateway.results.result_answer`). Objects first, rows
    after: a crash in between only repeats the deletes. An object that cannot be deleted is counted as failed
    and its row purged all the same: the object is then an orphan that step 2 tries again at every sweep, and a
    key that keeps failing never holds up the rows behind it. So is an object that an unfinished job reads (an
@@ -42,11 +42,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.background import BackgroundLoop
+from deployments.runtime.background import BackgroundLoop
+from deployments.storage.keys import OBJECT_KINDS, ObjectKind, object_kind
 
 if TYPE_CHECKING:
     from deployments.jobstore import ExpiredItem, JobStore
@@ -62,9 +63,8 @@ DEFAULT_LEASE_S = 300.0  # renewed after every batch; a sweeper that died frees 
 HOLD_FRACTION = 0.9  # after a sweep the lease is kept for this share of the interval: one sweep per interval
 NAMED_KEYS_CHUNK = 1000  # keys per named_keys query (the store's bound)
 
-ObjectKind = Literal["results", "inputs", "uploads", "checkpoints"]
 ROW_KINDS = ("results", "inputs", "checkpoints", "jobs")  # jobs last: it deletes what the others left
-ORPHAN_KINDS: tuple[ObjectKind, ...] = ("uploads", "inputs", "results", "checkpoints")
+ORPHAN_KINDS = OBJECT_KINDS  # every object kind may have orphans
 METRIC_KINDS = ("results", "inputs", "uploads", "checkpoints", "jobs")
 
 
@@ -78,7 +78,7 @@ class RetentionConfig(BaseModel):
     instead of 404 ("never existed"). ``storage.url_expiry_s`` must not exceed ``results_s``, or a link would
     outlive its file: ``AppArgs`` refuses a value written above it (validated, not clamped: the configuration
     says what links do) and lowers the default to ``results_s``; each link is also cut to its result's remaining
-    lifetime when it is made (:func:`deployments.results.result_answer`).
+    lifetime when it is made (:func:`deployments.gateway.results.result_answer`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -142,12 +142,6 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def kind_of_key(key: str) -> ObjectKind | None:
-    """The object kind of a storage key, by its first path segment (``results/...`` -> ``results``)."""
-    head = key.split("/", 1)[0]
-    return head if head in ORPHAN_KINDS else None  # type: ignore[return-value]
-
-
 class _Lease:
     """The sweep's hold on the ``retention`` lease row; ``renew`` returns False once another owner took it."""
 
@@ -201,7 +195,7 @@ async def _sweep_rows(store: JobStore, storage: Storage, kind: str, ttl: float, 
         report.rows[kind] += await store.purge(kind, ids, ttl)
         for key in keys:
             counts = report.failed if key in failed else report.objects
-            counts[kind_of_key(key) or ("inputs" if kind == "jobs" else kind)] += 1
+            counts[object_kind(key) or ("inputs" if kind == "jobs" else kind)] += 1
         if failed:
             logger.warning("retention: %d of %d %s objects could not be deleted (left to the orphan pass), e.g. "
                            "%s: %s", len(failed), len(keys), kind, *next(iter(failed.items())))
@@ -273,10 +267,10 @@ ReportHook = Callable[[SweepReport], None]
 class RetentionSweeper:
     """Runs :func:`sweep_once` every ``sweep_interval_s`` in the background of an async replica.
 
-    Start ``loop`` (a :class:`deployments.background.BackgroundLoop`) from a method running on the replica's
+    Start ``loop`` (a :class:`deployments.runtime.background.BackgroundLoop`) from a method running on the replica's
     event loop (the Orchestrator's constructor does, and its ``check_health`` restarts it if it ever died). Every replica of every
     application may run one: the lease lets one sweep per interval through. ``on_report`` receives each report
-    of a sweep that ran (e.g. :func:`deployments.metrics.record_retention`). Errors are logged and the sweep is
+    of a sweep that ran (e.g. :func:`deployments.runtime.metrics.record_retention`). Errors are logged and the sweep is
     tried again at the next interval.
     """
 

@@ -1,6 +1,6 @@
 """Denoiser: runs units (one window at one step, some guidance rows) on its GPU; the GPU deployment.
 
-Every method takes ``(request_id, slot, ...)`` first: :class:`~deployments.placement.StickyBalancedRouter` reads
+Every method takes ``(request_id, slot, ...)`` first: :class:`~deployments.workers.placement.StickyBalancedRouter` reads
 them to place the call (balanced over the live replicas, the same unit on the same replica from step to step).
 
 One unit runs at a time per replica; the others wait inside the replica on its :class:`RoundRobinGate`, served
@@ -30,12 +30,12 @@ import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments import metrics
-from deployments.common import replica_name
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
-from deployments.gpu_queue import RoundRobinGate
-from deployments.placement import StickyBalancedRouter
-from deployments.replica_models import load_replica_models
+from deployments.runtime import metrics
+from deployments.runtime.replica import replica_name
+from deployments.workers.models import load_replica_models
+from deployments.workers.placement import StickyBalancedRouter
+from deployments.workers.unit_queue import RoundRobinGate
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.media.errors import MediaError
+from guarded_fetch import InputError
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -21,7 +21,7 @@ def validation_detail(field: str, message: str, kind: str = "value_error") -> li
     return [{"loc": ["body", field], "msg": message, "type": kind}]
 
 
-# The statuses a MediaError may ask for with its ``status_code`` hint.
+# The statuses an InputError may ask for with its ``status_code`` hint.
 _MEDIA_STATUSES = frozenset({413, 415, 422})
 
 
@@ -33,7 +33,7 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
     any other status falls back to 422, so a bad hint can never turn a client error into a 2xx or 5xx.
     """
     cause = root_cause(exc)
-    if isinstance(cause, MediaError):
+    if isinstance(cause, InputError):
         status = cause.status_code if cause.status_code in _MEDIA_STATUSES else 422
         kind = cause.error_type or "value_error"
         return status, {"detail": validation_detail(cause.field, str(cause), kind)}

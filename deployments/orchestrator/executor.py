@@ -5,7 +5,7 @@ so retrying it on another replica cannot change the result: a replica that lacks
 rebuilds it from the directive's anchor latents.
 
 Unit ``i`` of a step is called as ``step(request_id, slot, [conditioning], [unit])`` with ``slot = offset(request) +
-i``: Serve's router places it on ``sorted(live replicas)[slot mod N]`` (:mod:`deployments.placement`), so a step is
+i``: Serve's router places it on ``sorted(live replicas)[slot mod N]`` (:mod:`deployments.workers.placement`), so a step is
 spread evenly and each unit stays on its replica from step to step.
 
 A unit is put in the object store once and its call carries only the reference (in a list, so Ray hands it on
@@ -32,7 +32,7 @@ import torch
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from deployments.placement import request_offset
+from deployments.contracts import request_offset
 from pipeline.denoise import WindowStep, in_order
 
 logger = logging.getLogger("ray.serve")

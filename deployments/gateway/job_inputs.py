@@ -14,10 +14,9 @@ import mimetypes
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel, Field
-
-from deployments.storage import Storage
-from pipeline.fetch import FetchLimits, InputField, decode_data_uri
+from deployments.contracts import JobInput
+from deployments.storage import Storage, keys
+from guarded_fetch import FetchLimits, InputField, decode_data_uri
 from pipeline.media.errors import MediaError
 from pipeline.schema import StableAvatarInput
 
@@ -37,25 +36,9 @@ class InputNotUsable(MediaError):
     error_type = "file_not_found"
 
 
-class JobInput(BaseModel):
-    """A job row's ``input``: the fal input (``data:`` URIs replaced by a short note) and the storage keys that
-    stand for some of its fields."""
-
-    request: dict[str, Any]
-    stored: dict[InputField, str] = Field(default_factory=dict)
-
-    def model(self) -> StableAvatarInput:
-        return StableAvatarInput.model_validate(self.request)
-
-
-def owner_segment(owner: str) -> str:
-    """The key segment of an owner ("" on an open server is ``public``, as for uploads)."""
-    return owner or "public"
-
-
 def input_key(owner: str, request_id: str, field: InputField, media_type: str) -> str:
     ext = _EXTENSIONS.get(media_type) or (mimetypes.guess_extension(media_type) or ".bin").lstrip(".")
-    return f"inputs/{owner_segment(owner)}/{request_id}/{_NAMES[field]}.{ext}"
+    return keys.input_key(owner, request_id, _NAMES[field], ext)
 
 
 def _media_type(data_uri: str) -> str:
@@ -64,18 +47,12 @@ def _media_type(data_uri: str) -> str:
     return media_type if media_type.count("/") == 1 and len(media_type) <= 100 else "application/octet-stream"
 
 
-def result_owner_id(key: str) -> str | None:
-    """The request id of a result object key (``results/<id>/...``), else None."""
-    parts = key.split("/")
-    return parts[1] if len(parts) >= 3 and parts[0] == "results" else None
-
-
 async def build_job_input(request: StableAvatarInput, owner: str, request_id: str, storage: Storage,
                           limits: FetchLimits, run: Callable[..., Awaitable[Any]],
                           owns_job: Callable[[str], Awaitable[bool]]) -> tuple[JobInput, list[str]]:
     """The row input and the keys written for it (``input_keys``: retention deletes them; so must the caller if
     the row is never created). ``run(fn, *args)`` runs blocking work off the event loop; ``owns_job(id)`` says
-    whether the caller owns that job. Raises ``MediaError`` naming the field (422/413)."""
+    whether the caller owns that job. Raises ``InputError`` naming the field (422/413)."""
     body, stored, written = request.model_dump(), {}, []
     try:
         for field in INPUT_FIELDS:
@@ -108,7 +85,7 @@ async def build_job_input(request: StableAvatarInput, owner: str, request_id: st
 
 
 async def _may_use(key: str, owner: str, owns_job: Callable[[str], Awaitable[bool]]) -> bool:
-    if key.startswith(f"uploads/{owner_segment(owner)}/"):
+    if key.startswith(keys.uploads_prefix(keys.owner_segment(owner))):
         return True
-    result_of = result_owner_id(key)
+    result_of = keys.result_request_id(key)
     return result_of is not None and await owns_job(result_of)

@@ -81,7 +81,7 @@ def retention_failed_total() -> Counter:
 
 
 def record_retention(report) -> None:
-    """Count one sweep's :class:`deployments.retention.SweepReport` (a ``RetentionSweeper`` ``on_report`` hook)."""
+    """Count one sweep's :class:`deployments.orchestrator.retention.SweepReport` (a ``RetentionSweeper`` ``on_report`` hook)."""
     for kind, n in report.deleted().items():
         if n:
             retention_deleted_total().inc(n, tags={"kind": kind})

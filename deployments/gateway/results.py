@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from deployments.contracts import StoredResult
 from deployments.storage import Storage
 
 if TYPE_CHECKING:
@@ -28,23 +29,6 @@ class ResultAnswer(BaseModel):
     status_code: int
     body: dict[str, Any]
     headers: dict[str, str] = Field(default_factory=dict)
-
-
-def stored_output(key: str, file_size: int, seed: int, file_name: str = "output.mp4") -> dict[str, Any]:
-    return {"video": {"key": key, "content_type": "video/mp4", "file_name": file_name, "file_size": file_size},
-            "seed": seed}
-
-
-def public_result(result: dict[str, Any] | None, storage: Storage,
-                  expires_s: int | None = None) -> dict[str, Any] | None:
-    """The fal output (``{"video": File, "seed"}``) with a fresh URL for the stored video, valid ``expires_s``
-    (default: the storage's ``url_expiry_s``)."""
-    if result is None:
-        return None
-    video = dict(result["video"])
-    key = video.pop("key")
-    video["url"] = storage.url(key, expires_s=expires_s, filename=video.get("file_name"))
-    return {"video": video, "seed": result["seed"]}
 
 
 def result_remaining_s(job: JobView, results_s: float, now: float | None = None) -> float:
@@ -84,6 +68,4 @@ def result_answer(job: JobView, storage: Storage, results_s: float, now: float |
     if remaining < 1:  # under a second left: a link could not outlive its file by less
         return expired_answer(job, results_s)
     expires = min(int(storage.config.url_expiry_s), int(remaining)) if math.isfinite(remaining) else None
-    output = public_result(job.result, storage, expires_s=expires)
-    assert output is not None
-    return ResultAnswer(status_code=200, body=output)
+    return ResultAnswer(status_code=200, body=StoredResult.model_validate(job.result).public(storage, expires))

@@ -1,7 +1,7 @@
 """Webhooks: fal's payload, one SSRF-guarded POST per delivery attempt, and the retry schedule.
 
 Deliveries are owed through the jobs database's outbox (a row written when the job finished) and leased to one
-Orchestrator replica at a time (:class:`deployments.webhook_worker.WebhookWorker`), so each is delivered once
+Orchestrator replica at a time (:class:`deployments.orchestrator.webhook_worker.WebhookWorker`), so each is delivered once
 even with many replicas and applications; an attempt that fails is due again after :func:`retry_delay`.
 """
 
@@ -11,7 +11,7 @@ import http.client
 import json
 from typing import Any
 
-from pipeline.fetch import AddressGuard, pinned_connection
+from guarded_fetch import AddressGuard, pinned_connection
 
 USER_AGENT = "stable-avatar-serve-webhook/1"
 TIMEOUT_S = 15.0

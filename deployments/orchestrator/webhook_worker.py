@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from deployments.background import BackgroundLoop
 from deployments.config import AppArgs
+from deployments.contracts import StoredResult
 from deployments.jobstore import JobStore, WebhookDelivery
-from deployments.results import public_result
+from deployments.orchestrator.webhook_delivery import post_webhook, retry_delay, webhook_payload
+from deployments.runtime.background import BackgroundLoop
 from deployments.storage import Storage
-from deployments.webhooks import post_webhook, retry_delay, webhook_payload
 
 logger = logging.getLogger("ray.serve")
 MAX_IN_FLIGHT = 16
@@ -53,7 +53,7 @@ class WebhookWorker:
                 await self.store.webhook_failed(request_id, attempt, "the job no longer exists")
                 return
             if job.error is None:
-                body = webhook_payload(request_id, True, public_result(job.result, self.storage), None)
+                body = webhook_payload(request_id, True, StoredResult.model_validate(job.result).public(self.storage), None)
             else:
                 body = webhook_payload(request_id, False, {"detail": job.error.detail}, job.error.message)
             delivered, outcome = await asyncio.to_thread(post_webhook, delivery.url, body, self.guard)

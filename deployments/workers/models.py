@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from deployments.common import limit_heap_retention
 from deployments.config import AppArgs, DeploymentOptions
+from deployments.runtime.replica import limit_heap_retention
 from pipeline.loading import Component, ModelBundle, load_models
 
 logger = logging.getLogger("ray.serve")

@@ -14,7 +14,6 @@ import math
 import mimetypes
 import re
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from deployments import metrics
-from deployments.auth import ApiKeys
-from deployments.common import replica_name
 from deployments.config import AppArgs
-from deployments.errors import error_response, root_cause
-from deployments.fal_protocol import parse_bool, parse_start_timeout, request_urls, status_body
-from deployments.health import ON_DEMAND, run_checks
-from deployments.job_inputs import build_job_input, owner_segment
-from deployments.job_runner import JobCancelled
+from deployments.contracts import JobCancelled, StoredResult
+from deployments.gateway.auth import ApiKeys
+from deployments.gateway.fal_protocol import parse_bool, parse_start_timeout, request_urls, status_body
+from deployments.gateway.health import ON_DEMAND, run_checks
+from deployments.gateway.job_inputs import build_job_input
+from deployments.gateway.results import result_answer
 from deployments.jobstore import (
     FencedError,
     JobSnapshot,
@@ -45,11 +42,12 @@ from deployments.jobstore import (
     cancelled_error,
     new_request_id,
 )
-from deployments.results import public_result, result_answer
-from deployments.service_state import open_service_state
-from deployments.storage import LocalStorage, StorageError, StorageNotFoundError, validate_key
-from pipeline.fetch import check_webhook_url
-from pipeline.media.errors import MediaError
+from deployments.runtime import metrics
+from deployments.runtime.errors import error_response, root_cause
+from deployments.runtime.replica import replica_name
+from deployments.runtime.service_state import open_service_state
+from deployments.storage import LocalStorage, StorageError, StorageNotFoundError, keys, validate_key
+from guarded_fetch import InputError, check_webhook_url
 from pipeline.schema import StableAvatarInput, StableAvatarOutput, resolve_seed
 
 logger = logging.getLogger("ray.serve")
@@ -157,9 +155,9 @@ class Gateway:
     # -- Python API: serve.get_app_handle("stable-avatar").generate.remote(StableAvatarInput(...)) -------------
     async def generate(self, request: StableAvatarInput) -> StableAvatarOutput:
         """A sync request from inside the cluster (owner: the open owner ``""``); the same row, rules and
-        result as ``POST /run``. Raises ``LimitError`` at a limit and ``MediaError`` for bad inputs."""
+        result as ``POST /run``. Raises ``LimitError`` at a limit and ``InputError`` for bad inputs."""
         stored = await self._run_sync(request, "", new_request_id())
-        return StableAvatarOutput.model_validate(public_result(stored, self.storage))
+        return StableAvatarOutput.model_validate(stored.public(self.storage))
 
     def ready(self) -> dict[str, Any]:
         """This replica's name and a fingerprint of its signing secret (equal fingerprints: equal secrets)."""
@@ -221,7 +219,7 @@ class Gateway:
     # -- health and sync ---------------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        """Readiness: storage, the jobs database and every deployment (see deployments.health)."""
+        """Readiness: storage, the jobs database and every deployment (see deployments.gateway.health)."""
         checks: dict[str, Any] = {"storage": lambda: asyncio.to_thread(self.storage.check),
                                   "jobs": self.store.ping}
         for name, handle in self.deployments.items():
@@ -266,11 +264,11 @@ class Gateway:
             if status >= 500:
                 logger.error("sync request %s failed", request_id, exc_info=exc)
             return JSONResponse(payload, status_code=status, headers={"x-fal-request-id": request_id})
-        output = public_result(stored, self.storage) or {}
+        output = stored.public(self.storage)
         output["video"]["url"] = _absolute(output["video"]["url"], request)
         return JSONResponse(output, headers={"x-fal-request-id": request_id})
 
-    async def _run_sync(self, body: StableAvatarInput, owner: str, request_id: str) -> dict[str, Any]:
+    async def _run_sync(self, body: StableAvatarInput, owner: str, request_id: str) -> StoredResult:
         """The stored result of a sync request, run by an Orchestrator replica under its own lease (its row is
         created there). A ``LimitError`` is raised unwrapped; the inputs of a refused request are deleted."""
         job_input, keys = await self._job_input(body, owner, request_id)
@@ -396,8 +394,8 @@ class Gateway:
         owner = self._authorize(request)
         if isinstance(owner, JSONResponse):
             return owner
-        subject = owner_segment(owner)
-        key = f"uploads/{subject}/{uuid.uuid4().hex}/{_safe_name(body.file_name)}"
+        subject = keys.owner_segment(owner)
+        key = keys.upload_key(subject, _safe_name(body.file_name))
         upload_url = self.storage.upload_url(key, body.content_type, UPLOAD_TOKEN_TTL_S)
         if upload_url is None:
             exp = int(time.time()) + UPLOAD_TOKEN_TTL_S
@@ -410,7 +408,7 @@ class Gateway:
                          sig: str = "") -> JSONResponse:
         if not self.signer.verify(sig, "put", f"{owner}\n{key}", exp):
             return _fal_error(403, "invalid or expired upload URL")
-        if not _OWNER_SEGMENT.fullmatch(owner) or not key.startswith(f"uploads/{owner}/"):
+        if not _OWNER_SEGMENT.fullmatch(owner) or not key.startswith(keys.uploads_prefix(owner)):
             return _fal_error(403, "uploads may only be written under the caller's own uploads/<owner>/ prefix")
         try:
             validate_key(key)
@@ -428,7 +426,7 @@ class Gateway:
         owner = self._authorize(request)
         if isinstance(owner, JSONResponse):
             return owner
-        exp, subject = int(time.time()) + UPLOAD_TOKEN_TTL_S, owner_segment(owner)
+        exp, subject = int(time.time()) + UPLOAD_TOKEN_TTL_S, keys.owner_segment(owner)
         token = f"{exp}.{subject}.{self.signer.sign('upload-token', subject, exp)}"
         return JSONResponse({"token": token, "token_type": "Bearer", "base_url": _base_url(request),
                              "expires_at": datetime.fromtimestamp(exp, UTC).isoformat()})
@@ -442,8 +440,8 @@ class Gateway:
         if not valid or not self.signer.verify(sig, "upload-token", subject, int(exp_text)):
             return _fal_error(401, "a valid upload token is required (POST /storage/auth/token)")
         name = _safe_name(request.headers.get("x-fal-file-name") or "upload.bin")
-        key = f"uploads/{subject}/{uuid.uuid4().hex}/{name}"
-        if not key.startswith(f"uploads/{subject}/") or key.count("/") != 3:  # the name is one plain segment
+        key = keys.upload_key(subject, name)
+        if not keys.is_upload_key_of(key, subject):  # the name is one plain segment
             return _fal_error(403, "uploads may only be written under the caller's own uploads/<owner>/ prefix")
         data = await self._read_body(request, MAX_UPLOAD_BYTES)
         if data is None:
@@ -517,7 +515,7 @@ class Gateway:
             logger.info("request %s (the client calls it %r)", request_id, headers["x-fal-request-id"][:100])
         try:
             job_input, keys = await self._job_input(body, caller, request_id)
-        except MediaError as exc:
+        except InputError as exc:
             status, payload = error_response(exc)
             return JSONResponse(payload, status_code=status)
         try:

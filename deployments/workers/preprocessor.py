@@ -1,25 +1,24 @@
 """Preprocessor: fetch the inputs, decode audio, wav2vec per window, image conditioning (CLIP + VAE), T5.
 
 Inputs are untrusted: objects in our own storage are read only when the Gateway resolved them to keys at submit
-(``stored``: the job's own ``data:`` inputs, the caller's uploads); URLs go through :func:`pipeline.fetch.fetch_input` (SSRF guard, size and time limits) and
+(``stored``: the job's own ``data:`` inputs, the caller's uploads); URLs go through :func:`guarded_fetch.fetch_input` (SSRF guard, size and time limits) and
 the bytes through :mod:`pipeline.media.validate` before the models see them, image first (cheap) so a bad image
-is refused before a large audio file is downloaded. Every refusal is a ``MediaError`` naming the field.
+is refused before a large audio file is downloaded. Every refusal is an ``InputError`` naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from typing import Any
 
 from ray import serve
 
-from deployments.common import replica_name
 from deployments.config import AppArgs
-from deployments.replica_models import load_replica_models
-from deployments.storage import S3Storage, StorageNotFoundError, StorageTooLargeError, make_storage
-from pipeline.fetch import FetchError, InputField, InputTooLargeError, fetch_input
+from deployments.runtime.replica import replica_name
+from deployments.storage import StorageNotFoundError, StorageTooLargeError, make_storage
+from deployments.storage.s3_inputs import S3InputReader
+from deployments.workers.models import load_replica_models
+from guarded_fetch import FetchError, InputField, InputTooLargeError, fetch_input
 from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline
 from pipeline.media.errors import MediaError
 from pipeline.media.validate import check_audio, validate_image
@@ -36,7 +35,7 @@ class Preprocessor:
         self.storage = make_storage(args.storage)
         self.inputs = args.inputs
         self.guard = args.inputs.guard()
-        self._s3_client: Any = None
+        self.s3_inputs = S3InputReader(self.storage)
 
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished."""
@@ -48,7 +47,7 @@ class Preprocessor:
         limit = self.inputs.fetch.max_bytes(field)
         if key is None:
             return fetch_input(url, field, self.inputs.fetch, self.guard,
-                               read_s3=functools.partial(self._read_s3, limit),
+                               read_s3=lambda bucket, key: self.s3_inputs.read(bucket, key, limit),
                                s3_buckets=self.inputs.s3_input_buckets)
         try:
             data = self.storage.get_bytes(key, max_bytes=limit)
@@ -60,30 +59,6 @@ class Preprocessor:
         if not data:
             raise FetchError(f"{field} is empty (0 bytes)", field=field)
         return data
-
-    def _read_s3(self, max_bytes: int, bucket: str, key: str) -> bytes:
-        """``s3://bucket/key`` (bucket already checked against ``inputs.s3_input_buckets``): at most
-        ``max_bytes + 1`` bytes, so the fetcher can refuse an oversized object without reading all of it."""
-        if isinstance(self.storage, S3Storage):
-            client = self.storage.client  # same endpoint and credentials as the service's own bucket
-        else:
-            if self._s3_client is None:
-                import boto3
-
-                self._s3_client = boto3.session.Session().client("s3")
-            client = self._s3_client
-        try:
-            response = client.get_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise KeyError(key) from None
-            raise
-        body = response["Body"]
-        try:
-            return body.read(max_bytes + 1)
-        finally:
-            body.close()
 
     async def prepare(self, request_id: str, request: StableAvatarInput, seed: int | None = None,
                       stored: dict[str, str] | None = None) -> PreparedRequest:

@@ -20,24 +20,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from deployments import metrics
-from deployments.background import BackgroundLoop
 from deployments.config import AppArgs
-from deployments.errors import error_response
+from deployments.contracts import JobCancelled, StoredResult
 from deployments.jobs import JobError
 from deployments.jobstore import ClaimedJob, FencedError, JobStore, cancelled_error
+from deployments.runtime import metrics
+from deployments.runtime.background import BackgroundLoop
+from deployments.runtime.errors import error_response
 from deployments.storage import Storage
 
 if TYPE_CHECKING:
     from pipeline.denoise import WindowStep
 
 logger = logging.getLogger("ray.serve")
-
-
-class JobCancelled(Exception):
-    """The job's cancellation was requested (seen at a heartbeat or a step report)."""
 
 
 @dataclass
@@ -117,7 +114,7 @@ class RunReporter:
                    level="WARN")
 
 
-Execute = Callable[[Run, RunReporter], Awaitable[dict[str, Any]]]
+Execute = Callable[[Run, RunReporter], Awaitable[StoredResult]]
 
 
 def job_error(exc: BaseException) -> JobError:
@@ -131,7 +128,7 @@ def job_error(exc: BaseException) -> JobError:
 
 class JobRunner:
     """Claims and runs jobs for one replica (``runner_id``); ``execute(run, report)`` does one job's work and
-    returns its stored result (``results.stored_output``) after writing the objects it names."""
+    returns its stored result after writing the objects it names."""
 
     def __init__(self, store: JobStore, storage: Storage, args: AppArgs, runner_id: str, execute: Execute):
         self.store, self.storage, self.args, self.runner_id = store, storage, args, runner_id
@@ -175,7 +172,7 @@ class JobRunner:
             await self.supervise(run)
 
     # -- one run -------------------------------------------------------------------------------------------------
-    async def supervise(self, run: Run) -> dict[str, Any]:
+    async def supervise(self, run: Run) -> StoredResult:
         """Run ``run`` to its end and settle it in the database; returns the stored result or re-raises why it
         did not finish (the sync route answers with it)."""
         self.runs[run.request_id] = run
@@ -237,10 +234,11 @@ class JobRunner:
             if (run.fenced or run.cancel_requested) and run.stop_now():
                 return
 
-    async def _commit(self, run: Run, stored: dict[str, Any]) -> dict[str, Any]:
-        key = stored["video"]["key"]
+    async def _commit(self, run: Run, stored: StoredResult) -> StoredResult:
+        key = stored.video.key
         try:
-            job = await self.store.complete(run.request_id, run.epoch, result=stored, result_keys=[key])
+            job = await self.store.complete(run.request_id, run.epoch, result=stored.model_dump(),
+                                            result_keys=[key])
         except FencedError:  # another runner finished it, or it was cancelled meanwhile: ours is surplus
             run.fenced = True
             raise

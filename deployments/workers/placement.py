@@ -19,7 +19,7 @@ set; a failed queue-length probe (0.1 s deadline, easily missed on a loaded CPU)
 router always sets it, so every further attempt waits the configured exponential back-off (up to
 ``max_backoff_s``). And the Denoiser accepts up to ``max_ongoing_requests`` (64) units per replica, far more than
 run at once, so a replica practically never rejects a unit: units wait inside the replica on its GPU queue
-(:mod:`deployments.gpu_queue`, round-robin across requests), the queue length comes back with every accepted call
+(:mod:`deployments.workers.unit_queue`, round-robin across requests), the queue length comes back with every accepted call
 and stays cached, and no probe is sent on the hot path. A replica that is full anyway (more than 64 units of
 concurrent jobs) is retried after the back-off, never replaced by another replica: stickiness holds.
 
@@ -35,26 +35,12 @@ replica, the least loaded first.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from typing import TypeVar
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 T = TypeVar("T")
-OFFSET_RANGE = 1 << 16  # request offsets lie in [0, 65536): any replica count up to that sees them spread
-
-
-def request_offset(request_id: str) -> int:
-    """The request's placement offset: a hash that is the same in every process (Python's ``hash`` is salted)."""
-    return zlib.crc32(request_id.encode()) % OFFSET_RANGE
-
-
-def unit_slot(request_id: str, index: int) -> int:
-    """The slot of unit ``index`` of a step (its position in the step's list of units)."""
-    return request_offset(request_id) + index
-
-
 def placement_slot(args: Sequence[object]) -> int | None:
     """The slot of a Denoiser call from its positional arguments ``(request_id, slot, ...)``, or ``None``."""
     if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], int) and not isinstance(args[1], bool):

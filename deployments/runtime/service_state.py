@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from deployments.config import AppArgs
 from deployments.jobstore import JobStore, make_job_store
-from deployments.signing import Signer, service_secret
 from deployments.storage import LocalStorageConfig, Storage, make_storage
+from deployments.storage.signing import Signer, service_secret
 
 
 @dataclass
