@@ -24,8 +24,6 @@ TINY_12_HEADS: dict[str, Any] = dict(TINY_TRANSFORMER, num_attention_heads=12, a
                                      added_kv_proj_dim=96)
 CONFIGS: dict[str, dict[str, Any]] = {"tiny": TINY_TRANSFORMER, "tiny-12-heads": TINY_12_HEADS}
 WIDTH, HEIGHT = 48, 80  # the tiny 9:16 size: latent 10 x 6, 15 tokens per frame, seq_len 315
-LATENT_H, LATENT_W = HEIGHT // 8, WIDTH // 8
-SEQ_LEN = 21 * (LATENT_H // 2) * (LATENT_W // 2)
 SHORT_WINDOW = 13  # a last window shorter than 21 frames: the model's own token padding
 REQUEST = "sp"
 
@@ -41,36 +39,40 @@ def live_model(config: str, seed: int = 7) -> StableAvatarTransformer3DModel:
     return model
 
 
-def conditioning(seed: int = 11) -> RequestConditioning:
-    cfg = TINY_TRANSFORMER
+def conditioning(config: dict[str, Any] = TINY_TRANSFORMER, width: int = WIDTH, height: int = HEIGHT,
+                 seed: int = 11) -> RequestConditioning:
+    """A request's conditioning for ``config``'s widths at ``width x height`` pixels: random, from ``seed``."""
     g = torch.Generator().manual_seed(seed)
+    latent_h, latent_w = height // 8, width // 8
     return RequestConditioning(
         request_id=REQUEST,
-        text_positive=torch.randn(7, cfg["text_dim"], generator=g),
-        text_negative=torch.randn(5, cfg["text_dim"], generator=g),
-        clip_context=torch.randn(1, 257, cfg["image_dim"], generator=g),
-        y=torch.randn(1, 20, 21, LATENT_H, LATENT_W, generator=g),
-        audio_features=[torch.randn(1, 161, cfg["audio_in_dim"], generator=g),
-                        torch.randn(1, 101, cfg["audio_in_dim"], generator=g)],
-        seq_len=SEQ_LEN, num_steps=4, text_scale=5.0, audio_scale=4.0)
+        text_positive=torch.randn(7, config["text_dim"], generator=g),
+        text_negative=torch.randn(5, config["text_dim"], generator=g),
+        clip_context=torch.randn(1, 257, config["image_dim"], generator=g),
+        y=torch.randn(1, 20, 21, latent_h, latent_w, generator=g),
+        audio_features=[torch.randn(1, 161, config["audio_in_dim"], generator=g),
+                        torch.randn(1, 101, config["audio_in_dim"], generator=g)],
+        seq_len=21 * (latent_h // 2) * (latent_w // 2), num_steps=4, text_scale=5.0, audio_scale=4.0)
 
 
-def window_latents(seed: int = 13) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_latents(width: int = WIDTH, height: int = HEIGHT,
+                   seed: int = 13) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A full window's latents, the same window one step later, and a short last window's."""
     g = torch.Generator().manual_seed(seed)
-    full = torch.randn(1, 16, 21, LATENT_H, LATENT_W, generator=g)
+    full = torch.randn(1, 16, 21, height // 8, width // 8, generator=g)
     later = full + 0.1 * torch.randn(full.shape, generator=g)
-    short = torch.randn(1, 16, SHORT_WINDOW, LATENT_H, LATENT_W, generator=g)
+    short = torch.randn(1, 16, SHORT_WINDOW, height // 8, width // 8, generator=g)
     return full, later, short
 
 
-def run_units(rank: SequenceParallelRank, cold_ranks: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
-    """Every kind of unit, in one fixed order (the same on every rank). Returns rank 0's outputs (empty elsewhere).
+def run_units(rank: SequenceParallelRank, cond: RequestConditioning,
+              cold_ranks: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every kind of unit, in one fixed order (the same on every rank). Returns rank 0's outputs and every rank's
+    step-cache counters.
 
     ``cold_ranks``: ranks that drop their residuals before the step-cache reuse, as after an eviction on one rank
     only: all ranks must then rebuild together.
     """
-    cond = conditioning()
     full, later, short = window_latents()
     outputs: dict[str, torch.Tensor | None] = {}
     outputs["dit"] = forward(rank.denoiser, cond, WindowStep(0, 1, full))
@@ -113,14 +115,14 @@ def equality_ranks(group: dist.ProcessGroup, device: torch.device, config: str, 
     rank = SequenceParallelRank(live_model(config), group, device, attention=attention)
     result: dict[str, Any] = {"attention": rank.denoiser.transformer.attention}
     comm = rank.comm
-    cond, (full, _, _) = conditioning(), window_latents()
+    cond, (full, _, _) = conditioning(CONFIGS[config]), window_latents()
     comm.sent.clear()
     rank.run(cond, WindowStep(0, 1, full))
     result["sent"] = dict(comm.sent)
-    result["parallel"] = run_units(rank, cold_ranks=(comm.degree - 1,))
+    result["parallel"] = run_units(rank, cond, cold_ranks=(comm.degree - 1,))
     if upstream_split:
         upstream = UpstreamSplitTransformer(live_model(config), comm, attention)
         result["upstream_split_dit"] = forward(WindowDenoiser(upstream), cond, WindowStep(0, 1, full))
     if comm.rank == 0:
-        result["reference"] = run_units(SequenceParallelRank(live_model(config)))
+        result["reference"] = run_units(SequenceParallelRank(live_model(config)), cond)
     return result

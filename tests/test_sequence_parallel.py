@@ -144,3 +144,17 @@ def fail_on_rank_1(group: dist.ProcessGroup, device: torch.device) -> int:
 def test_a_failing_rank_surfaces_with_its_traceback():
     with pytest.raises(RankFailedError, match="rank 1 broke"):
         run_local_ranks(fail_on_rank_1, 2, timeout_s=60)
+
+
+def test_bytes_counted_at_tiny_size_scale_to_the_480x832_figures(runs):
+    """The 12-head tiny run scaled by its size ratios (tokens per frame, width, blocks, bytes per value) gives the
+    real model's table: the traffic is linear in each, as the formula says."""
+    tiny, real = CONFIGS["tiny-12-heads"], REAL_TRANSFORMER
+    real_volume = step_volume(real, 480, 832, 3)
+    tokens = real_volume.tokens_per_frame // step_volume(tiny, WIDTH, HEIGHT, 3).tokens_per_frame  # 1560 / 15
+    per_value = (real["num_attention_heads"] * real["attention_head_dim"]) // (
+        tiny["num_attention_heads"] * tiny["attention_head_dim"])  # 1536 / 96
+    blocks = real["num_layers"] // tiny["num_layers"]
+    counted = runs["3-ulysses"][0]["sent"]
+    scaled = {op: n * tokens * (1 if op == "output" else per_value * blocks) // 2 for op, n in counted.items()}
+    assert scaled == real_volume.sent_per_rank  # fp32 -> bf16: // 2
