@@ -63,7 +63,7 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tenso
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True)[:2]
     else:
         raise NotImplementedError(f"ring attention has no LSE kernel for {query.device.type}")
-    return out, lse.float()
+    return out, lse[..., : query.shape[2]].float()  # the efficient kernel pads the LSE to a multiple of 32
 
 
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, valid_tokens: list[int],

@@ -49,6 +49,8 @@ def join_group(rendezvous: Rendezvous, rank: int, degree: int, device: torch.dev
     The group is this process's default group: a rank process serves exactly one parallel unit.
     """
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives and barriers use the current device
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False, timeout=timeout)
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=degree, timeout=timeout,
