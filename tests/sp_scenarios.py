@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
+from pipeline.denoise import RequestConditioning, ResidualMissingError, WindowDenoiser, WindowStep
 from pipeline.models.transformer import StableAvatarTransformer3DModel
 from pipeline.presets import TINY_TRANSFORMER
 from pipeline.sequence_parallel import SequenceParallelRank, SequenceParallelTransformer
@@ -70,8 +70,8 @@ def run_units(rank: SequenceParallelRank, cond: RequestConditioning,
     """Every kind of unit, in one fixed order (the same on every rank). Returns rank 0's outputs and every rank's
     step-cache counters.
 
-    ``cold_ranks``: ranks that drop their residuals before the step-cache reuse, as after an eviction on one rank
-    only: all ranks must then rebuild together.
+    ``cold_ranks``: ranks that drop their residuals before the step-cache rebuild and before the last reuse, as
+    after an eviction on one rank only: all ranks must then rebuild together, or all raise without anchor latents.
     """
     full, later, short = window_latents()
     outputs: dict[str, torch.Tensor | None] = {}
@@ -86,7 +86,15 @@ def run_units(rank: SequenceParallelRank, cond: RequestConditioning,
     outputs["cache_rebuild"] = rank.run(
         cond, WindowStep(0, 2, later, cache=CacheDirective(reuse_from=1, anchor_latents=full)))
     outputs["stats"] = torch.tensor([rank.step_cache.stats.reused, rank.step_cache.stats.rebuilt])
-    return {k: v for k, v in outputs.items() if v is not None and (rank.rank == 0 or k == "stats")}
+    if rank.rank in cold_ranks:
+        rank.free(REQUEST)
+    try:  # a reuse without anchor latents where one rank lacks the residual: every rank raises, none hangs
+        rank.run(cond, WindowStep(0, 2, later, cache=CacheDirective(reuse_from=1)))
+        outputs["missing_raised"] = torch.tensor(False)
+    except ResidualMissingError:
+        outputs["missing_raised"] = torch.tensor(True)
+    per_rank = ("stats", "missing_raised")
+    return {k: v for k, v in outputs.items() if v is not None and (rank.rank == 0 or k in per_rank)}
 
 
 def forward(denoiser: WindowDenoiser, cond: RequestConditioning, work: WindowStep) -> torch.Tensor:

@@ -100,6 +100,9 @@ def test_step_cache_lookups_are_agreed_so_one_cold_rank_makes_all_rebuild(runs):
     for name, ranks in runs.items():
         assert [r["parallel"]["stats"].tolist() for r in ranks] == [[1, 1]] * len(ranks), name
         assert ranks[0]["reference"]["stats"].tolist() == [2, 0]
+        # then without anchor latents: every rank raises ResidualMissingError (none waits in a collective)
+        assert [bool(r["parallel"]["missing_raised"]) for r in ranks] == [True] * len(ranks), name
+        assert not ranks[0]["reference"]["missing_raised"]
 
 
 def test_sp_degree_1_is_the_plain_model_through_window_denoiser():
