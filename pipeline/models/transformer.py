@@ -254,7 +254,8 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
     _no_split_modules = ["StableAvatarTransformerBlock", "VocalProjector"]
     _repeated_blocks = ["StableAvatarTransformerBlock"]
     _keep_in_fp32_modules = [*WanTransformer3DModel._keep_in_fp32_modules, "modulation"]
-    # Token sharding breaks the 21-slot frame alignment of the audio attention.
+    # diffusers' equal token chunks would break the 21-slot frame alignment of the audio attention; sequence
+    # parallelism splits by latent frames instead (pipeline.sequence_parallel).
     _cp_plan = None
 
     @register_to_config

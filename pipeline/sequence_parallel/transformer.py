@@ -65,6 +65,8 @@ class SequenceParallelTransformer(nn.Module):
         self.attention = choose_attention(model.config.num_attention_heads, comm.degree, attention,
                                           self.split.num_slots)
         processor = SequenceParallelSelfAttnProcessor(comm, self.split, self.attention)
+        if len(model.blocks):  # keep a backend chosen with set_attention_backend before wrapping
+            processor._attention_backend = model.blocks[0].attn1.processor._attention_backend
         for block in model.blocks:
             block.attn1.set_processor(processor)
 
