@@ -59,6 +59,7 @@ __all__ = [
     "StableAvatarAttnProcessor",
     "StableAvatarTransformer3DModel",
     "StableAvatarTransformerBlock",
+    "pad_rotary",
 ]
 
 TEXT_LEN = 512  # text context rows; diffusers' Wan processor hard-codes this split too
@@ -71,6 +72,14 @@ class BlockResidual:
 
     reuse: Tensor | None = None
     computed: Tensor | None = None
+
+
+def pad_rotary(freqs_cos: Tensor, freqs_sin: Tensor, num_pad: int) -> tuple[Tensor, Tensor]:
+    """RoPE tables ``[1, n, 1, D]`` extended by ``num_pad`` unrotated positions (cos 1, sin 0)."""
+    return (
+        torch.cat([freqs_cos, freqs_cos.new_ones(1, num_pad, 1, freqs_cos.shape[-1])], dim=1),
+        torch.cat([freqs_sin, freqs_sin.new_zeros(1, num_pad, 1, freqs_sin.shape[-1])], dim=1),
+    )
 
 
 class PrecisionKeepingRotaryPosEmbed(WanRotaryPosEmbed):
@@ -245,7 +254,8 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
     _no_split_modules = ["StableAvatarTransformerBlock", "VocalProjector"]
     _repeated_blocks = ["StableAvatarTransformerBlock"]
     _keep_in_fp32_modules = [*WanTransformer3DModel._keep_in_fp32_modules, "modulation"]
-    # Token sharding breaks the 21-slot frame alignment of the audio attention.
+    # diffusers' equal token chunks would break the 21-slot frame alignment of the audio attention; sequence
+    # parallelism splits by latent frames instead (pipeline.sequence_parallel).
     _cp_plan = None
 
     @register_to_config
@@ -346,40 +356,10 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         Returns:
             ``[B, 16, L, h, w]`` prediction in ``latents.dtype``, as ``.sample`` or as the tuple's only element.
         """
-        batch_size, _, num_frames, height, width = latents.shape
-        if len(text_context) != batch_size or len(audio_rows) != batch_size:
-            raise ValueError(
-                f"batch {batch_size}: got {len(text_context)} text contexts and {len(audio_rows)} audio_rows flags"
-            )
-        p_t, p_h, p_w = self.config.patch_size
-        post_patch_num_frames = num_frames // p_t
-        post_patch_height, post_patch_width = height // p_h, width // p_w
-        dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
-
-        # 1. Patch embedding, zero-padded to seq_len: [B, 36, L, h, w] -> [B, seq_len, C]
-        hidden_states = torch.cat([latents, y], dim=1).to(device=device, dtype=dtype)
-        freqs_cos, freqs_sin = self.rope(hidden_states)  # [1, n_real, 1, D] each (fp32 tables)
-        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, n_real, C]
-        num_real = hidden_states.shape[1]
-        if num_real > seq_len:
-            raise ValueError(f"window has {num_real} tokens, more than seq_len={seq_len}")
-        num_pad = seq_len - num_real
-        hidden_states = torch.cat(
-            [hidden_states, hidden_states.new_zeros(batch_size, num_pad, hidden_states.shape[2])], 1
-        )
-        # Padding tokens stay unrotated: cos 1, sin 0.
-        rotary_emb = (
-            torch.cat([freqs_cos, freqs_cos.new_ones(1, num_pad, 1, freqs_cos.shape[-1])], dim=1),
-            torch.cat([freqs_sin, freqs_sin.new_zeros(1, num_pad, 1, freqs_sin.shape[-1])], dim=1),
-        )  # [1, seq_len, 1, D] each
-
-        # 2. Conditions: text zero-padded to 512 rows before the text embedder; context = [image 257 | text 512]
-        text = torch.stack([self._pad_text(t) for t in text_context])  # [B, 512, text_dim]
-        text = text.to(device=device, dtype=dtype)
-        temb, timestep_proj, text_states, image_states = self.condition_embedder(
-            timestep.to(device), text, clip_fea.to(device=device, dtype=dtype)
-        )  # temb (e): [B, C]; timestep_proj: [B, 6C]; text_states: [B, 512, C]; image_states: [B, 257, C]
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))  # e0: [B, 6, C]
+        batch_size = latents.shape[0]
+        self._check_batch(batch_size, text_context, audio_rows)
+        hidden_states, rotary_emb, num_real = self.embed_window(latents, y, seq_len)
+        temb, timestep_proj, text_states, image_states = self.embed_conditions(timestep, text_context, clip_fea)
 
         if block_residual is not None and block_residual.reuse is not None:
             # 3'-4'. Step cache hit: the blocks' output is their input plus the unit's last residual.
@@ -397,30 +377,90 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
             blocks_input = hidden_states
 
             # 4. Transformer blocks
-            for block in self.blocks:
-                if torch.is_grad_enabled() and self.gradient_checkpointing:
-                    hidden_states = self._gradient_checkpointing_func(
-                        block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
-                    )
-                else:
-                    hidden_states = block(
-                        hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
-                    )
+            hidden_states = self.run_blocks(
+                hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
+            )
             if block_residual is not None:
                 block_residual.computed = hidden_states - blocks_input  # [B, seq_len, C]
 
-        # 5. Output norm (modulated by e, not e0), projection, un-padding and unpatchify
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, C] each
-        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
-        hidden_states = self.proj_out(hidden_states)  # [B, seq_len, p_t*p_h*p_w*16]
-        hidden_states = hidden_states[:, :num_real].reshape(
-            batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
-        )
-        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(latents.dtype)  # [B, 16, L, h, w]
+        # 5. Output norm and projection, un-padding and unpatchify
+        hidden_states = self.project_out(hidden_states, temb)  # [B, seq_len, p_t*p_h*p_w*16]
+        output = self.unpatchify(hidden_states[:, :num_real], latents)  # [B, 16, L, h, w]
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    # The forward's stages, also composed by the sequence-parallel forward (``pipeline.sequence_parallel``).
+    @staticmethod
+    def _check_batch(batch_size: int, text_context: Sequence[Tensor], audio_rows: Sequence[bool]) -> None:
+        if len(text_context) != batch_size or len(audio_rows) != batch_size:
+            raise ValueError(
+                f"batch {batch_size}: got {len(text_context)} text contexts and {len(audio_rows)} audio_rows flags"
+            )
+
+    def embed_window(self, latents: Tensor, y: Tensor, seq_len: int) -> tuple[Tensor, tuple[Tensor, Tensor], int]:
+        """Patch tokens zero-padded to ``seq_len`` (``[B, seq_len, C]``), their RoPE tables (``[1, seq_len, 1, D]``
+        each; padding unrotated) and the number of real tokens."""
+        batch_size = latents.shape[0]
+        dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
+
+        # 1. Patch embedding, zero-padded to seq_len: [B, 36, L, h, w] -> [B, seq_len, C]
+        hidden_states = torch.cat([latents, y], dim=1).to(device=device, dtype=dtype)
+        freqs_cos, freqs_sin = self.rope(hidden_states)  # [1, n_real, 1, D] each (fp32 tables)
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, n_real, C]
+        num_real = hidden_states.shape[1]
+        if num_real > seq_len:
+            raise ValueError(f"window has {num_real} tokens, more than seq_len={seq_len}")
+        num_pad = seq_len - num_real
+        hidden_states = torch.cat(
+            [hidden_states, hidden_states.new_zeros(batch_size, num_pad, hidden_states.shape[2])], 1
+        )
+        return hidden_states, pad_rotary(freqs_cos, freqs_sin, num_pad), num_real
+
+    def embed_conditions(
+        self, timestep: Tensor, text_context: Sequence[Tensor], clip_fea: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``e`` ``[B, C]``, ``e0`` ``[B, 6, C]``, text states ``[B, 512, C]`` and image states ``[B, 257, C]``."""
+        dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
+        # 2. Conditions: text zero-padded to 512 rows before the text embedder; context = [image 257 | text 512]
+        text = torch.stack([self._pad_text(t) for t in text_context])  # [B, 512, text_dim]
+        text = text.to(device=device, dtype=dtype)
+        temb, timestep_proj, text_states, image_states = self.condition_embedder(
+            timestep.to(device), text, clip_fea.to(device=device, dtype=dtype)
+        )  # temb (e): [B, C]; timestep_proj: [B, 6C]; text_states: [B, 512, C]; image_states: [B, 257, C]
+        return temb, timestep_proj.unflatten(1, (6, -1)), text_states, image_states
+
+    def run_blocks(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        timestep_proj: Tensor,
+        rotary_emb: tuple[Tensor, Tensor],
+        vocal_context: Tensor,
+    ) -> Tensor:
+        """The transformer blocks over ``[B, seq, C]`` tokens."""
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context
+                )
+            else:
+                hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, vocal_context)
+        return hidden_states
+
+    def project_out(self, hidden_states: Tensor, temb: Tensor) -> Tensor:
+        """Output norm (modulated by ``e``, not ``e0``) and projection: ``[B, n, C]`` -> ``[B, n, p_t*p_h*p_w*16]``."""
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, C] each
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        return self.proj_out(hidden_states)
+
+    def unpatchify(self, tokens: Tensor, latents: Tensor) -> Tensor:
+        """``[B, n_real, p_t*p_h*p_w*16]`` projected real tokens -> ``[B, 16, L, h, w]`` in ``latents.dtype``."""
+        batch_size, _, num_frames, height, width = latents.shape
+        p_t, p_h, p_w = self.config.patch_size
+        hidden_states = tokens.reshape(batch_size, num_frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(latents.dtype)
 
     @torch.no_grad()
     def timestep_modulation(self, timesteps: Tensor) -> Tensor:
@@ -459,6 +499,7 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         audio_features: Tensor | None,
         audio_rows: Sequence[bool],
         audio_num_frames: int,
+        slots: slice | None = None,
     ) -> Tensor:
         """``[B, S, K, C]``: the adapter output for rows flagged in ``audio_rows``, zeros for the others.
 
@@ -466,16 +507,20 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         features the context is zeros ``[B, S, 1, C]``: attention over identical zero keys averages identical values,
         so it equals a zero context of any length K. With features but no audio row (the null-audio row run on its
         own), the zeros have the adapter's K, so that row computes exactly what it computes inside the CFG batch.
+
+        ``slots``: only these latent-frame slots (a sequence-parallel rank's frames); ``hidden_states`` then holds
+        just those frames' tokens. ``None``: all slots.
         """
         batch_size, _, dim = hidden_states.shape
+        num_slots = len(range(latent_slot_count(audio_num_frames))[slots or slice(None)])
         if audio_features is None:
-            return hidden_states.new_zeros(batch_size, latent_slot_count(audio_num_frames), 1, dim)
+            return hidden_states.new_zeros(batch_size, num_slots, 1, dim)
         if audio_features.shape[0] != 1:
             raise ValueError(f"audio_features must be [1, N, C], got {tuple(audio_features.shape)}")
-        if not any(audio_rows):
-            slots = split_audio_sequence(audio_features.shape[1], audio_num_frames)
-            slot_len = max(end - start + 1 for start, end in slots) + 2 * AUDIO_EXPAND_LENGTH
-            return hidden_states.new_zeros(batch_size, len(slots), slot_len, dim)
+        if not any(audio_rows) or num_slots == 0:
+            ranges = split_audio_sequence(audio_features.shape[1], audio_num_frames)
+            slot_len = max(end - start + 1 for start, end in ranges) + 2 * AUDIO_EXPAND_LENGTH
+            return hidden_states.new_zeros(batch_size, num_slots, slot_len, dim)
 
         vocal = self.vocal_projector(
             audio_features.to(device=hidden_states.device, dtype=hidden_states.dtype),
@@ -483,6 +528,7 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
             timestep_proj[-1:],
             temb[-1:],
             num_frames=audio_num_frames,
+            slots=slots,
         ).to(hidden_states.dtype)  # [1, S, K, C]
         null = torch.zeros_like(vocal)
         return torch.cat([vocal if row else null for row in audio_rows], dim=0)  # [B, S, K, C]

@@ -147,6 +147,7 @@ class VocalProjector(nn.Module):
         e0: Tensor,
         e: Tensor,
         num_frames: int = 81,
+        slots: slice | None = None,
     ) -> Tensor:
         """Compute the vocal context of one window.
 
@@ -155,20 +156,24 @@ class VocalProjector(nn.Module):
             latents: ``[B, seq_len, C]`` DiT patch tokens zero-padded to ``seq_len`` (taken before any DiT block).
             e0: ``[B, 6, C]`` the DiT's timestep projection; ``e``: ``[B, C]`` its time embedding.
             num_frames: pixel frames the audio is spread over (81: 21 latent-frame slots).
+            slots: compute only these latent-frame slots (``latents`` then holds only their frames' tokens): each
+                slot attends to its own frame only, so a subset of slots computes what the whole does for them.
 
         Returns:
             ``[B, S, K, C]`` vocal context (``S`` = 21 latent-frame slots, ``K`` tokens per slot).
         """
         feature = self.proj_model(audio_features)  # [B, N, C]
         ranges = split_audio_sequence(feature.shape[1], num_frames)
-        slots, _ = split_tensor_with_padding(feature, ranges)  # [B, S, K, C]
-        num_slots, slot_len = slots.shape[1], slots.shape[2]
+        slot_tokens, _ = split_tensor_with_padding(feature, ranges)  # [B, S, K, C]
+        if slots is not None:
+            slot_tokens = slot_tokens[:, slots]
+        num_slots, slot_len = slot_tokens.shape[1], slot_tokens.shape[2]
         if latents.shape[1] % num_slots:
             raise ValueError(
                 f"seq_len {latents.shape[1]} is not a multiple of the {num_slots} latent-frame slots"
             )
 
-        x = slots.flatten(1, 2)  # [B, S*K, C]
+        x = slot_tokens.flatten(1, 2)  # [B, S*K, C]
         for block in self.blocks:
             x = block(x, latents, e0, num_slots)
         x = self.final_head(x, e)
