@@ -21,10 +21,11 @@ TextEncoderDevice = Literal["auto", "cpu"]
 # The memory modes: ``full`` alone, or one offload mode and/or ``fp8_weights`` joined by '+'.
 MEMORY_MODES: tuple[str, ...] = ("full", "model_offload", "block_offload", "fp8_weights")
 OFFLOAD_MODES: dict[str, OffloadKind] = {"model_offload": "model", "block_offload": "block"}
-# Peak GPU memory of a 5 s 480x832 clip in one process, per mode (estimated: bench/memory_estimate.py, docs/gpu.md).
+# Peak GPU memory (GB = 1e9 bytes) of a 5 s 480x832 clip in one process, per mode: estimated by
+# bench/memory_estimate.py (bench/results/memory_estimate.txt; docs/gpu.md), until the device kit measures them.
 MEMORY_MODE_PEAKS_GB: dict[str, float] = {
-    "full": 22.5, "fp8_weights": 14.5, "model_offload": 12.3, "model_offload+fp8_weights": 8.7,
-    "block_offload": 6.9, "block_offload+fp8_weights": 6.0,
+    "full": 26.0, "fp8_weights": 19.7, "model_offload": 11.5, "model_offload+fp8_weights": 8.9,
+    "block_offload": 8.3, "block_offload+fp8_weights": 8.3,
 }
 
 # Wan's default negative prompt, hard-coded by StableAvatar's inference.py and fal's fork.
@@ -85,7 +86,7 @@ def parse_memory_mode(value: str | list[str] | tuple[str, ...]) -> str:
 class MemorySettings(BaseModel):
     """Where the models' weights live on a card too small for all of them (``pipeline.memory`` applies this).
 
-    * ``full``: every model resident on the device (fastest; about 22 GB for a 5 s 480x832 clip).
+    * ``full``: every model resident on the device (fastest; ``MEMORY_MODE_PEAKS_GB`` has each mode's peak).
     * ``model_offload``: models live in host memory; each is moved to the device while it works (T5/CLIP/wav2vec
       -> DiT -> VAE) and moved back after its stage.
     * ``block_offload``: the DiT's and T5's blocks stream from host memory one group at a time (diffusers' group

@@ -220,3 +220,43 @@ def test_streams_on_the_cpu_are_refused_before_any_model_is_built(monkeypatch):
 def test_checkpoints_for_a_random_weights_preset_are_refused(tmp_path):
     with pytest.raises(ValueError, match="random weights and reads no checkpoints.*stableavatar-1.3b"):
         load_models(get_preset("tiny"), device="cpu", checkpoints=tmp_path)
+
+
+def test_the_quoted_peaks_are_the_estimate_scripts():
+    """``generate --help`` and the docs quote ``MEMORY_MODE_PEAKS_GB``; they are bench/memory_estimate.py's output
+    as recorded in bench/results/memory_estimate.json (rerun the script after a model or mode change)."""
+    import json
+
+    from pipeline.settings import MEMORY_MODE_PEAKS_GB
+    from tests.helpers import REPO_ROOT
+
+    recorded = json.loads((REPO_ROOT / "bench" / "results" / "memory_estimate.json").read_text())
+    assert recorded["preset"] == "stableavatar-1.3b-random"
+    assert MEMORY_MODE_PEAKS_GB == {mode: recorded["peaks"][mode]["peak_gb"] for mode in MEMORY_MODE_PEAKS_GB}
+    docs = (REPO_ROOT / "docs" / "gpu.md").read_text()
+    for mode, gb in MEMORY_MODE_PEAKS_GB.items():
+        assert f"| `{mode}` | {gb:.1f} |" in docs, mode
+
+
+def test_the_estimate_script_runs_at_tiny_size(tmp_path):
+    """Its arithmetic: each mode's peak is the largest stage, a stage is the resident weights plus its activations."""
+    from bench.memory_estimate import STAGES, main, resident
+
+    assert main(["--preset", "tiny", "--json", str(tmp_path / "m.json")]) == 0
+    import json
+
+    result = json.loads((tmp_path / "m.json").read_text())
+    w, act = result["weights"]["bf16"], result["activations"]["bf16"]
+    assert all(act[s] > 0 for s in STAGES) and result["activations"]["fp8_weights"]["text"] > act["text"]
+    assert w["transformer"] == w["transformer_top_level"] + len_blocks() * w["transformer_block"]
+    full = result["peaks"]["full"]
+    assert full["peak_bytes"] == max(resident("full", s, w, False) + act[s] for s in STAGES)
+    assert resident("model_offload", "dit", w, False) == w["transformer"]
+    assert result["peaks"]["block_offload"]["peak_bytes"] < full["peak_bytes"]
+    assert (tmp_path / "m.txt").read_text().startswith("Estimated peak GPU memory")
+
+
+def len_blocks() -> int:
+    from pipeline.presets import TINY_TRANSFORMER
+
+    return TINY_TRANSFORMER["num_layers"]
