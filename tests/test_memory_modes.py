@@ -232,7 +232,7 @@ def test_the_quoted_peaks_are_the_estimate_scripts():
 
     recorded = json.loads((REPO_ROOT / "bench" / "results" / "memory_estimate.json").read_text())
     assert recorded["preset"] == "stableavatar-1.3b-random"
-    assert MEMORY_MODE_PEAKS_GB == {mode: recorded["peaks"][mode]["peak_gb"] for mode in MEMORY_MODE_PEAKS_GB}
+    assert {mode: recorded["peaks"][mode]["peak_gb"] for mode in MEMORY_MODE_PEAKS_GB} == MEMORY_MODE_PEAKS_GB
     docs = (REPO_ROOT / "docs" / "gpu.md").read_text()
     for mode, gb in MEMORY_MODE_PEAKS_GB.items():
         assert f"| `{mode}` | {gb:.1f} |" in docs, mode
