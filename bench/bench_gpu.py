@@ -234,6 +234,7 @@ class Bench:
         clip's seconds and peak memory per stage, and its final latents against ``full``'s."""
         import copy
         import dataclasses
+        import gc
 
         from bench.bench_inprocess import speech_like_audio
         from pipeline.generator import PipelineSettings, StableAvatarPipeline
@@ -269,6 +270,7 @@ class Bench:
             clip["latents_max_abs_diff_vs_reference"] = float((self.last_latents.float() - reference.float()).abs().max())
             result["modes"][mode] = clip
             del pipeline, bundle, models
+            gc.collect()  # hooks reference their modules: free this mode's copies before the next
             if self.cuda:
                 torch.cuda.empty_cache()
             self.write_partial("memory_modes", result)
@@ -361,6 +363,8 @@ class Bench:
                 "latency_s_min": round(min(times), 4), "flop": flops, "tflop": float(f"{flops / 1e12:.4g}"),
                 "achieved_tflops": float(f"{flops / min(times) / 1e12:.4g}"),
             }
+            peak = self.out.get("card", {}).get("bf16_peak_tflops")
+            result[f"batch{batch}"]["fraction_of_peak"] = round(flops / min(times) / 1e12 / peak, 3) if peak else None
         result["mode"] = label
         return result
 

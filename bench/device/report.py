@@ -45,7 +45,7 @@ def render(out: dict[str, Any]) -> str:
         entry = forward.get(batch)
         if entry:
             tflops = entry["achieved_tflops"]
-            share = f", {tflops / peak:.0%} of peak" if peak else ""
+            share = f", {entry['fraction_of_peak']:.0%} of peak" if entry.get("fraction_of_peak") else ""
             lines.append(f"DiT forward {batch} (one window): {_ms(entry['latency_s_min'])} min, "
                          f"{_ms(entry['latency_s_mean'])} mean; {entry['tflop']} TFLOP, {tflops} TFLOP/s{share}")
     if forward:
