@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu clean
+.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu \
+	device-wheels device-check clean
 
 setup: $(STAMP) system-deps postgres-deps browser-deps
 
@@ -74,10 +75,18 @@ bench: setup
 bench-long: setup
 	$(BIN)/python bench/bench_long_video.py
 
-# Needs a CUDA GPU: StableAvatar 1.3B sizes (random weights), bf16, 480x832 -> bench/results/gpu.json.
-# BENCH_GPU_ARGS="--steps 20" shortens it (see bench/bench_gpu.py).
+# Needs a CUDA GPU and this checkout's venv: StableAvatar 1.3B sizes (random weights), bf16, 480x832 ->
+# bench/results/gpu.json. BENCH_GPU_ARGS="--steps 20" shortens it; on a lent device use bench/device/ (docs/gpu.md).
 bench-gpu: setup
 	$(BIN)/python bench/bench_gpu.py $(BENCH_GPU_ARGS)
+
+# The device kit (docs/gpu.md): the wheels the GPU image lacks, into .whl/ (carried by a device call), and the kit
+# run at tiny size on the CPU with the image's versions (Python 3.12, torch 2.11, transformers 5.17; ~5 GB venv).
+device-wheels:
+	bash bench/device/fetch_wheels.sh
+
+device-check:
+	bash bench/device/check.sh
 
 clean:
 	rm -rf $(VENV) demo.mp4 .pytest_cache .ruff_cache

@@ -1,11 +1,21 @@
 """GPU benchmark of the pipeline: StableAvatar 1.3B sizes (random weights) in bf16 at 480x832 on CUDA.
 
 Also runs at tiny size on the CPU (``--preset tiny --device cpu --quick``; ``tests/test_bench_gpu.py`` does, so the
-script cannot rot). One JSON file out (``bench/results/gpu.json`` by default), rewritten after every phase, so a
-run stopped by a time limit keeps what finished. A phase that fails records its error and the exit code is 1.
+script cannot rot). One JSON file out (``bench/results/gpu.json`` by default; ``--out-dir`` writes ``gpu.json`` and the
+table ``gpu.txt`` there), both rewritten after every phase, so a run stopped by a time limit keeps what finished. A
+phase that fails records its error and the exit code is 1.
+
+``--budget-s``: a total time budget. Each phase first estimates its own time (from the FLOP count before anything is
+measured, from the measured forward latency after) and is skipped with a note in ``skipped`` when it would not fit;
+``e2e`` picks the step count that fits and extrapolates to the default 50. The device kit (``bench/device/``,
+``docs/gpu.md``) runs this script under an 8-minute budget per call.
 
 Phases, in order (``--phases`` selects):
 
+* ``card``: the device, its bf16 dense peak (``BF16_PEAK_TFLOPS``) and a measured 8192³ bf16 matmul.
+* ``memory_modes``: each memory mode (``pipeline.memory``) on copies of one set of host-memory weights: a
+  ``--modes-steps`` clip's prepare / denoise / finish seconds and peak memory per stage, and the final latents
+  against ``full`` (max |d|; 0 for the offload modes). Runs before ``load``, which would occupy the device.
 * ``load``: seconds per component.
 * ``preprocess``: the request's ``prepare`` (cold), then warm repeats of each part: wav2vec (all windows), T5
   (prompt), CLIP, VAE encode (``build_y``).
@@ -13,8 +23,10 @@ Phases, in order (``--phases`` selects):
   latency (mean and min of ``--repeats``), achieved TFLOP/s from the analytic count below.
 * ``sdpa``: the attention kernels that ran (aten ops seen by the profiler in one forward) and diffusers' backend.
 * ``vae_decode``: streaming VAE decode of the clip's latents in the pipeline's chunks: frames/s.
-* ``e2e``: a full clip (``--seconds``, default 5 s = 2 windows) with ``--steps`` steps: prepare, denoise, decode and
-  encode to mp4, seconds per stage, compile off.
+* ``e2e``: a full clip (``--seconds``, default 5 s = 2 windows) with ``--steps`` steps (or as many as the budget
+  allows): prepare, denoise, decode and encode to mp4, seconds and peak memory per stage, compile off; extrapolated
+  to 50 steps, and the GPU-seconds per second of output video at those reference settings (one GPU, 480x832,
+  acceleration none).
 * ``acceleration``: ``--aux-steps`` steps of the same clip at acceleration none / regular / high, and high without
   the fitted-range guard (TeaCache as published): the plan, row forwards computed / skipped, denoise seconds, max
   |d| of the final latents against none. With random weights the plan is not the real model's (see
@@ -67,14 +79,30 @@ import time
 import traceback
 from pathlib import Path
 
+PROCESS_STARTED = time.monotonic()  # --budget-s counts from here: importing torch is part of the run
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-PHASES = ("load", "preprocess", "forward", "sdpa", "vae_decode", "e2e", "acceleration", "split_rows", "compile")
+PHASES = ("card", "memory_modes", "load", "preprocess", "forward", "sdpa", "vae_decode", "e2e", "acceleration",
+          "split_rows", "compile")
+ALWAYS = ("card", "load", "preprocess")  # every later phase needs them
 TEXT_LEN, IMAGE_LEN, NUM_SLOTS = 512, 257, 21
 PROMPT = "a person is talking to the camera in a bright room"
+REFERENCE_STEPS = 50  # the fal default; e2e extrapolates to it
+MEMORY_MODES = ("full", "model_offload", "block_offload", "fp8_weights", "model_offload+fp8_weights",
+                "block_offload+fp8_weights")
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device-name fragment, most specific first (vendor sheets).
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835.0), ("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+)  # a V100 has no bf16 tensor cores: no entry
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The card's dense bf16 peak from ``BF16_PEAK_TFLOPS`` (first matching fragment), ``None`` if unknown."""
+    return next((tflops for fragment, tflops in BF16_PEAK_TFLOPS if fragment in device_name), None)
 
 
 def dit_flops(config: dict, seq_len: int, rows: int, audio_tokens: int, slot_len: int, with_adapter: bool) -> float:
@@ -102,17 +130,19 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args, self.device = args, torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.out: dict = {"meta": self._meta(), "errors": {}}
+        self.out: dict = {"meta": self._meta(), "errors": {}, "skipped": {}}
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
 
     def _meta(self) -> dict:
         import diffusers
+        import transformers
 
         a = self.args
         meta = {
             "preset": a.preset, "device": a.device, "quick": a.quick, "seconds": a.seconds, "steps": a.steps,
             "aux_steps": a.aux_steps, "repeats": a.repeats, "aspect_ratio": a.aspect_ratio,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if self.device.type == "cuda":
@@ -152,9 +182,24 @@ class Bench:
     def write(self) -> None:
         self.args.json.parent.mkdir(parents=True, exist_ok=True)
         self.args.json.write_text(json.dumps(self.out, indent=1, default=str))
+        if self.args.txt is not None:
+            from bench.device.report import render
+
+            self.args.txt.write_text(render(self.out))
+
+    def time_left(self) -> float:
+        if self.args.budget_s is None:
+            return math.inf
+        return self.args.budget_s - (time.monotonic() - PROCESS_STARTED)
 
     def phase(self, name: str, fn) -> bool:
-        print(f"[bench_gpu] {name} ...", file=sys.stderr, flush=True)
+        needs, left = self.estimate(name), self.time_left()
+        if needs > left:
+            self.out["skipped"][name] = f"needs ~{needs:.0f} s by its estimate, {max(left, 0):.0f} s of the budget left"
+            print(f"[bench_gpu] {name} skipped: {self.out['skipped'][name]}", file=sys.stderr, flush=True)
+            self.write()
+            return False
+        print(f"[bench_gpu] {name} ... (~{needs:.0f} s by its estimate)", file=sys.stderr, flush=True)
         self.reset_peak()
         started = time.perf_counter()
         try:
@@ -169,6 +214,74 @@ class Bench:
         return name not in self.out["errors"]
 
     # -- phases --------------------------------------------------------------------------------------------------
+    def card(self) -> dict:
+        """The device and what its bf16 tensor cores can do: the vendor's dense peak and a measured matmul."""
+        if not self.cuda:
+            return {"name": platform.processor() or "cpu", "bf16_peak_tflops": None, "matmul_bf16_tflops": None}
+        name = torch.cuda.get_device_properties(self.device).name
+        peak = bf16_peak_tflops(name)
+        n = 8192
+        a, b = (torch.randn(n, n, device=self.device, dtype=torch.bfloat16) for _ in range(2))
+        self.timed(lambda: a @ b, 3)  # warm-up
+        _, times = self.timed(lambda: a @ b, 10)
+        measured = 2 * n**3 / (sum(times) / len(times)) / 1e12
+        return {"name": name, "bf16_peak_tflops": peak, "matmul_bf16_tflops": round(measured, 1),
+                "matmul_fraction_of_peak": round(measured / peak, 3) if peak else None,
+                "peak_source": "vendor dense bf16 (no sparsity) by device name" if peak else "unknown card"}
+
+    def memory_modes(self) -> dict:
+        """Each memory mode on deep copies of one host-memory bundle (same random weights for every mode): the
+        clip's seconds and peak memory per stage, and its final latents against ``full``'s."""
+        import copy
+        import dataclasses
+        import gc
+
+        from bench.bench_inprocess import speech_like_audio
+        from pipeline.generator import PipelineSettings, StableAvatarPipeline
+        from pipeline.loading import ALL_COMPONENTS, load_models
+        from pipeline.memory import apply_memory_mode, home_device
+        from pipeline.presets import get_preset
+        from pipeline.settings import MemorySettings
+
+        self.audio = self.tmp / "speech.wav"
+        speech_like_audio(self.args.seconds, self.audio)
+        self.image = ROOT / "examples" / "portrait.png"
+        started = time.perf_counter()
+        host = load_models(get_preset(self.args.preset), device="cpu", dtype_policy="gpu" if self.cuda else "auto")
+        result: dict = {"host_load_s": round(time.perf_counter() - started, 1), "steps": self.args.modes_steps,
+                        "modes": {}}
+        reference = None
+        for mode in self.args.modes:
+            if self.clip_s(self.args.modes_steps, slowdown=1.5) > self.time_left():
+                result["modes"][mode] = {"skipped": "would not fit the budget"}
+                continue
+            memory = MemorySettings(mode=mode)
+            models = {c: copy.deepcopy(getattr(host, c)).to(home_device(c, memory, self.device))
+                      for c in ALL_COMPONENTS}
+            bundle = dataclasses.replace(host, device=self.device, **models)
+            bundle.placement = apply_memory_mode(bundle, memory, host.dtypes)
+            pipeline = StableAvatarPipeline(bundle, PipelineSettings(memory=memory))
+            self.reset_peak()
+            clip = self._clip(self.args.modes_steps, mode.replace("+", "_"), pipeline)
+            clip["peak_memory"] = max((v.get("peak_gpu_memory_gb") or v.get("peak_host_rss_gb") or 0)
+                                      for v in clip["peak_memory_per_stage"].values())
+            if reference is None:
+                reference, result["reference_mode"] = self.last_latents, mode
+            clip["latents_max_abs_diff_vs_reference"] = float((self.last_latents.float() - reference.float()).abs().max())
+            result["modes"][mode] = clip
+            del pipeline, bundle, models
+            gc.collect()  # hooks reference their modules: free this mode's copies before the next
+            if self.cuda:
+                torch.cuda.empty_cache()
+            self.write_partial("memory_modes", result)
+        del host
+        return result
+
+    def write_partial(self, name: str, result: dict) -> None:
+        """A long phase's results so far (a time limit may stop it before it returns)."""
+        self.out[name] = dict(result, partial=True)
+        self.write()
+
     def load(self) -> dict:
         from pipeline.generator import PipelineSettings, StableAvatarPipeline
         from pipeline.loading import load_models
@@ -217,7 +330,7 @@ class Bench:
             _, wav2vec = self.timed(lambda: [audio_features(models.audio_encoder, models.feature_extractor,
                                                             padded[w.audio_start:w.audio_end])
                                              for w in prepared.plan.windows], repeats)
-            _, t5 = self.timed(lambda: self.pipeline.prompt_encoder.encode(PROMPT), repeats)
+            _, t5 = self.timed(lambda: self.pipeline.prompt_encoder.run_text_encoder(PROMPT), repeats)
             _, clip = self.timed(lambda: build_clip_context(models.image_encoder, image_u8), repeats)
             _, vae = self.timed(lambda: build_y(models.vae, image_u8), repeats)
         return {
@@ -250,6 +363,8 @@ class Bench:
                 "latency_s_min": round(min(times), 4), "flop": flops, "tflop": float(f"{flops / 1e12:.4g}"),
                 "achieved_tflops": float(f"{flops / min(times) / 1e12:.4g}"),
             }
+            peak = self.out.get("card", {}).get("bf16_peak_tflops")
+            result[f"batch{batch}"]["fraction_of_peak"] = round(flops / min(times) / 1e12 / peak, 3) if peak else None
         result["mode"] = label
         return result
 
@@ -299,20 +414,104 @@ class Bench:
         return {"latent_frames": latents.shape[2], "frames": frames, "chunk_latents": chunk,
                 "seconds": round(times[0], 3), "frames_per_s": round(frames / times[0], 2)}
 
-    def _clip(self, steps: int, label: str) -> dict:
-        prepared, (wall,) = self.timed(lambda: self.pipeline.prepare(self.image, self.audio, self.params(steps)))
-        latents, (denoise_s,) = self.timed(lambda: asyncio.run(self.pipeline.denoise(prepared)))
+    def staged(self, fn) -> tuple[object, float, dict]:
+        """``fn()``'s result, seconds and peak memory (reset before it)."""
+        self.reset_peak()
+        result, (seconds,) = self.timed(fn)
+        return result, seconds, self.peak()
+
+    def _clip(self, steps: int, label: str, pipeline=None) -> dict:
+        pipeline = pipeline or self.pipeline
+        prepared, wall, prepare_peak = self.staged(
+            lambda: pipeline.prepare(self.image, self.audio, self.params(steps)))
+        latents, denoise_s, denoise_peak = self.staged(lambda: asyncio.run(pipeline.denoise(prepared)))
         out = self.tmp / f"{label}.mp4"
-        result, (finish_s,) = self.timed(lambda: self.pipeline.finish(prepared, latents, out))
+        result, finish_s, finish_peak = self.staged(lambda: pipeline.finish(prepared, latents, out))
         window_steps = prepared.plan.num_windows * steps
+        self.last_latents = latents
         return {"mode": label, "steps": steps, "windows": prepared.plan.num_windows, "frames": result.frames,
-                "width": result.width, "height": result.height, "prepare_s": round(wall, 3),
-                "denoise_s": round(denoise_s, 3), "decode_encode_s": round(finish_s, 3),
+                "width": result.width, "height": result.height, "audio_s": round(prepared.audio_seconds, 3),
+                "prepare_s": round(wall, 3), "denoise_s": round(denoise_s, 3), "decode_encode_s": round(finish_s, 3),
                 "total_s": round(wall + denoise_s + finish_s, 3),
-                "denoise_s_per_window_step": round(denoise_s / window_steps, 4), "file_size": result.file_size}
+                "denoise_s_per_window_step": round(denoise_s / window_steps, 4), "file_size": result.file_size,
+                "peak_memory_per_stage": {"prepare": prepare_peak, "denoise": denoise_peak,
+                                          "decode_encode": finish_peak}}
 
     def e2e(self) -> dict:
-        return self._clip(self.args.steps, "eager")
+        """The clip at ``--steps`` or the most steps that fit the budget, extrapolated to the reference 50."""
+        steps = self.e2e_steps()
+        clip = self._clip(steps, "eager")
+        denoise_50 = clip["denoise_s"] / steps * REFERENCE_STEPS
+        total_50 = clip["prepare_s"] + denoise_50 + clip["decode_encode_s"]
+        clip["extrapolated"] = {
+            "steps": REFERENCE_STEPS, "denoise_s": round(denoise_50, 2), "total_s": round(total_50, 2),
+            "gpu_seconds_per_output_second": round(total_50 / clip["audio_s"], 2),
+            "how": f"prepare and decode+encode as measured; denoise scaled from {steps} to {REFERENCE_STEPS} steps",
+        }
+        return clip
+
+    # -- time estimates (--budget-s) -------------------------------------------------------------------------
+    @property
+    def real_size(self) -> bool:
+        from pipeline.presets import get_preset
+
+        return get_preset(self.args.preset).transformer["num_layers"] >= 30
+
+    def forward_s(self, batch: int) -> float:
+        """A DiT window forward: measured once ``forward`` ran; before, its FLOP count at 40 % of the card's bf16
+        peak (CPU or unknown card: 0.2 TFLOP/s)."""
+        from pipeline.presets import get_preset
+
+        measured = self.out.get("forward", {}).get(f"batch{batch}", {}).get("latency_s_min")
+        if measured:
+            return measured
+        preset = get_preset(self.args.preset)
+        width, height = preset.resolutions["9:16"]
+        seq_len = 21 * (width // 16) * (height // 16)
+        peak = self.out.get("card", {}).get("bf16_peak_tflops") or 0
+        rate = 0.4 * peak * 1e12 if self.cuda and peak else 0.2e12
+        return dit_flops(preset.transformer, seq_len, batch, 161, 15, with_adapter=True) / rate
+
+    def windows(self) -> int:
+        return self.out.get("preprocess", {}).get("windows") or math.ceil(self.args.seconds / 2.5)
+
+    def prepare_s(self) -> float:
+        return self.out.get("preprocess", {}).get("prepare_cold_s") or (20.0 if self.real_size else 2.0)
+
+    def decode_s(self) -> float:
+        """VAE decode + mp4 encode of the clip: the measured decode and 30 % for the encode."""
+        measured = self.out.get("vae_decode", {}).get("seconds")
+        return 1.3 * measured if measured else (60.0 if self.real_size else 5.0)
+
+    def clip_s(self, steps: int, slowdown: float = 1.0) -> float:
+        return self.prepare_s() + slowdown * steps * self.windows() * self.forward_s(3) + self.decode_s()
+
+    def e2e_steps(self) -> int:
+        """``--steps``, or fewer (at least 2) so that the clip fits the time left."""
+        left = self.time_left()
+        if math.isinf(left):
+            return self.args.steps
+        per_step = self.windows() * self.forward_s(3)
+        fits = int((0.9 * left - self.prepare_s() - self.decode_s()) / per_step)
+        return max(2, min(self.args.steps, fits))
+
+    def estimate(self, name: str) -> float:
+        """Seconds ``name`` is expected to take (the budget's yardstick; generous where nothing is measured)."""
+        big = self.real_size
+        fwd1, fwd3, repeats, aux = self.forward_s(1), self.forward_s(3), self.args.repeats, self.args.aux_steps
+        return {
+            "card": 5.0,
+            "load": 90.0 if big else 5.0,
+            "preprocess": 3 * self.prepare_s(),
+            "forward": (1 + repeats) * (fwd1 + fwd3) * 1.2 + 2,
+            "sdpa": 3 * fwd1 + 5,
+            "vae_decode": self.decode_s() / 1.3,
+            "e2e": self.clip_s(2),
+            "acceleration": 4 * aux * self.windows() * fwd3 + self.prepare_s(),
+            "split_rows": aux * self.windows() * 3 * fwd1 + 3 * fwd1 + fwd3 + self.prepare_s(),
+            "compile": (150.0 if big else 60.0) + (1 + repeats) * (fwd1 + fwd3) + self.clip_s(2),
+            "memory_modes": (90.0 if big else 5.0) + self.clip_s(self.args.modes_steps, slowdown=1.5),
+        }[name]
 
     def acceleration(self) -> dict:
         from pipeline.generator import PipelineSettings, StableAvatarPipeline
@@ -402,11 +601,11 @@ class Bench:
         return result
 
     def run(self) -> int:
-        """``load`` and ``preprocess`` always run (every other phase needs them); the rest as selected."""
+        """``card``, ``load`` and ``preprocess`` always run (the later phases need them); the rest as selected."""
         for name in PHASES:
-            if name not in ("load", "preprocess") and name not in self.args.phases:
+            if name not in ALWAYS and name not in self.args.phases:
                 continue
-            if not self.phase(name, getattr(self, name)) and name in ("load", "preprocess"):
+            if not self.phase(name, getattr(self, name)) and name in ALWAYS:
                 break
         peaks = [v.get("peak_gpu_memory_gb", v.get("peak_host_rss_gb")) for v in self.out.values()
                  if isinstance(v, dict) and ("peak_gpu_memory_gb" in v or "peak_host_rss_gb" in v)]
@@ -431,7 +630,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     parser.add_argument("--quick", action="store_true", help="few steps and repeats (CPU smoke run)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="write gpu.json and the table gpu.txt here (overrides --json)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="total seconds: phases that would not fit are skipped, e2e takes fewer steps")
+    parser.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), help="memory_modes: the modes to run")
+    parser.add_argument("--modes-steps", type=int, default=2, help="memory_modes: steps of each clip")
     args = parser.parse_args(argv)
+    args.txt = None
+    if args.out_dir is not None:
+        args.json, args.txt = args.out_dir / "gpu.json", args.out_dir / "gpu.txt"
     args.steps = args.steps or (2 if args.quick else 50)
     args.aux_steps = args.aux_steps or (8 if args.quick else 10)
     args.repeats = args.repeats or (1 if args.quick else 3)

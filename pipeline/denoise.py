@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from pipeline.models.devices import compute_device
 from pipeline.models.transformer import BlockResidual
 from pipeline.raw_tensor import RawTensor
 from pipeline.schedule import SigmaSchedule, guided_step, sigma_schedule
@@ -144,8 +145,7 @@ class WindowDenoiser:
     def model_inputs(self, cond: RequestConditioning, window: int, step: int, latents: torch.Tensor,
                      rows: tuple[int, ...]) -> dict:
         """The DiT's keyword arguments for ``rows`` of one window at one step (rows batched in the given order)."""
-        param = next(self.transformer.parameters())
-        device, dtype, batch = param.device, param.dtype, len(rows)
+        device, dtype, batch = compute_device(self.transformer), next(self.transformer.parameters()).dtype, len(rows)
         length = latents.shape[2]
         negative, positive = cond.text_negative.to(device, dtype), cond.text_positive.to(device, dtype)
         texts = (negative, negative, positive)

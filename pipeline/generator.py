@@ -37,6 +37,7 @@ from pipeline.media.image import choose_size, load_image, resize_cover
 from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
 from pipeline.models.vae import StreamingVaeDecoder, frames_to_uint8
+from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.schema import AspectRatio, resolve_seed
 from pipeline.settings import PipelineSettings
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
@@ -108,21 +109,31 @@ class StableAvatarPipeline:
         self.settings = settings or PipelineSettings()
         self._prompt_encoder: PromptEncoder | None = None
         self._window_denoiser: WindowDenoiser | None = None
+        self.prompt_cache = PromptEmbeddingCache(self.settings.prompt_cache_bytes)
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
         if self._prompt_encoder is None:
             self._prompt_encoder = PromptEncoder(
-                self.models.tokenizer, self.models.text_encoder, self.settings.negative_prompt)
+                self.models.tokenizer, self.models.text_encoder, self.settings.negative_prompt, self.prompt_cache)
         return self._prompt_encoder
 
     # -- stage 1: preprocess --------------------------------------------------------------------------------
-    @torch.no_grad()
     def prepare(self, image: bytes | Path | Image.Image, audio: bytes | Path, params: GenerationParams,
                 request_id: str | None = None, progress: ProgressCallback | None = None,
                 samples: np.ndarray | None = None) -> PreparedRequest:
         """``image`` may be already loaded and ``samples`` already decoded (16 kHz mono) by validation, so
-        neither is decoded twice. An audio length no window plan can cover is an ``audio_url`` error."""
+        neither is decoded twice. An audio length no window plan can cover is an ``audio_url`` error. Under
+        ``model_offload`` the encoders go back to host memory at the end, T5 included."""
+        try:
+            return self._prepare(image, audio, params, request_id, progress, samples)
+        finally:
+            self.models.release()
+
+    @torch.no_grad()
+    def _prepare(self, image: bytes | Path | Image.Image, audio: bytes | Path, params: GenerationParams,
+                 request_id: str | None, progress: ProgressCallback | None,
+                 samples: np.ndarray | None) -> PreparedRequest:
         timings: dict[str, float] = {}
         say = progress or (lambda _msg: None)
         models, settings = self.models, self.settings
@@ -213,15 +224,23 @@ class StableAvatarPipeline:
         finally:
             if isinstance(executor, InProcessExecutor):
                 executor.step_cache.free(prepared.request_id)
+            self.models.release()
         prepared.timings["denoise"] = time.perf_counter() - started
         return latents  # [1, 16, T, h, w]
 
     # -- stage 3: decode + encode ---------------------------------------------------------------------------
-    @torch.no_grad()
     def finish(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
                progress: ProgressCallback | None = None) -> VideoResult:
         """Stream-decode the latents chunk by chunk into ffmpeg. Besides ``latents`` (read, never copied whole),
         memory does not grow with the video length: one chunk at a time is converted to fp32 and decoded."""
+        try:
+            return self._finish(prepared, latents, out_path, progress)
+        finally:
+            self.models.release()
+
+    @torch.no_grad()
+    def _finish(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
+                progress: ProgressCallback | None) -> VideoResult:
         say = progress or (lambda _msg: None)
         started = time.perf_counter()
         plan = prepared.plan

@@ -5,6 +5,9 @@ an explicit key map that refuses missing or unexpected keys. Dtypes follow a pol
 bf16 and the VAE, CLIP and wav2vec in fp32 (as upstream), with a bf16 sampling state; ``fp32`` runs everything in
 fp32; ``auto`` (the default) is ``gpu`` on an accelerator and ``fp32`` on the CPU. Asking for ``gpu`` on the CPU runs
 the exact dtype path of a GPU deployment, so tests catch dtype mistakes without a GPU.
+
+A memory mode (``pipeline.memory``) decides where each component is built (host memory when it is offloaded) and
+hooks it after loading; the dtypes are always those of the target device.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.presets import ModelPreset, TransformerVariant
+from pipeline.settings import MemorySettings
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,13 @@ class ModelBundle:
     audio_encoder: Any = None
     feature_extractor: Any = None
     load_seconds: dict[str, float] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # each component's compute dtype
+    placement: Any = None  # pipeline.memory.MemoryPlacement: the memory mode applied
+
+    def release(self) -> None:
+        """End of a stage: models offloaded whole go back to host memory (a no-op when nothing is offloaded)."""
+        if self.placement is not None:
+            self.placement.release()
 
 
 def resolve_dtype_policy(policy: DtypePolicy, device: torch.device) -> Literal["gpu", "fp32"]:
@@ -168,9 +179,12 @@ def load_models(
     device: str | torch.device = "cpu",
     variant: TransformerVariant = "square",
     dtype_policy: DtypePolicy = "auto",
+    memory: MemorySettings | None = None,
 ) -> ModelBundle:
-    """Load the requested components of ``preset`` onto ``device`` with the dtypes of ``dtype_policy``."""
+    """Load the requested components of ``preset`` for ``device`` with the dtypes of ``dtype_policy``, placed as
+    the memory mode ``memory`` says (default ``full``: everything on ``device``)."""
     from pipeline.keymaps.files import read_state_dict
+    from pipeline.memory import apply_memory_mode, check_memory_settings, home_device
     from pipeline.models.audio_encoder import build_audio_encoder, build_feature_extractor, load_audio_encoder
     from pipeline.models.image_encoder import build_image_encoder
     from pipeline.models.text_encoder import build_text_encoder
@@ -181,8 +195,13 @@ def load_models(
     if preset.torch_threads is not None:
         torch.set_num_threads(preset.torch_threads)
     device = torch.device(device)
+    memory = memory or MemorySettings()
+    check_memory_settings(memory, device)
     wanted = list(dict.fromkeys(components))
     layout: CheckpointLayout | None = None
+    if preset.is_random and checkpoints is not None:
+        raise ValueError(f"preset {preset.name!r} has random weights and reads no checkpoints; for the official "
+                         f"weights in {checkpoints} use preset 'stableavatar-1.3b'")
     if not preset.is_random:
         if checkpoints is None:
             raise CheckpointNotFoundError(f"preset {preset.name!r} needs --checkpoints DIR (the official layout)")
@@ -191,11 +210,12 @@ def load_models(
 
     for component in wanted:
         started = time.perf_counter()
-        dtype = component_dtype(component, device, dtype_policy)
+        dtype = bundle.dtypes[component] = component_dtype(component, device, dtype_policy)
+        home = home_device(component, memory, device)  # host memory when offloaded
         if component == "transformer" and preset.transformer_factory is not None:
-            bundle.transformer = preset.transformer_factory().to(device)
+            bundle.transformer = preset.transformer_factory().to(home)
         elif component == "transformer":
-            model = _build(lambda: StableAvatarTransformer3DModel(**preset.transformer), preset, component, device)
+            model = _build(lambda: StableAvatarTransformer3DModel(**preset.transformer), preset, component, home)
             if layout:
                 from pipeline.keymaps.transformer import (
                     load_transformer_state_dict,
@@ -207,17 +227,17 @@ def load_models(
                 state = transformer_state_dict_from_files(files)
                 load_transformer_state_dict(model, state)
             # Keep diffusers' fp32 modules (norms, modulation tables, time embedder) in fp32 under bf16.
-            bundle.transformer = model.to(device).to_inference_dtype(dtype)
+            bundle.transformer = model.to(home).to_inference_dtype(dtype)
         elif component == "vae":
-            model = _build(preset.vae_factory or (lambda: build_vae(**preset.vae)), preset, component, device)
+            model = _build(preset.vae_factory or (lambda: build_vae(**preset.vae)), preset, component, home)
             if layout:
                 from pipeline.keymaps.vae import load_vae_weights
 
                 layout.require(layout.vae)
                 load_vae_weights(model, read_state_dict(layout.vae), assign=True)
-            bundle.vae = _place(model, device, dtype)
+            bundle.vae = _place(model, home, dtype)
         elif component == "text_encoder":
-            model = _build(lambda: build_text_encoder(**preset.text_encoder), preset, component, device)
+            model = _build(lambda: build_text_encoder(**preset.text_encoder), preset, component, home)
             if layout:
                 from pipeline.keymaps.text_encoder import load_text_encoder_weights
 
@@ -226,25 +246,26 @@ def load_models(
                 bundle.tokenizer = HFTokenizer(layout.tokenizer)
             else:
                 bundle.tokenizer = ByteTokenizer(preset.text_encoder["vocab_size"])
-            bundle.text_encoder = _place(model, device, dtype)
+            bundle.text_encoder = _place(model, home, dtype)
         elif component == "image_encoder":
-            model = _build(lambda: build_image_encoder(**preset.image_encoder), preset, component, device)
+            model = _build(lambda: build_image_encoder(**preset.image_encoder), preset, component, home)
             if layout:
                 from pipeline.keymaps.image_encoder import load_image_encoder_weights
 
                 layout.require(layout.image_encoder)
                 load_image_encoder_weights(model, read_state_dict(layout.image_encoder), assign=True)
-            bundle.image_encoder = _place(model, device, dtype)
+            bundle.image_encoder = _place(model, home, dtype)
         elif component == "audio_encoder":
             if layout:
                 layout.require(layout.audio_encoder)
-                model, extractor = load_audio_encoder(layout.audio_encoder, device, dtype)
+                model, extractor = load_audio_encoder(layout.audio_encoder, home, dtype)
             else:
-                model = _build(lambda: build_audio_encoder(**preset.audio_encoder), preset, component, device)
+                model = _build(lambda: build_audio_encoder(**preset.audio_encoder), preset, component, home)
                 extractor = build_feature_extractor(**preset.feature_extractor)
-            bundle.audio_encoder, bundle.feature_extractor = _place(model, device, dtype), extractor
+            bundle.audio_encoder, bundle.feature_extractor = _place(model, home, dtype), extractor
         else:
             raise ValueError(f"unknown component {component!r}")
         bundle.load_seconds[component] = time.perf_counter() - started
         log.info("loaded %s (%s) in %.1f s", component, preset.name, bundle.load_seconds[component])
+    bundle.placement = apply_memory_mode(bundle, memory, bundle.dtypes)
     return bundle

@@ -1,4 +1,5 @@
-"""Prompt tokenisation and T5 encoding, with the fixed negative prompt encoded once per process.
+"""Prompt tokenisation and T5 encoding, with the fixed negative prompt encoded once per process and other prompts
+cached by text (:class:`~pipeline.prompt_cache.PromptEmbeddingCache`).
 
 The real preset uses the umt5-xxl tokenizer shipped in the checkpoint folder. Presets with random weights use a
 byte-level tokenizer (no files to download): their text embeddings are meaningless anyway, but the shapes, the
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.settings import NEGATIVE_PROMPT
 
 TEXT_LENGTH = 512  # T5 tokens; the DiT hard-codes a 512-row text context
@@ -77,22 +79,35 @@ class HFTokenizer:
 
 
 class PromptEncoder:
-    """Encodes prompts to unpadded T5 rows ``[n_tokens, d]``; the negative prompt is computed once and cached."""
+    """Encodes prompts to unpadded T5 rows ``[n_tokens, d]``: the negative prompt once per process, the others
+    through ``cache`` (keyed by the cleaned text the tokenizer sees; ``None``: every prompt runs T5)."""
 
-    def __init__(self, tokenizer: Tokenizer, text_encoder: torch.nn.Module, negative_prompt: str = NEGATIVE_PROMPT):
+    def __init__(self, tokenizer: Tokenizer, text_encoder: torch.nn.Module, negative_prompt: str = NEGATIVE_PROMPT,
+                 cache: PromptEmbeddingCache | None = None):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.negative_prompt = negative_prompt
+        self.cache = cache
         self._negative: torch.Tensor | None = None
 
     @torch.no_grad()
-    def encode(self, prompt: str) -> torch.Tensor:
+    def run_text_encoder(self, prompt: str) -> torch.Tensor:
+        """One T5 forward, never cached (on the text encoder's device)."""
         from pipeline.models.text_encoder import encode_prompts
 
         ids, mask = self.tokenizer([prompt])
-        device = next(self.text_encoder.parameters()).device
-        return encode_prompts(self.text_encoder, ids.to(device), mask.to(device))[0]
+        return encode_prompts(self.text_encoder, ids, mask)[0]
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """The prompt's embedding, from the cache when it holds it (in host memory when cached)."""
+        if self.cache is None:
+            return self.run_text_encoder(prompt)
+        key = clean_prompt(prompt)
+        embedding = self.cache.get(key)
+        if embedding is None:
+            embedding = self.cache.put(key, self.run_text_encoder(prompt))
+        return embedding
 
     def negative(self) -> torch.Tensor:
         if self._negative is None:
-            self._negative = self.encode(self.negative_prompt)
+            self._negative = self.run_text_encoder(self.negative_prompt)
         return self._negative

@@ -9,8 +9,17 @@ import time
 from pathlib import Path
 
 from pipeline.presets import PRESETS
+from pipeline.settings import MEMORY_MODE_PEAKS_GB
 from pipeline.windows import FPS
 from stable_avatar.arguments import add_acceleration, add_generation_inputs
+
+DEFAULT_PRESET, REAL_PRESET = "tiny", "stableavatar-1.3b"
+MEMORY_MODE_HELP = (
+    "where the weights live: full (default), model_offload, block_offload, fp8_weights, or an offload mode "
+    "+fp8_weights (e.g. block_offload+fp8_weights). Estimated peak GPU memory for a 5 s 480x832 clip: "
+    + ", ".join(f"{mode} {gb:.1f} GB" for mode, gb in MEMORY_MODE_PEAKS_GB.items())
+    + "; with --text-encoder-device cpu, less again (docs/gpu.md). Each offload costs speed: model_offload moves "
+    "each model once per stage, block_offload streams the DiT's blocks every step")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video in this process (no server)")
     add_generation_inputs(p, "path", "random seed (default: random)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--checkpoints", type=Path, default=None, help="official checkpoint layout (real preset)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"model preset (default: {REAL_PRESET} with --checkpoints, else {DEFAULT_PRESET})")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help=f"official checkpoint layout (selects preset {REAL_PRESET}; a random-weights preset "
+                        "refuses it)")
     p.add_argument("--variant", default="square", choices=["square", "rec-vec"], help="StableAvatar weights")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype-policy", default="auto", choices=["auto", "gpu", "fp32"],
@@ -36,6 +48,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "pipeline.split_guidance_rows)")
     add_acceleration(p, "step cache level (default: the pipeline config's, else none)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the DiT's blocks")
+    p.add_argument("--memory-mode", default=None, metavar="MODE", help=MEMORY_MODE_HELP)
+    p.add_argument("--text-encoder-device", default=None, choices=["auto", "cpu"],
+                   help="cpu: keep and run T5 on the CPU (11.4 GB less GPU memory; slower for each new prompt)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -44,6 +59,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download-weights", help="download the official checkpoints (Hugging Face)")
     p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--variant", default="all", choices=["square", "rec-vec", "all"],
+                   help="StableAvatar transformer weights to fetch (each file is several GB; generate and serve "
+                        "use 'square' unless told otherwise; default: all)")
 
 
 
@@ -67,12 +85,12 @@ def run_generate(args: argparse.Namespace) -> int:
     image = read_source(fields.image_url, "image_url")
     audio = read_source(fields.audio_url, "audio_url")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset = get_preset(args.preset)
+    preset = get_preset(choose_preset(args))
     settings = pipeline_settings(args)
 
     started = time.perf_counter()
     models = load_models(preset, checkpoints=args.checkpoints, device=device, variant=args.variant,
-                         dtype_policy=args.dtype_policy)
+                         dtype_policy=args.dtype_policy, memory=settings.memory)
     load_s = time.perf_counter() - started
     pipeline = StableAvatarPipeline(models, settings)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr))
@@ -117,14 +135,34 @@ def pipeline_settings(args: argparse.Namespace):
             raise ValueError(f"--pipeline-config {args.pipeline_config}: expected a mapping of pipeline settings")
     flags = {"overlap": args.overlap, "window_policy": args.window_policy,
              "split_guidance_rows": args.split_guidance_rows, "compile": args.compile}
+    memory = {"mode": args.memory_mode, "text_encoder_device": args.text_encoder_device}
+    memory = {k: v for k, v in memory.items() if v is not None}
+    if memory:
+        given = block.get("memory") or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"--pipeline-config {args.pipeline_config}: 'memory' must be a mapping")
+        block = block | {"memory": given | memory}
     return PipelineSettings.model_validate(block | {k: v for k, v in flags.items() if v is not None})
+
+
+def choose_preset(args: argparse.Namespace) -> str:
+    """``--preset``, else the real preset when ``--checkpoints`` is given (said on stderr), else ``tiny``. A
+    random-weights preset named together with ``--checkpoints`` is refused by ``load_models``: it would silently
+    ignore the files and make noise after a full run."""
+    if args.preset is not None:
+        return args.preset
+    if args.checkpoints is not None:
+        print(f"note: --checkpoints given: using preset {REAL_PRESET} (the official weights)", file=sys.stderr)
+        return REAL_PRESET
+    return DEFAULT_PRESET
 
 
 def run_download(args: argparse.Namespace) -> int:
     from pipeline.weights import download_weights
 
-    download_weights(args.dir)
-    print(f"downloaded the official checkpoint layout into {args.dir}")
+    download_weights(args.dir, variant=args.variant)
+    which = "both transformer variants" if args.variant == "all" else f"transformer variant {args.variant}"
+    print(f"downloaded the official checkpoint layout ({which}) into {args.dir}")
     return 0
 
 

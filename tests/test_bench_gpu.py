@@ -66,3 +66,16 @@ def test_quick_cpu_run_writes_every_phase(tmp_path):
     assert max(split["noise_prediction_max_abs_diff_per_row"]) < 1e-5  # fp32 on the CPU: batch 1 vs 3 rounding
     assert 0 < split["final_latents_fraction_differing"] < 0.05
     assert result["load"]["peak_host_rss_gb"] > 0
+    assert result["card"]["bf16_peak_tflops"] is None  # the CPU has no entry in the peak table
+    modes = result["memory_modes"]["modes"]
+    assert all(clip["latents_max_abs_diff_vs_reference"] == 0 for mode, clip in modes.items() if "fp8" not in mode)
+    assert all(clip["latents_max_abs_diff_vs_reference"] > 0 for mode, clip in modes.items() if "fp8" in mode)
+    assert result["e2e"]["extrapolated"]["steps"] == 50 and result["skipped"] == {}
+
+
+def test_the_card_table_matches_the_most_specific_name():
+    from bench.bench_gpu import bf16_peak_tflops as peak
+
+    assert peak("NVIDIA H100 80GB HBM3") == 989.4 and peak("NVIDIA H100 PCIe") == 756.0
+    assert peak("NVIDIA H200") == 989.4 and peak("NVIDIA H200 NVL") == 835.0
+    assert peak("NVIDIA GeForce RTX 4090") == 165.2 and peak("Some Future GPU") is None

@@ -15,7 +15,7 @@ from huggingface_hub.utils import filter_repo_objects
 from pipeline.loading import CheckpointLayout
 from pipeline.models.audio_encoder import WEIGHT_FILES
 from pipeline.text import HFTokenizer
-from pipeline.weights import ALLOW_PATTERNS
+from pipeline.weights import ALLOW_PATTERNS, allow_patterns
 
 ROOT = Path("/ckpt")  # stands for the --dir of the download; only paths relative to it matter
 # Files read inside the folders the layout names (one of the wav2vec weight files is enough at load time).
@@ -91,3 +91,23 @@ def test_the_readmes_download_size_matches_the_real_parameter_counts():
     repo = Path(__file__).resolve().parents[1]
     assert f"about {quoted}" in (repo / "README.md").read_text()
     assert f"~{quoted}" in (repo / "k8s" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("variant,other", [("square", "rec-vec"), ("rec-vec", "square")])
+def test_one_variant_fetches_only_its_transformer_file(variant, other):
+    patterns = allow_patterns(variant)
+    files = [f"StableAvatar-1.3B/transformer3d-{v}.pt" for v in (variant, other)]
+    assert list(filter_repo_objects(files, allow_patterns=patterns)) == [files[0]]
+    wanted = [p for ps in layout_paths(CheckpointLayout(ROOT, variant)).values() for p in ps]
+    assert set(filter_repo_objects(wanted, allow_patterns=patterns)) == set(
+        filter_repo_objects(wanted, allow_patterns=ALLOW_PATTERNS))  # everything else the loader reads
+    with pytest.raises(ValueError, match="unknown transformer variant"):
+        allow_patterns("portrait")
+
+
+def test_download_weights_takes_a_variant():
+    from stable_avatar.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["download-weights", "--dir", "d"]).variant == "all"
+    assert parse(["download-weights", "--dir", "d", "--variant", "rec-vec"]).variant == "rec-vec"

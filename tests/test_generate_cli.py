@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -116,3 +117,70 @@ def test_acceleration_changes_the_video_and_none_does_not(tmp_path):
         videos[name] = out.read_bytes()
     assert videos["none"] == videos["default"]
     assert videos["high"] != videos["default"]
+
+
+def test_memory_modes_from_the_command_line(tmp_path):
+    """An offload mode makes the default video byte for byte; fp8 weights make a slightly different one."""
+    audio = synthetic_speech(tmp_path / "speech.wav", 2.0)
+    videos = {}
+    for name, extra in (("full", []), ("block_offload", ["--memory-mode", "block_offload"]),
+                        ("model_offload", ["--memory-mode", "model_offload", "--text-encoder-device", "cpu"]),
+                        ("fp8", ["--memory-mode", "model_offload+fp8_weights"])):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(audio), "--prompt", "x",
+                     "--steps", "2", "--seed", "2", "--quiet", *extra, "-o", str(out)]) == 0
+        videos[name] = out.read_bytes()
+    assert videos["block_offload"] == videos["full"] == videos["model_offload"]
+    assert videos["fp8"] != videos["full"]
+
+
+def test_memory_flags_override_the_config_block(tmp_path):
+    from stable_avatar.cli import build_parser
+    from stable_avatar.generate_commands import pipeline_settings
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("memory: {mode: block_offload, blocks_per_group: 2}\nprompt_cache_bytes: 1024\n")
+    base = ["generate", "--image", "i", "--audio", "a", "--prompt", "p", "-o", "o.mp4", "--pipeline-config",
+            str(config)]
+    settings = pipeline_settings(build_parser().parse_args(base))
+    assert (settings.memory.mode, settings.memory.blocks_per_group, settings.prompt_cache_bytes) == (
+        "block_offload", 2, 1024)
+    flags = pipeline_settings(build_parser().parse_args([*base, "--memory-mode", "block_offload+fp8_weights",
+                                                         "--text-encoder-device", "cpu"]))
+    assert (flags.memory.mode, flags.memory.blocks_per_group, flags.memory.text_encoder_device) == (
+        "block_offload+fp8_weights", 2, "cpu")
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("turbo", "memory.mode: Value error, unknown memory mode 'turbo'"),
+    ("model_offload+block_offload", "exclude each other"),
+])
+def test_a_bad_memory_mode_is_a_clear_error(tmp_path, capsys, mode, message):
+    code = main(["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(EXAMPLE_AUDIO), "--prompt", "x",
+                 "--memory-mode", mode, "-o", str(tmp_path / "o.mp4")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_checkpoints_select_the_real_preset_and_a_random_preset_refuses_them(tmp_path, capsys):
+    args = ["generate", "--image", str(EXAMPLE_IMAGE), "--audio", str(EXAMPLE_AUDIO), "--prompt", "x",
+            "--checkpoints", str(tmp_path), "-o", str(tmp_path / "o.mp4")]
+    assert main(args) == 2  # the real preset, which finds no files in an empty folder
+    err = capsys.readouterr().err
+    assert "using preset stableavatar-1.3b" in err and "checkpoint files not found" in err
+    assert main([*args, "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'tiny' has random weights and reads no checkpoints" in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_generate_help_states_each_modes_memory():
+    from pipeline.settings import MEMORY_MODE_PEAKS_GB
+
+    proc = subprocess.run([sys.executable, "-m", "stable_avatar.cli", "generate", "--help"], capture_output=True,
+                          text=True, check=True)
+    help_text = " ".join(proc.stdout.split())
+    assert set(MEMORY_MODE_PEAKS_GB) >= {"full", "model_offload", "block_offload", "block_offload+fp8_weights"}
+    for mode, gb in MEMORY_MODE_PEAKS_GB.items():
+        assert re.search(rf"[ ,:]{re.escape(mode)} {gb:.1f} GB", help_text), mode

@@ -18,6 +18,8 @@ from pipeline.keymaps.audio_encoder import load_audio_encoder_weights
 from pipeline.keymaps.files import read_state_dict
 from pipeline.media.rates import SAMPLE_RATE
 
+from .devices import compute_device
+
 # Regularisers that only act in training; zeroed so a model accidentally left in train mode still matches.
 TRAINING_ONLY = {
     "layerdrop": 0.0,
@@ -54,8 +56,8 @@ def audio_features(
     values = extractor(
         np.asarray(samples, dtype=np.float32), sampling_rate=extractor.sampling_rate, return_tensors="pt"
     ).input_values  # [1,n], normalised over this chunk only
-    param = model.feature_projection.projection.weight
-    return model(values.to(param.device, param.dtype)).last_hidden_state  # [1,N,C]
+    dtype = model.feature_projection.projection.weight.dtype
+    return model(values.to(compute_device(model), dtype)).last_hidden_state  # [1,N,C]
 
 
 def load_audio_encoder(

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from .devices import compute_device
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -35,7 +37,7 @@ def clip_preprocess(image: torch.Tensor, size: int = 224) -> torch.Tensor:
 @torch.no_grad()
 def encode_image_tokens(model: CLIPVisionModel, image: torch.Tensor) -> torch.Tensor:
     """Image [3,H,W] in [-1,1] -> tokens [1,257,dim] after all but the last block (``hidden_states[-2]``)."""
-    param = model.embeddings.patch_embedding.weight
-    pixels = clip_preprocess(image.to(param.device)).to(param.dtype)  # [1,3,224,224]
+    pixels = clip_preprocess(image.to(compute_device(model)))  # [1,3,224,224]
+    pixels = pixels.to(model.embeddings.patch_embedding.weight.dtype)
     out = model(pixel_values=pixels, output_hidden_states=True)
     return out.hidden_states[-2]  # [1,257,dim]; hidden_states[0] is the embedding after pre_layrnorm

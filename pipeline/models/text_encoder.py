@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
+from .devices import compute_device
+
 
 def build_text_encoder(**config: Any) -> UMT5EncoderModel:
     """``UMT5EncoderModel(UMT5Config(**config))`` in eval mode without gradients."""
@@ -23,7 +25,7 @@ def encode_prompts(
     All rows go through one batch call (identical to per-row calls: masked keys get the dtype minimum). The cut
     matches upstream, which hands the DiT a list of unpadded contexts that it zero-pads back to 512 itself.
     """
-    device = model.shared.weight.device
+    device = compute_device(model)
     hidden = model(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
     ).last_hidden_state  # [B,512,d]

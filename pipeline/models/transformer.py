@@ -50,6 +50,7 @@ from diffusers.utils import apply_lora_scale
 from torch import Tensor, nn
 
 from .audio_split import AUDIO_EXPAND_LENGTH, latent_slot_count, split_audio_sequence
+from .devices import compute_device, weights_onloaded
 from .vocal_projector import VocalProjector
 
 __all__ = [
@@ -465,10 +466,14 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
     @torch.no_grad()
     def timestep_modulation(self, timesteps: Tensor) -> Tensor:
         """``e0`` (the blocks' timestep modulation, ``[N, 6, C]``) for ``N`` timesteps, computed by the same
-        condition embedder as ``forward`` (the step cache's input: for Wan it depends only on the timestep)."""
-        device, dtype = self.patch_embedding.weight.device, self.patch_embedding.weight.dtype
-        text = torch.zeros(timesteps.shape[0], 1, self.config.text_dim, device=device, dtype=dtype)
-        _, timestep_proj, _, _ = self.condition_embedder(timesteps.to(device), text, None)
+        condition embedder as ``forward`` (the step cache's input: for Wan it depends only on the timestep).
+
+        Computed on the device ``forward`` runs on, with the embedder's weights brought there by the offload hook
+        when a memory mode keeps them elsewhere (no hook fires outside ``forward``)."""
+        with weights_onloaded(self):
+            device, dtype = compute_device(self), self.patch_embedding.weight.dtype
+            text = torch.zeros(timesteps.shape[0], 1, self.config.text_dim, device=device, dtype=dtype)
+            _, timestep_proj, _, _ = self.condition_embedder(timesteps.to(device), text, None)
         return timestep_proj.unflatten(1, (6, -1))
 
     def to_inference_dtype(self, dtype: torch.dtype) -> StableAvatarTransformer3DModel:

@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
+from .devices import compute_device
+
 # Smallest width at which post_quant_conv is evaluated (see StreamingVaeDecoder._post_quant_frame).
 MIN_CONV_VOXELS = 64
 
@@ -39,8 +41,8 @@ def encode_latents(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
 
     The mode (not a sample, no noise augmentation) is what StableAvatar conditions on.
     """
-    param = next(vae.parameters())
-    mu = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()  # [B,16,t,h,w] raw mu
+    dtype = next(vae.parameters()).dtype
+    mu = vae.encode(video.to(compute_device(vae), dtype)).latent_dist.mode()  # [B,16,t,h,w] raw mu
     mean, inv_std = _latent_stats(vae, mu.device)
     return (mu.float() - mean) * inv_std
 
