@@ -1,4 +1,7 @@
-"""``stable-avatar generate`` (in process, no server) and ``stable-avatar download-weights``."""
+"""``stable-avatar generate`` (in process, no server) and ``stable-avatar download-weights``.
+
+Declaring the commands imports no model library (so ``stable-avatar --help`` and the client commands stay fast);
+running them does."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ import time
 from pathlib import Path
 
 from pipeline.presets import PRESETS
-from pipeline.windows import FPS
-from stable_avatar.arguments import add_acceleration, add_generation_inputs
+from stable_avatar.arguments import add_acceleration, add_command, add_generation_inputs
+from stable_avatar.errors import print_error, print_validation_error
+from stable_avatar.exit_codes import EXIT_BAD_INPUT
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +23,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a video in this process (no server)")
+    p = add_command(sub, "generate", "generate a video in this process (no server)",
+                    "Run the whole pipeline in this process: load the models, denoise, encode an mp4. The same "
+                    "loop and settings as the service, so the same inputs and seed give the same bytes.",
+                    ["stable-avatar generate --image examples/portrait.png --audio examples/speech.wav \\",
+                     "    --prompt 'A person talking' -o out.mp4          # tiny preset: random weights, noise",
+                     "stable-avatar generate --preset stableavatar-1.3b --checkpoints checkpoints \\",
+                     "    --image face.jpg --audio speech.mp3 --prompt 'A woman talking' --aspect-ratio 9:16 "
+                     "-o out.mp4"])
+    p.set_defaults(handler=run)
     add_generation_inputs(p, "path", "random seed (default: random)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="model: tiny (random weights, seconds on a CPU), stableavatar-1.3b (the official weights, "
+                        "needs --checkpoints), stableavatar-1.3b-random (real sizes, random weights)")
     p.add_argument("--checkpoints", type=Path, default=None, help="official checkpoint layout (real preset)")
     p.add_argument("--variant", default="square", choices=["square", "rec-vec"], help="StableAvatar weights")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype-policy", default="auto", choices=["auto", "gpu", "fp32"],
                    help="auto: bf16 DiT/T5 on a GPU, fp32 on the CPU; gpu: the GPU dtypes anywhere; fp32: all fp32")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in latent frames (default 10)")
-    p.add_argument("--window-policy", default=None, choices=["full", "upstream"])
+    p.add_argument("--window-policy", default=None, choices=["full", "upstream"],
+                   help="full: every window full length, audio padded (default); upstream: upstream's shorter "
+                        "last window, needs at least 3.4 s of audio")
     p.add_argument("--pipeline-config", type=Path, default=None,
                    help="YAML/JSON file with the service's 'pipeline:' block (PipelineSettings); flags override it")
     p.add_argument("--split-guidance-rows", action="store_true", default=None,
@@ -36,15 +52,38 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "pipeline.split_guidance_rows)")
     add_acceleration(p, "step cache level (default: the pipeline config's, else none)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the DiT's blocks")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the mp4")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download-weights", help="download the official checkpoints (Hugging Face)")
-    p.add_argument("--dir", type=Path, required=True)
+    p = add_command(sub, "download-weights", "download the official checkpoints (Hugging Face)",
+                    "Fetch the files inference reads from the Hugging Face repository FrancisRing/StableAvatar "
+                    "(about 27-36 GB) into the official layout that --checkpoints and the service's "
+                    "'checkpoints:' read.",
+                    ["stable-avatar download-weights --dir checkpoints",
+                     "stable-avatar generate --preset stableavatar-1.3b --checkpoints checkpoints ..."])
+    p.set_defaults(handler=run)
+    p.add_argument("--dir", type=Path, required=True, help="folder to download into (created if missing)")
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``generate`` or ``download-weights``; bad input is one line naming the field and exit status 2."""
+    from pydantic import ValidationError
+
+    from guarded_fetch import InputError
+    from pipeline.keymaps import CheckpointKeyError
+    from pipeline.loading import CheckpointNotFoundError
+
+    try:
+        return HANDLERS[args.command](args)
+    except InputError as exc:
+        print_error(f"{exc.field}: {exc}")
+    except ValidationError as exc:
+        print_validation_error(exc)
+    except (CheckpointNotFoundError, CheckpointKeyError, ValueError) as exc:
+        print_error(str(exc))
+    return EXIT_BAD_INPUT
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -58,6 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pipeline.presets import get_preset
     from pipeline.schema import StableAvatarInput
     from pipeline.step_cache import StepCache
+    from pipeline.windows import FPS
 
     fields = StableAvatarInput(
         image_url=str(args.image), audio_url=str(args.audio), prompt=args.prompt, aspect_ratio=args.aspect_ratio,
@@ -100,7 +140,6 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def pipeline_settings(args: argparse.Namespace):
     """The ``pipeline:`` block of ``--pipeline-config`` (as in the service's app args), then the flags."""
     import yaml
@@ -126,7 +165,6 @@ def run_download(args: argparse.Namespace) -> int:
     download_weights(args.dir)
     print(f"downloaded the official checkpoint layout into {args.dir}")
     return 0
-
 
 
 HANDLERS = {"generate": run_generate, "download-weights": run_download}
