@@ -40,15 +40,20 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app-id", default=DEFAULT_APP_ID, help=f"fal application id (default {DEFAULT_APP_ID})")
 
 
-def _add_request_id(p: argparse.ArgumentParser) -> None:
+def _add_job_command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+                     examples: list[str]) -> argparse.ArgumentParser:
+    """A command about one submitted job: its REQUEST_ID argument first, the connection options added last."""
+    p = add_command(sub, name, summary, f"{description} {SERVER_NOTE}", examples)
+    p.set_defaults(handler=run)
     p.add_argument("request_id", metavar="REQUEST_ID", help="the id that submit printed (32 hex digits)")
+    return p
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "submit", "send a job to a running server, follow it and download the video",
                     "Upload local files, submit the job to the queue, show its queue position, progress bar and "
                     "log lines, then download the video. Ctrl-C asks whether to cancel the job (without a "
-                    "terminal it leaves the job running and prints how to come back). " + SERVER_NOTE,
+                    f"terminal it leaves the job running and prints how to come back). {SERVER_NOTE}",
                     ["stable-avatar submit --image face.png --audio speech.wav --prompt 'A person talking' "
                      "-o out.mp4",
                      "stable-avatar submit --server https://avatar.example.com --key $KEY --image face.png \\",
@@ -60,37 +65,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write the mp4 (default <id>.mp4)")
     _add_connection(p)
 
-    p = add_command(sub, "status", "show a submitted job's state, stage, progress and last log lines",
-                    "Ask the server once where a job is: IN_QUEUE (with its position), IN_PROGRESS (stage and "
-                    "progress) or COMPLETED (with its error, if it failed). " + SERVER_NOTE,
-                    ["stable-avatar status REQUEST_ID --logs 20",
-                     "stable-avatar status REQUEST_ID --json | jq -r .status"])
-    p.set_defaults(handler=run)
-    _add_request_id(p)
+    p = _add_job_command(sub, "status", "show a submitted job's state, stage, progress and last log lines",
+                         "Ask the server once where a job is: IN_QUEUE (with its position), IN_PROGRESS (stage "
+                         "and progress) or COMPLETED (with its error, if it failed).",
+                         ["stable-avatar status REQUEST_ID --logs 20",
+                          "stable-avatar status REQUEST_ID --json | jq -r .status"])
     p.add_argument("--logs", type=int, default=10, help="how many of the last log lines to show (default 10)")
     p.add_argument("--json", action="store_true",
                    help="print the server's status answer as JSON instead (all its log lines unless --logs 0)")
     _add_connection(p)
 
-    p = add_command(sub, "result", "wait for a submitted job and download its video",
-                    "Follow the job until it completes, then download its video. A job that failed exits with "
-                    "its error. " + SERVER_NOTE,
-                    ["stable-avatar result REQUEST_ID -o out.mp4",
-                     "stable-avatar result REQUEST_ID --no-wait    # fail at once if it is not done"])
-    p.set_defaults(handler=run)
-    _add_request_id(p)
+    p = _add_job_command(sub, "result", "wait for a submitted job and download its video",
+                         "Follow the job until it completes, then download its video. A job that failed exits "
+                         "with its error.",
+                         ["stable-avatar result REQUEST_ID -o out.mp4",
+                          "stable-avatar result REQUEST_ID --no-wait    # fail at once if it is not done"])
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write the mp4 (default <id>.mp4)")
     p.add_argument("--no-wait", action="store_true", help="fail instead of waiting when the job is not done")
     _add_connection(p)
 
-    p = add_command(sub, "cancel", "cancel a queued or running job",
-                    "A queued job is cancelled at once; a running one stops at its next step and frees its GPUs. "
-                    "Its status then reads COMPLETED with error_type client_cancelled. Exit status 1 when the "
-                    "job had already finished. " + SERVER_NOTE,
-                    ["stable-avatar cancel REQUEST_ID",
-                     "stable-avatar cancel REQUEST_ID --server http://gpu-box:8000 --key $KEY"])
-    p.set_defaults(handler=run)
-    _add_request_id(p)
+    p = _add_job_command(sub, "cancel", "cancel a queued or running job",
+                         "A queued job is cancelled at once; a running one stops at its next step and frees its "
+                         "GPUs. Its status then reads COMPLETED with error_type client_cancelled. Exit status 1 "
+                         "when the job had already finished.",
+                         ["stable-avatar cancel REQUEST_ID",
+                          "stable-avatar cancel REQUEST_ID --server http://gpu-box:8000 --key $KEY"])
     _add_connection(p)
 
 

@@ -33,6 +33,7 @@ from tests.helpers import (  # noqa: E402
     free_port,
     http_json,
     probe,
+    stop_process_group,
     synthetic_speech,
 )
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
@@ -64,13 +65,8 @@ def test_serve_listens_on_the_host_and_port_it_is_given(tmp_path):
         code, answer, _ = http_json("GET", f"http://127.0.0.1:{port}/-/routes")
         assert (code, answer) == (503, {"raw": "Route table is not populated yet."})
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    assert server.returncode == 0
+        stopped = stop_process_group(server)
+    assert stopped == 0
 
 
 @pytest.fixture(scope="module")
