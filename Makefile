@@ -1,23 +1,34 @@
 # stable-avatar-serve: `make demo` and `make test` do all set-up on a fresh machine.
+# `make demo` needs only the project and ffmpeg; `make test` also the test tools, PostgreSQL, Chromium and npm packages.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu \
+.PHONY: setup setup-demo system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu \
 	device-wheels device-check clean
 
-setup: $(STAMP) system-deps postgres-deps browser-deps
+# What the demo needs: the project in .venv and ffmpeg.
+setup-demo: $(STAMP) system-deps
+
+# Everything: the demo's set-up plus the test tools (pytest, ruff, the fal client, Playwright, SeaweedFS),
+# PostgreSQL, Chromium and the JS client.
+setup: setup-demo $(DEV_STAMP) postgres-deps browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # ffmpeg/ffprobe from Debian when missing (the pipeline also runs on imageio-ffmpeg's binary, but the tests probe
 # outputs with ffprobe).
@@ -55,10 +66,10 @@ tests/js/node_modules/.package-lock.json: tests/js/package-lock.json tests/js/pa
 test: setup js-deps
 	$(BIN)/pytest -q
 
-demo: setup
+demo: setup-demo
 	$(BIN)/python examples/run_demo.py
 
-lint: setup
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
 bench: setup

@@ -1,6 +1,6 @@
 """Talk to a running stable-avatar server over the fal queue protocol: upload, submit, follow, fetch, cancel.
 
-Used by ``stable-avatar submit/status/result``. Plain ``urllib`` on purpose: the command line must work from a
+Used by ``stable-avatar submit/status/result/cancel``. Plain ``urllib`` on purpose: the command line must work from a
 bare install without pulling in an HTTP library, and the protocol is a handful of JSON calls. Uploads follow the
 official JS client (``POST storage/upload/initiate`` then ``PUT`` the bytes), so the CLI exercises the same
 routes a browser or ``@fal-ai/client`` would.
@@ -170,8 +170,12 @@ class AvatarClient:
     def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", self.url(self.app_id), body=payload)[1]
 
+    def status_body(self, request_id: str, logs: bool = True) -> dict[str, Any]:
+        """The server's status answer as it sent it (fal's fields plus ``progress``)."""
+        return self.call("GET", self._request_url(request_id, f"/status?logs={int(logs)}"))[1]
+
     def status(self, request_id: str, logs: bool = True) -> Status:
-        return Status.from_body(self.call("GET", self._request_url(request_id, f"/status?logs={int(logs)}"))[1])
+        return Status.from_body(self.status_body(request_id, logs))
 
     def result(self, request_id: str) -> dict[str, Any] | None:
         """The output, or None while the job is not finished (202); a failed job raises its 4xx/5xx."""

@@ -1,13 +1,18 @@
-"""``stable-avatar submit|status|result``: drive a running server over the fal queue protocol."""
+"""``stable-avatar submit|status|result|cancel``: drive a running server over the fal queue protocol.
+
+Client commands import no model library: a laptop that only talks to a GPU server needs neither torch nor its
+start-up time (``tests/test_cli_commands.py`` checks it in a fresh interpreter).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from stable_avatar.arguments import add_acceleration, add_generation_inputs
+from stable_avatar.arguments import add_acceleration, add_command, add_generation_inputs
 from stable_avatar.client import (
     DEFAULT_APP_ID,
     DEFAULT_SERVER,
@@ -22,7 +27,8 @@ from stable_avatar.client import (
 )
 from stable_avatar.exit_codes import EXIT_AUTH, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 
-COMMANDS = ("submit", "status", "result")
+SERVER_NOTE = (f"The server is --server (default: ${SERVER_ENV}, else {DEFAULT_SERVER}); the API key is --key "
+               f"(default: ${KEY_ENV}).")
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
@@ -34,30 +40,61 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app-id", default=DEFAULT_APP_ID, help=f"fal application id (default {DEFAULT_APP_ID})")
 
 
+def _add_job_command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+                     examples: list[str]) -> argparse.ArgumentParser:
+    """A command about one submitted job: its REQUEST_ID argument first, the connection options added last."""
+    p = add_command(sub, name, summary, f"{description} {SERVER_NOTE}", examples)
+    p.set_defaults(handler=run)
+    p.add_argument("request_id", metavar="REQUEST_ID", help="the id that submit printed (32 hex digits)")
+    return p
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="send a job to a running server, follow it and download the video")
+    p = add_command(sub, "submit", "send a job to a running server, follow it and download the video",
+                    "Upload local files, submit the job to the queue, show its queue position, progress bar and "
+                    "log lines, then download the video. Ctrl-C asks whether to cancel the job (without a "
+                    f"terminal it leaves the job running and prints how to come back). {SERVER_NOTE}",
+                    ["stable-avatar submit --image face.png --audio speech.wav --prompt 'A person talking' "
+                     "-o out.mp4",
+                     "stable-avatar submit --server https://avatar.example.com --key $KEY --image face.png \\",
+                     "    --audio https://example.com/speech.mp3 --prompt 'A man talking' --aspect-ratio 9:16 "
+                     "--acceleration high"])
+    p.set_defaults(handler=run)
     add_generation_inputs(p, "local path (uploaded)", "random seed (default: chosen by the server)")
     add_acceleration(p, "step cache level: none, regular, high (default: the server's)")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write the mp4 (default <id>.mp4)")
     _add_connection(p)
 
-    p = sub.add_parser("status", help="show a submitted job's state, stage, progress and last log lines")
-    p.add_argument("request_id")
+    p = _add_job_command(sub, "status", "show a submitted job's state, stage, progress and last log lines",
+                         "Ask the server once where a job is: IN_QUEUE (with its position), IN_PROGRESS (stage "
+                         "and progress) or COMPLETED (with its error, if it failed).",
+                         ["stable-avatar status REQUEST_ID --logs 20",
+                          "stable-avatar status REQUEST_ID --json | jq -r .status"])
     p.add_argument("--logs", type=int, default=10, help="how many of the last log lines to show (default 10)")
+    p.add_argument("--json", action="store_true",
+                   help="print the server's status answer as JSON instead (all its log lines unless --logs 0)")
     _add_connection(p)
 
-    p = sub.add_parser("result", help="wait for a submitted job and download its video")
-    p.add_argument("request_id")
+    p = _add_job_command(sub, "result", "wait for a submitted job and download its video",
+                         "Follow the job until it completes, then download its video. A job that failed exits "
+                         "with its error.",
+                         ["stable-avatar result REQUEST_ID -o out.mp4",
+                          "stable-avatar result REQUEST_ID --no-wait    # fail at once if it is not done"])
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write the mp4 (default <id>.mp4)")
     p.add_argument("--no-wait", action="store_true", help="fail instead of waiting when the job is not done")
     _add_connection(p)
 
+    p = _add_job_command(sub, "cancel", "cancel a queued or running job",
+                         "A queued job is cancelled at once; a running one stops at its next step and frees its "
+                         "GPUs. Its status then reads COMPLETED with error_type client_cancelled. Exit status 1 "
+                         "when the job had already finished.",
+                         ["stable-avatar cancel REQUEST_ID",
+                          "stable-avatar cancel REQUEST_ID --server http://gpu-box:8000 --key $KEY"])
+    _add_connection(p)
 
 
 def _client(args: argparse.Namespace) -> AvatarClient:
     return AvatarClient(args.server, key=args.key or os.environ.get(KEY_ENV), app_id=args.app_id)
-
 
 
 def _again(args: argparse.Namespace, request_id: str) -> str:
@@ -66,7 +103,6 @@ def _again(args: argparse.Namespace, request_id: str) -> str:
     opts += "" if args.app_id == DEFAULT_APP_ID else f" --app-id {args.app_id}"
     return (f"  stable-avatar status {request_id}{opts}\n"
             f"  stable-avatar result {request_id}{opts} -o {request_id}.mp4")
-
 
 
 def _download(client: AvatarClient, request_id: str, state: Status | None, out: Path | None) -> int:
@@ -80,7 +116,6 @@ def _download(client: AvatarClient, request_id: str, state: Status | None, out: 
     size = client.download(output["video"]["url"], target)
     print(f"wrote {target} ({size} bytes, seed {output.get('seed')})")
     return 0
-
 
 
 def _interrupted(client: AvatarClient, args: argparse.Namespace, request_id: str) -> int:
@@ -104,7 +139,6 @@ def _interrupted(client: AvatarClient, args: argparse.Namespace, request_id: str
     print(f"interrupted; the job {request_id} keeps running on the server. Come back with:\n"
           f"{_again(args, request_id)}", file=sys.stderr)
     return EXIT_INTERRUPTED
-
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -138,9 +172,12 @@ def run_submit(args: argparse.Namespace) -> int:
     return _download(client, request_id, state, args.output)
 
 
-
 def run_status(args: argparse.Namespace) -> int:
-    state = _client(args).status(args.request_id, logs=True)
+    client = _client(args)
+    if args.json:
+        print(json.dumps(client.status_body(args.request_id, logs=args.logs > 0), indent=2))
+        return 0
+    state = client.status(args.request_id, logs=True)
     print(f"request:  {args.request_id}")
     print(f"status:   {state.status}")
     if state.queue_position is not None:
@@ -156,7 +193,6 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def run_result(args: argparse.Namespace) -> int:
     client = _client(args)
     state = client.status(args.request_id, logs=False)
@@ -168,6 +204,15 @@ def run_result(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
     return _download(client, args.request_id, state, args.output)
 
+
+def run_cancel(args: argparse.Namespace) -> int:
+    outcome = _client(args).cancel(args.request_id)
+    if outcome == "CANCELLATION_REQUESTED":
+        print(f"cancellation requested for {args.request_id}")
+        return 0
+    print(f"error: request {args.request_id} had already finished ({outcome}); nothing to cancel. Its result:\n"
+          f"{_again(args, args.request_id)}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _fail(exc: ApiError, args: argparse.Namespace) -> int:
@@ -182,14 +227,15 @@ def _fail(exc: ApiError, args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if exc.status == 422 or (exc.status < 500 and exc.field_errors()) else EXIT_FAILED
 
 
+HANDLERS = {"submit": run_submit, "status": run_status, "result": run_result, "cancel": run_cancel}
+
 
 def run(args: argparse.Namespace) -> int:
     """The server commands: errors become one readable line each and an exit code that says what went wrong."""
     from pydantic import ValidationError
 
-    handler = {"submit": run_submit, "status": run_status, "result": run_result}[args.command]
     try:
-        return handler(args)
+        return HANDLERS[args.command](args)
     except ValidationError as exc:  # checked here before anything is uploaded; same shape as the server's 422
         return _fail(ApiError(422, [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]), args)
     except ApiError as exc:
@@ -197,5 +243,3 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-

@@ -1,4 +1,7 @@
-"""``stable-avatar generate`` (in process, no server) and ``stable-avatar download-weights``."""
+"""``stable-avatar generate`` (in process, no server) and ``stable-avatar download-weights``.
+
+Declaring the commands imports no model library (so ``stable-avatar --help`` and the client commands stay fast);
+running them does."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from pathlib import Path
 
 from pipeline.presets import PRESETS
 from pipeline.settings import MEMORY_MODE_PEAKS_GB
-from pipeline.windows import FPS
-from stable_avatar.arguments import add_acceleration, add_generation_inputs
+from stable_avatar.arguments import add_acceleration, add_command, add_generation_inputs
+from stable_avatar.errors import print_error, print_validation_error
+from stable_avatar.exit_codes import EXIT_BAD_INPUT
 
 DEFAULT_PRESET, REAL_PRESET = "tiny", "stableavatar-1.3b"
 MEMORY_MODE_HELP = (
@@ -28,10 +32,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a video in this process (no server)")
+    p = add_command(sub, "generate", "generate a video in this process (no server)",
+                    "Run the whole pipeline in this process: load the models, denoise, encode an mp4. The same "
+                    "loop and settings as the service, so the same inputs and seed give the same bytes.",
+                    ["stable-avatar generate --image examples/portrait.png --audio examples/speech.wav \\",
+                     "    --prompt 'A person talking' -o out.mp4          # tiny preset: random weights, noise",
+                     "stable-avatar generate --preset stableavatar-1.3b --checkpoints checkpoints \\",
+                     "    --image face.jpg --audio speech.mp3 --prompt 'A woman talking' --aspect-ratio 9:16 "
+                     "-o out.mp4"])
+    p.set_defaults(handler=run)
     add_generation_inputs(p, "path", "random seed (default: random)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help=f"model preset (default: {REAL_PRESET} with --checkpoints, else {DEFAULT_PRESET})")
+                   help=f"model: tiny (random weights, seconds on a CPU), {REAL_PRESET} (the official weights, "
+                        f"needs --checkpoints), stableavatar-1.3b-random (real sizes, random weights); default: "
+                        f"{REAL_PRESET} with --checkpoints, else {DEFAULT_PRESET}")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help=f"official checkpoint layout (selects preset {REAL_PRESET}; a random-weights preset "
                         "refuses it)")
@@ -40,7 +54,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype-policy", default="auto", choices=["auto", "gpu", "fp32"],
                    help="auto: bf16 DiT/T5 on a GPU, fp32 on the CPU; gpu: the GPU dtypes anywhere; fp32: all fp32")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in latent frames (default 10)")
-    p.add_argument("--window-policy", default=None, choices=["full", "upstream"])
+    p.add_argument("--window-policy", default=None, choices=["full", "upstream"],
+                   help="full: every window full length, audio padded (default); upstream: upstream's shorter "
+                        "last window, needs at least 3.4 s of audio")
     p.add_argument("--pipeline-config", type=Path, default=None,
                    help="YAML/JSON file with the service's 'pipeline:' block (PipelineSettings); flags override it")
     p.add_argument("--split-guidance-rows", action="store_true", default=None,
@@ -51,18 +67,41 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-mode", default=None, metavar="MODE", help=MEMORY_MODE_HELP)
     p.add_argument("--text-encoder-device", default=None, choices=["auto", "cpu"],
                    help="cpu: keep and run T5 on the CPU (11.4 GB less GPU memory; slower for each new prompt)")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the mp4")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download-weights", help="download the official checkpoints (Hugging Face)")
-    p.add_argument("--dir", type=Path, required=True)
+    p = add_command(sub, "download-weights", "download the official checkpoints (Hugging Face)",
+                    "Fetch the files inference reads from the Hugging Face repository FrancisRing/StableAvatar "
+                    "(about 27-36 GB) into the official layout that --checkpoints and the service's "
+                    "'checkpoints:' read.",
+                    ["stable-avatar download-weights --dir checkpoints --variant square",
+                     "stable-avatar generate --preset stableavatar-1.3b --checkpoints checkpoints ..."])
+    p.set_defaults(handler=run)
+    p.add_argument("--dir", type=Path, required=True, help="folder to download into (created if missing)")
     p.add_argument("--variant", default="all", choices=["square", "rec-vec", "all"],
                    help="StableAvatar transformer weights to fetch (each file is several GB; generate and serve "
                         "use 'square' unless told otherwise; default: all)")
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``generate`` or ``download-weights``; bad input is one line naming the field and exit status 2."""
+    from pydantic import ValidationError
+
+    from guarded_fetch import InputError
+    from pipeline.keymaps import CheckpointKeyError
+    from pipeline.loading import CheckpointNotFoundError
+
+    try:
+        return HANDLERS[args.command](args)
+    except InputError as exc:
+        print_error(f"{exc.field}: {exc}")
+    except ValidationError as exc:
+        print_validation_error(exc)
+    except (CheckpointNotFoundError, CheckpointKeyError, ValueError) as exc:
+        print_error(str(exc))
+    return EXIT_BAD_INPUT
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -76,6 +115,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pipeline.presets import get_preset
     from pipeline.schema import StableAvatarInput
     from pipeline.step_cache import StepCache
+    from pipeline.windows import FPS
 
     fields = StableAvatarInput(
         image_url=str(args.image), audio_url=str(args.audio), prompt=args.prompt, aspect_ratio=args.aspect_ratio,
@@ -116,7 +156,6 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"note: preset {preset.name!r} has random weights, so the video is noise")
     print("stage summary: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return 0
-
 
 
 def pipeline_settings(args: argparse.Namespace):
@@ -164,7 +203,6 @@ def run_download(args: argparse.Namespace) -> int:
     which = "both transformer variants" if args.variant == "all" else f"transformer variant {args.variant}"
     print(f"downloaded the official checkpoint layout ({which}) into {args.dir}")
     return 0
-
 
 
 HANDLERS = {"generate": run_generate, "download-weights": run_download}

@@ -92,3 +92,17 @@ def http_bytes(url: str, timeout: float = 60) -> bytes:
 
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 60) -> int:
+    """Ctrl-C to a server started with ``start_new_session=True`` (its whole group: Ray's processes too), then
+    SIGKILL if it has not exited within ``timeout_s``; returns its exit status."""
+    import os
+    import signal
+
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()

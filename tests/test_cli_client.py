@@ -1,4 +1,5 @@
-"""``stable-avatar submit/status/result`` against a live service, run as a user runs them (a subprocess).
+"""``stable-avatar submit/status/result/cancel`` against a live service, run as a user runs them (a subprocess),
+and ``stable-avatar serve --host/--port`` listening where it is told.
 
 The server requires an API key here, so the key handling (``FAL_KEY``, ``--key``, 401/403 messages) is checked
 along the way. Ctrl-C is checked both without a terminal (no question: the job keeps running and the command
@@ -7,6 +8,7 @@ says how to come back) and on a pseudo-terminal (it asks, and ``y`` cancels the 
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -18,17 +20,53 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, http_json, probe, synthetic_speech  # noqa: E402
+from tests.cli_probe import run_cli  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    EXAMPLE_IMAGE,
+    REPO_ROOT,
+    data_uri,
+    free_port,
+    http_json,
+    probe,
+    stop_process_group,
+    synthetic_speech,
+)
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 API_KEY = "cli-test-key"
 AUDIO_S = 2.0
 APP = "fal-ai/stable-avatar"
 REQUEST_ID = re.compile(r"request id: ([0-9a-f]+)")
+
+
+def test_serve_listens_on_the_host_and_port_it_is_given(tmp_path):
+    """The options reach Serve's http_options: the proxy answers on the given port, not the config's."""
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": 8000}, "applications": []}))
+    port = free_port()
+    env = cli_env() | {"RAY_ADDRESS": "local"}  # its own Ray instance, never another one on this machine
+    server = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", "serve", "--config", str(config),
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("is listening on" in line for line in lines):  # printed once Serve has started
+            assert server.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
+            time.sleep(0.2)
+        assert any(f"is listening on http://127.0.0.1:{port} " in line for line in lines), "".join(lines)
+        # Serve's proxy answers there; with no application its route table stays empty, which it says
+        code, answer, _ = http_json("GET", f"http://127.0.0.1:{port}/-/routes")
+        assert (code, answer) == (503, {"raw": "Route table is not populated yet."})
+    finally:
+        stopped = stop_process_group(server)
+    assert stopped == 0
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +121,13 @@ def test_submit_status_result(service, audio, tmp_path):
     assert status.returncode == 0, status.stderr
     assert "COMPLETED" in status.stdout and "completed" in status.stdout and "100%" in status.stdout
     assert "denoising step 2/2" in status.stdout
+
+    as_json = run_cli(["status", request_id, "--json", "--server", service], REPO_ROOT, cli_env())
+    assert as_json.exit_code == 0 and as_json.model_libraries == [], as_json.stderr
+    _, body, _ = http_json("GET", f"{service}/{APP}/requests/{request_id}/status?logs=1",
+                           headers={"authorization": f"Key {API_KEY}"})
+    assert json.loads(as_json.stdout) == body and body["status"] == "COMPLETED"
+    assert json.loads(cli("status", request_id, "--server", service, "--json", "--logs", "0").stdout)["logs"] is None
 
     again = tmp_path / "other.mp4"
     result = cli("result", request_id, "--server", service, "-o", str(again))
@@ -169,3 +214,35 @@ def test_ctrl_c_on_a_terminal_asks_and_cancels(service, audio):
         assert time.monotonic() < deadline, body
         time.sleep(0.1)
     assert body["error_type"] == "client_cancelled"
+
+
+def test_cancel_stops_a_running_job_and_says_when_there_is_nothing_to_cancel(service, audio):
+    headers = {"authorization": f"Key {API_KEY}"}
+    body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
+            "prompt": "a person talking", "num_inference_steps": 100, "aspect_ratio": "1:1"}
+    code, submitted, _ = http_json("POST", f"{service}/{APP}", body, headers=headers)
+    assert code == 200, submitted
+    request_id = submitted["request_id"]
+    deadline = time.monotonic() + 120
+    while http_json("GET", f"{service}/{APP}/requests/{request_id}/status", headers=headers)[1]["status"] \
+            != "IN_PROGRESS":
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+
+    run = run_cli(["cancel", request_id, "--server", service], REPO_ROOT, cli_env())
+    assert run.exit_code == 0 and run.stdout.strip() == f"cancellation requested for {request_id}", run.stderr
+    assert run.model_libraries == []
+    deadline = time.monotonic() + 60
+    while True:
+        _, state, _ = http_json("GET", f"{service}/{APP}/requests/{request_id}/status", headers=headers)
+        if state["status"] == "COMPLETED":
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+    assert state["error_type"] == "client_cancelled"
+
+    again = cli("cancel", request_id, "--server", service)
+    assert again.returncode == 1 and f"request {request_id} had already finished" in again.stderr, again.stderr
+    unknown = cli("cancel", "0" * 32, "--server", service)
+    assert unknown.returncode == 1 and f"no request {'0' * 32}" in unknown.stderr, unknown.stderr
+    assert cli("cancel", request_id, "--server", service, key="nope").returncode == 3

@@ -6,7 +6,6 @@ Only the port and the data folder are changed (a copy of the file), so the test 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from tests.helpers import (
     http_bytes,
     http_json,
     probe,
+    stop_process_group,
 )
 
 
@@ -65,10 +65,5 @@ def test_serve_run_with_the_shipped_config(tmp_path):
         assert {s["codec_name"] for s in info["streams"]} == {"h264", "aac"}
         assert abs(float(info["format"]["duration"]) - 5.68) < 0.04
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
         log.close()
