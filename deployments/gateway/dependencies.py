@@ -1,0 +1,35 @@
+"""The routes' dependencies: the serving object, and the caller's identity with its limits, as FastAPI
+``Depends``. A refusal is raised (:class:`deployments.gateway.errors.FalError`, or a ``LimitError``) and answered
+in fal's error shape by the app's handlers, so a route body starts with a known caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from deployments.gateway.errors import FalError
+from deployments.gateway.service import GatewayService
+
+
+def gateway_service(request: Request) -> GatewayService:
+    return request.app.state.gateway
+
+
+Service = Annotated[GatewayService, Depends(gateway_service)]
+
+
+def authenticated(request: Request, service: Service) -> str:
+    """The caller's owner id (``Authorization: Key <key>``); 401 without a key, 403 for an unknown one. Secrets are
+    never logged."""
+    result = service.keys.check(request.headers.get("authorization"))
+    if result.owner is None:
+        raise FalError(result.status, result.message,
+                       headers={"www-authenticate": "Key"} if result.status == 401 else None)
+    return result.owner
+
+
+# The owner of a request that creates a job (its own limits are checked by the route, before it reads the body).
+Owner = Annotated[str, Depends(authenticated)]
+# The owner of any other authenticated request.
+Caller = Annotated[str, Depends(authenticated)]
