@@ -87,6 +87,7 @@ class Harness:
     client: httpx.AsyncClient
     orchestrator: FakeOrchestrator
     root: Path
+    app: Any
 
     def stored(self, prefix: str) -> list[str]:
         return self.service.storage.list_keys(prefix)
@@ -98,19 +99,21 @@ def make_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable:
 
     @asynccontextmanager
     async def make(config: dict[str, Any] | None = None, with_keys: bool = True,
-                   readiness: dict[str, Any] | None = None) -> AsyncIterator[Harness]:
+                   readiness: dict[str, Any] | None = None, auth: dict[str, Any] | None = None,
+                   storage: dict[str, Any] | None = None) -> AsyncIterator[Harness]:
         monkeypatch.setenv(KEYS_ENV, f"{KEY_A} {KEY_B}" if with_keys else "")
         root = tmp_path / "data"
-        args = AppArgs.model_validate({"storage": {"kind": "local", "root": str(root)},
-                                       "auth": {"keys_env": KEYS_ENV}} | (config or {}))
+        placement = {"storage": {"kind": "local", "root": str(root)}} if storage is None else {
+            "storage": storage, "jobs": {"kind": "sqlite", "path": str(tmp_path / "jobs.sqlite3")}}
+        args = AppArgs.model_validate({**placement, "auth": {"keys_env": KEYS_ENV, **(auth or {})}} | (config or {}))
         state = open_service_state(args)
         orchestrator = FakeOrchestrator()
         service = GatewayService(args, state, orchestrator, readiness or {}, "gateway-test")
         orchestrator.service = service
-        transport = httpx.ASGITransport(build_api(service))
+        app = build_api(service)
         try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
-                yield Harness(service, client, orchestrator, root)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway.test") as client:
+                yield Harness(service, client, orchestrator, root, app)
         finally:
             await asyncio.to_thread(state.store.close)
 
@@ -388,3 +391,270 @@ async def test_health_names_the_check_that_failed(make_gateway):
             "Postprocessor": "ConnectionError: replica gone"}
         assert answer.json()["checks"] == {"storage": "ok", "jobs": "ok", "Orchestrator": "ok",
                                            "Denoiser": "on_demand"}
+
+
+# -- limits before work --------------------------------------------------------------------------------------
+class WatchedBody:
+    """A request body that records whether the server read any of it."""
+
+    def __init__(self, data: bytes, chunk: int = 1 << 16):
+        self.data, self.chunk, self.read = data, chunk, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.read = True
+        for start in range(0, len(self.data), self.chunk):
+            yield self.data[start:start + self.chunk]
+
+
+def watched_job() -> WatchedBody:
+    return WatchedBody(json.dumps(job_body()).encode())
+
+
+async def test_job_caps_and_the_submit_token_are_checked_before_the_body_is_read(make_gateway):
+    """Each refusal names its limit, comes before a byte of the body is read and leaves nothing stored; a refusal
+    by a cap costs no token."""
+    auth = {"submit_burst": 3, "submit_rate_per_minute": 0.001, "max_queued_per_key": 2, "max_running_per_key": 1}
+    async with make_gateway(auth=auth) as gw:
+        first, second = await submit(gw, A), await submit(gw, A)  # 1 token left
+        body = watched_job()
+        refused = await gw.client.post(f"/{APP}", content=body, headers=A)
+        assert "queued jobs (limit 2)" in assert_fal_error(refused, 429, "key_queue_cap")["detail"]
+        assert not body.read and int(refused.headers["retry-after"]) >= 1
+        full = watched_job()
+        refused = await gw.client.post(f"/{APP}?fal_max_queue_length=2", content=full, headers=B)
+        assert "limit 2" in assert_fal_error(refused, 429, "queue_full")["detail"] and not full.read
+        await gw.client.put(f"/{APP}/requests/{first}/cancel", headers=A)
+        third = await submit(gw, A)  # the cap refusal above cost no token: this is the third
+        await gw.client.put(f"/{APP}/requests/{third}/cancel", headers=A)
+        body = watched_job()
+        refused = await gw.client.post(f"/{APP}", content=body, headers=A)
+        assert "too many requests" in assert_fal_error(refused, 429, "rate_limited")["detail"] and not body.read
+        # /run: the running cap (a queued job of A's is running now), before the body and the Orchestrator.
+        claimed = await gw.service.store.claim("runner", 30)
+        assert claimed is not None and claimed.request_id == second
+        body = watched_job()
+        refused = await gw.client.post(f"/run/{APP}", content=body, headers=A)
+        assert "running jobs (limit 1)" in assert_fal_error(refused, 429, "key_running_cap")["detail"]
+        assert not body.read and gw.orchestrator.calls == []
+        # Only the admitted jobs stored inputs (a cancelled job keeps them until retention).
+        assert {k.split("/")[2] for k in gw.stored(f"inputs/{fingerprint(KEY_A)}/")} == {first, second, third}
+        assert gw.stored(f"inputs/{fingerprint(KEY_B)}/") == []
+        # B's /run is admitted, and the Orchestrator is told the token was taken already.
+        ran = await gw.client.post(f"/run/{APP}", json=job_body(), headers=B)
+        assert ran.status_code == 200 and gw.orchestrator.calls[-1]["rate_limited"] is False
+
+
+async def test_every_other_keyed_route_spends_the_request_budget_not_the_submit_budget(make_gateway):
+    async with make_gateway(auth={"request_burst": 4, "request_rate_per_minute": 0.001}) as gw:
+        rid = await submit(gw, A)
+        status = f"/{APP}/requests/{rid}/status"
+        for _ in range(2):
+            assert (await gw.client.get(status, headers=A)).status_code == 202
+        assert (await gw.client.get(f"/progress/{rid}", headers=A)).status_code == 200
+        assert (await gw.client.post("/storage/auth/token", headers=A)).status_code == 200
+        for method, path in (("GET", status), ("GET", f"/{APP}/requests/{rid}"), ("PUT", f"/{APP}/requests/{rid}/cancel"),
+                             ("GET", f"/progress/{rid}"), ("POST", "/storage/upload/initiate"),
+                             ("GET", f"{status}/stream")):
+            refused = await gw.client.request(method, path, headers=A)
+            assert "too many requests" in assert_fal_error(refused, 429, "rate_limited")["detail"], path
+        assert (await gw.client.get(status, headers=B)).status_code == 404  # B's budget is its own
+        assert await submit(gw, A)  # job creation has its own budget
+        assert (await gw.client.get(status, headers=A)).status_code == 429
+
+
+async def send_events_then_disconnect(app: Any, path: str, headers: dict[str, str], events: int) -> list[dict]:
+    """Drive the ASGI app as a client that hangs up after ``events`` body messages (0: at once)."""
+    sent: list[dict] = []
+    hang_up = asyncio.Event()
+    if events == 0:
+        hang_up.set()
+    requested = False
+
+    async def receive() -> dict:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if sum(m["type"] == "http.response.body" and bool(m.get("body")) for m in sent) >= events:
+            hang_up.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 40000), "server": ("gateway.test", 80)}
+    await asyncio.wait_for(app(scope, receive, send), 30)
+    return sent
+
+
+async def test_status_streams_per_key_are_capped_and_every_ending_gives_the_slot_back(make_gateway):
+    async with make_gateway(auth={"max_streams_per_key": 2}) as gw:
+        rid = await submit(gw, A)
+        url = f"/{APP}/requests/{rid}/status/stream"
+        held = [asyncio.create_task(gw.client.get(url, headers=A)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        refused = await gw.client.get(url, headers=A)
+        assert "open status streams" in assert_fal_error(refused, 429, "too_many_streams")["detail"]
+        assert gw.service.streams.open == {fingerprint(KEY_A): 2}
+        other = await submit(gw, B)
+        b_stream = asyncio.create_task(gw.client.get(f"/{APP}/requests/{other}/status/stream", headers=B))
+        await asyncio.sleep(0.5)
+        assert gw.service.streams.open[fingerprint(KEY_B)] == 1  # B's streams are counted apart
+        claimed = await gw.service.store.claim("runner", 30)
+        assert claimed is not None and claimed.request_id == rid
+        await finish_job(gw.service, rid, claimed.epoch)
+        for task in held:
+            assert sse_events((await asyncio.wait_for(task, 30)).text)[-1]["status"] == "COMPLETED"
+        assert fingerprint(KEY_A) not in gw.service.streams.open  # finished streams gave their slots back
+        await gw.client.put(f"/{APP}/requests/{other}/cancel", headers=B)
+        await asyncio.wait_for(b_stream, 30)
+        # A client that hangs up, after its first event or before any, gives its slot back too.
+        queued = await submit(gw, A)
+        for events in (1, 0):
+            sent = await send_events_then_disconnect(gw.app, f"/{APP}/requests/{queued}/status/stream", A, events)
+            assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+            assert gw.service.streams.open == {}, events
+
+
+# -- uploads: size, quota, streaming, link lifetime --------------------------------------------------------------
+async def initiate(gw: Harness, key: dict[str, str] = A) -> dict[str, str]:
+    answer = await gw.client.post("/storage/upload/initiate", json={"content_type": "image/png",
+                                                                    "file_name": "x.png"}, headers=key)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def python_upload(token: str, name: str = "a.wav") -> dict[str, str]:
+    return {"authorization": f"Bearer {token}", "x-fal-file-name": name, "content-type": "audio/wav"}
+
+
+async def test_every_upload_route_bounds_the_size_before_and_while_reading(make_gateway, tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(spool))
+    async with make_gateway(auth={"max_upload_mb": 1}) as gw:
+        limit = 1 << 20
+        ticket = await initiate(gw)
+        declared = WatchedBody(b"x" * (limit + 1))
+        refused = await gw.client.put(ticket["upload_url"], content=declared,
+                                      headers={"content-length": str(limit + 1)})
+        assert assert_fal_error(refused, 413)["detail"] == f"upload larger than {limit} bytes" and not declared.read
+        chunked = WatchedBody(b"x" * (3 * limit))  # no Content-Length: refused once past the bound
+        assert_fal_error(await gw.client.put(ticket["upload_url"], content=chunked), 413)
+        token = (await gw.client.post("/storage/auth/token", headers=A)).json()["token"]
+        too_big = await gw.client.post("/files/upload", content=WatchedBody(b"y" * (limit + 10)),
+                                       headers=python_upload(token))
+        assert assert_fal_error(too_big, 413)["detail"] == f"upload larger than {limit} bytes"
+        assert gw.stored("uploads/") == [] and list(spool.iterdir()) == []  # nothing kept, no temporary file
+        exact = await gw.client.put(ticket["upload_url"], content=WatchedBody(b"z" * limit))
+        assert exact.json() == {"status": "ok", "file_size": limit}
+        assert list(spool.iterdir()) == []
+
+
+async def test_an_upload_is_written_to_a_temporary_file_as_it_arrives(make_gateway, tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(spool))
+    seen_on_disk: list[int] = []
+
+    class Probe(WatchedBody):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for index in range(48):
+                if index == 40:  # 2.5 MiB sent: most of it must be on disk already, not in memory
+                    seen_on_disk.extend(p.stat().st_size for p in spool.iterdir())
+                yield bytes([index]) * (1 << 16)
+
+    async with make_gateway() as gw:
+        ticket = await initiate(gw)
+        answer = await gw.client.put(ticket["upload_url"], content=Probe(b""))
+        assert answer.json()["file_size"] == 48 << 16
+        assert len(seen_on_disk) == 1 and seen_on_disk[0] >= 2 << 20, seen_on_disk
+        (key,) = gw.stored("uploads/")
+        assert gw.service.storage.get_bytes(key) == b"".join(bytes([i]) * (1 << 16) for i in range(48))
+        assert list(spool.iterdir()) == []
+
+
+async def test_the_upload_quota_counts_live_uploads_per_key(make_gateway):
+    async with make_gateway(auth={"upload_quota_mb": 0.25, "max_uploads_per_key": 3}) as gw:
+        quarter = 1 << 18
+        ticket = await initiate(gw)
+        assert (await gw.client.put(ticket["upload_url"], content=b"a" * (quarter - 100))).status_code == 200
+        over = await gw.client.put((await initiate(gw))["upload_url"], content=b"b" * 200,
+                                   headers={"content-length": "200"})
+        detail = assert_fal_error(over, 413, "upload_quota_exceeded")["detail"]
+        assert "1 live uploads hold 0.2 MiB" in detail and "this one" in detail
+        chunked = await gw.client.put((await initiate(gw))["upload_url"], content=WatchedBody(b"c" * 200))
+        assert_fal_error(chunked, 413, "upload_quota_exceeded")
+        assert (await gw.client.put((await initiate(gw))["upload_url"], content=b"d" * 50)).status_code == 200
+        assert len(gw.stored(f"uploads/{fingerprint(KEY_A)}/")) == 2
+        # B's quota is its own; a count cap refuses at initiate, before the client sends anything.
+        for _ in range(3):
+            ticket = await initiate(gw, B)
+            assert (await gw.client.put(ticket["upload_url"], content=b"e")).status_code == 200
+        refused = await gw.client.post("/storage/upload/initiate", json={}, headers=B)
+        assert "3 live uploads" in assert_fal_error(refused, 413, "upload_quota_exceeded")["detail"]
+        # Retention deleting an upload frees its room.
+        gw.service.storage.delete(gw.stored(f"uploads/{fingerprint(KEY_B)}/")[0])
+        assert (await gw.client.post("/storage/upload/initiate", json={}, headers=B)).status_code == 200
+
+
+def link_lifetime(url: str) -> float:
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(url).query)
+    if "exp" in query:
+        return int(query["exp"][0]) - time.time()
+    return float(query["X-Amz-Expires"][0])
+
+
+async def test_upload_links_expire_no_later_than_the_uploads(make_gateway):
+    async with make_gateway({"retention": {"uploads_s": 1800}}) as gw:
+        ticket = await initiate(gw)
+        assert 1790 <= link_lifetime(ticket["file_url"]) <= 1800
+        await gw.client.put(ticket["upload_url"], content=b"png")
+        token = (await gw.client.post("/storage/auth/token", headers=A)).json()["token"]
+        access = (await gw.client.post("/files/upload", content=b"wav", headers=python_upload(token))).json()
+        assert 1790 <= link_lifetime(access["access_url"]) <= 1800
+
+
+async def test_s3_uploads_go_through_the_gateway_bounded_and_counted(make_gateway, s3_env):
+    storage = s3_env.storage_config().model_dump() | {"url_expiry_s": 3600}
+    async with make_gateway({"retention": {"uploads_s": 600}}, storage=storage,
+                            auth={"max_upload_mb": 0.5, "upload_quota_mb": 0.75}) as gw:
+        ticket = await initiate(gw)
+        assert ticket["upload_url"].startswith("http://gateway.test/storage/upload/put/uploads/")  # not the bucket
+        assert ticket["file_url"].startswith(s3_env.endpoint_url) and link_lifetime(ticket["file_url"]) == 600
+        half = 1 << 19
+        too_big = await gw.client.put(ticket["upload_url"], content=WatchedBody(b"x" * (half + 1)))
+        assert_fal_error(too_big, 413)
+        assert gw.stored("uploads/") == []  # nothing reached the bucket
+        assert (await gw.client.put(ticket["upload_url"], content=b"p" * half)).status_code == 200
+        (key,) = gw.stored("uploads/")
+        listed = s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix=gw.service.storage.prefix)
+        assert [(o["Key"], o["Size"]) for o in listed["Contents"]] == [(gw.service.storage.prefix + key, half)]
+        assert httpx.get(ticket["file_url"]).content == b"p" * half  # the presigned GET serves it
+        over = await gw.client.put((await initiate(gw))["upload_url"], content=b"q" * half,
+                                   headers={"content-length": str(half)})
+        assert_fal_error(over, 413, "upload_quota_exceeded")  # measured from the bucket's listing
+        assert len(gw.stored("uploads/")) == 1
+
+
+# -- small parts -------------------------------------------------------------------------------------------------
+def test_token_buckets_refill_at_their_rate_and_stay_bounded():
+    from deployments.gateway import limits
+
+    now = [0.0]
+    buckets = limits.TokenBuckets(rate_per_s=2.0, burst=3, clock=lambda: now[0])
+    assert [buckets.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("k") == pytest.approx(0.5)  # refused: nothing spent
+    now[0] = 0.5
+    assert buckets.take("k") == 0.0 and buckets.take("k") == pytest.approx(0.5)
+    now[0] = 100.0
+    assert [buckets.take("k") for _ in range(4)][-1] > 0  # refilled to the burst, no further
+    for n in range(limits.MAX_TRACKED_KEYS + 10):
+        buckets.take(f"key-{n}")
+    assert len(buckets._buckets) == limits.MAX_TRACKED_KEYS

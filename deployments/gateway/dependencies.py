@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from deployments.gateway.errors import FalError
 from deployments.gateway.service import GatewayService
+from deployments.storage import keys
 
 
 def gateway_service(request: Request) -> GatewayService:
@@ -29,7 +30,14 @@ def authenticated(request: Request, service: Service) -> str:
     return result.owner
 
 
-# The owner of a request that creates a job (its own limits are checked by the route, before it reads the body).
+# The owner of a request that creates a job (the route checks its job limits, before it reads the body).
 Owner = Annotated[str, Depends(authenticated)]
-# The owner of any other authenticated request.
-Caller = Annotated[str, Depends(authenticated)]
+
+
+def caller(owner: Owner, service: Service) -> str:
+    """The owner of any other keyed request, after one token of its request budget (429 when spent)."""
+    service.requests.take_or_refuse(keys.owner_segment(owner))
+    return owner
+
+
+Caller = Annotated[str, Depends(caller)]

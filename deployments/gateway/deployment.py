@@ -33,8 +33,9 @@ class OrchestratorClient:
         self.handle = handle
 
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str,
-                       input_keys: list[str]) -> StoredResult:
-        return await self.handle.run_sync.remote(request_id, job_input, seed, owner, input_keys)
+                       input_keys: list[str], rate_limited: bool) -> StoredResult:
+        return await self.handle.run_sync.remote(request_id, job_input, seed, owner, input_keys,
+                                                 rate_limited=rate_limited)
 
 
 def readiness_checks(args: AppArgs, handles: dict[str, Any]) -> dict[str, ReadinessCheck]:

@@ -24,6 +24,8 @@ from deployments.gateway.bodies import BodyTooLarge, declared_length, read_limit
 from deployments.gateway.errors import FalError
 from deployments.gateway.health import run_checks
 from deployments.gateway.job_inputs import build_job_input
+from deployments.gateway.limits import StreamSlots, TokenBuckets, admit_job
+from deployments.gateway.uploads import UploadPolicy
 from deployments.jobstore import JobSnapshot, LimitError, new_request_id
 from deployments.runtime.errors import root_cause
 from deployments.runtime.service_state import ServiceState
@@ -35,10 +37,11 @@ ReadinessCheck = Callable[[], Awaitable[Any]] | str  # an awaitable probe, or a 
 
 
 class SyncRunner(Protocol):
-    """What the Gateway needs of the Orchestrator: run one sync request under its own lease."""
+    """What the Gateway needs of the Orchestrator: run one sync request under its own lease (``rate_limited``
+    False: the Gateway took the request's submit token already)."""
 
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str,
-                       input_keys: list[str]) -> StoredResult: ...
+                       input_keys: list[str], rate_limited: bool) -> StoredResult: ...
 
 
 def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
@@ -56,9 +59,18 @@ class GatewayService:
         self.keys = ApiKeys(args.auth)
         self.webhook_guard = args.inputs.guard()
         self.max_body = int(args.max_request_body_mb * 2**20)
+        auth = args.auth
+        self.requests = TokenBuckets(auth.request_rate_per_minute / 60.0, auth.request_burst)
+        self.streams = StreamSlots(auth.max_streams_per_key)
+        self.uploads = UploadPolicy(auth, self.storage, args.retention.uploads_s)
 
     def is_app(self, owner: str, app: str) -> bool:
         return (owner, app) == (self.app_owner, self.app_alias)
+
+    # -- limits (deployments.gateway.limits) -------------------------------------------------------------------
+    async def admit(self, owner: str, queued: bool, max_queue_length: int | None = None) -> None:
+        """A new job's caps and submit token, before its body is read (LimitError when refused)."""
+        await admit_job(self.store, owner, queued, max_queue_length)
 
     # -- reading a job's input --------------------------------------------------------------------------------
     async def read_input(self, request: Request) -> StableAvatarInput:
@@ -94,12 +106,13 @@ class GatewayService:
 
     # -- jobs -------------------------------------------------------------------------------------------------
     async def run_sync(self, body: StableAvatarInput, owner: str, request_id: str) -> StoredResult:
-        """The stored result of a sync request, run by an Orchestrator replica under its own lease (its row is
-        created there). A ``LimitError`` is raised unwrapped; the inputs of a refused request are deleted."""
+        """The stored result of an admitted sync request (:meth:`admit`), run by an Orchestrator replica under its
+        own lease (its row is created there). A ``LimitError`` is raised unwrapped; the inputs of a refused
+        request are deleted."""
         job_input, keys = await self.job_input(body, owner, request_id)
         try:
             return await self.orchestrator.run_sync(request_id, job_input.model_dump(), resolve_seed(body.seed),
-                                                    owner, keys)
+                                                    owner, keys, rate_limited=False)
         except Exception as exc:
             await self.forget_inputs(request_id, owner, keys)
             cause = root_cause(exc)
@@ -110,6 +123,7 @@ class GatewayService:
     async def generate(self, body: StableAvatarInput) -> StableAvatarOutput:
         """A sync request from inside the cluster (the Python handle; owner: the open owner ``""``): the same
         row, rules and result as ``POST /run``, its video link as the storage makes it."""
+        await self.admit("", queued=False)
         stored = await self.run_sync(body, "", new_request_id())
         return StableAvatarOutput.model_validate(stored.public(self.storage))
 

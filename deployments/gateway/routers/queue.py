@@ -1,8 +1,10 @@
 """The fal queue protocol: submit, status (polled or streamed as SSE), result and cancel.
 
 Every read and write goes to the jobs database, owner-scoped (another key's job is a 404). The server issues
-every request id; a client's ``x-fal-request-id`` is only logged. ``submit_router`` holds the submit routes,
-whose path patterns are the most general: the app includes it last.
+every request id; a client's ``x-fal-request-id`` is only logged. A submit's caps and submit token are checked
+before its body is read (:mod:`deployments.gateway.limits`), and its ``data:`` inputs are written to storage once,
+under the job's own key. ``submit_router`` holds the submit routes, whose path patterns are the most general: the
+app includes it last.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from deployments.gateway.dependencies import Caller, Owner, Service
 from deployments.gateway.errors import FalError, field_error
@@ -23,6 +28,7 @@ from deployments.gateway.urls import absolute, base_url
 from deployments.jobstore import LimitError, new_request_id
 from deployments.runtime import metrics
 from deployments.runtime.errors import error_response
+from deployments.storage import keys
 from guarded_fetch import InputError, check_webhook_url
 from pipeline.schema import resolve_seed
 
@@ -31,6 +37,21 @@ SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 10.0
 router = APIRouter()
 submit_router = APIRouter()
+
+
+class SlotStreamingResponse(StreamingResponse):
+    """A stream that gives its slot back however it ends: finished, failed, or cut by the client (even before
+    its first event, when the generator never started and so never reaches a ``finally`` of its own)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **options: Any):
+        super().__init__(content, **options)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 @router.get("/{owner}/{app}/requests/{request_id}/status")
@@ -46,8 +67,10 @@ async def status(owner: str, app: str, request_id: str, request: Request, caller
 @router.get("/{owner}/{app}/requests/{request_id}/status/stream", response_model=None)
 async def status_stream(owner: str, app: str, request_id: str, request: Request, caller: Caller,
                         service: Service) -> Response:
-    """``data: <status>`` events, each with only the new log lines, until COMPLETED; a comment now and then."""
+    """``data: <status>`` events, each with only the new log lines, until COMPLETED; a comment now and then.
+    Each open stream holds one of the key's stream slots on this replica (429 when none is free)."""
     await service.snapshot(owner, app, request_id, caller)
+    release = service.streams.acquire(keys.owner_segment(caller))
     with_logs, base, store = parse_bool(request.query_params.get("logs")), base_url(request), service.store
 
     async def events():
@@ -71,7 +94,7 @@ async def status_stream(owner: str, app: str, request_id: str, request: Request,
                 yield ": keep-alive\n\n"
             await asyncio.sleep(SSE_POLL_S)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={
+    return SlotStreamingResponse(events(), release, media_type="text/event-stream", headers={
         "cache-control": "no-cache", "x-fal-request-id": request_id, "x-accel-buffering": "no"})
 
 
@@ -113,8 +136,10 @@ async def submit_subpath(owner: str, app: str, subpath: str, request: Request, c
 async def _submit(owner: str, app: str, request: Request, caller: str, service: Service) -> JSONResponse:
     if not service.is_app(owner, app):
         raise FalError(404, f"unknown application {owner}/{app}")
-    body = await service.read_input(request)
     query, headers = request.query_params, request.headers
+    asked = query.get("fal_max_queue_length", "")  # a malformed one is answered (422) after the body is read
+    await service.admit(caller, queued=True, max_queue_length=int(asked) if asked.lstrip("-").isdigit() else None)
+    body = await service.read_input(request)
     priority = headers.get("x-fal-queue-priority", "normal").strip().lower()
     if priority not in ("normal", "low"):
         raise field_error(["header", "x-fal-queue-priority"], "must be 'normal' or 'low'")
@@ -133,7 +158,7 @@ async def _submit(owner: str, app: str, request: Request, caller: str, service: 
     if headers.get("x-fal-request-id"):
         logger.info("request %s (the client calls it %r)", request_id, headers["x-fal-request-id"][:100])
     try:
-        job_input, keys = await service.job_input(body, caller, request_id)
+        job_input, input_keys = await service.job_input(body, caller, request_id)
     except InputError as exc:
         status_code, payload = error_response(exc)
         return JSONResponse(payload, status_code=status_code)
@@ -141,9 +166,10 @@ async def _submit(owner: str, app: str, request: Request, caller: str, service: 
         submitted = await service.store.submit(
             app_id=service.args.app_id, input=job_input.model_dump(), seed=resolve_seed(body.seed), owner=caller,
             priority=priority, webhook_url=webhook, start_timeout_s=start_timeout,
-            max_queue_length=max_queue, input_keys=keys, request_id=request_id)
+            max_queue_length=max_queue, input_keys=input_keys, request_id=request_id,
+            rate_limited=False)  # its token was taken before the body was read
     except LimitError:
-        await service.forget_inputs(request_id, caller, keys)
+        await service.forget_inputs(request_id, caller, input_keys)
         raise
     metrics.jobs_total().inc(tags={"outcome": "submitted"})
     response = {"status": "IN_QUEUE", "request_id": request_id, "queue_position": submitted.queue_position,

@@ -22,6 +22,7 @@ router = APIRouter()
 async def run_sync(app_id: str, request: Request, owner: Owner, service: Service) -> JSONResponse:
     if app_id.strip("/") != service.args.app_id:
         raise FalError(404, f"unknown application {app_id!r}")
+    await service.admit(owner, queued=False)
     body = await service.read_input(request)
     request_id = new_request_id()
     if request.headers.get("x-fal-request-id"):  # the client's own name for it: logged, never used for state

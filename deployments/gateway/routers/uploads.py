@@ -1,29 +1,32 @@
 """Uploads, as both fal clients make them: JS ``initiate`` then a credential-free PUT to ``upload_url``; Python
-``auth/token`` then ``files/upload`` with the token.
+``auth/token`` then ``files/upload`` with the token. Sizes, the quota and link lifetimes:
+:mod:`deployments.gateway.uploads`.
 
 Every upload lands under ``uploads/<owner>/`` of the caller: the initiate route signs (owner, key) together, and
-the PUT and token routes check the key's prefix against the signed owner before writing.
+the PUT and token routes check the key's prefix against the signed owner before writing. Each of these requests
+takes a token of the owner's request budget before it reads a body.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import re
 import time
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from deployments.gateway.bodies import BodyTooLarge, read_limited
 from deployments.gateway.dependencies import Caller, Service
 from deployments.gateway.errors import FalError, field_error
+from deployments.gateway.service import validation_detail
 from deployments.gateway.urls import absolute, base_url
 from deployments.storage import keys, validate_key
 
 UPLOAD_TOKEN_TTL_S = 3600
-MAX_UPLOAD_BYTES = 300 * 1024 * 1024
+MAX_INITIATE_BYTES = 64 * 1024  # {"content_type", "file_name"}
 _OWNER_SEGMENT = re.compile(r"[A-Za-z0-9]{1,64}")
 router = APIRouter()
 
@@ -41,16 +44,30 @@ def safe_name(name: str) -> str:
 OUTSIDE_PREFIX = "uploads may only be written under the caller's own uploads/<owner>/ prefix"
 
 
+async def read_initiate(request: Request) -> UploadInitiate:
+    try:
+        raw = await read_limited(request, MAX_INITIATE_BYTES)
+    except BodyTooLarge:
+        raise FalError(413, f"request body larger than {MAX_INITIATE_BYTES} bytes") from None
+    try:
+        return UploadInitiate.model_validate(json.loads(raw or b"{}"))
+    except json.JSONDecodeError as exc:
+        raise FalError(422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]) from None
+    except ValidationError as exc:
+        raise FalError(422, validation_detail(exc)) from None
+
+
 @router.post("/storage/upload/initiate")
-async def upload_initiate(body: UploadInitiate, request: Request, owner: Caller, service: Service) -> JSONResponse:
+async def upload_initiate(request: Request, owner: Caller, service: Service) -> JSONResponse:
+    """A key under the caller's prefix, the signed Gateway URL to PUT it to, and the link it will have."""
+    body = await read_initiate(request)
     subject = keys.owner_segment(owner)
+    await service.uploads.room(subject)  # 413 now, before the client sends the bytes, when the quota is spent
     key = keys.upload_key(subject, safe_name(body.file_name))
-    upload_url = service.storage.upload_url(key, body.content_type, UPLOAD_TOKEN_TTL_S)
-    if upload_url is None:
-        exp = int(time.time()) + UPLOAD_TOKEN_TTL_S
-        sig = service.signer.sign("put", f"{subject}\n{key}", exp)
-        upload_url = f"{base_url(request)}/storage/upload/put/{key}?owner={subject}&exp={exp}&sig={sig}"
-    return JSONResponse({"upload_url": upload_url, "file_url": absolute(service.storage.url(key), request)})
+    exp = int(time.time()) + UPLOAD_TOKEN_TTL_S
+    sig = service.signer.sign("put", f"{subject}\n{key}", exp)
+    upload_url = f"{base_url(request)}/storage/upload/put/{key}?owner={subject}&exp={exp}&sig={sig}"
+    return JSONResponse({"upload_url": upload_url, "file_url": absolute(service.uploads.link(key), request)})
 
 
 @router.put("/storage/upload/put/{key:path}")
@@ -64,7 +81,8 @@ async def upload_put(key: str, request: Request, service: Service, owner: str = 
         validate_key(key)
     except ValueError as exc:
         raise field_error(["path", "key"], str(exc)) from None
-    size = await _store_upload(request, key, service)
+    service.requests.take_or_refuse(owner)
+    size = await service.uploads.receive(request, owner, key)
     return JSONResponse({"status": "ok", "file_size": size})
 
 
@@ -84,18 +102,9 @@ async def files_upload(request: Request, service: Service) -> JSONResponse:
     valid = scheme.lower() == "bearer" and exp_text.isdigit() and _OWNER_SEGMENT.fullmatch(subject)
     if not valid or not service.signer.verify(sig, "upload-token", subject, int(exp_text)):
         raise FalError(401, "a valid upload token is required (POST /storage/auth/token)")
+    service.requests.take_or_refuse(subject)
     key = keys.upload_key(subject, safe_name(request.headers.get("x-fal-file-name") or "upload.bin"))
     if not keys.is_upload_key_of(key, subject):  # the name is one plain segment
         raise FalError(403, OUTSIDE_PREFIX)
-    await _store_upload(request, validate_key(key), service)
-    return JSONResponse({"access_url": absolute(service.storage.url(key), request)})
-
-
-async def _store_upload(request: Request, key: str, service: Service) -> int:
-    try:
-        data = await read_limited(request, MAX_UPLOAD_BYTES)
-    except BodyTooLarge:
-        raise FalError(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes") from None
-    await asyncio.to_thread(service.storage.put_bytes, key, data,
-                            request.headers.get("content-type", "application/octet-stream"))
-    return len(data)
+    await service.uploads.receive(request, subject, validate_key(key))
+    return JSONResponse({"access_url": absolute(service.uploads.link(key), request)})
