@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from deployments.gateway.errors import install_error_handlers
-from deployments.gateway.routers import files, health, playground, queue, sync, uploads
+from deployments.gateway.routers import files, health, jwks, playground, queue, sync, uploads
 from deployments.gateway.service import GatewayService
 
 EXPOSED_HEADERS = ["x-fal-request-id", "x-fal-request-timeout-type", "x-fal-error-type", "retry-after"]
@@ -22,7 +22,7 @@ def build_api(service: GatewayService) -> FastAPI:
                        allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
     install_error_handlers(api)
     api.state.gateway = service
-    for router in (playground.router, health.router, sync.router, queue.router, uploads.router, files.router,
-                   queue.submit_router):
+    for router in (playground.router, health.router, jwks.router, sync.router, queue.router, uploads.router,
+                   files.router, queue.submit_router):
         api.include_router(router)
     return api

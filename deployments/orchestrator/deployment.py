@@ -60,7 +60,7 @@ class Orchestrator:
             torch.set_num_threads(threads)
         self.runner_id = replica_name()
         self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute)
-        self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id)
+        self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id, self.state.webhook_signer)
         # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
         self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
                                           on_report=metrics.record_retention)
