@@ -335,6 +335,8 @@ async def test_js_and_python_uploads_land_under_the_callers_prefix_and_serve_bac
         init = (await gw.client.post("/storage/upload/initiate?storage_type=fal-cdn-v3",
                                      json={"content_type": "image/png", "file_name": "../a b.png"}, headers=A)).json()
         assert f"/storage/upload/put/uploads/{mine}/" in init["upload_url"]
+        for bad, loc in ((b"{", ["body"]), (b'{"file_name": 5}', ["body", "file_name"])):
+            assert field_of(await gw.client.post("/storage/upload/initiate", content=bad, headers=A)) == loc
         forged = init["upload_url"].replace(f"uploads/{mine}/", f"uploads/{theirs}/")
         assert assert_fal_error(await gw.client.put(forged, content=b"x"), 403)["detail"] == \
             "invalid or expired upload URL"

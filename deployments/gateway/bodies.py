@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
+from deployments.gateway.errors import FalError, validation_detail
+
+M = TypeVar("M", bound=BaseModel)
 WRITE_BATCH_BYTES = 1 << 20  # chunks gathered before one write to the temporary file
 SPOOL_PREFIX = "stable-avatar-upload-"
 
@@ -45,6 +50,24 @@ async def read_limited(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(size)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_model(request: Request, model: type[M], limit: int, too_large: str, empty: bytes = b"null") -> M:
+    """A JSON body of at most ``limit`` bytes validated into ``model`` (``empty``: what an empty body means): 413
+    with ``too_large`` (before a byte is read when the declared size is over), or 422 in fal's ``detail`` format."""
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise FalError(413, too_large)
+    try:
+        raw = await read_limited(request, limit)
+    except BodyTooLarge:
+        raise FalError(413, too_large) from None
+    try:
+        return model.model_validate(json.loads(raw or empty))
+    except json.JSONDecodeError as exc:
+        raise FalError(422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]) from None
+    except ValidationError as exc:
+        raise FalError(422, validation_detail(exc)) from None
 
 
 def _write_all(file: BinaryIO, chunks: list[bytes], close: bool = False) -> None:

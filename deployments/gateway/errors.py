@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from deployments.jobstore import (
     KeyQueueCapError,
@@ -57,6 +58,12 @@ def fal_error(status: int, detail: Any, request_id: str | None = None, error_typ
 def field_error(loc: list[str], message: str, status: int = 422, kind: str = "value_error") -> FalError:
     """A 4xx naming the field (``loc`` as FastAPI writes it: ``["body", "image_url"]``, ``["query", ...]``)."""
     return FalError(status, [{"loc": loc, "msg": message, "type": kind}])
+
+
+def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    """pydantic's errors as fal's 422 ``detail`` list, every ``loc`` under ``body``."""
+    return [{"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors(include_url=False, include_context=False, include_input=False)]
 
 
 def limit_response(refused: LimitError) -> JSONResponse:

@@ -9,18 +9,16 @@ storage and a fake Orchestrator, and call the routes through an ASGI client.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
-from pydantic import ValidationError
 
 from deployments.config import AppArgs
 from deployments.contracts import JobInput, StoredResult
 from deployments.gateway.auth import ApiKeys
-from deployments.gateway.bodies import BodyTooLarge, declared_length, read_limited
+from deployments.gateway.bodies import read_model
 from deployments.gateway.errors import FalError
 from deployments.gateway.health import run_checks
 from deployments.gateway.job_inputs import build_job_input
@@ -42,12 +40,6 @@ class SyncRunner(Protocol):
 
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str,
                        input_keys: list[str], rate_limited: bool) -> StoredResult: ...
-
-
-def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
-    """pydantic's errors as fal's 422 ``detail`` list, every ``loc`` under ``body``."""
-    return [{"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
-            for err in exc.errors(include_url=False, include_context=False, include_input=False)]
 
 
 class GatewayService:
@@ -75,20 +67,8 @@ class GatewayService:
     # -- reading a job's input --------------------------------------------------------------------------------
     async def read_input(self, request: Request) -> StableAvatarInput:
         """A size-limited JSON body validated into the fal input (413, or 422 in fal's ``detail`` format)."""
-        too_large = FalError(413, f"request body larger than {self.max_body} bytes; upload large files instead")
-        declared = declared_length(request)
-        if declared is not None and declared > self.max_body:
-            raise too_large
-        try:
-            raw = await read_limited(request, self.max_body)
-        except BodyTooLarge:
-            raise too_large from None
-        try:
-            return StableAvatarInput.model_validate(json.loads(raw or b"null"))
-        except json.JSONDecodeError as exc:
-            raise FalError(422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]) from None
-        except ValidationError as exc:
-            raise FalError(422, validation_detail(exc)) from None
+        return await read_model(request, StableAvatarInput, self.max_body,
+                                f"request body larger than {self.max_body} bytes; upload large files instead")
 
     async def job_input(self, body: StableAvatarInput, owner: str, request_id: str) -> tuple[JobInput, list[str]]:
         """The row's input and the objects written for it (``data:`` inputs stored under the job's key)."""

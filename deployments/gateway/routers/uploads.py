@@ -9,19 +9,17 @@ takes a token of the owner's request budget before it reads a body.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from deployments.gateway.bodies import BodyTooLarge, read_limited
+from deployments.gateway.bodies import read_model
 from deployments.gateway.dependencies import Caller, Service
 from deployments.gateway.errors import FalError, field_error
-from deployments.gateway.service import validation_detail
 from deployments.gateway.urls import absolute, base_url
 from deployments.storage import keys, validate_key
 
@@ -44,23 +42,11 @@ def safe_name(name: str) -> str:
 OUTSIDE_PREFIX = "uploads may only be written under the caller's own uploads/<owner>/ prefix"
 
 
-async def read_initiate(request: Request) -> UploadInitiate:
-    try:
-        raw = await read_limited(request, MAX_INITIATE_BYTES)
-    except BodyTooLarge:
-        raise FalError(413, f"request body larger than {MAX_INITIATE_BYTES} bytes") from None
-    try:
-        return UploadInitiate.model_validate(json.loads(raw or b"{}"))
-    except json.JSONDecodeError as exc:
-        raise FalError(422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]) from None
-    except ValidationError as exc:
-        raise FalError(422, validation_detail(exc)) from None
-
-
 @router.post("/storage/upload/initiate")
 async def upload_initiate(request: Request, owner: Caller, service: Service) -> JSONResponse:
     """A key under the caller's prefix, the signed Gateway URL to PUT it to, and the link it will have."""
-    body = await read_initiate(request)
+    body = await read_model(request, UploadInitiate, MAX_INITIATE_BYTES,
+                            f"request body larger than {MAX_INITIATE_BYTES} bytes", empty=b"{}")
     subject = keys.owner_segment(owner)
     await service.uploads.room(subject)  # 413 now, before the client sends the bytes, when the quota is spent
     key = keys.upload_key(subject, safe_name(body.file_name))
