@@ -4,7 +4,7 @@
   refused before a byte is read; a body without one is refused as soon as it passes the bound.
 - **Quota**: a key's live uploads (under ``uploads/<owner>/``, until retention deletes them ``uploads_s`` after
   they were written) may hold ``auth.upload_quota_mb`` in at most ``auth.max_uploads_per_key`` objects. The usage
-  is measured by listing that prefix, at most ``max_uploads_per_key + 1`` objects (one S3 page at the defaults),
+  is measured by listing that prefix, at most ``max_uploads_per_key + 1`` objects (two S3 pages at the defaults),
   before each upload; an upload may carry only what is left. Uploads of one key running at the same moment are
   each checked against the usage before them, so together they may pass the quota by what they carry.
 - **Through the Gateway**, on S3 too: the body is written to a temporary file as it arrives (never held whole in
