@@ -17,6 +17,7 @@ Every refusal is a :class:`LimitError` (429 with ``retry-after``, naming the lim
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -104,10 +105,9 @@ async def admit_job(store: JobStore, owner: str, queued: bool, max_queue_length:
     if queued:
         limit = limits.max_queue_length if max_queue_length is None else min(limits.max_queue_length,
                                                                              max_queue_length)
-        total = await store.queue_length()
+        total, mine = await asyncio.gather(store.queue_length(), store.queued_count(owner))
         if total >= limit:
             raise QueueFullError(f"the queue holds {total} jobs (limit {limit})")
-        mine = await store.queued_count(owner)
         if mine >= limits.max_queued_per_owner:
             raise KeyQueueCapError(f"this API key already has {mine} queued jobs (limit "
                                    f"{limits.max_queued_per_owner})")
