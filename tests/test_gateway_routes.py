@@ -190,6 +190,8 @@ async def test_bad_submits_are_refused_naming_the_field_and_leave_nothing_behind
         assert field_of(await post(json=job_body(), headers={"x-fal-queue-priority": "urgent"})) == [
             "header", "x-fal-queue-priority"]
         assert field_of(await post(json=job_body(), headers={"x-fal-request-timeout": "0.5"})) == ["header"]
+        malformed = await gw.client.post(f"/{APP}?fal_max_queue_length=--5", json=job_body(), headers=A)
+        assert field_of(malformed) == ["header"]
         webhook = await gw.client.post(f"/{APP}?fal_webhook=http://169.254.169.254/x", json=job_body(), headers=A)
         assert field_of(webhook) == ["query", "fal_webhook"]
         huge = json.dumps(job_body(prompt="x" * (2 << 20))).encode()

@@ -133,12 +133,19 @@ async def submit_subpath(owner: str, app: str, subpath: str, request: Request, c
     return await _submit(owner, app, request, caller, service)
 
 
+def _lenient_int(text: str | None) -> int | None:
+    """The number, or None (a malformed ``fal_max_queue_length`` is answered, 422, once the body is read)."""
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
 async def _submit(owner: str, app: str, request: Request, caller: str, service: Service) -> JSONResponse:
     if not service.is_app(owner, app):
         raise FalError(404, f"unknown application {owner}/{app}")
     query, headers = request.query_params, request.headers
-    asked = query.get("fal_max_queue_length", "")  # a malformed one is answered (422) after the body is read
-    await service.admit(caller, queued=True, max_queue_length=int(asked) if asked.lstrip("-").isdigit() else None)
+    await service.admit(caller, queued=True, max_queue_length=_lenient_int(query.get("fal_max_queue_length")))
     body = await service.read_input(request)
     priority = headers.get("x-fal-queue-priority", "normal").strip().lower()
     if priority not in ("normal", "low"):
