@@ -188,8 +188,10 @@ class AppArgs(BaseModel):
     job_attempts: int = Field(3, ge=1, le=10, description="claims of a job whose runner died before it is failed")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits")
     max_request_body_mb: float = Field(64.0, gt=0, description="JSON bodies above this get 413 (upload instead)")
-    webhook_attempts: int = Field(5, ge=1, le=20)
-    webhook_first_delay_s: float = Field(1.0, ge=0.0, le=600.0, description="doubles after each failed attempt")
+    webhook_attempts: int = Field(10, ge=1, le=20, description="deliveries tried before giving up (fal: 10)")
+    webhook_first_delay_s: float = Field(
+        14.0, ge=0.0, le=600.0, description="doubles after each failed attempt: at the defaults the 10 attempts "
+        "span about 2 hours (14 s x (2^9 - 1) = 7154 s), as fal's")
     inputs: InputLimits = Field(default_factory=InputLimits)
     retention: RetentionConfig = Field(default_factory=RetentionConfig,
                                        description="time to live of results, uploads, inputs, records, checkpoints")

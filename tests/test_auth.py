@@ -20,6 +20,7 @@ import pytest
 from deployments.gateway.auth import ApiKeys, AuthConfig, fingerprint
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
+KEY_C = "key-charlie-5555555555"  # its submit tokens untouched by the limit tests
 APP = "fal-ai/stable-avatar"
 
 
@@ -45,7 +46,7 @@ def test_open_server_without_keys(monkeypatch):
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B}"
+    os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B},{KEY_C}"
     from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
     from tests.ray_serve import ray_serve_cluster
 
@@ -215,8 +216,10 @@ def test_uploads_land_only_under_the_callers_prefix(service):
     assert not (root / "uploads" / theirs).exists()
     forged_token = f"{exp}.{theirs}.{signer.sign('upload-token', mine, exp)}"  # A's signature, B's prefix
     assert http_json("POST", f"{base}/files/upload", None, {"authorization": f"Bearer {forged_token}"})[0] == 401
-    # A's upload is not an input for B: refused at submit, naming the field.
-    code, answer, _ = http_json("POST", f"{base}/{APP}", dict(body(), image_url=init["file_url"]), B)
+    # A's upload is not an input for another key: refused at submit, naming the field. (A submit takes its token
+    # before its body is read, and A and B spent theirs above: C asks.)
+    code, answer, _ = http_json("POST", f"{base}/{APP}", dict(body(), image_url=init["file_url"]),
+                                {"authorization": f"Key {KEY_C}"})
     assert code == 422 and answer["detail"][0]["loc"] == ["body", "image_url"], answer
     assert answer["detail"][0]["type"] == "file_not_found"
 

@@ -117,6 +117,9 @@ def test_production_requirements(report: TreeReport, kustomization: str) -> None
     cpu_env = {e["name"]: e for e in groups(doc)["cpu"]["template"]["spec"]["containers"][0]["env"]}
     for key in ("STABLE_AVATAR_JOBS_DSN", "STABLE_AVATAR_URL_SECRET", "STABLE_AVATAR_API_KEYS"):
         assert cpu_env[key]["valueFrom"]["secretKeyRef"] == {"name": "stable-avatar-service", "key": key}
+    # the webhook signing key: optional (without it the service makes one in its jobs database)
+    assert cpu_env["STABLE_AVATAR_WEBHOOK_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "stable-avatar-service", "key": "STABLE_AVATAR_WEBHOOK_KEY", "optional": True}
     args = serve_args(doc)
     assert args["preset"] == "stableavatar-1.3b" and args["checkpoints"] == "/models/stableavatar"
     assert args["storage"]["kind"] == "s3"

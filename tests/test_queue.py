@@ -34,6 +34,7 @@ from tests.helpers import (  # noqa: E402
     synthetic_speech,
 )
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from tests.test_webhook_signing import fal_receiver_accepts  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
 DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (inherited through the raylet)
@@ -309,12 +310,15 @@ def test_status_stream_sends_new_logs_and_closes(service):
 
 class WebhookReceiver(http.server.BaseHTTPRequestHandler):
     calls: list[tuple[int, dict]] = []
+    signed: list[tuple[dict[str, str], bytes]] = []  # each delivery's headers and raw body
     fail_first = 1
 
     def do_POST(self):  # noqa: N802 - http.server naming
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        body = json.loads(raw)
         code = 500 if sum(1 for c, _ in self.calls) < self.fail_first else 200
         self.calls.append((code, body))
+        self.signed.append(({k.lower(): v for k, v in self.headers.items()}, raw))
         self.send_response(code)
         self.end_headers()
 
@@ -339,8 +343,11 @@ def test_webhook_is_retried_then_delivered_once(service):
         assert payload["request_id"] == rid and payload["status"] == "OK" and payload["error"] is None
         assert payload["payload"]["video"]["url"].startswith(base)
         logs = messages(status(base, rid)[1])
-        assert any("webhook attempt 1/5 failed (HTTP 500)" in m for m in logs)
-        assert any("webhook delivered (attempt 2/5" in m for m in logs)
+        assert any("webhook attempt 1/10 failed (HTTP 500)" in m for m in logs)
+        assert any("webhook delivered (attempt 2/10" in m for m in logs)
+        # Signed as fal signs: a receiver written for fal verifies each attempt with the keys the Gateway publishes.
+        jwks = http_json("GET", f"{base}/.well-known/jwks.json")[1]
+        assert all(fal_receiver_accepts(headers, raw, jwks) for headers, raw in WebhookReceiver.signed)
         assert service["store"].webhook_state(rid)["state"] == "delivered"
     finally:
         server.shutdown()

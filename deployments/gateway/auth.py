@@ -1,7 +1,8 @@
 """API keys (``Authorization: Key <key>``, as fal clients send ``FAL_KEY``) and the per-key limits' settings.
 
-The limits themselves (a token bucket and queued/running caps per key) are enforced by the jobs database, so every
-Gateway replica shares them (:mod:`deployments.jobstore`).
+The job limits (a submit token bucket and queued/running caps per key) are enforced by the jobs database, so every
+Gateway replica shares them (:mod:`deployments.jobstore`); the request budget of the other routes, the SSE streams
+and the uploads are limited by the Gateway (:mod:`deployments.gateway.limits`, :mod:`deployments.gateway.uploads`).
 
 Keys come from an environment variable or a mounted secret file, are kept only as SHA-256 digests, and are compared
 in constant time. A key's fingerprint (the first 16 hex digits of its digest) owns the jobs and uploads it made.
@@ -30,6 +31,18 @@ class AuthConfig(BaseModel):
     max_queued_per_key: int = Field(50, ge=1, description="queued jobs one key may have")
     max_running_per_key: int | None = Field(4, ge=1, description="running jobs (queued ones started, and sync "
                                             "requests) one key may have; None: no cap")
+    request_rate_per_minute: float = Field(12000.0, gt=0, description="sustained requests per key to every other "
+                                           "keyed route (status, result, stream, cancel, progress, uploads), per "
+                                           "Gateway replica")
+    request_burst: int = Field(2000, ge=1, description="such requests a key may make at once before the rate "
+                               "applies (fal-client polls status 10 times a second per request it waits for)")
+    max_streams_per_key: int = Field(16, ge=1, description="SSE status streams one key may hold open, per Gateway "
+                                     "replica")
+    max_upload_mb: float = Field(300.0, gt=0, description="largest upload, on every upload route")
+    upload_quota_mb: float = Field(4096.0, gt=0, description="bytes of live uploads (not yet deleted by "
+                                   "retention.uploads_s) one key may hold")
+    max_uploads_per_key: int = Field(1000, ge=1, le=10_000, description="live uploads one key may hold (bounds the "
+                                     "storage listing that measures the quota)")
 
 
 def _digest(key: str) -> bytes:

@@ -30,7 +30,8 @@ Gateway (every read is owner-scoped: another owner's job is ``None`` / ``NOT_FOU
   poll or one SSE tick (pass the previous ``logs.cursor`` as ``logs_since``; lines are numbered per job, 1..,
   ``LogLine`` is ``jobs.LogEntry`` plus ``line``). ``JobView`` replaces ``JobRecord`` for ``status_body``: same
   status/stage/progress/error/result/inference_time, no input and no logs (take them from ``snapshot.logs``).
-  Also ``get``, ``position`` (an indexed range count), ``logs``, ``queue_length``, ``running_count``.
+  Also ``get``, ``position`` (an indexed range count), ``logs``, ``queue_length``, ``queued_count``,
+  ``running_count``.
 - ``cancel(request_id, owner)`` -> ``CANCELLATION_REQUESTED`` (queued: finished as cancelled now; running: a flag
   the runner sees) | ``ALREADY_COMPLETED`` | ``NOT_FOUND``.
 - ``take_token(owner)``: the per-key rate limit for other routes (a token bucket row per key in the database,

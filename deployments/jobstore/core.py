@@ -365,6 +365,14 @@ class SyncJobStore:
             return self._queued_total(cur)
 
     @_read
+    def queued_count(self, owner: str | None = None) -> int:
+        """Queued jobs, of ``owner`` alone when given (the Gateway checks the queue caps before it reads a body)."""
+        if owner is None:
+            return self.queue_length()
+        with self.backend.read() as cur:
+            return self._count(cur, "status = 'IN_QUEUE' AND owner = ?", (owner,))
+
+    @_read
     def running_count(self, owner: str | None = None) -> int:
         with self.backend.read() as cur:
             if owner is None:

@@ -61,6 +61,7 @@ class JobStore:
     logs = _in_thread(SyncJobStore.logs)
     status = _in_thread(SyncJobStore.status)
     queue_length = _in_thread(SyncJobStore.queue_length)
+    queued_count = _in_thread(SyncJobStore.queued_count)
     running_count = _in_thread(SyncJobStore.running_count)
     # cancel and dispatch
     cancel = _in_thread(SyncJobStore.cancel)

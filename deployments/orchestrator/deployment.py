@@ -60,7 +60,7 @@ class Orchestrator:
             torch.set_num_threads(threads)
         self.runner_id = replica_name()
         self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute)
-        self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id)
+        self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id, self.state.webhook_signer)
         # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
         self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
                                           on_report=metrics.record_retention)
@@ -75,13 +75,15 @@ class Orchestrator:
 
     # -- entry points ------------------------------------------------------------------------------------------
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str = "",
-                       input_keys: list[str] | None = None) -> StoredResult:
+                       input_keys: list[str] | None = None, rate_limited: bool = True) -> StoredResult:
         """A sync request (``/run`` and the Python handle): its row is created here, already leased to this
-        replica, counting as a running job of ``owner`` (``LimitError`` when the key is at a limit). Returns the
-        stored result (video as a storage key); raises what stopped it, after recording it on the row."""
+        replica, counting as a running job of ``owner`` (``LimitError`` when the key is at a limit; ``rate_limited``
+        False: the caller took the key's submit token itself, before it read the request). Returns the stored
+        result (video as a storage key); raises what stopped it, after recording it on the row."""
         claimed = await self.store.create_sync(
             app_id=self.args.app_id, input=job_input, seed=seed, runner_id=self.runner_id,
-            lease_s=self.args.dispatch.lease_s, owner=owner, input_keys=input_keys or [], request_id=request_id)
+            lease_s=self.args.dispatch.lease_s, owner=owner, input_keys=input_keys or [], request_id=request_id,
+            rate_limited=rate_limited)
         return await self.runner.supervise(Run(claimed))
 
     def ready(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Delivers the webhooks the jobs database owes (its outbox), from every Orchestrator replica.
 
 Each replica polls ``claim_webhooks``; a claimed delivery is leased to it alone, so each is attempted by one
-replica at a time and delivered once. Every attempt is logged on the job (``webhook attempt 1/5 failed ...``,
-``webhook delivered ...``); a failed one is due again after the doubling back-off, up to ``webhook_attempts``.
+replica at a time and delivered once. Every attempt is signed as fal signs (the job's owner is the user id) and
+logged on the job (``webhook attempt 1/10 failed ...``, ``webhook delivered ...``); a failed one is due again after
+the doubling back-off, up to ``webhook_attempts`` (fal: 10 attempts over about 2 hours).
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from deployments.contracts import StoredResult
 from deployments.jobstore import JobStore, WebhookDelivery
 from deployments.orchestrator.webhook_delivery import post_webhook, retry_delay, webhook_payload
 from deployments.runtime.background import BackgroundLoop
-from deployments.storage import Storage
+from deployments.runtime.webhook_signing import WebhookSigner
+from deployments.storage import Storage, keys
 
 logger = logging.getLogger("ray.serve")
 MAX_IN_FLIGHT = 16
 
 
 class WebhookWorker:
-    def __init__(self, store: JobStore, storage: Storage, args: AppArgs, worker_id: str):
-        self.store, self.storage, self.args, self.worker_id = store, storage, args, worker_id
+    def __init__(self, store: JobStore, storage: Storage, args: AppArgs, worker_id: str, signer: WebhookSigner):
+        self.store, self.storage, self.args, self.worker_id, self.signer = store, storage, args, worker_id, signer
         self.guard = args.inputs.guard()
         self.in_flight: set[asyncio.Task] = set()
         self.loop = BackgroundLoop(f"webhook-deliveries-{worker_id}", self._deliver_loop)
@@ -56,7 +58,8 @@ class WebhookWorker:
                 body = webhook_payload(request_id, True, StoredResult.model_validate(job.result).public(self.storage), None)
             else:
                 body = webhook_payload(request_id, False, {"detail": job.error.detail}, job.error.message)
-            delivered, outcome = await asyncio.to_thread(post_webhook, delivery.url, body, self.guard)
+            delivered, outcome = await asyncio.to_thread(post_webhook, delivery.url, body, self.guard, self.signer,
+                                                         keys.owner_segment(delivery.owner))
             if delivered:
                 await self.store.webhook_delivered(
                     request_id, attempt, message=f"webhook delivered (attempt {attempt}/{total}, {outcome})")

@@ -125,11 +125,6 @@ class Storage(ABC):
     def url(self, key: str, expires_s: int | None = None, filename: str | None = None) -> str:
         """A URL a client can GET for ``key``; ``filename`` asks for a download under that name."""
 
-    def upload_url(self, key: str, content_type: str, expires_s: int = 3600) -> str | None:
-        """A URL a client can PUT the bytes of ``key`` to without credentials, or None when the Gateway must
-        accept the upload itself (local storage)."""
-        return None
-
     def key_for_url(self, url: str) -> str | None:
         """The key behind a URL this storage made (uploads are then read directly, without a network hop)."""
         return None

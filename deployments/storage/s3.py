@@ -302,14 +302,6 @@ class S3Storage(Storage):
         except Exception as e:
             raise self._error(e, "sign a URL for", key) from None
 
-    def upload_url(self, key: str, content_type: str, expires_s: int = 3600) -> str | None:
-        params = {"Bucket": self.bucket, "Key": self._key(key), "ContentType": content_type}
-        try:
-            return self.client.generate_presigned_url("put_object", Params=params,
-                                                      ExpiresIn=check_expiry(expires_s, MAX_PRESIGN_S))
-        except Exception as e:
-            raise self._error(e, "sign an upload URL for", key) from None
-
     def key_for_url(self, url: str) -> str | None:
         parsed = urlsplit(url)
         candidates = []

@@ -1,0 +1,1 @@
+"""The Gateway's routes, one router per concern; :func:`deployments.gateway.app.build_api` puts them together."""
