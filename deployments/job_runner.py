@@ -26,8 +26,7 @@ from deployments import metrics
 from deployments.background import BackgroundLoop
 from deployments.config import AppArgs
 from deployments.errors import error_response
-from deployments.jobs import JobError
-from deployments.jobstore import ClaimedJob, FencedError, JobStore, cancelled_error
+from deployments.jobstore import ClaimedJob, FencedError, JobError, JobStore, cancelled_error
 from deployments.storage import Storage
 
 if TYPE_CHECKING:

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.jobs import JobError
 from deployments.jobstore import (
     DEFAULT_DSN_ENV,
     FencedError,
+    JobError,
     JobLimits,
     JobsConfig,
     KeyQueueCapError,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.jobs import JobError, JobStatus, LogEntry, Priority
+from deployments.jobstore.shapes import JobError, JobStatus, LogEntry, Priority
 
 JobKind = Literal["queue", "sync"]
 Outcome = Literal["succeeded", "failed", "cancelled"]
