@@ -19,11 +19,13 @@ from deployments.jobstore.errors import (
     KeyRunningCapError,
     LimitError,
     MigrationError,
+    NotDeadLetteredError,
     QueueFullError,
     RateLimitedError,
 )
 from deployments.jobstore.factory import make_job_store, make_sync_job_store
 from deployments.jobstore.models import (
+    AttemptRecord,
     CancelResult,
     ClaimedJob,
     ExpiredItem,
@@ -35,6 +37,7 @@ from deployments.jobstore.models import (
     RetentionKind,
     Submitted,
     WebhookDelivery,
+    attempts_exhausted_error,
     cancelled_error,
     runner_lost_error,
     start_timeout_error,
@@ -44,7 +47,7 @@ from deployments.jobstore.shapes import JobError, JobStatus, LogEntry, Priority
 from deployments.jobstore.store import JobStore, SyncJobStore
 
 __all__ = [
-    "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
+    "AttemptRecord", "NotDeadLetteredError", "attempts_exhausted_error", "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
     "JobLimits", "JobSnapshot", "JobStatus", "JobStore", "JobStoreError", "JobView", "JobsConfig",
     "KeyQueueCapError", "KeyRunningCapError", "LimitError", "LogEntry", "LogLine", "LogPage", "MigrationError",
     "PostgresJobsConfig", "Priority", "QueueFullError", "RateLimitedError", "RetentionKind", "SqliteJobsConfig",

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from deployments.jobstore.models import PRIORITY_NAME, ClaimedJob, JobView
+from deployments.jobstore.models import PRIORITY_NAME, AttemptRecord, ClaimedJob, JobView
 
 M = TypeVar("M", bound=BaseModel)
 FIELD_COLUMN = {"log_count": "log_seq"}
@@ -22,7 +22,8 @@ def column_list(model: type[BaseModel]) -> str:
     return ", ".join(FIELD_COLUMN.get(field, field) for field in model.model_fields)
 
 
-TEMPLATES = {"view_columns": column_list(JobView), "claim_columns": column_list(ClaimedJob)}
+TEMPLATES = {"view_columns": column_list(JobView), "claim_columns": column_list(ClaimedJob),
+             "attempt_columns": column_list(AttemptRecord)}
 
 
 def to_model(model: type[M], row: dict[str, Any], json_out: Callable[[Any], Any], **overrides: Any) -> M:

@@ -58,3 +58,15 @@ class FencedError(JobStoreError):
 
 class MigrationError(JobStoreError):
     """The database holds a schema this code does not know (a newer version), or a migration failed."""
+
+
+class NotDeadLetteredError(JobStoreError):
+    """``requeue`` was asked for a job that is not a dead letter (or whose inputs retention already deleted)."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"job {request_id} is not a dead letter that can be re-queued (not found, not failed out "
+                         "of attempts, or its inputs were already deleted by retention)")
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return type(self), (self.request_id,)

@@ -13,6 +13,9 @@ JobKind = Literal["queue", "sync"]
 Outcome = Literal["succeeded", "failed", "cancelled"]
 CancelResult = Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
 RetentionKind = Literal["results", "inputs", "checkpoints", "jobs"]
+# How an attempt ended: the runner's complete (succeeded/failed/cancelled), its retry after an infrastructure
+# fault, its release at shutdown, or its lease running out.
+AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retried", "released", "lost"]
 PRIORITY_RANK: dict[str, int] = {"normal": 0, "low": 1}
 PRIORITY_NAME: dict[int, Priority] = {0: "normal", 1: "low"}
 
@@ -29,6 +32,8 @@ class JobLimits(BaseModel):
     rate_burst: int = Field(10, ge=1, description="submits a key may make at once before the rate applies")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of a queued job before it is failed")
     max_log_lines: int = Field(500, ge=1, le=100_000, description="log lines kept per job (oldest trimmed)")
+    max_attempt_history: int = Field(100, ge=1, le=10_000, description="attempt records kept per job (oldest "
+                                     "trimmed; attempts refunded by a release can exceed max_attempts)")
 
 
 def iso_timestamp(epoch_s: float) -> str:
@@ -68,6 +73,8 @@ class JobView(BaseModel):
     error: JobError | None = None
     outcome: Outcome | None = None
     log_count: int = 0  # lines ever written (line numbers run 1..log_count; older ones may be trimmed)
+    not_before: float | None = None  # a retried job waits in the queue until then (its backoff)
+    dead_letter: bool = False  # failed because it ran out of attempts: an operator may re-queue it
 
     @property
     def finished(self) -> bool:
@@ -120,12 +127,27 @@ class LogPage(BaseModel):
     cursor: int
 
 
+class AttemptRecord(BaseModel):
+    """One claim of a job: where and when it ran, and how it ended (``outcome`` None while it runs)."""
+
+    attempt: int
+    epoch: int
+    runner: str
+    started_at: float
+    ended_at: float | None = None
+    outcome: AttemptOutcome | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+
+
 class JobSnapshot(BaseModel):
-    """One status poll: the job, its queue position (0 unless queued) and, when asked, new log lines."""
+    """One status poll: the job, its queue position (0 unless queued) and, when asked, new log lines and the
+    attempt history."""
 
     job: JobView
     position: int
     logs: LogPage | None = None
+    attempts: list[AttemptRecord] | None = None
 
 
 class WebhookDelivery(BaseModel):
@@ -154,6 +176,11 @@ def start_timeout_error() -> JobError:
     """fal's answer to a job that missed its ``X-Fal-Request-Timeout`` start deadline."""
     return JobError(status_code=504, detail="Request timed out before it started", error_type="request_timeout",
                     message="Request timed out before it started", timeout_type="user")
+
+
+def attempts_exhausted_error(error: JobError, attempts: int) -> JobError:
+    """The last attempt's infrastructure error, as the answer of a job that ran out of attempts (a dead letter)."""
+    return error.model_copy(update={"message": f"{error.message} (gave up after {attempts} attempts)"})
 
 
 def runner_lost_error(reason: str, attempts: int) -> JobError:

@@ -30,9 +30,6 @@ RETURNING {claim_columns}
 -- name: get_job
 SELECT {view_columns}, seq FROM jobs WHERE request_id = :request_id AND owner = :owner
 
--- name: get_job_by_id
-SELECT {view_columns} FROM jobs WHERE request_id = :request_id
-
 -- name: job_place
 -- Where a job stands in the queue; ``owner`` NULL reads any owner's job.
 SELECT status, priority, seq FROM jobs WHERE request_id = :request_id AND (CAST(:owner AS text) IS NULL OR owner = :owner)
@@ -84,7 +81,7 @@ WHERE status = 'IN_PROGRESS' GROUP BY owner HAVING count(*) >= :cap
 SELECT request_id, owner, attempts, max_attempts,
        CASE WHEN started_at IS NULL AND start_deadline < jobs_now() THEN 1 ELSE 0 END AS late
 FROM jobs
-WHERE status = 'IN_QUEUE'
+WHERE status = 'IN_QUEUE' AND (not_before IS NULL OR not_before <= jobs_now())
   AND owner NOT IN (SELECT value FROM json_each(:blocked))  -- sqlite
   AND owner <> ALL (CAST(:blocked AS text[]))  -- postgres
 ORDER BY priority, seq LIMIT 1
@@ -119,14 +116,47 @@ RETURNING cancel_requested
 
 -- name: lock_running_job
 -- The job as its lease holder sees it, locked until commit; no row: this epoch no longer holds the lease.
-SELECT kind, attempts, cancel_requested, checkpoint_key FROM jobs
+SELECT kind, attempts, max_attempts, cancel_requested, checkpoint_key, lease_owner FROM jobs
 WHERE request_id = :request_id AND epoch = :epoch AND status = 'IN_PROGRESS'
 FOR UPDATE  -- postgres
 
--- name: requeue_released
+-- name: requeue_held_job
+-- The lease holder lets go: queued again in its old place, claimable after ``backoff_s`` (NULL: at once), with
+-- ``refund`` attempts given back.
 UPDATE jobs SET status = 'IN_QUEUE', stage = 'queued', lease_owner = NULL, lease_expires_at = NULL,
-    attempts = attempts - :refund
+    attempts = attempts - :refund, not_before = jobs_now() + :backoff_s
 WHERE request_id = :request_id
+RETURNING {view_columns}
+
+-- ==== attempts, retries and dead letters ==============================================================
+
+-- name: insert_attempt
+INSERT INTO job_attempts (request_id, epoch, attempt, runner, started_at)
+VALUES (:request_id, :epoch, :attempt, :runner, jobs_now())
+
+-- name: trim_attempts
+DELETE FROM job_attempts WHERE request_id = :request_id AND epoch <= :through
+
+-- name: end_attempt
+UPDATE job_attempts SET ended_at = jobs_now(), outcome = :outcome, error_class = :error_class,
+    error_message = :message
+WHERE request_id = :request_id AND epoch = :epoch AND ended_at IS NULL
+
+-- name: read_attempts
+SELECT {attempt_columns} FROM job_attempts WHERE request_id = :request_id ORDER BY epoch
+
+-- name: dead_letters
+-- Jobs failed because they ran out of attempts, the latest first.
+SELECT {view_columns} FROM jobs WHERE dead_letter ORDER BY completed_at DESC LIMIT :limit
+
+-- name: requeue_dead_letter
+-- An operator's second chance: queued again in its old place with a fresh allowance of attempts. Refused (no
+-- row) once retention deleted its inputs.
+UPDATE jobs SET status = 'IN_QUEUE', stage = 'queued', attempts = 0, dead_letter = FALSE, outcome = NULL,
+    error = NULL, completed_at = NULL, not_before = NULL
+WHERE request_id = :request_id AND dead_letter AND status = 'COMPLETED'
+  AND (NOT inputs_purged OR input_keys = '[]')  -- a job without input objects starts out 'purged'
+RETURNING {view_columns}
 
 -- ==== progress and logs ===============================================================================
 
@@ -155,7 +185,7 @@ DELETE FROM job_logs WHERE request_id = :request_id AND line <= :through
 UPDATE jobs SET status = 'COMPLETED', completed_at = jobs_now(), outcome = :outcome, stage = :stage,
     progress = COALESCE(:progress, progress), result = :result, result_keys = :result_keys,
     result_purged = :result_purged, error = :error, lease_owner = NULL, lease_expires_at = NULL,
-    log_seq = log_seq + 1
+    log_seq = log_seq + 1, dead_letter = :dead_letter
 WHERE request_id = :request_id AND status = :expect_status AND (CAST(:epoch AS bigint) IS NULL OR epoch = :epoch)
 RETURNING {view_columns}
 
@@ -243,6 +273,11 @@ RETURNING request_id
 
 -- name: delete_logs_of
 DELETE FROM job_logs
+WHERE request_id IN (SELECT value FROM json_each(:ids))  -- sqlite
+WHERE request_id = ANY (CAST(:ids AS text[]))  -- postgres
+
+-- name: delete_attempts_of
+DELETE FROM job_attempts
 WHERE request_id IN (SELECT value FROM json_each(:ids))  -- sqlite
 WHERE request_id = ANY (CAST(:ids AS text[]))  -- postgres
 

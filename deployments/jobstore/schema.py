@@ -118,6 +118,20 @@ CREATE TABLE maintenance_leases (
     updated_at DOUBLE PRECISION NOT NULL
 )"""
 
+_JOB_ATTEMPTS = """
+CREATE TABLE job_attempts (
+    request_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,              -- the claim's fencing token: one attempt per claim
+    attempt INTEGER NOT NULL,           -- the job's attempt count at that claim
+    runner TEXT NOT NULL,               -- where it ran: the lease holder (replica) id
+    started_at DOUBLE PRECISION NOT NULL,
+    ended_at DOUBLE PRECISION,
+    outcome TEXT CHECK (outcome IN ('succeeded', 'failed', 'cancelled', 'retried', 'released', 'lost')),
+    error_class TEXT,                   -- e.g. database, storage, timeout, stalled, lease_expired
+    error_message TEXT,
+    PRIMARY KEY (request_id, epoch)
+)"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, logs, rate buckets, webhooks", (
         _JOBS,
@@ -158,6 +172,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "jobs_now() clock", (), postgres_only=(
         "CREATE OR REPLACE FUNCTION jobs_now() RETURNS double precision LANGUAGE sql VOLATILE PARALLEL SAFE "
         "AS 'SELECT extract(epoch from clock_timestamp())::float8'",
+    )),
+    Migration(5, "attempt history, retry backoff, dead letters", (
+        "ALTER TABLE jobs ADD COLUMN not_before DOUBLE PRECISION",  # a retried job is not claimed before this
+        "ALTER TABLE jobs ADD COLUMN dead_letter BOOLEAN NOT NULL DEFAULT FALSE",  # failed: out of attempts
+        "CREATE INDEX jobs_dead_letters ON jobs (completed_at) WHERE dead_letter",
+        _JOB_ATTEMPTS,
     )),
 )
 

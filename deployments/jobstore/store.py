@@ -19,12 +19,13 @@ from deployments.jobstore.operations.progress import ProgressOps
 from deployments.jobstore.operations.queue import QueueOps
 from deployments.jobstore.operations.results import ResultOps
 from deployments.jobstore.operations.retention import RetentionOps
+from deployments.jobstore.operations.retries import RetryOps
 from deployments.jobstore.operations.webhooks import WebhookOps
 
 R = TypeVar("R")
 
 
-class SyncJobStore(QueueOps, ResultOps, ProgressOps, WebhookOps, RetentionOps):
+class SyncJobStore(QueueOps, ResultOps, RetryOps, ProgressOps, WebhookOps, RetentionOps):
     """All operations, blocking. Every state change is one transaction; thread-safe (a pooled connection per
     call)."""
 
@@ -66,6 +67,7 @@ class JobStore:
     position = _in_thread(SyncJobStore.position)
     logs = _in_thread(SyncJobStore.logs)
     status = _in_thread(SyncJobStore.status)
+    attempts = _in_thread(SyncJobStore.attempts)
     queue_length = _in_thread(SyncJobStore.queue_length)
     running_count = _in_thread(SyncJobStore.running_count)
     cancel = _in_thread(SyncJobStore.cancel)
@@ -76,6 +78,10 @@ class JobStore:
     maintain = _in_thread(SyncJobStore.maintain)
     heartbeat = _in_thread(SyncJobStore.heartbeat)
     release = _in_thread(SyncJobStore.release)
+    # retries and dead letters
+    retry = _in_thread(SyncJobStore.retry)
+    dead_letters = _in_thread(SyncJobStore.dead_letters)
+    requeue = _in_thread(SyncJobStore.requeue)
     # progress and logs
     report = _in_thread(SyncJobStore.report)
     log = _in_thread(SyncJobStore.log)

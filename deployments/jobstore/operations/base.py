@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from deployments.jobstore.backend import Backend, Cursor
 from deployments.jobstore.columns import job_view
-from deployments.jobstore.models import JobLimits, JobView, outcome_of
+from deployments.jobstore.models import AttemptOutcome, ClaimedJob, JobLimits, JobView, outcome_of
 from deployments.jobstore.queries import Statements
 from deployments.jobstore.shapes import JobError, LogEntry
 
@@ -113,14 +113,15 @@ class StoreBase:
 
     def _finish(self, cur: Cursor, request_id: str, epoch: int | None, expect_status: str,
                 result: dict[str, Any] | None = None, result_keys: Sequence[str] = (),
-                error: JobError | None = None) -> JobView | None:
-        """COMPLETED with a result or an error, if still ``expect_status`` (and ``epoch``); owes the webhook."""
+                error: JobError | None = None, dead_letter: bool = False) -> JobView | None:
+        """COMPLETED with a result or an error, if still ``expect_status`` (and ``epoch``); owes the webhook.
+        ``dead_letter``: it failed because it ran out of attempts (an operator may re-queue it)."""
         outcome = outcome_of(error)
         j = self.backend.json_in
         row = self.q.one(cur, "finish_job", request_id=request_id, expect_status=expect_status, epoch=epoch,
                          outcome=outcome, stage=_FINAL_STAGE[outcome], progress=1.0 if error is None else None,
                          result=j(result), result_keys=j(list(result_keys)), result_purged=not result_keys,
-                         error=None if error is None else j(error.model_dump()))
+                         error=None if error is None else j(error.model_dump()), dead_letter=dead_letter)
         if row is None:
             return None
         job = self._view(row)
@@ -133,3 +134,16 @@ class StoreBase:
         if job.webhook_url:
             self.q.run(cur, "owe_webhook", request_id=request_id, url=job.webhook_url)
         return job
+
+    def _begin_attempt(self, cur: Cursor, job: ClaimedJob) -> None:
+        """Record the claim that just started ``job`` (bounded per job: the oldest records are trimmed)."""
+        self.q.run(cur, "insert_attempt", request_id=job.request_id, epoch=job.epoch, attempt=job.attempts,
+                   runner=job.lease_owner)
+        if job.epoch > self.limits.max_attempt_history:
+            self.q.run(cur, "trim_attempts", request_id=job.request_id,
+                       through=job.epoch - self.limits.max_attempt_history)
+
+    def _end_attempt(self, cur: Cursor, request_id: str, epoch: int, outcome: AttemptOutcome,
+                     error_class: str | None = None, message: str | None = None) -> None:
+        self.q.run(cur, "end_attempt", request_id=request_id, epoch=epoch, outcome=outcome, error_class=error_class,
+                   message=message)

@@ -57,7 +57,7 @@ class ClaimOps(StoreBase):
                     continue
                 if row["attempts"] >= row["max_attempts"]:
                     self._finish(cur, request_id, None, "IN_QUEUE", error=runner_lost_error(
-                        "the job was started too often without finishing", int(row["attempts"])))
+                        "the job was started too often without finishing", int(row["attempts"])), dead_letter=True)
                     continue
                 if cap is not None and self._owner_busy(cur, row["owner"], cap):
                     blocked.append(row["owner"])
@@ -69,6 +69,7 @@ class ClaimOps(StoreBase):
         row = self.q.one(cur, "start_job", request_id=request_id, runner_id=runner_id, lease_s=lease_s)
         assert row is not None
         claimed = claimed_job(row, self.backend.json_out)
+        self._begin_attempt(cur, claimed)
         if claimed.attempts == 1:
             message = "started"
         elif claimed.checkpoint_step is not None:
@@ -92,13 +93,15 @@ class ClaimOps(StoreBase):
         for r in rows:
             request_id, epoch, attempts = r["request_id"], int(r["epoch"]), int(r["attempts"])
             lost = f"the runner {r['lease_owner']} stopped renewing its lease"
+            self._end_attempt(cur, request_id, epoch, "lost", "lease_expired", lost)
             if r["cancel_requested"]:
                 self._finish(cur, request_id, epoch, "IN_PROGRESS", error=cancelled_error())
             elif r["kind"] == "sync":  # its caller's HTTP request is gone with the runner: never re-queued
                 self._finish(cur, request_id, epoch, "IN_PROGRESS",
                              error=runner_lost_error(f"{lost} (sync request)", attempts))
             elif attempts >= int(r["max_attempts"]):
-                self._finish(cur, request_id, epoch, "IN_PROGRESS", error=runner_lost_error(lost, attempts))
+                self._finish(cur, request_id, epoch, "IN_PROGRESS", error=runner_lost_error(lost, attempts),
+                             dead_letter=True)
             else:
                 self.q.run(cur, "requeue_expired", request_id=request_id, epoch=epoch)
                 self._log(cur, request_id, f"{lost} (attempt {attempts}); queued again, it resumes from its last "
@@ -150,14 +153,19 @@ class ClaimOps(StoreBase):
         its attempt refunded unless told otherwise), a sync job is failed, a cancel-requested one is cancelled."""
         with self.backend.write() as cur:
             row = self._lock_running(cur, request_id, epoch, "release")
+            self._end_attempt(cur, request_id, epoch, "released", message=reason)
             if row["cancel_requested"]:
                 job = self._finish(cur, request_id, epoch, "IN_PROGRESS", error=cancelled_error())
             elif row["kind"] == "sync":
                 job = self._finish(cur, request_id, epoch, "IN_PROGRESS",
                                    error=runner_lost_error(reason, int(row["attempts"])))
             else:
-                self.q.run(cur, "requeue_released", request_id=request_id, refund=1 if refund_attempt else 0)
+                job = self._requeue_held(cur, request_id, refund=1 if refund_attempt else 0, backoff_s=None)
                 self._log(cur, request_id, f"{reason}; queued again, it resumes from its last checkpoint", "WARN")
-                job = self._view(self.q.one(cur, "get_job_by_id", request_id=request_id))
             assert job is not None
             return job
+
+    def _requeue_held(self, cur: Cursor, request_id: str, refund: int, backoff_s: float | None) -> JobView:
+        row = self.q.one(cur, "requeue_held_job", request_id=request_id, refund=refund, backoff_s=backoff_s)
+        assert row is not None
+        return self._view(row)

@@ -11,6 +11,7 @@ from deployments.jobstore.columns import claimed_job, to_model
 from deployments.jobstore.errors import KeyQueueCapError, KeyRunningCapError, QueueFullError
 from deployments.jobstore.models import (
     PRIORITY_RANK,
+    AttemptRecord,
     CancelResult,
     ClaimedJob,
     JobSnapshot,
@@ -87,7 +88,9 @@ class QueueOps(LimitOps, StoreBase):
                              lease_s=lease_s, inputs_purged=not input_keys)
             assert row is not None
             self._log(cur, request_id, "started (sync request)", line=1)
-            return claimed_job(row, self.backend.json_out)
+            job = claimed_job(row, self.backend.json_out)
+            self._begin_attempt(cur, job)
+            return job
 
     def _check_running_cap(self, cur: Cursor, owner: str) -> None:
         cap = self.limits.max_running_per_owner
@@ -135,14 +138,29 @@ class QueueOps(LimitOps, StoreBase):
             return self._logs(cur, request_id, since, limit)
 
     @read_only
-    def status(self, request_id: str, owner: str = "", logs_since: int | None = None) -> JobSnapshot | None:
-        """One status poll in one read: the job, its queue position, and (``logs_since`` given) new log lines."""
+    def status(self, request_id: str, owner: str = "", logs_since: int | None = None,
+               with_attempts: bool = False) -> JobSnapshot | None:
+        """One status poll in one read: the job, its queue position, and (``logs_since`` given) new log lines,
+        (``with_attempts``) its attempt history."""
         with self.backend.read() as cur:
             row = self.q.one(cur, "get_job", request_id=request_id, owner=owner)
             if row is None:
                 return None
             logs = None if logs_since is None else self._logs(cur, request_id, logs_since, None)
-            return JobSnapshot(job=self._view(row), position=self._position(cur, row), logs=logs)
+            attempts = self._attempts(cur, request_id) if with_attempts else None
+            return JobSnapshot(job=self._view(row), position=self._position(cur, row), logs=logs, attempts=attempts)
+
+    def _attempts(self, cur: Cursor, request_id: str) -> list[AttemptRecord]:
+        return [to_model(AttemptRecord, r, self.backend.json_out)
+                for r in self.q.all(cur, "read_attempts", request_id=request_id)]
+
+    @read_only
+    def attempts(self, request_id: str, owner: str = "") -> list[AttemptRecord] | None:
+        """Every recorded claim of the job, oldest first: where it ran, when, and how it ended."""
+        with self.backend.read() as cur:
+            if self.q.one(cur, "job_exists", request_id=request_id, owner=owner) is None:
+                return None
+            return self._attempts(cur, request_id)
 
     @read_only
     def queue_length(self) -> int:

@@ -22,6 +22,8 @@ class ResultOps(ClaimOps):
             job = self._finish(cur, request_id, epoch, "IN_PROGRESS", result, result_keys, error)
             if job is None:
                 raise FencedError(request_id, epoch, "complete")
+            assert job.outcome is not None
+            self._end_attempt(cur, request_id, epoch, job.outcome, error and error.error_type, error and error.message)
             return job
 
     def record_checkpoint(self, request_id: str, epoch: int, key: str, step: int) -> str | None:
