@@ -70,20 +70,32 @@ UPDATE jobs SET cancel_requested = TRUE WHERE request_id = :request_id
 
 -- ==== claims, leases and fencing ======================================================================
 
--- name: owners_at_cap
-SELECT owner FROM jobs
+-- name: running_by_owner
+SELECT owner, count(*) AS n FROM jobs
 INDEXED BY jobs_running_owner  -- sqlite
-WHERE status = 'IN_PROGRESS' GROUP BY owner HAVING count(*) >= :cap
+WHERE status = 'IN_PROGRESS' GROUP BY owner
 
--- name: claim_candidate
--- The first queued job in dispatch order whose owner is not blocked (at its running cap), locked for this claim;
--- ``late``: it missed its start deadline.
+-- name: claim_candidate_of_idle_keys
+-- The first queued job, in (priority, seq) order, of a key outside ``owners`` (the keys running jobs, and those
+-- at their cap), locked for this claim; ``late``: it missed its start deadline.
 SELECT request_id, owner, attempts, max_attempts,
        CASE WHEN started_at IS NULL AND start_deadline < jobs_now() THEN 1 ELSE 0 END AS late
 FROM jobs
 WHERE status = 'IN_QUEUE' AND (not_before IS NULL OR not_before <= jobs_now())
-  AND owner NOT IN (SELECT value FROM json_each(:blocked))  -- sqlite
-  AND owner <> ALL (CAST(:blocked AS text[]))  -- postgres
+  AND owner NOT IN (SELECT value FROM json_each(:owners))  -- sqlite
+  AND owner <> ALL (CAST(:owners AS text[]))  -- postgres
+ORDER BY priority, seq LIMIT 1
+FOR UPDATE SKIP LOCKED  -- postgres
+
+-- name: claim_candidate_of_keys
+-- The same among ``owners`` only (keys running equally many jobs), through the per-key queue index.
+SELECT request_id, owner, attempts, max_attempts,
+       CASE WHEN started_at IS NULL AND start_deadline < jobs_now() THEN 1 ELSE 0 END AS late
+FROM jobs
+INDEXED BY jobs_queued_by_owner  -- sqlite
+WHERE status = 'IN_QUEUE' AND (not_before IS NULL OR not_before <= jobs_now())
+  AND owner IN (SELECT value FROM json_each(:owners))  -- sqlite
+  AND owner = ANY (CAST(:owners AS text[]))  -- postgres
 ORDER BY priority, seq LIMIT 1
 FOR UPDATE SKIP LOCKED  -- postgres
 

@@ -179,6 +179,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX jobs_dead_letters ON jobs (completed_at) WHERE dead_letter",
         _JOB_ATTEMPTS,
     )),
+    # fair claims: the head of each key's queue (claims prefer the keys running the fewest jobs)
+    Migration(6, "per-key queue order", (
+        "CREATE INDEX jobs_queued_by_owner ON jobs (owner, priority, seq) WHERE status = 'IN_QUEUE'",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

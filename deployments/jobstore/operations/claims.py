@@ -7,6 +7,8 @@ raises :class:`FencedError`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from deployments.jobstore.backend import Cursor
 from deployments.jobstore.columns import claimed_job
 from deployments.jobstore.errors import FencedError
@@ -30,9 +32,10 @@ class ClaimOps(StoreBase):
 
         First, in the same transaction, expired leases are handled (queue jobs re-queued in their old place, sync
         jobs and jobs out of attempts failed, cancel-requested ones cancelled) and queued jobs past their start
-        deadline are failed. Then the first queued job in (priority, seq) order whose owner is below its running
-        cap is taken: ``epoch + 1``, ``attempts + 1``. ``max_running_total`` caps all IN_PROGRESS jobs (queue and
-        sync) across every dispatcher sharing the database.
+        deadline are failed. Then a job is taken (``epoch + 1``, ``attempts + 1``) fairly between API keys: of the
+        keys below their running cap, the one running the fewest jobs goes first, then priority, then age, so one
+        key's backlog cannot hold every slot while another waits. Jobs still backing off after a retry wait.
+        ``max_running_total`` caps all IN_PROGRESS jobs (queue and sync) across every dispatcher on the database.
         """
         check_lease(lease_s)
         with self.backend.write() as cur:
@@ -43,11 +46,10 @@ class ClaimOps(StoreBase):
                 if self.q.count(cur, "running_total") >= max_running_total:
                     return None
             cap = self.limits.max_running_per_owner
-            blocked: list[str] = []
-            if cap is not None:
-                blocked = [r["owner"] for r in self.q.all(cur, "owners_at_cap", cap=cap)]
+            running = {r["owner"]: int(r["n"]) for r in self.q.all(cur, "running_by_owner")}
+            blocked = {owner for owner, n in running.items() if cap is not None and n >= cap}
             for _ in range(MAX_CLAIM_CANDIDATES):
-                row = self.q.one(cur, "claim_candidate", blocked=self.backend.list_in(blocked))
+                row = self._candidate(cur, running, blocked)
                 if row is None:
                     return None
                 request_id = row["request_id"]
@@ -60,10 +62,24 @@ class ClaimOps(StoreBase):
                         "the job was started too often without finishing", int(row["attempts"])), dead_letter=True)
                     continue
                 if cap is not None and self._owner_busy(cur, row["owner"], cap):
-                    blocked.append(row["owner"])
+                    blocked.add(row["owner"])
                     continue
                 return self._start(cur, request_id, runner_id, lease_s)
             return None
+
+    def _candidate(self, cur: Cursor, running: dict[str, int], blocked: set[str]) -> dict[str, Any] | None:
+        """The next job by fairness: keys running no job first, then keys running fewer; within those, priority,
+        then age. Keys in ``blocked`` (at their running cap) are skipped."""
+        listed = self.backend.list_in
+        row = self.q.one(cur, "claim_candidate_of_idle_keys", owners=listed(sorted(running.keys() | blocked)))
+        if row is not None:
+            return row
+        for tier in sorted({n for owner, n in running.items() if owner not in blocked}):
+            keys = sorted(owner for owner, n in running.items() if n == tier and owner not in blocked)
+            row = self.q.one(cur, "claim_candidate_of_keys", owners=listed(keys))
+            if row is not None:
+                return row
+        return None
 
     def _start(self, cur: Cursor, request_id: str, runner_id: str, lease_s: float) -> ClaimedJob:
         row = self.q.one(cur, "start_job", request_id=request_id, runner_id=runner_id, lease_s=lease_s)
