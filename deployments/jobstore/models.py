@@ -75,6 +75,7 @@ class JobView(BaseModel):
     log_count: int = 0  # lines ever written (line numbers run 1..log_count; older ones may be trimmed)
     not_before: float | None = None  # a retried job waits in the queue until then (its backoff)
     dead_letter: bool = False  # failed because it ran out of attempts: an operator may re-queue it
+    model_fingerprint: str = ""  # the application (weights and settings) it was submitted to and runs on
 
     @property
     def finished(self) -> bool:
@@ -104,9 +105,10 @@ class ClaimedJob(BaseModel):
     lease_expires_at: float
     created_at: float
     started_at: float
-    checkpoint_key: str | None = None
+    checkpoint_key: str | None = None  # only a checkpoint written under this job's model fingerprint
     checkpoint_step: int | None = None
     cancel_requested: bool = False
+    model_fingerprint: str = ""  # put it in the checkpoints you write; a resume checks it
 
 
 class Submitted(BaseModel):

@@ -14,17 +14,20 @@ SELECT (SELECT count(*) FROM jobs
 
 -- name: insert_queued_job
 INSERT INTO jobs (request_id, app_id, owner, kind, status, priority, input, input_keys, seed, webhook_url,
-                  created_at, start_deadline, stage, max_attempts, result_keys, inputs_purged, log_seq)
+                  created_at, start_deadline, stage, max_attempts, result_keys, inputs_purged, log_seq,
+                  model_fingerprint)
 VALUES (:request_id, :app_id, :owner, 'queue', 'IN_QUEUE', :priority, :input, :input_keys, :seed, :webhook_url,
-        jobs_now(), jobs_now() + :start_timeout_s, 'queued', :max_attempts, '[]', :inputs_purged, 1)
+        jobs_now(), jobs_now() + :start_timeout_s, 'queued', :max_attempts, '[]', :inputs_purged, 1,
+        :model_fingerprint)
 
 -- name: insert_sync_job
 -- A sync request's row, already running under the caller's lease (epoch 1, one attempt).
 INSERT INTO jobs (request_id, app_id, owner, kind, status, priority, input, input_keys, seed, created_at,
                   started_at, stage, attempts, max_attempts, epoch, lease_owner, lease_expires_at, result_keys,
-                  inputs_purged, log_seq)
+                  inputs_purged, log_seq, model_fingerprint)
 VALUES (:request_id, :app_id, :owner, 'sync', 'IN_PROGRESS', 0, :input, :input_keys, :seed, jobs_now(),
-        jobs_now(), 'starting', 1, 1, 1, :runner_id, jobs_now() + :lease_s, '[]', :inputs_purged, 1)
+        jobs_now(), 'starting', 1, 1, 1, :runner_id, jobs_now() + :lease_s, '[]', :inputs_purged, 1,
+        :model_fingerprint)
 RETURNING {claim_columns}
 
 -- name: get_job
@@ -76,12 +79,13 @@ INDEXED BY jobs_running_owner  -- sqlite
 WHERE status = 'IN_PROGRESS' GROUP BY owner
 
 -- name: claim_candidate_of_idle_keys
--- The first queued job, in (priority, seq) order, of a key outside ``owners`` (the keys running jobs, and those
--- at their cap), locked for this claim; ``late``: it missed its start deadline.
+-- The first queued job of ``model_fingerprint``, in (priority, seq) order, of a key outside ``owners`` (the keys
+-- running jobs, and those at their cap), locked for this claim; ``late``: it missed its start deadline.
 SELECT request_id, owner, attempts, max_attempts,
        CASE WHEN started_at IS NULL AND start_deadline < jobs_now() THEN 1 ELSE 0 END AS late
 FROM jobs
-WHERE status = 'IN_QUEUE' AND (not_before IS NULL OR not_before <= jobs_now())
+WHERE status = 'IN_QUEUE' AND model_fingerprint = :model_fingerprint
+  AND (not_before IS NULL OR not_before <= jobs_now())
   AND owner NOT IN (SELECT value FROM json_each(:owners))  -- sqlite
   AND owner <> ALL (CAST(:owners AS text[]))  -- postgres
 ORDER BY priority, seq LIMIT 1
@@ -93,7 +97,8 @@ SELECT request_id, owner, attempts, max_attempts,
        CASE WHEN started_at IS NULL AND start_deadline < jobs_now() THEN 1 ELSE 0 END AS late
 FROM jobs
 INDEXED BY jobs_queued_by_owner  -- sqlite
-WHERE status = 'IN_QUEUE' AND (not_before IS NULL OR not_before <= jobs_now())
+WHERE status = 'IN_QUEUE' AND model_fingerprint = :model_fingerprint
+  AND (not_before IS NULL OR not_before <= jobs_now())
   AND owner IN (SELECT value FROM json_each(:owners))  -- sqlite
   AND owner = ANY (CAST(:owners AS text[]))  -- postgres
 ORDER BY priority, seq LIMIT 1
@@ -104,7 +109,12 @@ UPDATE jobs SET status = 'IN_PROGRESS', epoch = epoch + 1, attempts = attempts +
     lease_expires_at = jobs_now() + :lease_s, started_at = COALESCE(started_at, jobs_now()), stage = 'starting',
     log_seq = log_seq + 1
 WHERE request_id = :request_id
-RETURNING {claim_columns}, log_seq
+RETURNING {claim_columns}, log_seq, checkpoint_fingerprint
+
+-- name: forget_checkpoint
+-- A checkpoint another model wrote cannot be resumed: the row stops naming it (retention sweeps the object).
+UPDATE jobs SET checkpoint_key = NULL, checkpoint_step = NULL, checkpoint_fingerprint = NULL
+WHERE request_id = :request_id
 
 -- name: expired_leases
 SELECT request_id, kind, epoch, attempts, max_attempts, cancel_requested, lease_owner FROM jobs
@@ -165,10 +175,18 @@ SELECT {view_columns} FROM jobs WHERE dead_letter ORDER BY completed_at DESC LIM
 -- An operator's second chance: queued again in its old place with a fresh allowance of attempts. Refused (no
 -- row) once retention deleted its inputs.
 UPDATE jobs SET status = 'IN_QUEUE', stage = 'queued', attempts = 0, dead_letter = FALSE, outcome = NULL,
-    error = NULL, completed_at = NULL, not_before = NULL
+    error = NULL, completed_at = NULL, not_before = NULL,
+    model_fingerprint = COALESCE(:model_fingerprint, model_fingerprint)
 WHERE request_id = :request_id AND dead_letter AND status = 'COMPLETED'
   AND (NOT inputs_purged OR input_keys = '[]')  -- a job without input objects starts out 'purged'
 RETURNING {view_columns}
+
+-- name: retarget_queued
+-- Operators: move queued jobs of a model fingerprint nobody serves any more onto another (they start over there:
+-- their checkpoints are the old model's).
+UPDATE jobs SET model_fingerprint = :to_fingerprint
+WHERE status = 'IN_QUEUE' AND model_fingerprint = :from_fingerprint
+RETURNING request_id
 
 -- ==== progress and logs ===============================================================================
 
@@ -202,7 +220,8 @@ WHERE request_id = :request_id AND status = :expect_status AND (CAST(:epoch AS b
 RETURNING {view_columns}
 
 -- name: set_checkpoint
-UPDATE jobs SET checkpoint_key = :key, checkpoint_step = :step WHERE request_id = :request_id
+UPDATE jobs SET checkpoint_key = :key, checkpoint_step = :step, checkpoint_fingerprint = model_fingerprint
+WHERE request_id = :request_id
 
 -- ==== webhooks (an outbox row is owed in the transaction that finishes the job) ========================
 

@@ -183,6 +183,16 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "per-key queue order", (
         "CREATE INDEX jobs_queued_by_owner ON jobs (owner, priority, seq) WHERE status = 'IN_QUEUE'",
     )),
+    # a job runs only on the application (weights and settings) it was submitted to, and resumes only from a
+    # checkpoint that application wrote; rows from before carry '' (what a caller without a fingerprint uses)
+    Migration(7, "model fingerprints", (
+        "ALTER TABLE jobs ADD COLUMN model_fingerprint TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN checkpoint_fingerprint TEXT",
+        "UPDATE jobs SET checkpoint_fingerprint = '' WHERE checkpoint_key IS NOT NULL",
+        "DROP INDEX jobs_queued_by_owner",
+        "CREATE INDEX jobs_queued_by_owner ON jobs (model_fingerprint, owner, priority, seq) "
+        "WHERE status = 'IN_QUEUE'",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -82,6 +82,7 @@ class JobStore:
     retry = _in_thread(SyncJobStore.retry)
     dead_letters = _in_thread(SyncJobStore.dead_letters)
     requeue = _in_thread(SyncJobStore.requeue)
+    retarget = _in_thread(SyncJobStore.retarget)
     # progress and logs
     report = _in_thread(SyncJobStore.report)
     log = _in_thread(SyncJobStore.log)

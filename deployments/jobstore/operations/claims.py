@@ -27,8 +27,10 @@ START_DEADLINE_MISSED = "not started before its X-Fal-Request-Timeout deadline"
 
 
 class ClaimOps(StoreBase):
-    def claim(self, runner_id: str, lease_s: float, max_running_total: int | None = None) -> ClaimedJob | None:
-        """The next job for ``runner_id``, leased for ``lease_s`` seconds, or None.
+    def claim(self, runner_id: str, lease_s: float, max_running_total: int | None = None,
+              model_fingerprint: str = "") -> ClaimedJob | None:
+        """The next job submitted to ``model_fingerprint`` for ``runner_id``, leased for ``lease_s`` seconds, or None
+        (during an upgrade that changes the weights, each application finishes the jobs submitted to it).
 
         First, in the same transaction, expired leases are handled (queue jobs re-queued in their old place, sync
         jobs and jobs out of attempts failed, cancel-requested ones cancelled) and queued jobs past their start
@@ -49,7 +51,7 @@ class ClaimOps(StoreBase):
             running = {r["owner"]: int(r["n"]) for r in self.q.all(cur, "running_by_owner")}
             blocked = {owner for owner, n in running.items() if cap is not None and n >= cap}
             for _ in range(MAX_CLAIM_CANDIDATES):
-                row = self._candidate(cur, running, blocked)
+                row = self._candidate(cur, model_fingerprint, running, blocked)
                 if row is None:
                     return None
                 request_id = row["request_id"]
@@ -67,16 +69,18 @@ class ClaimOps(StoreBase):
                 return self._start(cur, request_id, runner_id, lease_s)
             return None
 
-    def _candidate(self, cur: Cursor, running: dict[str, int], blocked: set[str]) -> dict[str, Any] | None:
+    def _candidate(self, cur: Cursor, model_fingerprint: str, running: dict[str, int], blocked: set[str]
+                   ) -> dict[str, Any] | None:
         """The next job by fairness: keys running no job first, then keys running fewer; within those, priority,
         then age. Keys in ``blocked`` (at their running cap) are skipped."""
         listed = self.backend.list_in
-        row = self.q.one(cur, "claim_candidate_of_idle_keys", owners=listed(sorted(running.keys() | blocked)))
+        row = self.q.one(cur, "claim_candidate_of_idle_keys", model_fingerprint=model_fingerprint,
+                         owners=listed(sorted(running.keys() | blocked)))
         if row is not None:
             return row
         for tier in sorted({n for owner, n in running.items() if owner not in blocked}):
             keys = sorted(owner for owner, n in running.items() if n == tier and owner not in blocked)
-            row = self.q.one(cur, "claim_candidate_of_keys", owners=listed(keys))
+            row = self.q.one(cur, "claim_candidate_of_keys", model_fingerprint=model_fingerprint, owners=listed(keys))
             if row is not None:
                 return row
         return None
@@ -86,6 +90,10 @@ class ClaimOps(StoreBase):
         assert row is not None
         claimed = claimed_job(row, self.backend.json_out)
         self._begin_attempt(cur, claimed)
+        if claimed.checkpoint_key is not None and row["checkpoint_fingerprint"] != claimed.model_fingerprint:
+            self.q.run(cur, "forget_checkpoint", request_id=request_id)
+            self._log(cur, request_id, "its checkpoint was written by another model; it starts over", "WARN")
+            claimed = claimed.model_copy(update={"checkpoint_key": None, "checkpoint_step": None})
         if claimed.attempts == 1:
             message = "started"
         elif claimed.checkpoint_step is not None:

@@ -37,10 +37,11 @@ class QueueOps(LimitOps, StoreBase):
     def submit(self, *, app_id: str, input: dict[str, Any], seed: int, owner: str = "",
                priority: Priority = "normal", webhook_url: str | None = None, start_timeout_s: float | None = None,
                max_queue_length: int | None = None, input_keys: Sequence[str] = (),
-               rate_limited: bool = True, request_id: str | None = None) -> Submitted:
+               rate_limited: bool = True, request_id: str | None = None, model_fingerprint: str = "") -> Submitted:
         """Queue a job; the row is committed before this returns. Caps are checked before the rate limit, so a
         refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError.
-        ``request_id``: an id from :func:`new_request_id` the caller already used (for its input objects)."""
+        ``request_id``: an id from :func:`new_request_id` the caller already used (for its input objects).
+        ``model_fingerprint``: the application's weights and settings; only claims with the same one take it."""
         if priority not in PRIORITY_RANK:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANK)}, got {priority!r}")
         check_input(input)
@@ -66,13 +67,13 @@ class QueueOps(LimitOps, StoreBase):
             self.q.run(cur, "insert_queued_job", request_id=request_id, app_id=app_id, owner=owner, priority=rank,
                        input=j(input), input_keys=j(list(input_keys)), seed=seed, webhook_url=webhook_url,
                        start_timeout_s=start_timeout_s, max_attempts=self.limits.max_attempts,
-                       inputs_purged=not input_keys)
+                       inputs_purged=not input_keys, model_fingerprint=model_fingerprint)
             self._log(cur, request_id, f"queued ({priority} priority)", line=1)
             return Submitted(request_id=request_id, queue_position=int(counts["ahead"]))
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,
                     owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True,
-                    request_id: str | None = None) -> ClaimedJob:
+                    request_id: str | None = None, model_fingerprint: str = "") -> ClaimedJob:
         """A sync request's row, created already claimed (IN_PROGRESS, epoch 1, leased to ``runner_id``); it
         counts as a running job of ``owner``. Its lease expiring fails it (never re-queued). Raises
         KeyRunningCapError or RateLimitedError."""
@@ -85,7 +86,7 @@ class QueueOps(LimitOps, StoreBase):
                 self._rate_limit(cur, owner)
             row = self.q.one(cur, "insert_sync_job", request_id=request_id, app_id=app_id, owner=owner,
                              input=j(input), input_keys=j(list(input_keys)), seed=seed, runner_id=runner_id,
-                             lease_s=lease_s, inputs_purged=not input_keys)
+                             lease_s=lease_s, inputs_purged=not input_keys, model_fingerprint=model_fingerprint)
             assert row is not None
             self._log(cur, request_id, "started (sync request)", line=1)
             job = claimed_job(row, self.backend.json_out)

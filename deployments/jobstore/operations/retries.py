@@ -57,14 +57,25 @@ class RetryOps(ClaimOps):
             rows = self.q.all(cur, "dead_letters", limit=max(1, min(int(limit), MAX_DEAD_LETTERS)))
             return [self._view(r) for r in rows]
 
-    def requeue(self, request_id: str) -> JobView:
+    def requeue(self, request_id: str, model_fingerprint: str | None = None) -> JobView:
         """Put a dead-lettered job back in the queue (operators): its old place, a fresh allowance of attempts,
-        resumed from its checkpoint if retention has not swept it, its webhook owed again when it finishes.
-        Raises NotDeadLetteredError for any other job, or one whose inputs retention already deleted."""
+        resumed from its checkpoint if retention has not swept it, its webhook owed again when it finishes;
+        ``model_fingerprint`` moves it to another application (it then starts over). Raises NotDeadLetteredError
+        for any other job, or one whose inputs retention already deleted."""
         with self.backend.write() as cur:
-            row = self.q.one(cur, "requeue_dead_letter", request_id=request_id)
+            row = self.q.one(cur, "requeue_dead_letter", request_id=request_id, model_fingerprint=model_fingerprint)
             if row is None:
                 raise NotDeadLetteredError(request_id)
             self.q.run(cur, "delete_webhooks_of", ids=self.backend.list_in([request_id]))
             self._log(cur, request_id, "re-queued by an operator after running out of attempts", "WARN")
             return self._view(row)
+
+    def retarget(self, from_fingerprint: str, to_fingerprint: str) -> int:
+        """Move every queued job of ``from_fingerprint`` (an application that was removed before it drained its
+        queue) onto ``to_fingerprint`` (operators); they start over there. Returns how many moved."""
+        with self.backend.write() as cur:
+            moved = self.q.all(cur, "retarget_queued", from_fingerprint=from_fingerprint,
+                               to_fingerprint=to_fingerprint)
+            for row in moved:
+                self._log(cur, row["request_id"], "moved by an operator to another model; it starts over", "WARN")
+            return len(moved)
