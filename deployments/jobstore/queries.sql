@@ -219,6 +219,13 @@ UPDATE jobs SET status = 'COMPLETED', completed_at = jobs_now(), outcome = :outc
 WHERE request_id = :request_id AND status = :expect_status AND (CAST(:epoch AS bigint) IS NULL OR epoch = :epoch)
 RETURNING {view_columns}
 
+-- name: completion
+-- The job, and how this epoch's attempt ended (NULL: not yet, or no such attempt).
+SELECT {view_columns},
+       (SELECT outcome FROM job_attempts
+        WHERE job_attempts.request_id = :request_id AND job_attempts.epoch = :epoch) AS attempt_outcome
+FROM jobs WHERE request_id = :request_id
+
 -- name: set_checkpoint
 UPDATE jobs SET checkpoint_key = :key, checkpoint_step = :step, checkpoint_fingerprint = model_fingerprint
 WHERE request_id = :request_id

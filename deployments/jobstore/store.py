@@ -89,6 +89,7 @@ class JobStore:
     # results and checkpoints
     complete = _in_thread(SyncJobStore.complete)
     record_checkpoint = _in_thread(SyncJobStore.record_checkpoint)
+    completion = _in_thread(SyncJobStore.completion)
     # webhooks
     claim_webhooks = _in_thread(SyncJobStore.claim_webhooks)
     webhook_delivered = _in_thread(SyncJobStore.webhook_delivered)
