@@ -13,7 +13,9 @@ from deployments.jobstore.config import (
     SqliteJobsConfig,
 )
 from deployments.jobstore.errors import (
+    AlreadySubmittedError,
     FencedError,
+    IdempotencyKeyReusedError,
     JobStoreError,
     KeyQueueCapError,
     KeyRunningCapError,
@@ -47,7 +49,7 @@ from deployments.jobstore.shapes import JobError, JobStatus, LogEntry, Priority
 from deployments.jobstore.store import JobStore, SyncJobStore
 
 __all__ = [
-    "AttemptRecord", "NotDeadLetteredError", "attempts_exhausted_error", "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
+    "AlreadySubmittedError", "IdempotencyKeyReusedError", "AttemptRecord", "NotDeadLetteredError", "attempts_exhausted_error", "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
     "JobLimits", "JobSnapshot", "JobStatus", "JobStore", "JobStoreError", "JobView", "JobsConfig",
     "KeyQueueCapError", "KeyRunningCapError", "LimitError", "LogEntry", "LogLine", "LogPage", "MigrationError",
     "PostgresJobsConfig", "Priority", "QueueFullError", "RateLimitedError", "RetentionKind", "SqliteJobsConfig",

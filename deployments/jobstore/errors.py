@@ -70,3 +70,27 @@ class NotDeadLetteredError(JobStoreError):
 
     def __reduce__(self):
         return type(self), (self.request_id,)
+
+
+class IdempotencyKeyReusedError(JobStoreError):
+    """An Idempotency-Key this API key already used, within its window, for a request with another body (HTTP
+    422: a client bug, never retried)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the Idempotency-Key {key!r} was already used with a different request body")
+        self.key = key
+
+    def __reduce__(self):
+        return type(self), (self.key,)
+
+
+class AlreadySubmittedError(JobStoreError):
+    """A sync request repeated with the same Idempotency-Key and body: job ``request_id`` already runs (or ran)
+    for it; wait for that one's result instead of starting another."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"this Idempotency-Key already started job {request_id}")
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return type(self), (self.request_id,)

@@ -32,6 +32,8 @@ class JobLimits(BaseModel):
     rate_burst: int = Field(10, ge=1, description="submits a key may make at once before the rate applies")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of a queued job before it is failed")
     max_log_lines: int = Field(500, ge=1, le=100_000, description="log lines kept per job (oldest trimmed)")
+    idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, le=7 * 24 * 3600.0,
+                                     description="how long an Idempotency-Key answers with the job it created")
     max_attempt_history: int = Field(100, ge=1, le=10_000, description="attempt records kept per job (oldest "
                                      "trimmed; attempts refunded by a release can exceed max_attempts)")
 
@@ -114,6 +116,7 @@ class ClaimedJob(BaseModel):
 class Submitted(BaseModel):
     request_id: str
     queue_position: int  # jobs ahead of it in dispatch order (0: next)
+    replayed: bool = False  # an earlier submit with the same idempotency key created it; nothing new was queued
 
 
 class LogLine(LogEntry):

@@ -30,6 +30,23 @@ VALUES (:request_id, :app_id, :owner, 'sync', 'IN_PROGRESS', 0, :input, :input_k
         :model_fingerprint)
 RETURNING {claim_columns}
 
+-- name: idempotency_key
+-- What an Idempotency-Key of this owner created within its window.
+SELECT body_hash, request_id FROM idempotency_keys
+WHERE owner = :owner AND key = :key AND expires_at > jobs_now()
+
+-- name: remember_idempotency_key
+-- Inserted in the transaction that creates the job (an expired row for the same key is replaced).
+INSERT INTO idempotency_keys (owner, key, body_hash, request_id, created_at, expires_at)
+VALUES (:owner, :key, :body_hash, :request_id, jobs_now(), jobs_now() + :ttl_s)
+ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, request_id = excluded.request_id,
+    created_at = excluded.created_at, expires_at = excluded.expires_at
+
+-- name: prune_idempotency_keys
+-- Up to ``limit`` expired keys, oldest first (every keyed submit removes a few; the sweeper removes the rest).
+DELETE FROM idempotency_keys WHERE (owner, key) IN (
+    SELECT owner, key FROM idempotency_keys WHERE expires_at <= jobs_now() ORDER BY expires_at LIMIT :limit)
+
 -- name: get_job
 SELECT {view_columns}, seq FROM jobs WHERE request_id = :request_id AND owner = :owner
 
@@ -311,6 +328,11 @@ RETURNING request_id
 
 -- name: delete_logs_of
 DELETE FROM job_logs
+WHERE request_id IN (SELECT value FROM json_each(:ids))  -- sqlite
+WHERE request_id = ANY (CAST(:ids AS text[]))  -- postgres
+
+-- name: delete_idempotency_keys_of
+DELETE FROM idempotency_keys
 WHERE request_id IN (SELECT value FROM json_each(:ids))  -- sqlite
 WHERE request_id = ANY (CAST(:ids AS text[]))  -- postgres
 

@@ -132,6 +132,17 @@ CREATE TABLE job_attempts (
     PRIMARY KEY (request_id, epoch)
 )"""
 
+_IDEMPOTENCY_KEYS = """
+CREATE TABLE idempotency_keys (
+    owner TEXT NOT NULL,                -- the API key's fingerprint: keys are scoped per owner
+    key TEXT NOT NULL,                  -- the client's Idempotency-Key
+    body_hash TEXT NOT NULL,            -- sha256 of the request body it came with
+    request_id TEXT NOT NULL,           -- the job it created
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (owner, key)
+)"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, logs, rate buckets, webhooks", (
         _JOBS,
@@ -192,6 +203,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX jobs_queued_by_owner",
         "CREATE INDEX jobs_queued_by_owner ON jobs (model_fingerprint, owner, priority, seq) "
         "WHERE status = 'IN_QUEUE'",
+    )),
+    # a retried submit (fal's clients retry on 5xx and time-outs) returns the first one's job instead of a second
+    Migration(8, "idempotency keys", (
+        _IDEMPOTENCY_KEYS,
+        "CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at)",
+        "CREATE INDEX idempotency_keys_job ON idempotency_keys (request_id)",
     )),
 )
 

@@ -106,5 +106,6 @@ class JobStore:
     # limits and service-wide values
     take_token = _in_thread(SyncJobStore.take_token)
     prune_rate_buckets = _in_thread(SyncJobStore.prune_rate_buckets)
+    prune_idempotency_keys = _in_thread(SyncJobStore.prune_idempotency_keys)
     ping = _in_thread(SyncJobStore.ping)
     shared_secret = _in_thread(SyncJobStore.shared_secret)

@@ -8,7 +8,12 @@ from typing import Any
 
 from deployments.jobstore.backend import Cursor
 from deployments.jobstore.columns import claimed_job, to_model
-from deployments.jobstore.errors import KeyQueueCapError, KeyRunningCapError, QueueFullError
+from deployments.jobstore.errors import (
+    AlreadySubmittedError,
+    KeyQueueCapError,
+    KeyRunningCapError,
+    QueueFullError,
+)
 from deployments.jobstore.models import (
     PRIORITY_RANK,
     AttemptRecord,
@@ -29,29 +34,43 @@ from deployments.jobstore.operations.base import (
     checked_request_id,
     read_only,
 )
+from deployments.jobstore.operations.idempotency import IdempotencyOps, check_idempotency
 from deployments.jobstore.operations.limits import LimitOps
 from deployments.jobstore.shapes import Priority
 
 
-class QueueOps(LimitOps, StoreBase):
+class QueueOps(IdempotencyOps, LimitOps, StoreBase):
     def submit(self, *, app_id: str, input: dict[str, Any], seed: int, owner: str = "",
                priority: Priority = "normal", webhook_url: str | None = None, start_timeout_s: float | None = None,
                max_queue_length: int | None = None, input_keys: Sequence[str] = (),
-               rate_limited: bool = True, request_id: str | None = None, model_fingerprint: str = "") -> Submitted:
+               rate_limited: bool = True, request_id: str | None = None, model_fingerprint: str = "",
+               idempotency_key: str | None = None, body_hash: str | None = None) -> Submitted:
         """Queue a job; the row is committed before this returns. Caps are checked before the rate limit, so a
         refused submit costs no token. Raises QueueFullError, KeyQueueCapError or RateLimitedError.
         ``request_id``: an id from :func:`new_request_id` the caller already used (for its input objects).
-        ``model_fingerprint``: the application's weights and settings; only claims with the same one take it."""
+        ``model_fingerprint``: the application's weights and settings; only claims with the same one take it.
+        ``idempotency_key`` with ``body_hash`` (sha256 hex of the request body): within the key's window the same
+        key, owner and body return the job the first submit created (``replayed``; no limit is charged, nothing is
+        queued: the caller deletes any input objects it wrote for this request); the same key with another body
+        raises IdempotencyKeyReusedError (HTTP 422)."""
         if priority not in PRIORITY_RANK:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANK)}, got {priority!r}")
         check_input(input)
+        check_idempotency(idempotency_key, body_hash)
         rank, request_id = PRIORITY_RANK[priority], checked_request_id(request_id)
         limit = self.limits.max_queue_length
         if max_queue_length is not None:
             limit = min(limit, max_queue_length)
         j = self.backend.json_in
         with self.backend.write() as cur:
-            self.backend.lock(cur, "submit")  # queue caps are exact across processes
+            self.backend.lock(cur, "submit")  # queue caps (and idempotency keys) are exact across processes
+            if idempotency_key is not None and body_hash is not None:
+                earlier = self._earlier_request(cur, owner, idempotency_key, body_hash)
+                if earlier is not None:
+                    place = self.q.one(cur, "job_place", request_id=earlier, owner=owner)
+                    position = 0 if place is None else self._position(cur, place)
+                    return Submitted(request_id=earlier, queue_position=position, replayed=True)
+                self._remember(cur, owner, idempotency_key, body_hash, request_id)
             # Under the submit lock every queued job has a smaller seq than the one inserted next, so the new
             # job's position is the count of queued jobs of its priority or a more urgent one.
             counts = self.q.one(cur, "submit_counts", owner=owner, priority=rank)
@@ -73,14 +92,23 @@ class QueueOps(LimitOps, StoreBase):
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,
                     owner: str = "", input_keys: Sequence[str] = (), rate_limited: bool = True,
-                    request_id: str | None = None, model_fingerprint: str = "") -> ClaimedJob:
+                    request_id: str | None = None, model_fingerprint: str = "", idempotency_key: str | None = None,
+                    body_hash: str | None = None) -> ClaimedJob:
         """A sync request's row, created already claimed (IN_PROGRESS, epoch 1, leased to ``runner_id``); it
         counts as a running job of ``owner``. Its lease expiring fails it (never re-queued). Raises
-        KeyRunningCapError or RateLimitedError."""
+        KeyRunningCapError or RateLimitedError; with an idempotency key (as :meth:`submit`) that already created
+        a job, AlreadySubmittedError naming it (wait for that one's result) or IdempotencyKeyReusedError."""
         check_input(input)
+        check_idempotency(idempotency_key, body_hash)
         check_lease(lease_s)
         request_id, j = checked_request_id(request_id), self.backend.json_in
         with self.backend.write() as cur:
+            if idempotency_key is not None and body_hash is not None:
+                self.backend.lock(cur, "submit")  # the lock keyed submits take: one job per key
+                earlier = self._earlier_request(cur, owner, idempotency_key, body_hash)
+                if earlier is not None:
+                    raise AlreadySubmittedError(earlier)
+                self._remember(cur, owner, idempotency_key, body_hash, request_id)
             self._check_running_cap(cur, owner)
             if rate_limited:
                 self._rate_limit(cur, owner)

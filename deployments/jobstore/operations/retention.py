@@ -46,7 +46,7 @@ class RetentionOps(StoreBase):
 
     def purge(self, kind: RetentionKind, request_ids: Sequence[str], older_than_s: float) -> int:
         """Mark ``kind`` purged on these jobs (results: the result route answers 410; checkpoints: key cleared), or
-        for ``jobs`` delete the rows with their logs, webhooks and attempts. Re-checks the TTL; returns rows changed."""
+        for ``jobs`` delete the rows with their logs, webhooks, attempts and idempotency keys. Re-checks the TTL; returns rows changed."""
         _check_kind(kind)
         ids = list(dict.fromkeys(request_ids))[:MAX_BATCH]
         if not ids:
@@ -57,7 +57,8 @@ class RetentionOps(StoreBase):
                 return self.q.rowcount(cur, PURGE_QUERY[kind], ids=listed, ttl_s=older_than_s)
             gone = [r["request_id"] for r in self.q.all(cur, PURGE_QUERY[kind], ids=listed, ttl_s=older_than_s)]
             if gone:
-                for dependent in ("delete_logs_of", "delete_webhooks_of", "delete_attempts_of"):
+                for dependent in ("delete_logs_of", "delete_webhooks_of", "delete_attempts_of",
+                                  "delete_idempotency_keys_of"):
                     self.q.run(cur, dependent, ids=self.backend.list_in(gone))
             return len(gone)
 
