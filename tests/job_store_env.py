@@ -60,7 +60,19 @@ class Env:
 
 @pytest.fixture(params=BACKENDS, name="env")
 def env_fixture(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    if request.param == "sqlite":
+    yield from open_env(request.param, request, tmp_path, monkeypatch)
+
+
+@pytest.fixture(name="pg_env")
+def pg_env_fixture(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                   ) -> Iterator[Env]:
+    """The PostgreSQL world alone, for what only PostgreSQL has (LISTEN/NOTIFY)."""
+    yield from open_env("postgres", request, tmp_path, monkeypatch)
+
+
+def open_env(kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+             ) -> Iterator[Env]:
+    if kind == "sqlite":
         # path=None: the default path (beside local storage, chosen by the caller) is used
         e = Env("sqlite", SqliteJobsConfig(synchronous="NORMAL"), tmp_path / "jobs.sqlite3")
     else:

@@ -7,7 +7,9 @@ not needed; PostgreSQL locks rows (``FOR UPDATE [SKIP LOCKED]``) and takes advis
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
@@ -38,6 +40,16 @@ class Backend(ABC):
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the connection was lost (so an idempotent read may run again)."""
+        return False
+
+    def wait_for_job(self, model_fingerprint: str, timeout_s: float) -> bool:
+        """Block until a job of ``model_fingerprint`` may have been queued (True) or ``timeout_s`` passed (False).
+        Without notifications (SQLite) it is a pause between polls."""
+        time.sleep(timeout_s)
+        return False
+
+    async def wait_for_job_async(self, model_fingerprint: str, timeout_s: float) -> bool:
+        await asyncio.sleep(timeout_s)
         return False
 
     @abstractmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 from deployments.jobstore.backend import Backend
 from deployments.jobstore.schema import apply_migrations
+from deployments.jobstore.wakeup import Listener
 
 ADVISORY_NAMESPACE = 0x6A6F6273  # 'jobs': the first key of every advisory lock this store takes
 
@@ -39,6 +40,7 @@ class PostgresBackend(Backend):
             max_idle=300.0,
         )
         self.pool.open(wait=True, timeout=timeout_s)  # fail at start, not at the first request
+        self.listener = Listener(dsn, timeout_s)  # connects on the first wait only (runners; Gateways never wait)
 
     @property
     def max_connections(self) -> int:
@@ -99,5 +101,12 @@ class PostgresBackend(Backend):
             self.lock(cur, "migrate")  # a second process starting now waits here, then finds them applied
             return apply_migrations(self, cur)
 
+    def wait_for_job(self, model_fingerprint: str, timeout_s: float) -> bool:
+        return self.listener.wait(model_fingerprint, timeout_s)
+
+    async def wait_for_job_async(self, model_fingerprint: str, timeout_s: float) -> bool:
+        return await self.listener.wait_async(model_fingerprint, timeout_s)
+
     def close(self) -> None:
+        self.listener.close()
         self.pool.close()

@@ -47,6 +47,10 @@ ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, request_i
 DELETE FROM idempotency_keys WHERE (owner, key) IN (
     SELECT owner, key FROM idempotency_keys WHERE expires_at <= jobs_now() ORDER BY expires_at LIMIT :limit)
 
+-- name: announce_queued
+-- Wake the runners of this model waiting on LISTEN (delivered at commit; polling finds the job on SQLite).
+SELECT pg_notify('stable_avatar_jobs', :model_fingerprint)  -- postgres
+
 -- name: get_job
 SELECT {view_columns}, seq FROM jobs WHERE request_id = :request_id AND owner = :owner
 
@@ -134,7 +138,7 @@ UPDATE jobs SET checkpoint_key = NULL, checkpoint_step = NULL, checkpoint_finger
 WHERE request_id = :request_id
 
 -- name: expired_leases
-SELECT request_id, kind, epoch, attempts, max_attempts, cancel_requested, lease_owner FROM jobs
+SELECT request_id, kind, epoch, attempts, max_attempts, cancel_requested, lease_owner, model_fingerprint FROM jobs
 WHERE status = 'IN_PROGRESS' AND lease_expires_at < jobs_now() ORDER BY lease_expires_at LIMIT :limit
 FOR UPDATE SKIP LOCKED  -- postgres
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deployments.jobstore.models import JobLimits
+from deployments.jobstore.operations.base import check_timeout
 from deployments.jobstore.operations.progress import ProgressOps
 from deployments.jobstore.operations.queue import QueueOps
 from deployments.jobstore.operations.results import ResultOps
@@ -77,6 +78,12 @@ class JobStore:
     expire_start_deadlines = _in_thread(SyncJobStore.expire_start_deadlines)
     maintain = _in_thread(SyncJobStore.maintain)
     heartbeat = _in_thread(SyncJobStore.heartbeat)
+
+    async def wait_for_job(self, timeout_s: float, model_fingerprint: str = "") -> bool:
+        """:meth:`SyncJobStore.wait_for_job` without holding a thread of the pool while it waits."""
+        check_timeout(timeout_s)
+        return await self.sync.backend.wait_for_job_async(model_fingerprint, timeout_s)
+
     release = _in_thread(SyncJobStore.release)
     # retries and dead letters
     retry = _in_thread(SyncJobStore.retry)

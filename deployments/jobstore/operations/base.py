@@ -52,6 +52,11 @@ def check_lease(lease_s: float) -> None:
         raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
 
 
+def check_timeout(timeout_s: float) -> None:
+    if not timeout_s >= 0:
+        raise ValueError(f"timeout_s must be a non-negative number of seconds, got {timeout_s!r}")
+
+
 def new_request_id() -> str:
     """A server-issued request id (uuid4 hex): the only kind of id that ever keys job state."""
     return uuid.uuid4().hex
@@ -134,6 +139,10 @@ class StoreBase:
         if job.webhook_url:
             self.q.run(cur, "owe_webhook", request_id=request_id, url=job.webhook_url)
         return job
+
+    def _announce(self, cur: Cursor, model_fingerprint: str) -> None:
+        """A job of ``model_fingerprint`` is claimable once this transaction commits: wake its idle runners."""
+        self.q.run(cur, "announce_queued", model_fingerprint=model_fingerprint)
 
     def _begin_attempt(self, cur: Cursor, job: ClaimedJob) -> None:
         """Record the claim that just started ``job`` (bounded per job: the oldest records are trimmed)."""

@@ -19,7 +19,7 @@ from deployments.jobstore.models import (
     runner_lost_error,
     start_timeout_error,
 )
-from deployments.jobstore.operations.base import StoreBase, check_lease
+from deployments.jobstore.operations.base import StoreBase, check_lease, check_timeout
 
 MAINTENANCE_BATCH = 100  # expired leases / start deadlines handled inside one claim
 MAX_CLAIM_CANDIDATES = 64  # rows a claim looks at before giving up (owners at their cap, late jobs)
@@ -128,6 +128,7 @@ class ClaimOps(StoreBase):
                              dead_letter=True)
             else:
                 self.q.run(cur, "requeue_expired", request_id=request_id, epoch=epoch)
+                self._announce(cur, r["model_fingerprint"])
                 self._log(cur, request_id, f"{lost} (attempt {attempts}); queued again, it resumes from its last "
                                            "checkpoint", "WARN")
         return len(rows)
@@ -154,6 +155,13 @@ class ClaimOps(StoreBase):
         claiming (it is at its own capacity) but must still enforce deadlines; returns both counts."""
         with self.backend.write() as cur:
             return self._expire_leases(cur, limit), self._expire_start_deadlines(cur, limit)
+
+    def wait_for_job(self, timeout_s: float, model_fingerprint: str = "") -> bool:
+        """Block an idle runner until a job of ``model_fingerprint`` is queued (True: claim now) or ``timeout_s``
+        passed (False: claim anyway, the poll). PostgreSQL wakes it through LISTEN/NOTIFY within milliseconds of
+        the submit's commit; SQLite has no notifications and this is the pause between polls."""
+        check_timeout(timeout_s)
+        return self.backend.wait_for_job(model_fingerprint, timeout_s)
 
     # -- the lease holder's side ---------------------------------------------------------------------------------
     def heartbeat(self, request_id: str, epoch: int, lease_s: float) -> bool:
@@ -185,6 +193,7 @@ class ClaimOps(StoreBase):
                                    error=runner_lost_error(reason, int(row["attempts"])))
             else:
                 job = self._requeue_held(cur, request_id, refund=1 if refund_attempt else 0, backoff_s=None)
+                self._announce(cur, job.model_fingerprint)
                 self._log(cur, request_id, f"{reason}; queued again, it resumes from its last checkpoint", "WARN")
             assert job is not None
             return job

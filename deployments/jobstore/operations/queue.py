@@ -88,6 +88,7 @@ class QueueOps(IdempotencyOps, LimitOps, StoreBase):
                        start_timeout_s=start_timeout_s, max_attempts=self.limits.max_attempts,
                        inputs_purged=not input_keys, model_fingerprint=model_fingerprint)
             self._log(cur, request_id, f"queued ({priority} priority)", line=1)
+            self._announce(cur, model_fingerprint)
             return Submitted(request_id=request_id, queue_position=int(counts["ahead"]))
 
     def create_sync(self, *, app_id: str, input: dict[str, Any], seed: int, runner_id: str, lease_s: float,

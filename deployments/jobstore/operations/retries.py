@@ -45,6 +45,8 @@ class RetryOps(ClaimOps):
                                    error=attempts_exhausted_error(error, attempts), dead_letter=True)
             else:
                 job = self._requeue_held(cur, request_id, refund=0, backoff_s=backoff_s)
+                if backoff_s == 0:  # claimable at once (after a backoff, polling finds it)
+                    self._announce(cur, job.model_fingerprint)
                 self._log(cur, request_id, f"{failed}; queued again in {backoff_s:.1f} s, it resumes from its last "
                                            "checkpoint", "WARN")
             assert job is not None
@@ -68,7 +70,9 @@ class RetryOps(ClaimOps):
                 raise NotDeadLetteredError(request_id)
             self.q.run(cur, "delete_webhooks_of", ids=self.backend.list_in([request_id]))
             self._log(cur, request_id, "re-queued by an operator after running out of attempts", "WARN")
-            return self._view(row)
+            job = self._view(row)
+            self._announce(cur, job.model_fingerprint)
+            return job
 
     def retarget(self, from_fingerprint: str, to_fingerprint: str) -> int:
         """Move every queued job of ``from_fingerprint`` (an application that was removed before it drained its
@@ -78,4 +82,6 @@ class RetryOps(ClaimOps):
                                to_fingerprint=to_fingerprint)
             for row in moved:
                 self._log(cur, row["request_id"], "moved by an operator to another model; it starts over", "WARN")
+            if moved:
+                self._announce(cur, to_fingerprint)
             return len(moved)
