@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from deployments.jobstore import FencedError, JobError, SyncJobStore, cancelled_error
+from deployments.jobstore import FencedError, JobError, LogEntry, SyncJobStore, cancelled_error
 from tests.job_store_env import INPUT, Env, env_fixture, sql, submit  # noqa: F401
 
 
@@ -126,3 +126,29 @@ def test_after_a_lost_commit_reply_the_runner_learns_whether_its_completion_land
     job = store.claim("r", 30)
     store.complete(cancelled, job.epoch, error=cancelled_error())
     assert store.completion(cancelled, job.epoch).outcome == "cancelled"
+
+
+def test_a_batch_of_log_lines_is_one_fenced_write_numbered_in_order_and_bounded(env: Env):
+    store = env.open(max_log_lines=6)
+    job_id = submit(store)
+    job = store.claim("r", 30)
+    lines = [LogEntry(message=f"step {i}", level="WARN" if i == 2 else "INFO", source="PIPELINE") for i in range(5)]
+    assert store.log_batch(job_id, job.epoch, lines, stage="denoising", progress=0.4, lease_s=60) is False
+    page = store.logs(job_id, "k1")
+    assert [(line.line, line.message) for line in page.lines][-5:] == [(3 + i, f"step {i}") for i in range(5)]
+    assert [line.level for line in page.lines][-3] == "WARN" and page.lines[-1].source == "PIPELINE"
+    view = store.get(job_id, "k1")
+    assert (view.stage, view.progress, view.log_count) == ("denoising", 0.4, 7)
+    assert view.lease_expires_at - job.lease_expires_at > 20
+    store.log_batch(job_id, job.epoch, lines[:3])
+    assert [line.line for line in store.logs(job_id, "k1").lines] == [5, 6, 7, 8, 9, 10]  # the bound holds
+    store.cancel(job_id, "k1")
+    assert store.log_batch(job_id, job.epoch, []) is True  # no lines: a progress write that sees the cancel
+    store.complete(job_id, job.epoch, error=cancelled_error())
+    written = store.get(job_id, "k1").log_count
+    with pytest.raises(FencedError):
+        store.log_batch(job_id, job.epoch, lines)
+    assert store.get(job_id, "k1").log_count == written  # the refused batch wrote nothing
+    assert store.logs(job_id, "k1").lines[-1].message == "cancelled"
+    with pytest.raises(ValueError, match="at most"):
+        store.log_batch(job_id, job.epoch, lines * 201)

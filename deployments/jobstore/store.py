@@ -93,6 +93,7 @@ class JobStore:
     # progress and logs
     report = _in_thread(SyncJobStore.report)
     log = _in_thread(SyncJobStore.log)
+    log_batch = _in_thread(SyncJobStore.log_batch)
     # results and checkpoints
     complete = _in_thread(SyncJobStore.complete)
     record_checkpoint = _in_thread(SyncJobStore.record_checkpoint)
