@@ -1,5 +1,5 @@
 """Per-key state that protects the service, on SQLite and PostgreSQL: idempotency keys (a retried submit never
-queues a second GPU job) and their time to live."""
+queues a second GPU job) and the upload quota, each with its time to live."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from deployments.jobstore import (
     AlreadySubmittedError,
     IdempotencyKeyReusedError,
     NotDeadLetteredError,
+    UploadQuotaError,
 )
 from tests.job_store_env import INPUT, Env, env_fixture, sql, submit, together  # noqa: F401
 
@@ -106,6 +107,35 @@ def test_malformed_idempotency_arguments_are_refused_before_any_work():
 
 
 def test_the_new_store_errors_survive_pickling_with_their_fields():
-    for error in (IdempotencyKeyReusedError("k"), AlreadySubmittedError("a" * 32), NotDeadLetteredError("b" * 32)):
+    for error in (IdempotencyKeyReusedError("k"), AlreadySubmittedError("a" * 32), NotDeadLetteredError("b" * 32),
+                  UploadQuotaError("over")):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error)
+
+
+# -- upload quota -------------------------------------------------------------------------------------------------
+def test_the_upload_quota_holds_across_gateways_and_counts_what_storage_keeps(env: Env):
+    stores = [env.open(upload_quota_bytes=1000, upload_ttl_s=0.6) for _ in range(2)]
+    answers = together(8, lambda i: stores[i % 2].reserve_upload("k1", f"uploads/k1/u{i}/face.png", 300))
+    held = sorted(a for a in answers if isinstance(a, int))
+    assert held == [300, 600, 900]  # exact under concurrent reservations from two Gateways
+    refused = [a for a in answers if isinstance(a, UploadQuotaError)]
+    assert len(refused) == 5 and "quota of 1000 bytes" in str(refused[0])
+    store = stores[0]
+    assert store.upload_usage("k1") == 900 and store.upload_usage("k2") == 0
+    kept = [f"uploads/k1/u{i}/face.png" for i, a in enumerate(answers) if isinstance(a, int)]
+    store.settle_upload(kept[0], 100)  # the body was smaller than reserved
+    store.settle_upload(kept[1], 0)  # the upload failed: nothing is kept
+    assert store.upload_usage("k1") == 400
+    assert store.reserve_upload("k1", "uploads/k1/big/a.wav", 600) == 1000
+    with pytest.raises(UploadQuotaError):
+        store.reserve_upload("k1", "uploads/k1/one-more/b.wav", 1)
+    assert store.reserve_upload("k2", "uploads/k2/u/face.png", 1000) == 1000  # each key has its own quota
+    time.sleep(0.7)  # retention deleted those uploads by now: their bytes no longer count
+    assert store.upload_usage("k1") == 0
+    assert store.reserve_upload("k1", "uploads/k1/later/face.png", 1000) == 1000
+    assert sql(store, "SELECT count(*) AS n FROM upload_usage")[0]["n"] == 1  # the reservation pruned the rest
+    time.sleep(0.7)
+    assert store.prune_upload_usage() == 1
+    with pytest.raises(ValueError, match="size_bytes"):
+        store.reserve_upload("k1", "uploads/k1/x", -1)

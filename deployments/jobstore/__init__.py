@@ -24,6 +24,7 @@ from deployments.jobstore.errors import (
     NotDeadLetteredError,
     QueueFullError,
     RateLimitedError,
+    UploadQuotaError,
 )
 from deployments.jobstore.factory import make_job_store, make_sync_job_store
 from deployments.jobstore.models import (
@@ -49,7 +50,7 @@ from deployments.jobstore.shapes import JobError, JobStatus, LogEntry, Priority
 from deployments.jobstore.store import JobStore, SyncJobStore
 
 __all__ = [
-    "AlreadySubmittedError", "IdempotencyKeyReusedError", "AttemptRecord", "NotDeadLetteredError", "attempts_exhausted_error", "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
+    "UploadQuotaError", "AlreadySubmittedError", "IdempotencyKeyReusedError", "AttemptRecord", "NotDeadLetteredError", "attempts_exhausted_error", "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
     "JobLimits", "JobSnapshot", "JobStatus", "JobStore", "JobStoreError", "JobView", "JobsConfig",
     "KeyQueueCapError", "KeyRunningCapError", "LimitError", "LogEntry", "LogLine", "LogPage", "MigrationError",
     "PostgresJobsConfig", "Priority", "QueueFullError", "RateLimitedError", "RetentionKind", "SqliteJobsConfig",

@@ -29,6 +29,10 @@ class KeyQueueCapError(LimitError):
     """This API key already has as many queued jobs as one key may have."""
 
 
+class UploadQuotaError(LimitError):
+    """This API key's uploads would hold more bytes in storage than its quota allows."""
+
+
 class KeyRunningCapError(LimitError):
     """This API key already has as many running jobs (queued and sync) as one key may have."""
 

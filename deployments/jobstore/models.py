@@ -34,6 +34,10 @@ class JobLimits(BaseModel):
     max_log_lines: int = Field(500, ge=1, le=100_000, description="log lines kept per job (oldest trimmed)")
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, le=7 * 24 * 3600.0,
                                      description="how long an Idempotency-Key answers with the job it created")
+    upload_quota_bytes: int | None = Field(None, ge=1, description="bytes of uploads one API key may hold in "
+                                           "storage at once (None: no quota)")
+    upload_ttl_s: float = Field(24 * 3600.0, gt=0, description="how long an upload is kept (retention's uploads_s): "
+                                "its bytes count against the quota until then")
     max_attempt_history: int = Field(100, ge=1, le=10_000, description="attempt records kept per job (oldest "
                                      "trimmed; attempts refunded by a release can exceed max_attempts)")
 

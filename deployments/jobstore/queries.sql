@@ -442,6 +442,24 @@ RETURNING tokens
 -- Buckets idle long enough to be full again are the same as no row.
 DELETE FROM rate_buckets WHERE updated_at < jobs_now() - :idle_s
 
+-- name: upload_bytes_held
+SELECT COALESCE(sum(bytes), 0) AS n FROM upload_usage WHERE owner = :owner AND expires_at > jobs_now()
+
+-- name: reserve_upload
+INSERT INTO upload_usage (key, owner, bytes, created_at, expires_at)
+VALUES (:key, :owner, :bytes, jobs_now(), jobs_now() + :ttl_s)
+
+-- name: settle_upload
+UPDATE upload_usage SET bytes = :bytes WHERE key = :key
+
+-- name: forget_upload
+DELETE FROM upload_usage WHERE key = :key
+
+-- name: prune_upload_usage
+-- Up to ``limit`` rows of uploads retention has deleted by now (their bytes no longer count).
+DELETE FROM upload_usage WHERE key IN (
+    SELECT key FROM upload_usage WHERE expires_at <= jobs_now() ORDER BY expires_at LIMIT :limit)
+
 -- name: ping
 SELECT 1 AS ok
 

@@ -143,6 +143,15 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (owner, key)
 )"""
 
+_UPLOAD_USAGE = """
+CREATE TABLE upload_usage (
+    key TEXT PRIMARY KEY,               -- the upload's storage key
+    owner TEXT NOT NULL,
+    bytes BIGINT NOT NULL,              -- reserved before the body is read, settled to its size once stored
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL  -- when retention deletes the object (the uploads TTL)
+)"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, logs, rate buckets, webhooks", (
         _JOBS,
@@ -209,6 +218,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         _IDEMPOTENCY_KEYS,
         "CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at)",
         "CREATE INDEX idempotency_keys_job ON idempotency_keys (request_id)",
+    )),
+    # bytes of uploads each API key holds in storage, shared by every Gateway replica (a quota per key)
+    Migration(9, "upload usage", (
+        _UPLOAD_USAGE,
+        "CREATE INDEX upload_usage_owner ON upload_usage (owner, expires_at)",
+        "CREATE INDEX upload_usage_expiry ON upload_usage (expires_at)",
     )),
 )
 

@@ -1,4 +1,5 @@
-"""Limits shared by every process on the database (a token bucket per API key), and service-wide values."""
+"""Limits shared by every process on the database (a token bucket per API key, the bytes of uploads each key
+holds), and service-wide values."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import re
 import secrets
 
 from deployments.jobstore.backend import Cursor
-from deployments.jobstore.errors import RateLimitedError
+from deployments.jobstore.errors import RateLimitedError, UploadQuotaError
 from deployments.jobstore.operations.base import StoreBase, read_only
 
 _SECRET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+PRUNE_PER_UPLOAD = 8  # expired usage rows each reservation removes
+PRUNE_BATCH = 1000
 
 
 class LimitOps(StoreBase):
@@ -56,3 +59,42 @@ class LimitOps(StoreBase):
             row = self.q.one(cur, "read_secret", name=name)
             assert row is not None
             return str(row["value"])
+
+    # -- upload quota --------------------------------------------------------------------------------------------
+    def reserve_upload(self, owner: str, key: str, size_bytes: int) -> int:
+        """Count ``size_bytes`` (the upload's declared size, or the per-upload bound when it is unknown) against
+        ``owner``'s quota before any byte is read, under a per-key lock shared by every Gateway: returns the bytes
+        the key then holds; UploadQuotaError (429, nothing reserved) when that would pass
+        ``JobLimits.upload_quota_bytes``. Settle it with :meth:`settle_upload` once stored or failed. An upload's
+        bytes count until ``JobLimits.upload_ttl_s`` after the reservation (when retention deletes it)."""
+        if not isinstance(size_bytes, int) or size_bytes < 0:
+            raise ValueError(f"size_bytes must be a non-negative integer, got {size_bytes!r}")
+        quota = self.limits.upload_quota_bytes
+        with self.backend.write() as cur:
+            self.backend.lock(cur, f"upload:{owner}")
+            held = self.q.count(cur, "upload_bytes_held", owner=owner)
+            if quota is not None and held + size_bytes > quota:
+                raise UploadQuotaError(f"this API key holds {held} bytes of uploads; {size_bytes} more would pass "
+                                       f"its quota of {quota} bytes (uploads are kept "
+                                       f"{self.limits.upload_ttl_s / 3600:g} h)")
+            self.q.run(cur, "reserve_upload", key=key, owner=owner, bytes=size_bytes, ttl_s=self.limits.upload_ttl_s)
+            self.q.run(cur, "prune_upload_usage", limit=PRUNE_PER_UPLOAD)
+            return held + size_bytes
+
+    def settle_upload(self, key: str, size_bytes: int) -> None:
+        """The upload ``key`` is stored with ``size_bytes`` (its real size; 0: it failed and nothing is kept)."""
+        if not isinstance(size_bytes, int) or size_bytes < 0:
+            raise ValueError(f"size_bytes must be a non-negative integer, got {size_bytes!r}")
+        with self.backend.single() as cur:
+            self.q.run(cur, "settle_upload" if size_bytes else "forget_upload", key=key, bytes=size_bytes)
+
+    @read_only
+    def upload_usage(self, owner: str) -> int:
+        """Bytes of uploads ``owner`` holds in storage now (reserved or stored, not yet expired)."""
+        with self.backend.read() as cur:
+            return self.q.count(cur, "upload_bytes_held", owner=owner)
+
+    def prune_upload_usage(self, limit: int = PRUNE_BATCH) -> int:
+        """Delete up to ``limit`` rows of expired uploads (the retention sweep; reservations prune a few)."""
+        with self.backend.single() as cur:
+            return self.q.rowcount(cur, "prune_upload_usage", limit=max(1, min(int(limit), PRUNE_BATCH)))
