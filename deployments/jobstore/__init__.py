@@ -50,10 +50,12 @@ from deployments.jobstore.shapes import JobError, JobStatus, LogEntry, Priority
 from deployments.jobstore.store import JobStore, SyncJobStore
 
 __all__ = [
-    "UploadQuotaError", "AlreadySubmittedError", "IdempotencyKeyReusedError", "AttemptRecord", "NotDeadLetteredError", "attempts_exhausted_error", "DEFAULT_DSN_ENV", "DEFAULT_SQLITE_NAME", "CancelResult", "ClaimedJob", "ExpiredItem", "FencedError", "JobError",
-    "JobLimits", "JobSnapshot", "JobStatus", "JobStore", "JobStoreError", "JobView", "JobsConfig",
-    "KeyQueueCapError", "KeyRunningCapError", "LimitError", "LogEntry", "LogLine", "LogPage", "MigrationError",
+    "AlreadySubmittedError", "AttemptRecord", "CancelResult", "ClaimedJob", "DEFAULT_DSN_ENV",
+    "DEFAULT_SQLITE_NAME", "ExpiredItem", "FencedError", "IdempotencyKeyReusedError", "JobError", "JobLimits",
+    "JobSnapshot", "JobStatus", "JobStore", "JobStoreError", "JobView", "JobsConfig", "KeyQueueCapError",
+    "KeyRunningCapError", "LimitError", "LogEntry", "LogLine", "LogPage", "MigrationError", "NotDeadLetteredError",
     "PostgresJobsConfig", "Priority", "QueueFullError", "RateLimitedError", "RetentionKind", "SqliteJobsConfig",
-    "Submitted", "SyncJobStore", "WebhookDelivery", "cancelled_error", "make_job_store", "make_sync_job_store",
-    "new_request_id", "runner_lost_error", "start_timeout_error",
+    "Submitted", "SyncJobStore", "UploadQuotaError", "WebhookDelivery", "attempts_exhausted_error",
+    "cancelled_error", "make_job_store", "make_sync_job_store", "new_request_id", "runner_lost_error",
+    "start_timeout_error",
 ]
