@@ -1,16 +1,23 @@
-"""The store's named queries (``deployments/jobstore/queries.sql``): every one is used by an operation, every name
-an operation runs exists, and every query compiles against the real schema of both databases."""
+"""The store's SQL and schema: every named query (``deployments/jobstore/queries.sql``) is used by an operation,
+every name an operation runs exists, every query compiles against the real schema of both databases, and the
+migrations carry a database of the release before, jobs in flight included."""
 
 from __future__ import annotations
 
 import ast
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from deployments.jobstore import PostgresJobsConfig, SqliteJobsConfig, make_sync_job_store
 from deployments.jobstore.queries import QUERIES, QueryFileError, Statements, parse
+from deployments.jobstore.schema import MIGRATIONS, MIGRATIONS_TABLE
 from tests.helpers import REPO_ROOT
+from tests.job_store_env import Env, env_fixture  # noqa: F401
 from tests.postgres import Postgres
 
 PACKAGE = REPO_ROOT / "deployments" / "jobstore"
@@ -99,3 +106,51 @@ def test_every_query_compiles_against_the_migrated_schema(kind: str, tmp_path: P
             pg.drop_database(dsn)
     assert failures == {}
     assert compiled >= len(QUERIES) - sum(not t for t in store.q.text.values())
+
+
+def test_a_database_of_the_release_before_upgrades_with_its_jobs_in_flight(env: Env, tmp_path: Path):
+    """Schema version 3 (queue, logs, webhooks, secrets, maintenance leases) with a queued and a running job, as
+    that release wrote them: the upgrade keeps both working (the running one's completion readable)."""
+    config = env.fresh_config(tmp_path)
+    old_release = [m for m in MIGRATIONS if m.version <= 3]
+    with raw_connection(env, config) as conn:
+        conn.execute(MIGRATIONS_TABLE)
+        for migration in old_release:
+            for statement in migration.render(env.kind):
+                conn.execute(statement)
+            conn.execute(placeholders(env, "INSERT INTO schema_migrations VALUES (?, ?, 0)"),
+                         (migration.version, migration.name))
+        for request_id, status, epoch, lease in (("a" * 32, "IN_QUEUE", 0, None), ("b" * 32, "IN_PROGRESS", 1, "r")):
+            conn.execute(placeholders(env, "INSERT INTO jobs (request_id, app_id, owner, kind, status, priority, "
+                                           "input, input_keys, seed, created_at, started_at, stage, attempts, "
+                                           "max_attempts, epoch, lease_owner, lease_expires_at, result_keys) "
+                                           "VALUES (?, 'a', 'k1', 'queue', ?, 0, '{}', '[]', 1, 1.0, ?, 'x', ?, 3, "
+                                           "?, ?, 4.0e9, '[]')"),
+                         (request_id, status, 1.0 if lease else None, epoch, epoch, lease))
+    store = env.open(config)
+    assert store.migrations_applied == [m.version for m in MIGRATIONS if m.version > 3]
+    running = "b" * 32
+    store.record_checkpoint(running, 1, f"checkpoints/{running}/e1/s2.pt", 2)
+    assert store.complete(running, 1, result={"video": "k"}, result_keys=["k"]).outcome == "succeeded"
+    assert store.completion(running, 1) is not None
+    claimed = store.claim("new-runner", 30)
+    assert (claimed.request_id, claimed.model_fingerprint, claimed.epoch) == ("a" * 32, "", 1)
+
+
+@contextmanager
+def raw_connection(env: Env, config: SqliteJobsConfig | PostgresJobsConfig) -> Iterator[Any]:
+    """A driver connection in autocommit, outside the store (to write what an older release wrote)."""
+    if env.kind == "sqlite":
+        conn = sqlite3.connect(config.path, isolation_level=None)
+    else:
+        import psycopg
+
+        conn = psycopg.connect(config.dsn(), autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def placeholders(env: Env, text: str) -> str:
+    return text if env.kind == "sqlite" else text.replace("?", "%s")

@@ -198,6 +198,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE jobs ADD COLUMN dead_letter BOOLEAN NOT NULL DEFAULT FALSE",  # failed: out of attempts
         "CREATE INDEX jobs_dead_letters ON jobs (completed_at) WHERE dead_letter",
         _JOB_ATTEMPTS,
+        # the jobs running across the upgrade get their open attempt, so their runners' completions are readable
+        "INSERT INTO job_attempts (request_id, epoch, attempt, runner, started_at) "
+        "SELECT request_id, epoch, attempts, COALESCE(lease_owner, ''), COALESCE(started_at, created_at) "
+        "FROM jobs WHERE status = 'IN_PROGRESS'",
     )),
     # fair claims: the head of each key's queue (claims prefer the keys running the fewest jobs)
     Migration(6, "per-key queue order", (
