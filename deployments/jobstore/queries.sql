@@ -105,6 +105,7 @@ WHERE status = 'IN_PROGRESS' GROUP BY owner
 SELECT request_id, owner, attempts, max_attempts,
        CASE WHEN started_at IS NULL AND start_deadline < jobs_now() THEN 1 ELSE 0 END AS late
 FROM jobs
+INDEXED BY jobs_claim_order  -- sqlite
 WHERE status = 'IN_QUEUE' AND model_fingerprint = :model_fingerprint
   AND (not_before IS NULL OR not_before <= jobs_now())
   AND owner NOT IN (SELECT value FROM json_each(:owners))  -- sqlite

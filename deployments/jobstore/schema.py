@@ -216,6 +216,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX jobs_queued_by_owner",
         "CREATE INDEX jobs_queued_by_owner ON jobs (model_fingerprint, owner, priority, seq) "
         "WHERE status = 'IN_QUEUE'",
+        # a claim's dispatch order among one model's jobs (read in order: no sort of the whole queue)
+        "CREATE INDEX jobs_claim_order ON jobs (model_fingerprint, priority, seq) WHERE status = 'IN_QUEUE'",
     )),
     # a retried submit (fal's clients retry on 5xx and time-outs) returns the first one's job instead of a second
     Migration(8, "idempotency keys", (

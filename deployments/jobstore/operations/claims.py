@@ -44,11 +44,11 @@ class ClaimOps(StoreBase):
             self._expire_leases(cur, MAINTENANCE_BATCH)
             self._expire_start_deadlines(cur, MAINTENANCE_BATCH)
             if max_running_total is not None:
-                self.backend.lock(cur, "claim")
-                if self.q.count(cur, "running_total") >= max_running_total:
-                    return None
-            cap = self.limits.max_running_per_owner
+                self.backend.lock(cur, "claim")  # the total is exact across dispatchers
             running = {r["owner"]: int(r["n"]) for r in self.q.all(cur, "running_by_owner")}
+            if max_running_total is not None and sum(running.values()) >= max_running_total:
+                return None
+            cap = self.limits.max_running_per_owner
             blocked = {owner for owner, n in running.items() if cap is not None and n >= cap}
             for _ in range(MAX_CLAIM_CANDIDATES):
                 row = self._candidate(cur, model_fingerprint, running, blocked)
