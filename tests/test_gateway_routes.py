@@ -24,8 +24,7 @@ from deployments.contracts import JobCancelled, StoredResult, StoredVideo
 from deployments.gateway.app import build_api
 from deployments.gateway.auth import fingerprint
 from deployments.gateway.service import GatewayService
-from deployments.jobs import JobError
-from deployments.jobstore import KeyRunningCapError
+from deployments.jobstore import JobError, KeyRunningCapError
 from deployments.runtime.service_state import open_service_state
 from deployments.storage import keys
 from guarded_fetch import InputError

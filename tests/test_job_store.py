@@ -11,17 +11,16 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.jobs import JobError
 from deployments.jobstore import (
     DEFAULT_DSN_ENV,
     FencedError,
+    JobError,
     JobLimits,
     JobsConfig,
     KeyQueueCapError,
@@ -38,76 +37,8 @@ from deployments.jobstore import (
     new_request_id,
 )
 from deployments.jobstore.schema import MIGRATIONS
+from tests.job_store_env import INPUT, Env, env_fixture, log_messages, sql, submit, together  # noqa: F401
 from tests.postgres import Postgres
-
-BACKENDS = ["sqlite", "postgres"]
-INPUT = {"image_url": "uploads/k1/face.png", "audio_url": "https://example.invalid/a.wav", "prompt": "hi"}
-
-
-@dataclass
-class Env:
-    """One backend for one test: opens store instances ("applications") on the same database."""
-
-    kind: str
-    config: SqliteJobsConfig | PostgresJobsConfig
-    default_path: Path
-    postgres: Postgres | None = None
-    stores: list[SyncJobStore] = field(default_factory=list)
-    databases: list[str] = field(default_factory=list)
-
-    def open(self, config: Any = None, **limits: Any) -> SyncJobStore:
-        store = make_sync_job_store(config or self.config, self.default_path, JobLimits(**limits))
-        self.stores.append(store)
-        return store
-
-    def location(self) -> str:
-        """What a child process needs to open the same database."""
-        return str(self.default_path) if self.kind == "sqlite" else os.environ[DEFAULT_DSN_ENV]
-
-    def fresh_config(self, tmp: Path) -> SqliteJobsConfig | PostgresJobsConfig:
-        """A config naming a new, empty database."""
-        if self.kind == "sqlite":
-            return SqliteJobsConfig(path=tmp / f"fresh-{len(self.databases)}.sqlite3", synchronous="NORMAL")
-        assert self.postgres is not None
-        dsn = self.postgres.create_database("fresh")
-        self.databases.append(dsn)
-        file = tmp / f"dsn-{len(self.databases)}"
-        file.write_text(dsn + "\n")
-        return PostgresJobsConfig(dsn_file=file, pool_max_size=2)
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    if request.param == "sqlite":
-        # path=None: the default path (beside local storage, chosen by the caller) is used
-        e = Env("sqlite", SqliteJobsConfig(synchronous="NORMAL"), tmp_path / "jobs.sqlite3")
-    else:
-        pg: Postgres = request.getfixturevalue("postgres")
-        dsn = pg.create_database()
-        monkeypatch.setenv(DEFAULT_DSN_ENV, dsn)  # the variable PostgresJobsConfig reads
-        e = Env("postgres", PostgresJobsConfig(pool_max_size=4), tmp_path / "unused.sqlite3", pg, databases=[dsn])
-    yield e
-    for store in e.stores:
-        store.close()
-    for dsn in e.databases:
-        e.postgres.drop_database(dsn)
-
-
-def submit(store: SyncJobStore, owner: str = "k1", **kwargs: Any) -> str:
-    kwargs.setdefault("rate_limited", False)
-    return store.submit(app_id="fal-ai/stable-avatar", input=INPUT, seed=7, owner=owner, **kwargs).request_id
-
-
-def sql(store: SyncJobStore, text: str, params: tuple = ()) -> list[dict[str, Any]]:
-    with store.backend.read() as cur:
-        cur.execute(store.backend.sql(text), params)
-        return cur.fetchall()
-
-
-def log_messages(store: SyncJobStore, request_id: str, owner: str = "k1") -> list[str]:
-    page = store.logs(request_id, owner)
-    assert page is not None
-    return [line.message for line in page.lines]
 
 
 # -- queue discipline -----------------------------------------------------------------------------------------------
@@ -166,32 +97,13 @@ def test_queue_caps_raise_distinct_errors_and_leave_no_row(env: Env):
     submit(store, "k4")
 
 
-def _together(n: int, fn) -> list[Any]:
-    """Run ``fn(i)`` in ``n`` threads released at once; returns results or the exceptions raised."""
-    barrier, out = threading.Barrier(n), [None] * n
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fn(i)
-        except Exception as exc:  # noqa: BLE001 - returned to the test
-            out[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
 def test_queue_cap_and_rate_limit_hold_under_concurrent_requests(env: Env):
     stores = [env.open(max_queue_length=5, rate_burst=4, rate_per_s=0.001) for _ in range(2)]
-    results = _together(10, lambda i: submit(stores[i % 2], f"k{i}"))
+    results = together(10, lambda i: submit(stores[i % 2], f"k{i}"))
     assert sum(isinstance(r, str) for r in results) == 5
     assert sum(isinstance(r, QueueFullError) for r in results) == 5
     assert stores[0].queue_length() == 5
-    waits = _together(10, lambda i: stores[i % 2].take_token("k-shared"))
+    waits = together(10, lambda i: stores[i % 2].take_token("k-shared"))
     assert sorted(w == 0.0 for w in waits) == [False] * 6 + [True] * 4
 
 
@@ -476,7 +388,7 @@ def test_running_cap_holds_under_concurrent_claims_and_sync_requests(env: Env):
                                          owner="k1", rate_limited=False)
 
     for attempt, fn in (("sync only", sync), ("claims and sync", start)):
-        results = _together(8, fn)
+        results = together(8, fn)
         started = [r for r in results if r is not None and not isinstance(r, Exception)]
         assert len(started) == 2 and stores[0].running_count("k1") == 2, attempt
         assert all(r is None or isinstance(r, KeyRunningCapError) for r in results if r not in started), attempt
@@ -726,7 +638,7 @@ def test_every_store_error_survives_pickling_with_its_fields():
 
 
 # -- schema and logs --------------------------------------------------------------------------------------------------
-def test_migrations_are_idempotent_and_safe_when_processes_start_together(env: Env, tmp_path: Path):
+def test_migrations_are_idempotent_and_safe_when_processes_starttogether(env: Env, tmp_path: Path):
     config = env.fresh_config(tmp_path)
     applied: list[list[int]] = []
     barrier = threading.Barrier(4)

@@ -22,8 +22,14 @@ from pydantic import ValidationError
 from deployments.config import AppArgs
 from deployments.contracts import StoredResult, StoredVideo
 from deployments.gateway.results import RESULT_EXPIRED, result_answer
-from deployments.jobs import JobError
-from deployments.jobstore import JobLimits, JobStore, PostgresJobsConfig, SqliteJobsConfig, SyncJobStore
+from deployments.jobstore import (
+    JobError,
+    JobLimits,
+    JobStore,
+    PostgresJobsConfig,
+    SqliteJobsConfig,
+    SyncJobStore,
+)
 from deployments.jobstore import make_sync_job_store as open_store
 from deployments.jobstore.schema import MIGRATIONS
 from deployments.orchestrator.retention import (
@@ -470,7 +476,7 @@ def test_the_lease_table_migrates_onto_an_existing_database(db: Db):
     store.close()
     db.stores.remove(store)
     upgraded = db.open()
-    assert upgraded.migrations_applied == [3] and [m.version for m in MIGRATIONS] == [1, 2, 3]
+    assert upgraded.migrations_applied == [3] and [m.version for m in MIGRATIONS][:3] == [1, 2, 3]
     assert upgraded.get(job_id, "k1").status == "IN_QUEUE" and upgraded.acquire_lease(LEASE_NAME, "x", 5) == 1
 
 

@@ -1,26 +1,29 @@
-"""What differs between SQLite and PostgreSQL, behind one small interface the SQL core is written against.
+"""What differs between SQLite and PostgreSQL beyond the SQL text: connections, transactions, locks, values.
 
-The core writes SQL once, with ``?`` placeholders and these tokens: ``{now}`` (the database's clock in epoch
-seconds), ``{for_update}`` (lock the selected rows), ``{skip_locked}`` (lock them, skipping rows another
-transaction holds), ``{least}``/``{greatest}`` (two-argument min/max). On SQLite the locking tokens are empty: a write transaction is ``BEGIN IMMEDIATE`` and holds
-the database's single write lock, so every write is serialized anyway.
+The SQL itself lives in ``queries.sql`` (per-dialect lines where the two differ). On SQLite a write transaction is
+``BEGIN IMMEDIATE`` and holds the database's single write lock, so every write is serialized and row locks are
+not needed; PostgreSQL locks rows (``FOR UPDATE [SKIP LOCKED]``) and takes advisory locks for limits that span rows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+Dialect = Literal["sqlite", "postgres"]
 
 
 class Cursor(Protocol):
-    """The DB-API subset the core uses; rows come back as dicts on both backends."""
+    """The DB-API subset the store uses; rows come back as dicts on both backends."""
 
     rowcount: int
 
     def execute(self, sql: str, params: Any = ...) -> Any: ...
+    def executemany(self, sql: str, params_seq: Any) -> Any: ...
     def fetchone(self) -> dict[str, Any] | None: ...
     def fetchall(self) -> list[dict[str, Any]]: ...
 
@@ -28,21 +31,26 @@ class Cursor(Protocol):
 class Backend(ABC):
     """Connections, transactions, locks and value conversions of one database."""
 
-    name: str
-    tokens: dict[str, str]
+    name: Dialect
     placeholder: str = "?"
 
     def sql(self, text: str) -> str:
-        """The core's SQL in this backend's dialect."""
-        return _render(text, tuple(sorted(self.tokens.items())), self.placeholder)
+        """Ad-hoc SQL written with ``?`` placeholders (tests, tools) in this driver's style."""
+        return _placeholders(text, self.placeholder)
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the connection was lost (so an idempotent read may run again)."""
         return False
 
-    def index_hint(self, index: str) -> str:
-        """SQL placed after ``FROM jobs`` to use ``index`` where a planner without statistics would not."""
-        return ""
+    def wait_for_job(self, model_fingerprint: str, timeout_s: float) -> bool:
+        """Block until a job of ``model_fingerprint`` may have been queued (True) or ``timeout_s`` passed (False).
+        Without notifications (SQLite) it is a pause between polls."""
+        time.sleep(timeout_s)
+        return False
+
+    async def wait_for_job_async(self, model_fingerprint: str, timeout_s: float) -> bool:
+        await asyncio.sleep(timeout_s)
+        return False
 
     @abstractmethod
     def read(self) -> AbstractContextManager[Cursor]:
@@ -62,21 +70,8 @@ class Backend(ABC):
         returns False at once instead of waiting when another transaction holds it."""
 
     @abstractmethod
-    def json_elements(self, column: str, alias: str) -> str:
-        """A FROM item expanding the JSON array of strings in ``column`` into rows with a text ``<alias>.value``."""
-
-    @abstractmethod
-    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
-        """Every string anywhere in the JSON document ``column``, as (a FROM item, its text value expression, the
-        condition that keeps strings only)."""
-
-    @abstractmethod
-    def text_list_rows(self) -> str:
-        """A SELECT yielding one row (column ``value``) per string of one list parameter (:meth:`text_list_in`)."""
-
-    @abstractmethod
-    def text_list_in(self, values: list[str]) -> Any:
-        """A list of strings as the parameter of :meth:`text_list_rows` (no per-item placeholder limit)."""
+    def list_in(self, values: list[str]) -> Any:
+        """A list of strings as one query parameter (no per-item placeholders, no limit on their number)."""
 
     @abstractmethod
     def json_in(self, value: Any) -> Any:
@@ -99,12 +94,6 @@ class Backend(ABC):
         """How many operations can run at once (the async facade sizes its thread pool by it)."""
 
 
-@functools.lru_cache(maxsize=1024)  # the core has a few dozen distinct statements
-def _render(text: str, tokens: tuple[tuple[str, str], ...], placeholder: str) -> str:
-    rendered = text.format(**dict(tokens))
-    return rendered if placeholder == "?" else rendered.replace("?", placeholder)
-
-
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+@functools.lru_cache(maxsize=256)
+def _placeholders(text: str, placeholder: str) -> str:
+    return text if placeholder == "?" else text.replace("?", placeholder)

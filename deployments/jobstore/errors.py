@@ -29,6 +29,10 @@ class KeyQueueCapError(LimitError):
     """This API key already has as many queued jobs as one key may have."""
 
 
+class UploadQuotaError(LimitError):
+    """This API key's uploads would hold more bytes in storage than its quota allows."""
+
+
 class KeyRunningCapError(LimitError):
     """This API key already has as many running jobs (queued and sync) as one key may have."""
 
@@ -58,3 +62,39 @@ class FencedError(JobStoreError):
 
 class MigrationError(JobStoreError):
     """The database holds a schema this code does not know (a newer version), or a migration failed."""
+
+
+class NotDeadLetteredError(JobStoreError):
+    """``requeue`` was asked for a job that is not a dead letter (or whose inputs retention already deleted)."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"job {request_id} is not a dead letter that can be re-queued (not found, not failed out "
+                         "of attempts, or its inputs were already deleted by retention)")
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return type(self), (self.request_id,)
+
+
+class IdempotencyKeyReusedError(JobStoreError):
+    """An Idempotency-Key this API key already used, within its window, for a request with another body (HTTP
+    422: a client bug, never retried)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the Idempotency-Key {key!r} was already used with a different request body")
+        self.key = key
+
+    def __reduce__(self):
+        return type(self), (self.key,)
+
+
+class AlreadySubmittedError(JobStoreError):
+    """A sync request repeated with the same Idempotency-Key and body: job ``request_id`` already runs (or ran)
+    for it; wait for that one's result instead of starting another."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"this Idempotency-Key already started job {request_id}")
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return type(self), (self.request_id,)

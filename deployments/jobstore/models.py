@@ -7,12 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.jobs import JobError, JobStatus, LogEntry, Priority
+from deployments.jobstore.shapes import JobError, JobStatus, LogEntry, Priority
 
 JobKind = Literal["queue", "sync"]
 Outcome = Literal["succeeded", "failed", "cancelled"]
 CancelResult = Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
 RetentionKind = Literal["results", "inputs", "checkpoints", "jobs"]
+# How an attempt ended: the runner's complete (succeeded/failed/cancelled), its retry after an infrastructure
+# fault, its release at shutdown, or its lease running out.
+AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retried", "released", "lost"]
 PRIORITY_RANK: dict[str, int] = {"normal": 0, "low": 1}
 PRIORITY_NAME: dict[int, Priority] = {0: "normal", 1: "low"}
 
@@ -29,6 +32,14 @@ class JobLimits(BaseModel):
     rate_burst: int = Field(10, ge=1, description="submits a key may make at once before the rate applies")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of a queued job before it is failed")
     max_log_lines: int = Field(500, ge=1, le=100_000, description="log lines kept per job (oldest trimmed)")
+    idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, le=7 * 24 * 3600.0,
+                                     description="how long an Idempotency-Key answers with the job it created")
+    upload_quota_bytes: int | None = Field(None, ge=1, description="bytes of uploads one API key may hold in "
+                                           "storage at once (None: no quota)")
+    upload_ttl_s: float = Field(24 * 3600.0, gt=0, description="how long an upload is kept (retention's uploads_s): "
+                                "its bytes count against the quota until then")
+    max_attempt_history: int = Field(100, ge=1, le=10_000, description="attempt records kept per job (oldest "
+                                     "trimmed; attempts refunded by a release can exceed max_attempts)")
 
 
 def iso_timestamp(epoch_s: float) -> str:
@@ -68,6 +79,9 @@ class JobView(BaseModel):
     error: JobError | None = None
     outcome: Outcome | None = None
     log_count: int = 0  # lines ever written (line numbers run 1..log_count; older ones may be trimmed)
+    not_before: float | None = None  # a retried job waits in the queue until then (its backoff)
+    dead_letter: bool = False  # failed because it ran out of attempts: an operator may re-queue it
+    model_fingerprint: str = ""  # the application (weights and settings) it was submitted to and runs on
 
     @property
     def finished(self) -> bool:
@@ -97,14 +111,16 @@ class ClaimedJob(BaseModel):
     lease_expires_at: float
     created_at: float
     started_at: float
-    checkpoint_key: str | None = None
+    checkpoint_key: str | None = None  # only a checkpoint written under this job's model fingerprint
     checkpoint_step: int | None = None
     cancel_requested: bool = False
+    model_fingerprint: str = ""  # put it in the checkpoints you write; a resume checks it
 
 
 class Submitted(BaseModel):
     request_id: str
     queue_position: int  # jobs ahead of it in dispatch order (0: next)
+    replayed: bool = False  # an earlier submit with the same idempotency key created it; nothing new was queued
 
 
 class LogLine(LogEntry):
@@ -120,12 +136,27 @@ class LogPage(BaseModel):
     cursor: int
 
 
+class AttemptRecord(BaseModel):
+    """One claim of a job: where and when it ran, and how it ended (``outcome`` None while it runs)."""
+
+    attempt: int
+    epoch: int
+    runner: str
+    started_at: float
+    ended_at: float | None = None
+    outcome: AttemptOutcome | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+
+
 class JobSnapshot(BaseModel):
-    """One status poll: the job, its queue position (0 unless queued) and, when asked, new log lines."""
+    """One status poll: the job, its queue position (0 unless queued) and, when asked, new log lines and the
+    attempt history."""
 
     job: JobView
     position: int
     logs: LogPage | None = None
+    attempts: list[AttemptRecord] | None = None
 
 
 class WebhookDelivery(BaseModel):
@@ -154,6 +185,11 @@ def start_timeout_error() -> JobError:
     """fal's answer to a job that missed its ``X-Fal-Request-Timeout`` start deadline."""
     return JobError(status_code=504, detail="Request timed out before it started", error_type="request_timeout",
                     message="Request timed out before it started", timeout_type="user")
+
+
+def attempts_exhausted_error(error: JobError, attempts: int) -> JobError:
+    """The last attempt's infrastructure error, as the answer of a job that ran out of attempts (a dead letter)."""
+    return error.model_copy(update={"message": f"{error.message} (gave up after {attempts} attempts)"})
 
 
 def runner_lost_error(reason: str, attempts: int) -> JobError:

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from deployments.jobstore.backend import Backend
-from deployments.jobstore.schema import POSTGRES_TYPES, apply_migrations
+from deployments.jobstore.schema import apply_migrations
+from deployments.jobstore.wakeup import Listener
 
 ADVISORY_NAMESPACE = 0x6A6F6273  # 'jobs': the first key of every advisory lock this store takes
 
@@ -26,8 +27,6 @@ ADVISORY_NAMESPACE = 0x6A6F6273  # 'jobs': the first key of every advisory lock 
 class PostgresBackend(Backend):
     name = "postgres"
     placeholder = "%s"
-    tokens = {"now": "(extract(epoch from clock_timestamp())::float8)", "for_update": "FOR UPDATE",
-              "skip_locked": "FOR UPDATE SKIP LOCKED", "least": "LEAST", "greatest": "GREATEST"}
 
     def __init__(self, dsn: str, min_size: int = 1, max_size: int = 8, timeout_s: float = 30.0,
                  application_name: str = "stable-avatar-jobs"):
@@ -41,6 +40,7 @@ class PostgresBackend(Backend):
             max_idle=300.0,
         )
         self.pool.open(wait=True, timeout=timeout_s)  # fail at start, not at the first request
+        self.listener = Listener(dsn, timeout_s)  # connects on the first wait only (runners; Gateways never wait)
 
     @property
     def max_connections(self) -> int:
@@ -85,18 +85,8 @@ class PostgresBackend(Backend):
         cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s)) AS ok", (ADVISORY_NAMESPACE, name))
         return bool(cur.fetchone()["ok"])
 
-    def json_elements(self, column: str, alias: str) -> str:
-        return f"jsonb_array_elements_text({column}) AS {alias}(value)"
-
-    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
-        return (f"jsonb_path_query({column}, 'strict $.**') AS {alias}(j)", f"({alias}.j #>> ARRAY[]::text[])",
-                f"jsonb_typeof({alias}.j) = 'string'")
-
-    def text_list_rows(self) -> str:
-        return "SELECT unnest(?::text[]) AS value"
-
-    def text_list_in(self, values: list[str]) -> Any:
-        return list(values)
+    def list_in(self, values: list[str]) -> Any:
+        return list(values)  # a text[] parameter
 
     def json_in(self, value: Any) -> Any:
         from psycopg.types.json import Jsonb
@@ -109,7 +99,14 @@ class PostgresBackend(Backend):
     def migrate(self) -> list[int]:
         with self.write() as cur:
             self.lock(cur, "migrate")  # a second process starting now waits here, then finds them applied
-            return apply_migrations(self, cur, POSTGRES_TYPES)
+            return apply_migrations(self, cur)
+
+    def wait_for_job(self, model_fingerprint: str, timeout_s: float) -> bool:
+        return self.listener.wait(model_fingerprint, timeout_s)
+
+    async def wait_for_job_async(self, model_fingerprint: str, timeout_s: float) -> bool:
+        return await self.listener.wait_async(model_fingerprint, timeout_s)
 
     def close(self) -> None:
+        self.listener.close()
         self.pool.close()

@@ -3,7 +3,8 @@
 WAL mode lets readers run while one writer commits; every write transaction is ``BEGIN IMMEDIATE``, which takes
 the single write lock up front (waiting up to the busy timeout), so a read-then-write transaction can never fail
 half-way on a lock upgrade and claims are serialized. Connections are pooled (bounded) and shared across threads
-(``check_same_thread=False``; one thread uses a connection at a time).
+(``check_same_thread=False``; one thread uses a connection at a time). The queries' clock, ``jobs_now()``, is
+registered on each connection (SQLite is embedded: the database's clock is this machine's).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deployments.jobstore.backend import Backend
-from deployments.jobstore.schema import SQLITE_TYPES, apply_migrations
+from deployments.jobstore.schema import apply_migrations
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -28,8 +29,6 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 
 class SqliteBackend(Backend):
     name = "sqlite"
-    tokens = {"now": "((julianday('now') - 2440587.5) * 86400.0)", "for_update": "", "skip_locked": "",
-              "least": "min", "greatest": "max"}
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0, synchronous: Literal["FULL", "NORMAL"] = "FULL",
                  max_connections: int = 8):
@@ -51,6 +50,8 @@ class SqliteBackend(Backend):
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
                                check_same_thread=False)
         conn.row_factory = _dict_row
+        # deterministic: read once per statement, like SQLite's own julianday('now'), and usable for index ranges
+        conn.create_function("jobs_now", 0, time.time, deterministic=True)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         self._enable_wal(conn)
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -120,27 +121,13 @@ class SqliteBackend(Backend):
         with self._connection() as conn:
             yield conn.cursor()  # autocommit: the statement takes the write lock itself (busy timeout applies)
 
-    def index_hint(self, index: str) -> str:
-        # Without ANALYZE statistics SQLite prefers the (owner, status) index for "status = ?" counts and scans
-        # all of it; the partial indexes hold only queued / running rows.
-        return f"INDEXED BY {index}"
-
     def lock(self, cur: Any, name: str, wait: bool = True) -> bool:
         """Nothing to do: the ``BEGIN IMMEDIATE`` transaction already excludes every other writer."""
         return True
 
     # -- values ---------------------------------------------------------------------------------------------------
-    def json_elements(self, column: str, alias: str) -> str:
-        return f"json_each({column}) AS {alias}"
-
-    def json_strings(self, column: str, alias: str) -> tuple[str, str, str]:
-        return f"json_tree({column}) AS {alias}", f"{alias}.value", f"{alias}.type = 'text'"
-
-    def text_list_rows(self) -> str:
-        return "SELECT value FROM json_each(?)"
-
-    def text_list_in(self, values: list[str]) -> Any:
-        return json.dumps(list(values))
+    def list_in(self, values: list[str]) -> Any:
+        return json.dumps(list(values))  # read with json_each(:param)
 
     def json_in(self, value: Any) -> Any:
         return None if value is None else json.dumps(value, separators=(",", ":"))
@@ -151,7 +138,7 @@ class SqliteBackend(Backend):
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
         with self.write() as cur:  # BEGIN IMMEDIATE: a second process starting now waits, then finds them applied
-            return apply_migrations(self, cur, SQLITE_TYPES)
+            return apply_migrations(self, cur)
 
     def close(self) -> None:
         with self._guard:

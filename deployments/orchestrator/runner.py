@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 
 from deployments.config import AppArgs
 from deployments.contracts import JobCancelled, StoredResult
-from deployments.jobs import JobError
-from deployments.jobstore import ClaimedJob, FencedError, JobStore, cancelled_error
+from deployments.jobstore import ClaimedJob, FencedError, JobError, JobStore, cancelled_error
 from deployments.runtime import metrics
 from deployments.runtime.background import BackgroundLoop
 from deployments.runtime.errors import error_response

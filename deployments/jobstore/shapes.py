@@ -1,7 +1,4 @@
-"""The job vocabulary shared by the job store and the HTTP layer, independent of Ray (fal's shapes).
-
-Job state itself lives in the jobs database (:mod:`deployments.jobstore`).
-"""
+"""fal's job vocabulary, shared by the store and the HTTP layer: statuses, priorities, log lines, errors."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ from pydantic import BaseModel, Field
 
 JobStatus = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 Priority = Literal["normal", "low"]
+LogLevel = Literal["INFO", "WARN", "ERROR", "DEBUG", "STDOUT", "STDERR"]
 
 
 def now_iso() -> str:
@@ -22,7 +20,7 @@ class LogEntry(BaseModel):
     """fal's RequestLog shape."""
 
     message: str
-    level: Literal["INFO", "WARN", "ERROR", "DEBUG", "STDOUT", "STDERR"] = "INFO"
+    level: LogLevel = "INFO"
     source: str = "USER"
     timestamp: str = Field(default_factory=now_iso)
 
