@@ -45,6 +45,8 @@ WAN21_1P3B_E0_COEFFICIENTS: tuple[float, ...] = (
 class StepCacheSettings(BaseModel):
     """Thresholds of the acceleration levels and the runner's memory bound (service configuration)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     regular_threshold: float = Field(0.05, ge=0, le=1, description="TeaCache threshold of 'regular' (0: no skip).")
     high_threshold: float = Field(0.10, ge=0, le=1, description="TeaCache threshold of 'high' (0: no skip).")
     always_compute_first: int = Field(5, ge=1, le=100, description="Leading steps that are always computed.")
@@ -139,6 +141,8 @@ class MemorySettings(BaseModel):
 
 class PipelineSettings(BaseModel):
     """Knobs that are not part of the fal schema (service configuration, not per request)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt knob (memory_mode:) must not fall back to a default
 
     overlap: int = Field(10, ge=2, le=20, description="Latent frames shared by neighbouring windows (fal: 10).")
     window_policy: WindowPolicy = Field("full", description="'full' (default) or 'upstream' (bit parity).")
