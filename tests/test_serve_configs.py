@@ -241,6 +241,25 @@ def test_denoiser_replica_loads_with_the_orchestrator_state_dtype():
         == torch.float32
 
 
+def test_a_replica_loads_its_models_in_the_configured_memory_mode():
+    """``pipeline.memory`` reaches ``load_models`` from the app args: the Preprocessor's models offloaded whole, T5
+    kept on the CPU (``text_encoder_device: cpu``); the Denoiser's DiT under the same hooks."""
+    from accelerate.hooks import CpuOffload
+
+    from deployments.workers.models import load_replica_models
+
+    args = AppArgs(preset="tiny", device="cpu",
+                   pipeline={"memory": {"mode": "model_offload", "text_encoder_device": "cpu"}})
+    bundle = load_replica_models(args, args.preprocessor, ["vae", "text_encoder", "image_encoder", "audio_encoder"])
+    assert bundle.placement.describe()["components"] == {
+        "audio_encoder": "model_offload", "vae": "model_offload", "image_encoder": "model_offload",
+        "text_encoder": "cpu"}
+    assert isinstance(bundle.vae._hf_hook, CpuOffload) and not hasattr(bundle.text_encoder, "_hf_hook")
+    dit = load_replica_models(args, args.denoiser, ["transformer"])
+    assert dit.placement.describe() == {"mode": "model_offload", "device": "cpu",
+                                        "components": {"transformer": "model_offload"}, "fp8_weights": []}
+
+
 # ------------------------------------------------------------------------ the Denoisers' queue and autoscaling
 
 
