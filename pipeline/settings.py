@@ -85,6 +85,9 @@ def parse_memory_mode(value: str | list[str] | tuple[str, ...]) -> str:
     return "+".join(sorted(names, key=MEMORY_MODES.index))
 
 
+BLOCK_OFFLOAD_OPTIONS: tuple[str, ...] = ("blocks_per_group", "use_stream", "offload_dir")
+
+
 class MemorySettings(BaseModel):
     """Where the models' weights live on a card too small for all of them (``pipeline.memory`` applies this).
 
@@ -122,8 +125,9 @@ class MemorySettings(BaseModel):
 
     @model_validator(mode="after")
     def _combination(self) -> MemorySettings:
-        if self.offload != "block":
-            given = {"blocks_per_group", "use_stream", "offload_dir"} & self.model_fields_set
+        if self.offload != "block":  # by value, not by presence: a dumped and re-read settings object must pass
+            given = {name for name in BLOCK_OFFLOAD_OPTIONS
+                     if getattr(self, name) != type(self).model_fields[name].default}
             if given:
                 raise ValueError(f"{', '.join(sorted(given))} only apply to block_offload (mode is {self.mode!r})")
         if self.use_stream and self.blocks_per_group != 1:
