@@ -30,6 +30,12 @@ def pin_paths(args: AppArgs) -> AppArgs:
         update["storage"] = args.storage.model_copy(update={"root": args.storage.root.resolve()})
     if isinstance(args.jobs, SqliteJobsConfig) and args.jobs.path is not None and not args.jobs.path.is_absolute():
         update["jobs"] = args.jobs.model_copy(update={"path": args.jobs.path.resolve()})
+    if args.checkpoints is not None and not args.checkpoints.is_absolute():
+        update["checkpoints"] = args.checkpoints.resolve()
+    memory = args.pipeline.memory
+    if memory.offload_dir is not None and not memory.offload_dir.is_absolute():
+        memory = memory.model_copy(update={"offload_dir": memory.offload_dir.resolve()})
+        update["pipeline"] = args.pipeline.model_copy(update={"memory": memory})
     return args.model_copy(update=update) if update else args
 
 

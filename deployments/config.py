@@ -149,6 +149,9 @@ class DispatchConfig(BaseModel):
         return self
 
 
+MODEL_DEPLOYMENTS = ("preprocessor", "denoiser", "postprocessor")  # the deployments that load models
+
+
 def _denoiser_defaults() -> DeploymentOptions:
     return DeploymentOptions(max_ongoing_requests=DENOISER_MAX_ONGOING,
                              autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1))
@@ -207,6 +210,10 @@ class AppArgs(BaseModel):
         preset = self.model_preset()  # raises ValueError naming the preset or the module
         if preset.weights == "checkpoint" and self.checkpoints is None:
             raise ValueError(f"preset {self.preset!r} needs 'checkpoints' (the official checkpoint layout)")
+        if preset.is_random and self.checkpoints is not None:  # the weights would be ignored: noise, silently
+            raise ValueError(f"checkpoints: preset {self.preset!r} has random weights and reads no checkpoints; "
+                             f"for the official weights in {self.checkpoints} set 'preset: stableavatar-1.3b'")
+        self._check_streams()
         no_path = self.jobs is None or (isinstance(self.jobs, SqliteJobsConfig) and self.jobs.path is None)
         if no_path and not isinstance(self.storage, LocalStorageConfig):
             raise ValueError(
@@ -218,6 +225,21 @@ class AppArgs(BaseModel):
         else:  # the default follows a shorter results_s
             self.storage.url_expiry_s = min(self.storage.url_expiry_s, max(1, int(self.retention.results_s)))
         return self
+
+    def _check_streams(self) -> None:
+        """``pipeline.memory.use_stream: true`` needs CUDA in every model replica (each refuses it when it loads
+        on the CPU): refused here, from the configuration alone, when a replica is bound to run on the CPU."""
+        if not self.pipeline.memory.use_stream:
+            return
+        if self.device == "cpu":
+            raise ValueError("pipeline.memory.use_stream: true prefetches blocks on CUDA streams, but device is "
+                             "'cpu' (leave use_stream unset, or set device: auto with GPU shares)")
+        on_cpu = [name for name in MODEL_DEPLOYMENTS if getattr(self, name).num_gpus == 0]
+        if self.device == "auto" and on_cpu:
+            raise ValueError(f"pipeline.memory.use_stream: true prefetches blocks on CUDA streams, but "
+                             f"{', '.join(f'{name}.num_gpus' for name in on_cpu)} is 0, so device 'auto' runs "
+                             f"{'it' if len(on_cpu) == 1 else 'them'} on the CPU (give each a GPU share, or leave "
+                             "use_stream unset)")
 
     def jobs_config(self) -> JobsConfig:
         """The jobs database: ``jobs``, else SQLite at :meth:`default_jobs_path`."""

@@ -1,4 +1,9 @@
-"""``stable-avatar serve``: start a local Ray cluster and deploy the applications of a Serve config file."""
+"""``stable-avatar serve``: start a local Ray cluster and deploy the applications of a Serve config file.
+
+Serve is started with every cluster-wide option of the file, as ``serve run`` does (``proxy_location``, all of
+``http_options``: TLS files, timeouts, root path; ``grpc_options``, ``logging_config``), validated by Serve's own
+schema; only the listening address defaults to the loopback interface instead of Serve's 0.0.0.0.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,11 @@ import importlib
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deployments.config import AppArgs
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000  # when http_options omits them: this machine only
 
 
 def _import(path: str) -> Any:
@@ -22,24 +26,44 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def serve_start_options(config: dict[str, Any]) -> dict[str, Any]:
+    """``serve.start``'s keyword arguments from a Serve config (``ValidationError`` names a bad option)."""
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    http = {"host": DEFAULT_HOST, "port": DEFAULT_PORT} | (config.get("http_options") or {})
+    schema = ServeDeploySchema.model_validate({**config, "http_options": http, "applications": []})
+    options: dict[str, Any] = {"proxy_location": schema.proxy_location,
+                               "http_options": schema.http_options.model_dump(),
+                               "grpc_options": gRPCOptions(**schema.grpc_options.model_dump())}
+    if schema.logging_config is not None:
+        options["logging_config"] = schema.logging_config
+    return options
+
+
+def base_url(http_options: dict[str, Any]) -> str:
+    """Where the proxy answers: https when a certificate is configured."""
+    scheme = "https" if http_options.get("ssl_certfile") else "http"
+    return f"{scheme}://{http_options['host']}:{http_options['port']}"
+
+
 def deploy_config(config: dict[str, Any], blocking: bool = True, ray_init: dict[str, Any] | None = None) -> str:
     """Deploy every application of ``config``; returns the base URL. Blocks until SIGINT/SIGTERM when asked."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
-    http = config.get("http_options") or {}
-    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    options = serve_start_options(config)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, **(ray_init or {}))
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": http.get("request_timeout_s")})
+    serve.start(**options)
     names = []
     for app in config.get("applications", []):
         builder = _import(app["import_path"])
         serve.run(builder(AppArgs.model_validate(app.get("args") or {})), name=app["name"],
                   route_prefix=app.get("route_prefix", "/"))
         names.append(app["name"])
-    url = f"http://{host}:{port}"
+    url = base_url(options["http_options"])
     print(f"stable-avatar-serve is listening on {url} (applications: {', '.join(names)}); Ctrl-C stops it",
           flush=True)
     if blocking:
@@ -51,9 +75,3 @@ def deploy_config(config: dict[str, Any], blocking: bool = True, ray_init: dict[
         serve.shutdown()
         ray.shutdown()
     return url
-
-
-def serve_main(config_path: Path) -> int:
-    config = yaml.safe_load(config_path.read_text())
-    deploy_config(config, blocking=True)
-    return 0

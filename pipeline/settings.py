@@ -45,6 +45,8 @@ WAN21_1P3B_E0_COEFFICIENTS: tuple[float, ...] = (
 class StepCacheSettings(BaseModel):
     """Thresholds of the acceleration levels and the runner's memory bound (service configuration)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     regular_threshold: float = Field(0.05, ge=0, le=1, description="TeaCache threshold of 'regular' (0: no skip).")
     high_threshold: float = Field(0.10, ge=0, le=1, description="TeaCache threshold of 'high' (0: no skip).")
     always_compute_first: int = Field(5, ge=1, le=100, description="Leading steps that are always computed.")
@@ -81,6 +83,9 @@ def parse_memory_mode(value: str | list[str] | tuple[str, ...]) -> str:
         raise ValueError("memory modes model_offload and block_offload exclude each other: choose one "
                          "(block_offload already offloads the other models whole)")
     return "+".join(sorted(names, key=MEMORY_MODES.index))
+
+
+BLOCK_OFFLOAD_OPTIONS: tuple[str, ...] = ("blocks_per_group", "use_stream", "offload_dir")
 
 
 class MemorySettings(BaseModel):
@@ -120,8 +125,9 @@ class MemorySettings(BaseModel):
 
     @model_validator(mode="after")
     def _combination(self) -> MemorySettings:
-        if self.offload != "block":
-            given = {"blocks_per_group", "use_stream", "offload_dir"} & self.model_fields_set
+        if self.offload != "block":  # by value, not by presence: a dumped and re-read settings object must pass
+            given = {name for name in BLOCK_OFFLOAD_OPTIONS
+                     if getattr(self, name) != type(self).model_fields[name].default}
             if given:
                 raise ValueError(f"{', '.join(sorted(given))} only apply to block_offload (mode is {self.mode!r})")
         if self.use_stream and self.blocks_per_group != 1:
@@ -139,6 +145,8 @@ class MemorySettings(BaseModel):
 
 class PipelineSettings(BaseModel):
     """Knobs that are not part of the fal schema (service configuration, not per request)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt knob (memory_mode:) must not fall back to a default
 
     overlap: int = Field(10, ge=2, le=20, description="Latent frames shared by neighbouring windows (fal: 10).")
     window_policy: WindowPolicy = Field("full", description="'full' (default) or 'upstream' (bit parity).")

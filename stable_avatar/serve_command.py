@@ -1,7 +1,8 @@
 """``stable-avatar serve``: the service on a local Ray cluster, from a Serve config file.
 
 The config is read and every application's ``args`` validated before Ray starts, so a typo stops the command at
-once with the field's name instead of after a cluster start.
+once with the field's name instead of after a cluster start; so are Serve's own options (``http_options``: TLS files
+included) and, since the replicas run on this machine, the checkpoint files a real-weights preset reads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "is the tiny preset on the CPU with local storage and SQLite: a working service with no set-up.",
                     ["stable-avatar serve                                   # ./serve_config.yaml on 127.0.0.1:8000",
                      "stable-avatar serve --port 9000",
+                     "stable-avatar serve --config examples/serve_config.one-gpu.yaml   # one GPU, real weights",
                      "stable-avatar serve --config examples/serve_config.gpu.yaml --host 0.0.0.0"])
     p.set_defaults(handler=run)
     p.add_argument("--config", type=Path, default=Path("serve_config.yaml"),
@@ -57,10 +59,11 @@ def listen_on(config: dict[str, Any], host: str | None, port: int | None) -> dic
 
 
 def _link_base(http: dict[str, Any]) -> str:
-    """The URL a browser on this machine uses for a server listening as ``http`` says."""
+    """The URL a browser on this machine uses for a server listening as ``http`` says (https with a certificate)."""
     host = str(http.get("host", DEFAULT_HOST))
     host = DEFAULT_HOST if host in WILDCARD_HOSTS else f"[{host}]" if ":" in host else host
-    return f"http://{host}:{int(http.get('port', DEFAULT_PORT))}"
+    scheme = "https" if http.get("ssl_certfile") else "http"
+    return f"{scheme}://{host}:{int(http.get('port', DEFAULT_PORT))}"
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -88,14 +91,41 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print_error(str(exc))
         return EXIT_BAD_INPUT
+    apps = {}
     for app in config.get("applications") or []:
         try:
-            AppArgs.model_validate(app.get("args") or {})
+            apps[app.get("name")] = AppArgs.model_validate(app.get("args") or {})
         except ValidationError as exc:
             print_validation_error(exc, f"--config {args.config}: application {app.get('name')!r}: args.")
             return EXIT_BAD_INPUT
 
-    from deployments.launcher import deploy_config
+    from deployments.launcher import deploy_config, serve_start_options
 
+    try:
+        serve_start_options(config)
+    except ValidationError as exc:
+        print_validation_error(exc, f"--config {args.config}: ")
+        return EXIT_BAD_INPUT
+    for name, app_args in apps.items():
+        if missing := missing_weights(app_args):
+            print_error(f"--config {args.config}: application {name!r}: args.checkpoints: {missing}")
+            return EXIT_BAD_INPUT
     deploy_config(config, blocking=True)
     return 0
+
+
+def missing_weights(args: Any) -> str | None:
+    """Why the checkpoint files of ``args`` (``AppArgs``) cannot be read here, or ``None`` (none needed, or all
+    present): otherwise every model replica would fail to start, after Ray and Serve had."""
+    if args.checkpoints is None:
+        return None
+    from pipeline.loading import CheckpointLayout, CheckpointNotFoundError
+
+    layout = CheckpointLayout(args.checkpoints.resolve(), args.variant)
+    try:
+        layout.transformer_base_files()
+        layout.require(layout.transformer_audio, layout.vae, layout.text_encoder, layout.tokenizer,
+                       layout.image_encoder, layout.audio_encoder)
+    except CheckpointNotFoundError as exc:
+        return str(exc)
+    return None

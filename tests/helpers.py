@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -106,3 +107,17 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 60) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         return process.wait()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Our metrics (Ray exports them with a ``ray_`` prefix), summed over tags other than outcome/stage/direction."""
+    values: dict[str, float] = {}
+    for line in http_bytes(url).decode().splitlines():
+        match = re.match(r"^ray_(stable_avatar_\w+?)(\{[^}]*\})? (\S+)$", line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        keep = re.findall(r'(outcome|stage|direction)="([^"]*)"', labels or "")
+        key = name + "".join(f"[{v}]" for _, v in keep)
+        values[key] = values.get(key, 0.0) + float(value)
+    return values

@@ -1,5 +1,5 @@
 """``stable-avatar submit/status/result/cancel`` against a live service, run as a user runs them (a subprocess),
-and ``stable-avatar serve --host/--port`` listening where it is told.
+and ``stable-avatar serve`` listening where it is told (``--host/--port``), over HTTPS when its config says so.
 
 The server requires an API key here, so the key handling (``FAL_KEY``, ``--key``, 401/403 messages) is checked
 along the way. Ctrl-C is checked both without a terminal (no question: the job keeps running and the command
@@ -8,15 +8,21 @@ says how to come back) and on a pseudo-terminal (it asks, and ``y`` cancels the 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import pty
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +43,7 @@ from tests.helpers import (  # noqa: E402
     synthetic_speech,
 )
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from tests.tls import make_certificates  # noqa: E402
 
 API_KEY = "cli-test-key"
 AUDIO_S = 2.0
@@ -44,15 +51,16 @@ APP = "fal-ai/stable-avatar"
 REQUEST_ID = re.compile(r"request id: ([0-9a-f]+)")
 
 
-def test_serve_listens_on_the_host_and_port_it_is_given(tmp_path):
-    """The options reach Serve's http_options: the proxy answers on the given port, not the config's."""
-    config = tmp_path / "serve_config.yaml"
-    config.write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": 8000}, "applications": []}))
-    port = free_port()
+@contextmanager
+def cli_serve(config: dict, folder: Path, *options: str) -> Iterator[list[str]]:
+    """``stable-avatar serve --config`` (a file in ``folder`` holding ``config``) in its own Ray instance, until it
+    says it is listening; yields its output lines, then stops it with Ctrl-C (it must exit cleanly)."""
+    path = folder / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
     env = cli_env() | {"RAY_ADDRESS": "local"}  # its own Ray instance, never another one on this machine
-    server = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", "serve", "--config", str(config),
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", "serve", "--config", str(path), *options],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
     try:
@@ -60,13 +68,38 @@ def test_serve_listens_on_the_host_and_port_it_is_given(tmp_path):
         while not any("is listening on" in line for line in lines):  # printed once Serve has started
             assert server.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
             time.sleep(0.2)
+        yield lines
+    finally:
+        stopped = stop_process_group(server)
+    assert stopped == 0
+
+
+def test_serve_listens_on_the_host_and_port_it_is_given(tmp_path):
+    """The options reach Serve's http_options: the proxy answers on the given port, not the config's."""
+    port = free_port()
+    config = {"http_options": {"host": "127.0.0.1", "port": 8000}, "applications": []}
+    with cli_serve(config, tmp_path, "--host", "127.0.0.1", "--port", str(port)) as lines:
         assert any(f"is listening on http://127.0.0.1:{port} " in line for line in lines), "".join(lines)
         # Serve's proxy answers there; with no application its route table stays empty, which it says
         code, answer, _ = http_json("GET", f"http://127.0.0.1:{port}/-/routes")
         assert (code, answer) == (503, {"raw": "Route table is not populated yet."})
-    finally:
-        stopped = stop_process_group(server)
-    assert stopped == 0
+
+
+def test_serve_passes_the_configs_tls_files_to_serve(tmp_path):
+    """``http_options.ssl_keyfile``/``ssl_certfile`` reach Serve's proxy: it speaks HTTPS with the config's
+    certificate (verified against the test CA), plain HTTP gets no answer, and the printed URL says https."""
+    ca, key, cert = make_certificates(tmp_path)
+    port = free_port()
+    config = {"http_options": {"host": "127.0.0.1", "port": port, "ssl_keyfile": str(key),
+                               "ssl_certfile": str(cert)}, "applications": []}
+    with cli_serve(config, tmp_path) as lines:
+        assert any(f"is listening on https://127.0.0.1:{port} " in line for line in lines), "".join(lines)
+        context = ssl.create_default_context(cafile=str(ca))
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/-/routes", context=context, timeout=30)
+        assert answer.value.code == 503 and answer.value.read() == b"Route table is not populated yet."
+        with pytest.raises((ConnectionError, http.client.HTTPException, urllib.error.URLError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/routes", timeout=30)
 
 
 @pytest.fixture(scope="module")

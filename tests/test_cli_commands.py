@@ -135,6 +135,15 @@ def test_host_and_port_replace_the_configs_and_its_own_links_follow():
     assert listen_on(config, None, None) == config
 
 
+def test_links_follow_the_port_over_https_when_the_config_has_a_certificate():
+    config = shipped_config()
+    config["http_options"] |= {"ssl_keyfile": "key.pem", "ssl_certfile": "cert.pem"}
+    config["applications"][0]["args"]["storage"]["public_base_url"] = "https://127.0.0.1:8000"
+    moved = listen_on(config, None, 9443)
+    assert moved["applications"][0]["args"]["storage"]["public_base_url"] == "https://127.0.0.1:9443"
+    assert moved["http_options"]["ssl_certfile"] == "cert.pem"
+
+
 def test_links_to_another_address_or_to_s3_stay_as_configured():
     config = shipped_config()
     storage = config["applications"][0]["args"]["storage"]
@@ -160,3 +169,23 @@ def test_serve_refuses_a_bad_config_before_starting_ray(tmp_path):
 
     run = run_cli(["serve", "--config", str(tmp_path / "missing.yaml")], REPO_ROOT)
     assert run.exit_code == 2 and f"error: --config {tmp_path / 'missing.yaml'}: No such file" in run.stderr
+
+
+def test_serve_refuses_missing_weights_and_bad_serve_options_before_starting_a_cluster(tmp_path):
+    """The one-GPU example whose ``checkpoints`` folder holds no weights stops at once naming the file it looked
+    for, not after Ray has started and every model replica failed; a Serve option that Serve would refuse (TLS with
+    a certificate but no key) is named the same way."""
+    config = yaml.safe_load((REPO_ROOT / "examples" / "serve_config.one-gpu.yaml").read_text())
+    config["applications"][0]["args"]["checkpoints"] = str(tmp_path / "weights")
+    path = tmp_path / "one-gpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = run_cli(["serve", "--config", str(path)], REPO_ROOT)
+    assert run.exit_code == 2, run.stderr
+    assert (f"error: --config {path}: application 'stable-avatar': args.checkpoints: base transformer weights not "
+            f"found in {tmp_path / 'weights' / 'Wan2.1-Fun-V1.1-1.3B-InP'}") in run.stderr
+    assert "stable-avatar download-weights" in run.stderr
+
+    config["http_options"]["ssl_certfile"] = str(tmp_path / "server.pem")
+    path.write_text(yaml.safe_dump(config))
+    run = run_cli(["serve", "--config", str(path)], REPO_ROOT)
+    assert run.exit_code == 2 and f"error: --config {path}: http_options.ssl_certfile:" in run.stderr, run.stderr

@@ -457,3 +457,19 @@ def test_unknown_kinds_are_not_waved_through(schemas: CrdSchemas) -> None:
     assert check_manifest(doc, schemas) == ["kind: no offline check for 'Deployment'; add one to "
                                             "tools/k8s_validate.py"]
     assert Manifest(doc, K8S_DIR / "x.yaml").where == "k8s/x.yaml: Deployment/x"
+
+
+def test_the_dashboard_and_the_metrics_table_name_the_metrics_the_service_defines() -> None:
+    """Every ``stable_avatar_*`` series the Grafana dashboard queries is defined in ``deployments/runtime/metrics.py``
+    (a renamed metric would leave an empty panel), and docs/operations.md's table lists exactly the defined ones."""
+    import re
+
+    source = (REPO_ROOT / "deployments" / "runtime" / "metrics.py").read_text()
+    defined = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(stable_avatar_\w+)"', source))
+    dashboard = (K8S_DIR / "grafana" / "stable-avatar-dashboard.json").read_text()
+    queried = {re.sub(r"_(bucket|count|sum)$", "", name) for name in re.findall(r"ray_(stable_avatar_\w+)", dashboard)}
+    documented = set(re.findall(r"`ray_(stable_avatar_\w+)", (REPO_ROOT / "docs" / "operations.md").read_text()))
+    assert queried <= defined, queried - defined
+    assert documented == defined, documented ^ defined
+    assert {"stable_avatar_prompt_cache_hits_total", "stable_avatar_prompt_cache_misses_total",
+            "stable_avatar_prompt_cache_bytes"} <= queried

@@ -202,6 +202,16 @@ def test_a_mode_that_cannot_work_is_a_settings_error(memory, message):
     assert caught.value.errors()[0]["loc"][0] == "memory"
 
 
+@pytest.mark.parametrize("memory", [{}, {"mode": "model_offload", "text_encoder_device": "cpu"},
+                                    {"mode": "block_offload", "blocks_per_group": 2, "offload_dir": "/tmp/x"}])
+def test_dumped_settings_read_back_as_they_were(memory):
+    """The service's replicas re-read their pipeline settings from a dump (every field present): the block-offload
+    options' defaults must not count as given under another mode."""
+    settings = PipelineSettings(memory=memory)
+    assert PipelineSettings.model_validate(settings.model_dump()) == settings
+    assert PipelineSettings.model_validate_json(settings.model_dump_json()) == settings
+
+
 def test_a_list_of_modes_is_the_joined_mode():
     assert MemorySettings(mode=["fp8_weights", "block_offload"]).mode == "block_offload+fp8_weights"
     settings = MemorySettings(mode="fp8_weights+model_offload")

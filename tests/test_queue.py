@@ -31,6 +31,7 @@ from tests.helpers import (  # noqa: E402
     data_uri,
     http_bytes,
     http_json,
+    scrape,
     synthetic_speech,
 )
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
@@ -178,20 +179,6 @@ def test_submit_status_result_roundtrip(service):
     assert (service["root"] / owner_inputs[1]).read_bytes() == EXAMPLE_IMAGE.read_bytes()
     row = service["store"].get(rid, "")
     assert row.attempts == 1 and row.epoch == 1 and row.result_keys == [f"results/{rid}/e1/output.mp4"]
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Our metrics (Ray exports them with a ``ray_`` prefix), summed over tags other than outcome/stage/direction."""
-    values: dict[str, float] = {}
-    for line in http_bytes(url).decode().splitlines():
-        match = re.match(r"^ray_(stable_avatar_\w+?)(\{[^}]*\})? (\S+)$", line)
-        if not match:
-            continue
-        name, labels, value = match.groups()
-        keep = re.findall(r'(outcome|stage|direction)="([^"]*)"', labels or "")
-        key = name + "".join(f"[{v}]" for _, v in keep)
-        values[key] = values.get(key, 0.0) + float(value)
-    return values
 
 
 def test_metrics_move_with_a_job(service):

@@ -1,6 +1,7 @@
 """Every Serve config the project ships loads through Ray's schema and ``AppArgs``, or fails naming file and field.
 
-Configs: ``serve_config.yaml``, ``examples/serve_config.gpu.yaml`` and the ``serveConfigV2`` of every RayService
+Configs: ``serve_config.yaml``, ``examples/serve_config.gpu.yaml``, ``examples/serve_config.one-gpu.yaml`` (its
+shape runs a job in ``tests/test_one_gpu_service.py``) and the ``serveConfigV2`` of every RayService
 that the kustomizations under ``k8s/`` render (the base, and the dev overlay with its JSON6902 patches applied as
 kustomize would). Ray's pydantic schemas ignore unknown keys, so a misspelt field would silently fall back to a
 default; unknown keys are therefore reported too, at every level Ray's schema models.
@@ -24,7 +25,8 @@ from deployments.config import AppArgs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S = REPO_ROOT / "k8s"
-SERVE_FILES = ["serve_config.yaml", "examples/serve_config.gpu.yaml"]
+ONE_GPU = "examples/serve_config.one-gpu.yaml"
+SERVE_FILES = ["serve_config.yaml", "examples/serve_config.gpu.yaml", ONE_GPU]
 BUILDER = "deployments.app:build_app"
 
 
@@ -155,6 +157,7 @@ CONFIGS = shipped_configs()
 def test_every_shipped_config_is_found():
     assert sorted(CONFIGS) == [
         "examples/serve_config.gpu.yaml",
+        ONE_GPU,
         "k8s/base RayService/stable-avatar serveConfigV2",
         "k8s/overlays/dev RayService/stable-avatar serveConfigV2",
         "serve_config.yaml",
@@ -169,8 +172,9 @@ def test_config_loads_through_ray_schema_and_app_args(where):
     problems = config_problems(CONFIGS[where])
     assert not problems, f"{where}:\n  " + "\n  ".join(problems)
     args = AppArgs.model_validate(CONFIGS[where]["applications"][0]["args"])
-    if where != "serve_config.yaml":  # the GPU set-ups run the real model
-        assert args.preset == "stableavatar-1.3b" and args.checkpoints == Path("/models/stableavatar")
+    if where != "serve_config.yaml":  # the GPU set-ups run the real model, where download-weights put it
+        folder = Path("checkpoints") if where == ONE_GPU else Path("/models/stableavatar")
+        assert args.preset == "stableavatar-1.3b" and args.checkpoints == folder
         assert args.denoiser.num_gpus > 0
 
 
@@ -237,6 +241,25 @@ def test_denoiser_replica_loads_with_the_orchestrator_state_dtype():
         == torch.float32
 
 
+def test_a_replica_loads_its_models_in_the_configured_memory_mode():
+    """``pipeline.memory`` reaches ``load_models`` from the app args: the Preprocessor's models offloaded whole, T5
+    kept on the CPU (``text_encoder_device: cpu``); the Denoiser's DiT under the same hooks."""
+    from accelerate.hooks import CpuOffload
+
+    from deployments.workers.models import load_replica_models
+
+    args = AppArgs(preset="tiny", device="cpu",
+                   pipeline={"memory": {"mode": "model_offload", "text_encoder_device": "cpu"}})
+    bundle = load_replica_models(args, args.preprocessor, ["vae", "text_encoder", "image_encoder", "audio_encoder"])
+    assert bundle.placement.describe()["components"] == {
+        "audio_encoder": "model_offload", "vae": "model_offload", "image_encoder": "model_offload",
+        "text_encoder": "cpu"}
+    assert isinstance(bundle.vae._hf_hook, CpuOffload) and not hasattr(bundle.text_encoder, "_hf_hook")
+    dit = load_replica_models(args, args.denoiser, ["transformer"])
+    assert dit.placement.describe() == {"mode": "model_offload", "device": "cpu",
+                                        "components": {"transformer": "model_offload"}, "fp8_weights": []}
+
+
 # ------------------------------------------------------------------------ the Denoisers' queue and autoscaling
 
 
@@ -281,3 +304,97 @@ def test_s3_storage_needs_a_shared_jobs_database(tmp_path, monkeypatch):
     assert local.jobs_config() == SqliteJobsConfig() and local.default_jobs_path() == tmp_path / "data" / "jobs.sqlite3"
     with pytest.raises(ValidationError, match="dsn"):  # a DSN (a password) never comes from the YAML
         AppArgs.model_validate({"jobs": {"kind": "postgres", "dsn": "postgresql://u:p@h/db"}})
+
+
+# ------------------------------------------------------------------------------------------------ one GPU
+
+
+def test_the_one_gpu_config_places_every_model_on_one_card_and_fits_24_gb():
+    """Fractional shares Ray can place on one GPU (the CPU deployments take none), one Denoiser, local storage and
+    SQLite (nothing else to set up), and the memory mode whose estimated peak with two jobs at once, plus a CUDA
+    context per model process and the step cache's bound, fits a 24 GB card (``bench/service_memory.py``)."""
+    import json
+
+    from deployments.config import MODEL_DEPLOYMENTS
+    from deployments.jobstore import SqliteJobsConfig
+    from deployments.storage import LocalStorageConfig
+
+    args = AppArgs.model_validate(CONFIGS[ONE_GPU]["applications"][0]["args"])
+    shares = {name: getattr(args, name).num_gpus for name in MODEL_DEPLOYMENTS}
+    assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) == 1, shares
+    assert args.gateway.num_gpus == args.orchestrator.num_gpus == 0
+    assert (args.denoiser.autoscaling.min_replicas, args.denoiser.autoscaling.max_replicas) == (1, 1)
+    assert isinstance(args.storage, LocalStorageConfig) and isinstance(args.jobs_config(), SqliteJobsConfig)
+    assert args.pipeline.memory.mode == "block_offload" and args.pipeline.memory.text_encoder_device == "auto"
+
+    estimate = json.loads((REPO_ROOT / "bench/results/service_memory.json").read_text())
+    cuda_context_gb, card_gb = 1.0, 24 * 2**30 / 1e9
+    need = (estimate["modes"][args.pipeline.memory.mode]["two_jobs_gb"] + len(MODEL_DEPLOYMENTS) * cuda_context_gb
+            + args.pipeline.step_cache.max_bytes / 1e9)
+    assert need <= card_gb, f"{need:.1f} GB > {card_gb:.1f} GB"
+    assert estimate["modes"]["full"]["two_jobs_gb"] > card_gb  # why the default is not 'full'
+
+
+def test_the_service_memory_estimate_is_the_scripts(tmp_path):
+    """``bench/results/service_memory.*`` is what ``bench/service_memory.py`` computes from the committed
+    single-process estimate (so the config test above reads current numbers)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "service_memory.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench/service_memory.py"), "--json", str(out)], check=True,
+                   capture_output=True, cwd=REPO_ROOT)
+    assert out.read_text() == (REPO_ROOT / "bench/results/service_memory.json").read_text()
+    assert out.with_suffix(".txt").read_text() == (REPO_ROOT / "bench/results/service_memory.txt").read_text()
+
+
+def _one_gpu_args() -> dict[str, Any]:
+    return copy.deepcopy(CONFIGS[ONE_GPU]["applications"][0]["args"])
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda a: a.update(preset="tiny"), r"checkpoints: preset 'tiny' has random weights .*'preset: stableavatar-1\.3b'"),
+    (lambda a: a.update(preset="stableavatar-1.3b-random"), "checkpoints: preset 'stableavatar-1.3b-random' has random"),
+    (lambda a: (a.update(device="cpu"), a["pipeline"]["memory"].update(use_stream=True)),
+     r"pipeline\.memory\.use_stream: true .* device is 'cpu'"),
+    (lambda a: (a["postprocessor"].update(num_gpus=0), a["pipeline"]["memory"].update(use_stream=True)),
+     r"pipeline\.memory\.use_stream: true .* postprocessor\.num_gpus is 0"),
+    (lambda a: a["pipeline"]["memory"].update(mode="block_offload+model_offload"), "exclude each other"),
+    (lambda a: a["pipeline"]["memory"].update(mode="half"), "unknown memory mode"),
+    (lambda a: a["pipeline"].update(memory_mode="full"), "pipeline.memory_mode: Extra inputs"),
+    (lambda a: a["pipeline"]["step_cache"].update(max_byte=1), "pipeline.step_cache.max_byte: Extra inputs"),
+])
+def test_the_app_args_refuse_a_memory_setting_that_cannot_work(change, named):
+    """Refused when the config is read (Serve's deploy, ``stable-avatar serve``), naming the field, before any
+    replica starts and without importing a model library (``tests/test_layering.py``)."""
+    import re
+
+    args = _one_gpu_args()
+    change(args)
+    with pytest.raises(ValidationError) as refused:
+        AppArgs.model_validate(args)
+    text = "\n".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in refused.value.errors())
+    assert re.search(named, text), text
+
+
+def test_use_stream_is_accepted_where_every_model_replica_has_a_gpu():
+    args = _one_gpu_args()
+    args["pipeline"]["memory"]["use_stream"] = True
+    assert AppArgs.model_validate(args).pipeline.memory.use_stream is True
+    args["device"] = "cuda"
+    args["preprocessor"]["num_gpus"] = 0  # device cuda: every replica on CUDA whatever its share
+    assert AppArgs.model_validate(args).device == "cuda"
+
+
+def test_relative_checkpoints_and_offload_folder_resolve_where_the_config_is_read(tmp_path, monkeypatch):
+    """Replicas may start in another working directory: ``checkpoints: checkpoints`` (the one-GPU example's) and a
+    relative ``offload_dir`` are pinned where ``stable-avatar serve`` runs."""
+    from deployments.app import pin_paths
+
+    args = _one_gpu_args()
+    args["pipeline"]["memory"]["offload_dir"] = "offload"
+    monkeypatch.chdir(tmp_path)
+    pinned = pin_paths(AppArgs.model_validate(args))
+    assert pinned.checkpoints == tmp_path / "checkpoints"
+    assert pinned.pipeline.memory.offload_dir == tmp_path / "offload"
+    assert pinned.pipeline.memory.mode == "block_offload" and pinned.pipeline.step_cache.max_bytes == 2**31

@@ -6,6 +6,7 @@ Ray exports them from each node's metrics agent (``ray start --metrics-export-po
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -78,6 +79,57 @@ def retention_failed_total() -> Counter:
     return Counter("stable_avatar_retention_failed_total",
                    description="Objects the retention sweeper could not delete (retried next sweep), by kind.",
                    tag_keys=("kind",))
+
+
+@cache
+def prompt_cache_hits() -> Counter:
+    return Counter("stable_avatar_prompt_cache_hits_total",
+                   description="Prompts whose T5 embedding a Preprocessor replica found in its prompt cache.")
+
+
+@cache
+def prompt_cache_misses() -> Counter:
+    return Counter("stable_avatar_prompt_cache_misses_total",
+                   description="Prompts a Preprocessor replica ran T5 for (not in its prompt cache).")
+
+
+@cache
+def prompt_cache_evictions() -> Counter:
+    return Counter("stable_avatar_prompt_cache_evictions_total",
+                   description="Embeddings dropped from a Preprocessor's prompt cache to stay within its bytes.")
+
+
+@cache
+def prompt_cache_entries() -> Gauge:
+    return Gauge("stable_avatar_prompt_cache_entries", description="Prompts held in a Preprocessor's prompt cache.")
+
+
+@cache
+def prompt_cache_bytes() -> Gauge:
+    return Gauge("stable_avatar_prompt_cache_bytes",
+                 description="Bytes of embeddings held in a Preprocessor's prompt cache (bound: "
+                 "pipeline.prompt_cache_bytes).")
+
+
+PROMPT_CACHE_COUNTERS = {"hits": prompt_cache_hits, "misses": prompt_cache_misses,
+                         "evictions": prompt_cache_evictions}
+
+
+class PromptCacheMetrics:
+    """Publishes a replica's prompt-cache statistics (``pipeline.prompt_cache.PromptCacheStats.as_dict()``): the
+    cache counts from the replica's start, a Prometheus counter takes increments, so each report adds what
+    changed since the last one; the gauges take the current content."""
+
+    def __init__(self) -> None:
+        self._reported = dict.fromkeys(PROMPT_CACHE_COUNTERS, 0)
+
+    def report(self, stats: Mapping[str, int]) -> None:
+        for name, counter in PROMPT_CACHE_COUNTERS.items():
+            if stats[name] > self._reported[name]:
+                counter().inc(stats[name] - self._reported[name])
+                self._reported[name] = stats[name]
+        prompt_cache_entries().set(stats["entries"])
+        prompt_cache_bytes().set(stats["bytes"])
 
 
 def record_retention(report) -> None:

@@ -52,6 +52,7 @@ class Denoiser:
     def __init__(self, args: AppArgs):
         bundle = load_replica_models(args, args.denoiser, ["transformer"])
         settings = args.pipeline
+        self.placement = bundle.placement  # never released: the DiT stays placed between units
         self.denoiser = WindowDenoiser(bundle.transformer, compile=settings.compile)
         self.step_cache_settings = settings.step_cache
         self.step_cache = StepCache.from_settings(settings.step_cache)
@@ -64,8 +65,9 @@ class Denoiser:
         self._crash_file = Path(crash_file) if crash_file else None
 
     def ready(self) -> dict:
-        """Readiness: answering at all means the constructor, which loads the models, has finished."""
-        return {"deployment": "Denoiser", "replica": replica_name()}
+        """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
+        the DiT lives (the memory mode)."""
+        return {"deployment": "Denoiser", "replica": replica_name(), "memory": self.placement.describe()}
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:

@@ -28,8 +28,10 @@ class Postprocessor:
         self._lock = asyncio.Lock()  # one streaming decode per VAE at a time
 
     def ready(self) -> dict:
-        """Readiness: answering at all means the constructor, which loads the models, has finished."""
-        return {"deployment": "Postprocessor", "replica": replica_name()}
+        """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
+        the VAE lives (the memory mode)."""
+        return {"deployment": "Postprocessor", "replica": replica_name(),
+                "memory": self.pipeline.models.placement.describe()}
 
     async def finish(self, prepared: PreparedRequest, latents: torch.Tensor | list[ray.ObjectRef],
                      key: str) -> PostprocessResult:

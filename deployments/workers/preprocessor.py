@@ -4,6 +4,9 @@ Inputs are untrusted: objects in our own storage are read only when the Gateway 
 (``stored``: the job's own ``data:`` inputs, the caller's uploads); URLs go through :func:`guarded_fetch.fetch_input` (SSRF guard, size and time limits) and
 the bytes through :mod:`pipeline.media.validate` before the models see them, image first (cheap) so a bad image
 is refused before a large audio file is downloaded. Every refusal is an ``InputError`` naming the field.
+
+Each replica keeps the pipeline's prompt-embedding cache (``pipeline.prompt_cache_bytes``, LRU by prompt text), so a
+prompt reused across requests costs one T5 forward per replica; its counters go to the metrics after every request.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from ray import serve
 
 from deployments.config import AppArgs
+from deployments.runtime.metrics import PromptCacheMetrics
 from deployments.runtime.replica import replica_name
 from deployments.storage import StorageNotFoundError, StorageTooLargeError, make_storage
 from deployments.storage.s3_inputs import S3InputReader
@@ -36,10 +40,15 @@ class Preprocessor:
         self.inputs = args.inputs
         self.guard = args.inputs.guard()
         self.s3_inputs = S3InputReader(self.storage)
+        self.prompt_cache_metrics = PromptCacheMetrics()
+        self.prompt_cache_metrics.report(self.pipeline.prompt_cache.stats.as_dict())
 
     def ready(self) -> dict:
-        """Readiness: answering at all means the constructor, which loads the models, has finished."""
-        return {"deployment": "Preprocessor", "replica": replica_name()}
+        """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
+        the models live (the memory mode) and what the prompt cache holds."""
+        return {"deployment": "Preprocessor", "replica": replica_name(),
+                "memory": self.pipeline.models.placement.describe(),
+                "prompt_cache": self.pipeline.prompt_cache.stats.as_dict()}
 
     def _read(self, url: str, field: InputField, key: str | None) -> bytes:
         """``key``: the object in our storage that stands for this field (a stored ``data:`` URI, an upload),
@@ -84,8 +93,11 @@ class Preprocessor:
             seed=request.seed if seed is None else seed, acceleration=request.acceleration,
         )
         async with self._lock:
-            prepared = await asyncio.to_thread(self.pipeline.prepare, picture, audio, params, request_id,
-                                               notes.append, checked.samples)
+            try:
+                prepared = await asyncio.to_thread(self.pipeline.prepare, picture, audio, params, request_id,
+                                                   notes.append, checked.samples)
+            finally:
+                self.prompt_cache_metrics.report(self.pipeline.prompt_cache.stats.as_dict())
         prepared.notes = notes
         prepared.input_bytes = len(image) + len(audio)
         return prepared
