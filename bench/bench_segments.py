@@ -1,0 +1,322 @@
+"""Long videos in segments on this machine: decode + encode in segments against the serial path (issue 20, (b)).
+
+Part ``decode`` (the only part so far; the cluster runs, (a) replicas through Serve and (c) end to end, come with
+the Postprocessor deployment and add their own parts and summary keys). Per case, the serial path
+(``StableAvatarPipeline.finish``) and the segment plans for several Postprocessor replica counts, run here one
+segment after another: each segment's decode + encode (``finish_segment``) and the stitch (``stitch_segments``),
+each warm-up on its own against its model (``DecoderReach.warm_up_cost``, in latents' worth of serial decoding),
+the largest difference of any pixel between the segments' frames and the serial frames (uint8 levels), and the
+stitched file's frame count and durations against the serial file's.
+
+Cases:
+
+* ``tiny``: the tiny preset's Wan VAE (the real decoder's layout, base_dim 4, random weights) at 48x80, 60 s;
+* ``simulated-realsize``: the benchmarks' stand-in VAE (bench/simulated.py) at 480x832, 30 s (quick: 10 s): real
+  frame sizes through ffmpeg, near-free decoding;
+* ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at 32x32 pixels (the reach is
+  temporal, the frame size only sets the cost): the reach measured by perturbing one latent, one segment past
+  the reach against the serial stream, and the drift of frames decoded after warm-ups shorter than the reach.
+
+    python bench/bench_segments.py           # -> bench/results/segments.{json,txt}
+    python bench/bench_segments.py --quick   # under 10 minutes; the last line is JSON ({"max_pixel_diff": ...})
+
+The "parallel estimate" is the slowest segment plus the stitch: what n replicas would take with nothing else
+competing. Everything runs on a shared 2-core box, so timings are noisy (each row records the load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import bench.simulated  # noqa: E402, F401  (registers the simulated-realsize preset)
+from bench.stats import load_average  # noqa: E402
+from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments  # noqa: E402
+from pipeline.loading import load_models  # noqa: E402
+from pipeline.media.stitch import read_video_packets  # noqa: E402
+from pipeline.media.video import probe_media  # noqa: E402
+from pipeline.models.vae import StreamingVaeDecoder, decoder_reach  # noqa: E402
+from pipeline.presets import get_preset  # noqa: E402
+from pipeline.segment_plan import DecoderReach, LatentSegment, first_frame, plan_segments  # noqa: E402
+from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
+from tests.helpers import synthetic_speech  # noqa: E402
+
+NOISE_NOTE = ("segments run one after another in one process on a shared 2-core CPU box; timings are noisy (load "
+              "average recorded per row); the parallel estimate assumes n idle replicas")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    preset: str
+    width: int
+    height: int
+    seconds: float
+    replicas: tuple[int, ...]
+    min_segment_latents: int
+    threads: int  # torch threads: the tiny presets pin 1; the real widths use both cores
+
+
+def request(case: Case, workdir: Path) -> PreparedRequest:
+    audio = synthetic_speech(workdir / f"{case.name}.wav", case.seconds)
+    plan = plan_windows(round(case.seconds * SAMPLE_RATE), overlap=10)
+    return PreparedRequest(request_id=case.name, seed=0, width=case.width, height=case.height, plan=plan,
+                           conditioning=None, audio_bytes=audio.read_bytes(), audio_seconds=case.seconds)
+
+
+def whole(prepared: PreparedRequest, reach: DecoderReach) -> LatentSegment:
+    plan = prepared.plan
+    (segment,) = plan_segments(plan.decoded_latent_frames, 1, 2, reach, plan.output_frames)
+    return segment
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ffmpeg): the work done, whatever else ran."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - started
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``, its wall time and its CPU time (this process and the children it waited for)."""
+    cpu = cpu_seconds()
+    value, wall = timed(fn)
+    return value, wall, cpu_seconds() - cpu
+
+
+def durations(path: Path) -> dict[str, float]:
+    info = probe_media(path)
+    return {"format": float(info["format"]["duration"]),
+            **{s["codec_type"]: float(s["duration"]) for s in info["streams"]}}
+
+
+def decode_case(case: Case, workdir: Path) -> list[dict]:
+    """The serial path, then each replica count's segments one after another, then the stitch."""
+    pipeline = StableAvatarPipeline(load_models(get_preset(case.preset), ["vae"]))
+    torch.set_num_threads(case.threads)
+    prepared = request(case, workdir)
+    plan = prepared.plan
+    latents = torch.randn(prepared.latent_shape, generator=torch.Generator().manual_seed(0))
+    reach = pipeline.decoder_reach
+    serial_frames = np.lib.format.open_memmap(workdir / f"{case.name}-serial.npy", mode="w+", dtype=np.uint8,
+                                              shape=(plan.output_frames, case.height, case.width, 3))
+
+    def decode_serial() -> None:
+        at = 0
+        for pixels in pipeline.segment_frames(whole(prepared, reach), latents):
+            serial_frames[at:at + len(pixels)] = pixels
+            at += len(pixels)
+
+    _, serial_decode_s, serial_decode_cpu = timed_cpu(decode_serial)
+    serial, serial_s, serial_cpu = timed_cpu(
+        lambda: pipeline.finish(prepared, latents, workdir / f"{case.name}-serial.mp4"))
+    serial_durations = durations(serial.path)
+    latent_decode_cpu = serial_decode_cpu / plan.decoded_latent_frames
+    rows = []
+    for replicas in case.replicas:
+        segments = pipeline.plan_segments(prepared, replicas, case.min_segment_latents)
+        files, segment_s, segment_cpu, warm_up_cpu, max_diff = [], [], [], [], 0
+        for segment in segments:
+            path = workdir / f"{case.name}-{replicas}-{segment.index}.mp4"
+            result, wall, cpu = timed_cpu(lambda s=segment, p=path: pipeline.finish_segment(
+                s, latents, case.width, case.height, p))
+            files.append(result.path)
+            segment_s.append(wall)
+            segment_cpu.append(cpu)
+            if segment.warm_up:
+                decoder = StreamingVaeDecoder(pipeline.models.vae)
+                before = latents[:, :, segment.warm_up_start:segment.start]
+                warm_up_cpu.append(timed_cpu(lambda d=decoder, b=before: d.warm_up(b))[2])
+                decoder.close()
+            at = segment.frame_start
+            for pixels in pipeline.segment_frames(segment, latents):
+                diff = np.abs(pixels.astype(np.int16) - serial_frames[at:at + len(pixels)].astype(np.int16))
+                max_diff = max(max_diff, int(diff.max()))
+                at += len(pixels)
+        out = workdir / f"{case.name}-{replicas}-stitched.mp4"
+        stitched, stitch_s, stitch_cpu = timed_cpu(
+            lambda s=segments, f=files, o=out: stitch_segments(prepared, s, f, o))
+        frames = len(read_video_packets(stitched.path).packets)
+        stitched_durations = durations(stitched.path)
+        slowest = max(segment_cpu)
+        warm_up_mean = sum(warm_up_cpu) / len(warm_up_cpu) if warm_up_cpu else 0.0
+        rows.append({
+            "case": case.name, "preset": case.preset, "size": f"{case.width}x{case.height}",
+            "video_s": case.seconds, "latents": plan.decoded_latent_frames, "replicas": replicas,
+            "segments": len(segments), "lengths": [s.end - s.start for s in segments],
+            "warm_ups": [s.warm_up for s in segments],
+            "serial_s": round(serial_s, 2), "serial_cpu_s": round(serial_cpu, 2),
+            "serial_decode_cpu_s": round(serial_decode_cpu, 2),
+            "segment_s": [round(s, 2) for s in segment_s], "segment_cpu_s": [round(s, 2) for s in segment_cpu],
+            "segments_cpu_s": round(sum(segment_cpu), 2), "stitch_s": round(stitch_s, 2),
+            "stitch_cpu_s": round(stitch_cpu, 2), "overhead": round(sum(segment_cpu) / serial_cpu - 1, 3),
+            "parallel_estimate_cpu_s": round(slowest + stitch_cpu, 2),
+            "speedup_estimate": round(serial_cpu / (slowest + stitch_cpu), 2),
+            "warm_up_cpu_s": round(warm_up_mean, 3),
+            "warm_up_latents_measured": round(warm_up_mean / latent_decode_cpu, 2) if warm_up_cpu else None,
+            "warm_up_latents_model": round(reach.warm_up_cost, 2),
+            "max_pixel_diff": max_diff, "frames": frames, "serial_frames": serial.frames,
+            "durations": stitched_durations, "serial_durations": serial_durations,
+            "same_frames_and_duration": frames == serial.frames and stitched_durations == serial_durations,
+            "load_average": load_average(),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def perturbation_reach(vae: torch.nn.Module, latents: int = 44, perturbed: int = 2) -> int:
+    """Latents after ``perturbed`` whose frames change when it changes (at 1x1 latent: the reach is temporal)."""
+    base = torch.randn(1, 16, latents, 1, 1, generator=torch.Generator().manual_seed(1))
+    bumped = base.clone()
+    bumped[:, :, perturbed] += 1.0
+
+    def frames(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(StreamingVaeDecoder(vae).decode(x, clamp=False)), dim=2)
+
+    changed = (frames(bumped) != frames(base)).flatten(3).any(-1).any(1)[0].nonzero().flatten()
+    last_frame = int(changed.max())
+    return max(t for t in range(latents) if first_frame(t) <= last_frame) - perturbed
+
+
+def warm_up_drift(vae: torch.nn.Module, height: int, width: int, start: int = 44, length: int = 4) -> list[dict]:
+    """One segment of ``length`` latents at ``start`` after warm-ups cut to w latents (each stage capped at w),
+    against the serial stream: the largest float and uint8 differences of its frames."""
+    from pipeline.models.vae import frames_to_uint8
+
+    reach = decoder_reach(vae)
+    latents = torch.randn(1, 16, start + length, height // 8, width // 8, generator=torch.Generator().manual_seed(2))
+    serial, _, serial_cpu = timed_cpu(lambda: torch.cat(list(StreamingVaeDecoder(vae).decode(latents)), dim=2))
+    want = serial[:, :, first_frame(start):]
+    rows = []
+    for w in sorted({4, 8, 16, 24, 28, 32, 36, reach.latents - 1, reach.latents}):
+        cut = DecoderReach(tuple(min(w, s) for s in reach.stage_latents), reach.stage_cost)
+        decoder = StreamingVaeDecoder(vae)
+        _, _, warm_cpu = timed_cpu(lambda d=decoder, c=cut: d.warm_up(latents[:, :, :start], c))
+        got = decoder.feed(latents[:, :, start:])
+        levels = np.abs(frames_to_uint8(got).astype(np.int16) - frames_to_uint8(want).astype(np.int16)).max()
+        rows.append({"warm_up_latents": w, "stage_latents": list(cut.stage_latents),
+                     "max_abs_diff": float((got - want).abs().max()), "max_pixel_diff": int(levels),
+                     "warm_up_cpu_s": round(warm_cpu, 2), "warm_up_latents_measured":
+                         round(warm_cpu / (serial_cpu / latents.shape[2]), 2),
+                     "warm_up_latents_model": round(cut.warm_up_cost, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def real_widths_part() -> dict:
+    """The real Wan2.1 VAE architecture (random weights) at 32x32 pixels."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    vae = load_models(get_preset("stableavatar-1.3b-random"), ["vae"]).vae
+    reach = decoder_reach(vae)
+    measured, reach_s = timed(lambda: perturbation_reach(vae))
+    drift = warm_up_drift(vae, 32, 32)
+    return {"stage_latents": list(reach.stage_latents), "stage_cost": [round(c, 4) for c in reach.stage_cost],
+            "warm_up_latents_model": round(reach.warm_up_cost, 2), "perturbation_reach": measured,
+            "perturbation_s": round(reach_s, 1), "drift": drift, "load_average": load_average()}
+
+
+def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
+    cases = [
+        Case("tiny", "tiny", 48, 80, 60.0, (2, 4, 8), 16, 1),
+        Case("simulated-realsize", "simulated-realsize", 480, 832, 10.0 if quick else 30.0,
+             (4,) if quick else (2, 4, 8), 16, 1),
+    ]
+    rows = [row for case in cases for row in decode_case(case, workdir)]
+    result: dict[str, Any] = {"rows": rows}
+    if not quick:
+        result["wan_real_widths"] = real_widths_part()
+    summary = {"max_pixel_diff": max(r["max_pixel_diff"] for r in rows),
+               "stitched_like_serial": all(r["same_frames_and_duration"] for r in rows)}
+    return result, summary
+
+
+PARTS: dict[str, Callable[[bool, Path], tuple[dict, dict]]] = {"decode": decode_part}
+
+
+def text_report(results: dict, meta: dict) -> str:
+    lines = [f"segmented decode + encode vs serial, one segment after another ({meta['label']})", meta["note"],
+             "CPU s: this process and its ffmpeg children (the work, whatever else ran); speedup est.: serial CPU "
+             "/ (slowest segment + stitch), as if each segment had its own idle replica; overhead: all segments' "
+             "CPU against the serial path's", ""]
+    lines.append("case               | size    | video s | latents | replicas | lengths (warm-ups)                 "
+                 "     | serial CPU s (wall) | segments CPU s | slowest | stitch | speedup est. | overhead | "
+                 "warm-up latents measured (model) | max pixel diff | frames | same frames+durations | load")
+    for r in results["decode"]["rows"]:
+        cuts = " ".join(f"{n}({w})" for n, w in zip(r["lengths"], r["warm_ups"], strict=True))
+        measured = "-" if r["warm_up_latents_measured"] is None else f"{r['warm_up_latents_measured']:.1f}"
+        lines.append(
+            f"{r['case']:<18} | {r['size']:<7} | {r['video_s']:>7g} | {r['latents']:>7} | {r['replicas']:>8} | "
+            f"{cuts:<40} | {r['serial_cpu_s']:>10.1f} ({r['serial_s']:>6.1f}) | {r['segments_cpu_s']:>14.1f} | "
+            f"{max(r['segment_cpu_s']):>7.1f} | {r['stitch_cpu_s']:>6.2f} | {r['speedup_estimate']:>12.2f} | "
+            f"{r['overhead']:>+8.1%} | {measured:>25} ({r['warm_up_latents_model']:.1f}) | "
+            f"{r['max_pixel_diff']:>14} | {r['frames']:>6} | {str(r['same_frames_and_duration']):>21} | "
+            f"{r['load_average'][0]}")
+    real = results["decode"].get("wan_real_widths")
+    if real:
+        lines += ["", f"real Wan2.1 VAE widths (random weights) at 32x32: stage warm-ups {real['stage_latents']} "
+                      f"latents, stage shares of a latent's decode {real['stage_cost']} (multiply-adds), full "
+                      f"warm-up = {real['warm_up_latents_model']} latents' decode; perturbing one latent changes "
+                      f"the frames of the next {real['perturbation_reach']} latents (load {real['load_average']})",
+                  "a 4-latent segment at latent 44 after warm-ups cut to w latents (each stage capped at w), "
+                  "against the serial stream:",
+                  "warm-up latents (per stage)     | max |d| float | max pixel diff (uint8) | warm-up CPU s | "
+                  "latents measured (model)"]
+        for d in real["drift"]:
+            lines.append(f"{d['warm_up_latents']:>11} {str(d['stage_latents']):<19} | {d['max_abs_diff']:>13.3g} | "
+                         f"{d['max_pixel_diff']:>22} | {d['warm_up_cpu_s']:>13.2f} | "
+                         f"{d['warm_up_latents_measured']:>8.1f} ({d['warm_up_latents_model']:.1f})")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="under 10 minutes: fewer cases, no real-width part")
+    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=sorted(PARTS))
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.txt (default: "
+                        "bench/results/segments for a full run; a quick run writes nothing unless given)")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    meta = {"label": args.label or f"commit {commit}", "commit": commit, "quick": args.quick, "note": NOISE_NOTE,
+            "cpus": os.cpu_count(), "machine": platform.machine(), "load_average_start": load_average()}
+    results, summary = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
+        for name in args.parts:
+            results[name], part_summary = PARTS[name](args.quick, Path(tmp))
+            summary.update(part_summary)
+    meta["load_average_end"] = load_average()
+    report = text_report(results, meta)
+    out = args.out or (None if args.quick else ROOT / "bench" / "results" / "segments")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, **results}, indent=1)
+                                            + "\n")
+        out.with_suffix(".txt").write_text(report)
+    print(report)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
