@@ -13,9 +13,9 @@ Cases:
 * ``tiny``: the tiny preset's Wan VAE (the real decoder's layout, base_dim 4, random weights) at 48x80, 60 s;
 * ``simulated-realsize``: the benchmarks' stand-in VAE (bench/simulated.py) at 480x832, 30 s (quick: 10 s): real
   frame sizes through ffmpeg, near-free decoding;
-* ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at 32x32 pixels (the reach is
-  temporal, the frame size only sets the cost): the reach measured by perturbing one latent, one segment past
-  the reach against the serial stream, and the drift of frames decoded after warm-ups shorter than the reach.
+* ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at 8x8 and 16x16 pixels (the
+  reach is temporal, the frame size only sets the cost): the reach measured by perturbing one latent, and one
+  segment past the reach after the full warm-up and after shorter ones, against the serial stream.
 
     python bench/bench_segments.py           # -> bench/results/segments.{json,txt}
     python bench/bench_segments.py --quick   # under 10 minutes; the last line is JSON ({"max_pixel_diff": ...})
@@ -199,9 +199,18 @@ def perturbation_reach(vae: torch.nn.Module, latents: int = 44, perturbed: int =
     return max(t for t in range(latents) if first_frame(t) <= last_frame) - perturbed
 
 
+def shorter_warm_ups(reach: DecoderReach) -> list[tuple[int, ...]]:
+    """Warm-ups cut below the reach: all stages capped at w, then one stage at a time (the last stage costs most)."""
+    cuts = {tuple(min(w, s) for s in reach.stage_latents) for w in (8, 16, 24, 32, 36, reach.latents - 1)}
+    for stage, full in enumerate(reach.stage_latents[1:], start=1):
+        for w in range(max(1, full - 3), full):
+            cuts.add(tuple(w if k == stage else s for k, s in enumerate(reach.stage_latents)))
+    return sorted(cuts, key=lambda c: (c[0], c[1:]))
+
+
 def warm_up_drift(vae: torch.nn.Module, height: int, width: int, start: int = 44, length: int = 4) -> list[dict]:
-    """One segment of ``length`` latents at ``start`` after warm-ups cut to w latents (each stage capped at w),
-    against the serial stream: the largest float and uint8 differences of its frames."""
+    """One segment of ``length`` latents at ``start`` after :func:`shorter_warm_ups` and the full one, against the
+    serial stream: the largest float and uint8 differences of its frames."""
     from pipeline.models.vae import frames_to_uint8
 
     reach = decoder_reach(vae)
@@ -209,13 +218,13 @@ def warm_up_drift(vae: torch.nn.Module, height: int, width: int, start: int = 44
     serial, _, serial_cpu = timed_cpu(lambda: torch.cat(list(StreamingVaeDecoder(vae).decode(latents)), dim=2))
     want = serial[:, :, first_frame(start):]
     rows = []
-    for w in sorted({4, 8, 16, 24, 28, 32, 36, reach.latents - 1, reach.latents}):
-        cut = DecoderReach(tuple(min(w, s) for s in reach.stage_latents), reach.stage_cost)
+    for stages in [*shorter_warm_ups(reach), reach.stage_latents]:
+        cut = DecoderReach(stages, reach.stage_cost)
         decoder = StreamingVaeDecoder(vae)
         _, _, warm_cpu = timed_cpu(lambda d=decoder, c=cut: d.warm_up(latents[:, :, :start], c))
         got = decoder.feed(latents[:, :, start:])
         levels = np.abs(frames_to_uint8(got).astype(np.int16) - frames_to_uint8(want).astype(np.int16)).max()
-        rows.append({"warm_up_latents": w, "stage_latents": list(cut.stage_latents),
+        rows.append({"stage_latents": list(cut.stage_latents),
                      "max_abs_diff": float((got - want).abs().max()), "max_pixel_diff": int(levels),
                      "warm_up_cpu_s": round(warm_cpu, 2), "warm_up_latents_measured":
                          round(warm_cpu / (serial_cpu / latents.shape[2]), 2),
@@ -225,12 +234,12 @@ def warm_up_drift(vae: torch.nn.Module, height: int, width: int, start: int = 44
 
 
 def real_widths_part() -> dict:
-    """The real Wan2.1 VAE architecture (random weights) at 32x32 pixels."""
+    """The real Wan2.1 VAE architecture (random weights) at 8x8 (reach) and 16x16 pixels (warm-ups)."""
     torch.set_num_threads(os.cpu_count() or 1)
     vae = load_models(get_preset("stableavatar-1.3b-random"), ["vae"]).vae
     reach = decoder_reach(vae)
     measured, reach_s = timed(lambda: perturbation_reach(vae))
-    drift = warm_up_drift(vae, 32, 32)
+    drift = warm_up_drift(vae, 16, 16)
     return {"stage_latents": list(reach.stage_latents), "stage_cost": [round(c, 4) for c in reach.stage_cost],
             "warm_up_latents_model": round(reach.warm_up_cost, 2), "perturbation_reach": measured,
             "perturbation_s": round(reach_s, 1), "drift": drift, "load_average": load_average()}
@@ -274,16 +283,16 @@ def text_report(results: dict, meta: dict) -> str:
             f"{r['load_average'][0]}")
     real = results["decode"].get("wan_real_widths")
     if real:
-        lines += ["", f"real Wan2.1 VAE widths (random weights) at 32x32: stage warm-ups {real['stage_latents']} "
+        lines += ["", f"real Wan2.1 VAE widths (random weights): stage warm-ups {real['stage_latents']} "
                       f"latents, stage shares of a latent's decode {real['stage_cost']} (multiply-adds), full "
                       f"warm-up = {real['warm_up_latents_model']} latents' decode; perturbing one latent changes "
                       f"the frames of the next {real['perturbation_reach']} latents (load {real['load_average']})",
-                  "a 4-latent segment at latent 44 after warm-ups cut to w latents (each stage capped at w), "
-                  "against the serial stream:",
+                  "a 4-latent segment at latent 44 (16x16 pixels) after shorter warm-ups and the full one, against "
+                  "the serial stream:",
                   "warm-up latents (per stage)     | max |d| float | max pixel diff (uint8) | warm-up CPU s | "
                   "latents measured (model)"]
         for d in real["drift"]:
-            lines.append(f"{d['warm_up_latents']:>11} {str(d['stage_latents']):<19} | {d['max_abs_diff']:>13.3g} | "
+            lines.append(f"{str(d['stage_latents']):<31} | {d['max_abs_diff']:>13.3g} | "
                          f"{d['max_pixel_diff']:>22} | {d['warm_up_cpu_s']:>13.2f} | "
                          f"{d['warm_up_latents_measured']:>8.1f} ({d['warm_up_latents_model']:.1f})")
     return "\n".join(lines) + "\n"
