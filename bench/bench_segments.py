@@ -185,8 +185,9 @@ def decode_case(case: Case, workdir: Path) -> list[dict]:
     return rows
 
 
-def perturbation_reach(vae: torch.nn.Module, latents: int = 44, perturbed: int = 2) -> int:
-    """Latents after ``perturbed`` whose frames change when it changes (at 1x1 latent: the reach is temporal)."""
+def perturbation_profile(vae: torch.nn.Module, latents: int = 44, perturbed: int = 2) -> list[float]:
+    """Max |d| of each latent's frames (from ``perturbed`` on) when latent ``perturbed`` changes by +1 (at 1x1
+    latent: the reach is temporal); the reach is the last latent with a nonzero entry, less ``perturbed``."""
     base = torch.randn(1, 16, latents, 1, 1, generator=torch.Generator().manual_seed(1))
     bumped = base.clone()
     bumped[:, :, perturbed] += 1.0
@@ -194,9 +195,8 @@ def perturbation_reach(vae: torch.nn.Module, latents: int = 44, perturbed: int =
     def frames(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(StreamingVaeDecoder(vae).decode(x, clamp=False)), dim=2)
 
-    changed = (frames(bumped) != frames(base)).flatten(3).any(-1).any(1)[0].nonzero().flatten()
-    last_frame = int(changed.max())
-    return max(t for t in range(latents) if first_frame(t) <= last_frame) - perturbed
+    diff = (frames(bumped) - frames(base)).abs().amax(dim=(0, 1, 3, 4))  # per frame
+    return [float(diff[first_frame(t):first_frame(t + 1)].max()) for t in range(perturbed, latents)]
 
 
 def shorter_warm_ups(reach: DecoderReach) -> list[tuple[int, ...]]:
@@ -238,11 +238,13 @@ def real_widths_part() -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     vae = load_models(get_preset("stableavatar-1.3b-random"), ["vae"]).vae
     reach = decoder_reach(vae)
-    measured, reach_s = timed(lambda: perturbation_reach(vae))
+    profile, reach_s = timed(lambda: perturbation_profile(vae))
+    measured = max(d for d, v in enumerate(profile) if v > 0)
     drift = warm_up_drift(vae, 16, 16)
     return {"stage_latents": list(reach.stage_latents), "stage_cost": [round(c, 4) for c in reach.stage_cost],
             "warm_up_latents_model": round(reach.warm_up_cost, 2), "perturbation_reach": measured,
-            "perturbation_s": round(reach_s, 1), "drift": drift, "load_average": load_average()}
+            "perturbation_max_abs_diff": [float(f"{v:.3g}") for v in profile], "perturbation_s": round(reach_s, 1),
+            "drift": drift, "load_average": load_average()}
 
 
 def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
@@ -252,7 +254,10 @@ def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
              (4,) if quick else (2, 4, 8), 16, 1),
     ]
     rows = [row for case in cases for row in decode_case(case, workdir)]
-    result: dict[str, Any] = {"rows": rows}
+    tiny_profile = perturbation_profile(load_models(get_preset("tiny"), ["vae"]).vae)
+    result: dict[str, Any] = {
+        "rows": rows, "tiny_perturbation_max_abs_diff": [float(f"{v:.3g}") for v in tiny_profile],
+        "tiny_perturbation_reach": max(d for d, v in enumerate(tiny_profile) if v > 0)}
     if not quick:
         result["wan_real_widths"] = real_widths_part()
     summary = {"max_pixel_diff": max(r["max_pixel_diff"] for r in rows),
@@ -281,12 +286,18 @@ def text_report(results: dict, meta: dict) -> str:
             f"{r['overhead']:>+8.1%} | {measured:>25} ({r['warm_up_latents_model']:.1f}) | "
             f"{r['max_pixel_diff']:>14} | {r['frames']:>6} | {str(r['same_frames_and_duration']):>21} | "
             f"{r['load_average'][0]}")
+    profile = results["decode"]["tiny_perturbation_max_abs_diff"]
+    lines += ["", f"tiny widths: perturbing one latent by +1 changes the frames of the next "
+                  f"{results['decode']['tiny_perturbation_reach']} latents; max |d| of each latent's frames (8x8 "
+                  "pixels), by distance: " + " ".join(f"{d}:{v:.2g}" for d, v in enumerate(profile))]
     real = results["decode"].get("wan_real_widths")
     if real:
         lines += ["", f"real Wan2.1 VAE widths (random weights): stage warm-ups {real['stage_latents']} "
                       f"latents, stage shares of a latent's decode {real['stage_cost']} (multiply-adds), full "
                       f"warm-up = {real['warm_up_latents_model']} latents' decode; perturbing one latent changes "
                       f"the frames of the next {real['perturbation_reach']} latents (load {real['load_average']})",
+                  "max |d| of the frames of each latent after a latent perturbed by +1 (8x8 pixels), by distance: "
+                  + " ".join(f"{d}:{v:.2g}" for d, v in enumerate(real["perturbation_max_abs_diff"])),
                   "a 4-latent segment at latent 44 (16x16 pixels) after shorter warm-ups and the full one, against "
                   "the serial stream:",
                   "warm-up latents (per stage)     | max |d| float | max pixel diff (uint8) | warm-up CPU s | "
