@@ -296,7 +296,7 @@ class StableAvatarPipeline:
                            {"decode_encode": time.perf_counter() - started})
 
     def finish_in_segments(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
-                                 replicas: int, min_segment_latents: int) -> VideoResult:
+                           replicas: int, min_segment_latents: int) -> VideoResult:
         """What the Postprocessor replicas do together, one segment after another in this process: plan, decode
         and encode each segment, stitch. One segment is :meth:`finish` itself (the same bytes)."""
         segments = self.plan_segments(prepared, replicas, min_segment_latents)

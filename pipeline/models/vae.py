@@ -67,6 +67,8 @@ class _DecoderStages:
     """
 
     def __init__(self, decoder: WanDecoder3d):
+        if not isinstance(decoder, WanDecoder3d):
+            raise TypeError(f"{type(decoder).__name__} is not the Wan decoder: it has no stages to cut")
         self.decoder = decoder
         cuts = [i + 1 for i, block in enumerate(decoder.up_blocks)
                 if block.upsamplers is not None and block.upsamplers[0].mode == "upsample3d"]
@@ -197,7 +199,8 @@ class StreamingVaeDecoder:
     per causal conv, and frames are handed out as soon as they exist instead of being concatenated. The output
     is identical however the latents are chunked (``decode`` or any ``feed`` split), on any backend; it is
     bit-identical to ``vae.decode`` on one CPU thread (golden tests) and can differ in the last bits elsewhere,
-    because of ``post_quant_conv`` only (see ``_post_quant_frame``).
+    because of ``post_quant_conv`` only (see ``_post_quant_frame``). A stream may also begin in the middle of the
+    video (``warm_up``): its frames are those of the stream from latent 0, bit for bit (docs/long-videos.md).
     Decoding chunks with separate ``vae.decode`` calls would be wrong (cache reset: wrong frame count and seams).
 
     Concurrency rule: one VAE instance must not decode two streams concurrently, and one decoder object is one
@@ -288,7 +291,7 @@ class StreamingVaeDecoder:
 
     @torch.no_grad()
     def warm_up(self, latents: torch.Tensor, reach: DecoderReach | None = None) -> None:
-        """Start a new stream that continues right after ``latents`` [1,16,w,h,w'], the latents before a segment:
+        """Start a new stream that continues right after ``latents`` [1,16,n,h,w], the latents before a segment:
         the next ``feed`` gives exactly (bit for bit) the frames of a stream that started at latent 0.
 
         ``latents`` are the :func:`decoder_reach` latents before the segment, or fewer when they start at latent 0
@@ -300,16 +303,21 @@ class StreamingVaeDecoder:
         if latents.ndim != 5 or latents.shape[0] != 1:
             raise ValueError(f"expected normalised latents [1,C,t,h,w], got {tuple(latents.shape)}")
         reach = reach or decoder_reach(self.vae)
+        stages = len(reach.stage_latents)
+        cut = _DecoderStages(self.vae.decoder) if stages > 1 else None
+        if cut is not None and cut.count != stages:
+            raise ValueError(f"a reach of {stages} stages for a decoder of {cut.count}")
         self.reset()
         latents = latents[:, :, max(0, latents.shape[2] - reach.latents):]
-        count, stages = latents.shape[2], len(reach.stage_latents)
+        count = latents.shape[2]
         for i in range(count):
             depth = sum(w >= count - i for w in reach.stage_latents)  # stages this latent must run through
             x = self._post_quant_frame(latents[:, :, i : i + 1])
             if depth == stages:
                 self._decode_frame(x)
             else:
-                _DecoderStages(self.vae.decoder).run(x, self._feat_map, depth, first_chunk=self._next_latent == 0)
+                assert cut is not None
+                cut.run(x, self._feat_map, depth, first_chunk=self._next_latent == 0)
                 self._next_latent += 1
 
     def decode(self, latents: torch.Tensor, clamp: bool | None = None) -> Iterator[torch.Tensor]:
