@@ -25,7 +25,13 @@ from pipeline.media.errors import FFmpegError
 from pipeline.media.ffmpeg_bin import ffprobe_path
 from pipeline.media.stitch import read_video_packets, stitch_videos
 from pipeline.media.video import VideoWriter
-from pipeline.models.vae import StreamingVaeDecoder, build_vae, decoder_reach, frames_to_uint8
+from pipeline.models.vae import (
+    StreamingVaeDecoder,
+    build_vae,
+    decoder_reach,
+    frames_to_uint8,
+    preset_decoder_reach,
+)
 from pipeline.presets import REAL_VAE, TINY_VAE, get_preset
 from pipeline.segment_plan import MIN_SEGMENT_LATENTS, DecoderReach, LatentSegment, first_frame, plan_segments
 from pipeline.windows import FPS, SAMPLE_RATE, plan_windows
@@ -140,6 +146,11 @@ def test_wan_decoder_reach_is_derived_from_its_architecture(vae):
     assert decoder_reach(UpsamplingVae()) == DecoderReach((1,), (1.0,))
     with pytest.raises(TypeError, match="no known decoder reach"):
         decoder_reach(torch.nn.Linear(1, 1))
+
+
+def test_presets_give_their_reach_without_weights():
+    assert preset_decoder_reach(get_preset("stableavatar-1.3b")).stage_latents == WAN_REACH
+    assert preset_decoder_reach(get_preset("simulated-realsize")) == DecoderReach((1,), (1.0,))
 
 
 def test_one_latent_changes_exactly_the_frames_within_the_reach(vae):

@@ -21,6 +21,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     unpatchify,
 )
 
+from pipeline.presets import ModelPreset
 from pipeline.segment_plan import DecoderReach
 
 # Smallest width at which post_quant_conv is evaluated (see StreamingVaeDecoder._post_quant_frame).
@@ -188,6 +189,14 @@ def decoder_reach(vae: torch.nn.Module) -> DecoderReach:
         raise TypeError(f"{type(vae).__name__} has no known decoder reach: segments cannot be decoded exactly")
     _REACH[vae] = reach
     return reach
+
+
+def preset_decoder_reach(preset: ModelPreset) -> DecoderReach:
+    """:func:`decoder_reach` of ``preset``'s VAE without its weights (built on the meta device): for a planner that
+    holds no model."""
+    with torch.device("meta"):
+        vae = preset.vae_factory() if preset.vae_factory is not None else build_vae(**preset.vae)
+    return decoder_reach(vae)
 
 
 class StreamingVaeDecoder:
