@@ -13,9 +13,10 @@ Cases:
 * ``tiny``: the tiny preset's Wan VAE (the real decoder's layout, base_dim 4, random weights) at 48x80, 60 s;
 * ``simulated-realsize``: the benchmarks' stand-in VAE (bench/simulated.py) at 480x832, 30 s (quick: 10 s): real
   frame sizes through ffmpeg, near-free decoding;
-* ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at 8x8 and 16x16 pixels (the
-  reach is temporal, the frame size only sets the cost): the reach measured by perturbing one latent, and one
-  segment past the reach after the full warm-up and after shorter ones, against the serial stream.
+* ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at small sizes (the reach is
+  temporal, the frame size only sets the cost): the reach measured by perturbing one latent (8x8 pixels), one
+  segment past the reach after the full warm-up and after shorter ones against the serial stream (16x16), and the
+  full warm-up's cost against its model (32x32).
 
     python bench/bench_segments.py           # -> bench/results/segments.{json,txt}
     python bench/bench_segments.py --quick   # under 10 minutes; the last line is JSON ({"max_pixel_diff": ...})
@@ -177,6 +178,7 @@ def decode_case(case: Case, workdir: Path) -> list[dict]:
             "warm_up_latents_measured": round(warm_up_mean / latent_decode_cpu, 2) if warm_up_cpu else None,
             "warm_up_latents_model": round(reach.warm_up_cost, 2),
             "max_pixel_diff": max_diff, "frames": frames, "serial_frames": serial.frames,
+            "file_size": stitched.file_size, "serial_file_size": serial.file_size,
             "durations": stitched_durations, "serial_durations": serial_durations,
             "same_frames_and_duration": frames == serial.frames and stitched_durations == serial_durations,
             "load_average": load_average(),
@@ -210,41 +212,55 @@ def shorter_warm_ups(reach: DecoderReach) -> list[tuple[int, ...]]:
 
 def warm_up_drift(vae: torch.nn.Module, height: int, width: int, start: int = 44, length: int = 4) -> list[dict]:
     """One segment of ``length`` latents at ``start`` after :func:`shorter_warm_ups` and the full one, against the
-    serial stream: the largest float and uint8 differences of its frames."""
+    serial stream: the largest float and uint8 differences of its frames, and the warm-up's modelled cost."""
     from pipeline.models.vae import frames_to_uint8
 
     reach = decoder_reach(vae)
     latents = torch.randn(1, 16, start + length, height // 8, width // 8, generator=torch.Generator().manual_seed(2))
-    serial, _, serial_cpu = timed_cpu(lambda: torch.cat(list(StreamingVaeDecoder(vae).decode(latents)), dim=2))
-    want = serial[:, :, first_frame(start):]
+    want = torch.cat(list(StreamingVaeDecoder(vae).decode(latents)), dim=2)[:, :, first_frame(start):]
     rows = []
     for stages in [*shorter_warm_ups(reach), reach.stage_latents]:
         cut = DecoderReach(stages, reach.stage_cost)
         decoder = StreamingVaeDecoder(vae)
-        _, _, warm_cpu = timed_cpu(lambda d=decoder, c=cut: d.warm_up(latents[:, :, :start], c))
+        decoder.warm_up(latents[:, :, :start], cut)
         got = decoder.feed(latents[:, :, start:])
         levels = np.abs(frames_to_uint8(got).astype(np.int16) - frames_to_uint8(want).astype(np.int16)).max()
-        rows.append({"stage_latents": list(cut.stage_latents),
-                     "max_abs_diff": float((got - want).abs().max()), "max_pixel_diff": int(levels),
-                     "warm_up_cpu_s": round(warm_cpu, 2), "warm_up_latents_measured":
-                         round(warm_cpu / (serial_cpu / latents.shape[2]), 2),
-                     "warm_up_latents_model": round(cut.warm_up_cost, 2)})
+        rows.append({"stage_latents": list(cut.stage_latents), "max_abs_diff": float((got - want).abs().max()),
+                     "max_pixel_diff": int(levels), "warm_up_latents_model": round(cut.warm_up_cost, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def warm_up_timing(vae: torch.nn.Module, height: int, width: int, repeats: int = 3) -> dict:
+    """A full warm-up's CPU time in latents' worth of serial decoding: the best of ``repeats`` warm-ups against
+    the median latent of a serial stream (the least disturbed figures on a shared machine)."""
+    reach = decoder_reach(vae)
+    latents = torch.randn(1, 16, reach.latents, height // 8, width // 8, generator=torch.Generator().manual_seed(3))
+    decoder = StreamingVaeDecoder(vae)
+    decoder.reset()
+    decoder.feed(latents[:, :, :1])  # latent 0 is the stream's special start
+    per_latent = sorted(timed_cpu(lambda t=t: decoder.feed(latents[:, :, t:t + 1]))[2] for t in range(1, 12))
+    latent_cpu = per_latent[len(per_latent) // 2]
+    warm_cpu = min(timed_cpu(lambda: StreamingVaeDecoder(vae).warm_up(latents[:, :, :reach.latents]))[2]
+                   for _ in range(repeats))
+    return {"size": f"{width}x{height}", "latent_cpu_s": round(latent_cpu, 3), "warm_up_cpu_s": round(warm_cpu, 3),
+            "warm_up_latents_measured": round(warm_cpu / latent_cpu, 2),
+            "warm_up_latents_model": round(reach.warm_up_cost, 2)}
+
+
 def real_widths_part() -> dict:
-    """The real Wan2.1 VAE architecture (random weights) at 8x8 (reach) and 16x16 pixels (warm-ups)."""
+    """The real Wan2.1 VAE architecture (random weights) at small sizes."""
     torch.set_num_threads(os.cpu_count() or 1)
     vae = load_models(get_preset("stableavatar-1.3b-random"), ["vae"]).vae
     reach = decoder_reach(vae)
     profile, reach_s = timed(lambda: perturbation_profile(vae))
     measured = max(d for d, v in enumerate(profile) if v > 0)
     drift = warm_up_drift(vae, 16, 16)
+    timing = warm_up_timing(vae, 32, 32)
     return {"stage_latents": list(reach.stage_latents), "stage_cost": [round(c, 4) for c in reach.stage_cost],
             "warm_up_latents_model": round(reach.warm_up_cost, 2), "perturbation_reach": measured,
             "perturbation_max_abs_diff": [float(f"{v:.3g}") for v in profile], "perturbation_s": round(reach_s, 1),
-            "drift": drift, "load_average": load_average()}
+            "drift": drift, "warm_up_timing": timing, "load_average": load_average()}
 
 
 def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
@@ -275,7 +291,8 @@ def text_report(results: dict, meta: dict) -> str:
              "CPU against the serial path's", ""]
     lines.append("case               | size    | video s | latents | replicas | lengths (warm-ups)                 "
                  "     | serial CPU s (wall) | segments CPU s | slowest | stitch | speedup est. | overhead | "
-                 "warm-up latents measured (model) | max pixel diff | frames | same frames+durations | load")
+                 "warm-up latents measured (model) | max pixel diff | frames | same frames+durations | size vs "
+                 "serial | load")
     for r in results["decode"]["rows"]:
         cuts = " ".join(f"{n}({w})" for n, w in zip(r["lengths"], r["warm_ups"], strict=True))
         measured = "-" if r["warm_up_latents_measured"] is None else f"{r['warm_up_latents_measured']:.1f}"
@@ -285,7 +302,7 @@ def text_report(results: dict, meta: dict) -> str:
             f"{max(r['segment_cpu_s']):>7.1f} | {r['stitch_cpu_s']:>6.2f} | {r['speedup_estimate']:>12.2f} | "
             f"{r['overhead']:>+8.1%} | {measured:>25} ({r['warm_up_latents_model']:.1f}) | "
             f"{r['max_pixel_diff']:>14} | {r['frames']:>6} | {str(r['same_frames_and_duration']):>21} | "
-            f"{r['load_average'][0]}")
+            f"{r['file_size'] / r['serial_file_size'] - 1:>+14.2%} | {r['load_average'][0]}")
     profile = results["decode"]["tiny_perturbation_max_abs_diff"]
     lines += ["", f"tiny widths: perturbing one latent by +1 changes the frames of the next "
                   f"{results['decode']['tiny_perturbation_reach']} latents; max |d| of each latent's frames (8x8 "
@@ -300,12 +317,14 @@ def text_report(results: dict, meta: dict) -> str:
                   + " ".join(f"{d}:{v:.2g}" for d, v in enumerate(real["perturbation_max_abs_diff"])),
                   "a 4-latent segment at latent 44 (16x16 pixels) after shorter warm-ups and the full one, against "
                   "the serial stream:",
-                  "warm-up latents (per stage)     | max |d| float | max pixel diff (uint8) | warm-up CPU s | "
-                  "latents measured (model)"]
+                  "warm-up latents (per stage)     | max |d| float | max pixel diff (uint8) | cost model (latents)"]
         for d in real["drift"]:
-            lines.append(f"{str(d['stage_latents']):<31} | {d['max_abs_diff']:>13.3g} | "
-                         f"{d['max_pixel_diff']:>22} | {d['warm_up_cpu_s']:>13.2f} | "
-                         f"{d['warm_up_latents_measured']:>8.1f} ({d['warm_up_latents_model']:.1f})")
+            lines.append(f"{str(d['stage_latents']):<31} | {d['max_abs_diff']:>13.3g} | {d['max_pixel_diff']:>22} | "
+                         f"{d['warm_up_latents_model']:>20.1f}")
+        t = real["warm_up_timing"]
+        lines.append(f"full warm-up at {t['size']}: {t['warm_up_cpu_s']} CPU s (best of 3) against {t['latent_cpu_s']} "
+                     f"CPU s per serially decoded latent (median): {t['warm_up_latents_measured']} latents' worth "
+                     f"(model {t['warm_up_latents_model']})")
     return "\n".join(lines) + "\n"
 
 
