@@ -143,6 +143,9 @@ class UpsamplingVae(torch.nn.Module):
     and a bilinear upsampling: encode averages 8x8 pixels and 4 frames (the first frame alone, as the causal VAE),
     decode interpolates back."""
 
+    # Latent t's frames blend latents t-1 and t: a segment's warm-up is one latent (pipeline.models.vae.decoder_reach).
+    decoder_reach_latents = 1
+
     def __init__(self, z_dim: int = 16):
         super().__init__()
         mean, std = _wan_latent_stats()

@@ -11,7 +11,7 @@ import dataclasses
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +34,13 @@ from pipeline.loading import ModelBundle
 from pipeline.media.audio import decode_audio
 from pipeline.media.errors import MediaError
 from pipeline.media.image import choose_size, load_image, resize_cover
+from pipeline.media.stitch import stitch_videos
 from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
-from pipeline.models.vae import StreamingVaeDecoder, frames_to_uint8
+from pipeline.models.vae import StreamingVaeDecoder, decoder_reach, frames_to_uint8
 from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.schema import AspectRatio, resolve_seed
+from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
 from pipeline.settings import PipelineSettings
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
 from pipeline.text import PromptEncoder
@@ -247,24 +249,87 @@ class StableAvatarPipeline:
         latents = latents[:, :, : plan.decoded_latent_frames]  # a view
         decoder = StreamingVaeDecoder(self.models.vae)
         decoder.reset()
-        chunk = self.settings.decode_chunk_latents
-        written = 0
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stable-avatar-")))
             audio_path = tmp / "audio"
             audio_path.write_bytes(prepared.audio_bytes)
             writer = stack.enter_context(VideoWriter(out_path, prepared.width, prepared.height, fps=FPS,
                                                      audio_path=audio_path, num_frames=plan.output_frames))
-            for start in range(0, latents.shape[2], chunk):
-                frames = decoder.feed(latents[:, :, start:start + chunk].float())  # [1, 3, f, H, W] in [-1, 1]
-                pixels = frames_to_uint8(frames)[: plan.output_frames - written]  # [f, H, W, 3]
-                if len(pixels):
-                    writer.write(pixels)
-                    written += len(pixels)
+            written = 0
+            for pixels in self._frames(decoder, latents, plan.output_frames):
+                writer.write(pixels)
+                written += len(pixels)
         prepared.timings["decode_encode"] = time.perf_counter() - started
         say(f"encoded {written} frames")
         return VideoResult(out_path, written, prepared.width, prepared.height, out_path.stat().st_size,
                            dict(prepared.timings))
+
+    def _frames(self, decoder: StreamingVaeDecoder, latents: torch.Tensor, frames: int) -> Iterator[np.ndarray]:
+        """Feed ``latents`` to ``decoder`` chunk by chunk and yield their first ``frames`` frames, uint8
+        [f, H, W, 3]. One chunk at a time is converted to fp32 and decoded."""
+        chunk = self.settings.decode_chunk_latents
+        left = frames
+        for start in range(0, latents.shape[2], chunk):
+            decoded = decoder.feed(latents[:, :, start:start + chunk].float())  # [1, 3, f, H, W] in [-1, 1]
+            pixels = frames_to_uint8(decoded)[:left]  # [f, H, W, 3]
+            if len(pixels):
+                left -= len(pixels)
+                yield pixels
+
+    # -- stage 3 in segments: several replicas decode and encode one long video ------------------------------
+    @property
+    def decoder_reach(self) -> DecoderReach:
+        return decoder_reach(self.models.vae)
+
+    def plan_segments(self, prepared: PreparedRequest, replicas: int,
+                      min_segment_latents: int) -> tuple[LatentSegment, ...]:
+        """:func:`~pipeline.segment_plan.plan_segments` for this request's decoded latents and this VAE."""
+        plan = prepared.plan
+        return plan_segments(plan.decoded_latent_frames, replicas, min_segment_latents, self.decoder_reach,
+                             plan.output_frames)
+
+    @torch.no_grad()
+    def segment_frames(self, segment: LatentSegment, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """The frames of one segment, uint8 [f, H, W, 3] chunks: its warm-up primes the decoder, then its own
+        latents are decoded. Bit-identical to the same frames of the serial stream (:meth:`finish`).
+        ``latents``: the whole latents [1,16,T,h,w], or only the segment's ``latents[:, :, segment.latents]``."""
+        latents = segment_latents(latents, segment)
+        decoder = StreamingVaeDecoder(self.models.vae)
+        try:
+            decoder.warm_up(latents[:, :, : segment.warm_up])
+            yield from self._frames(decoder, latents[:, :, segment.warm_up:], segment.frames)
+        finally:
+            decoder.close()
+
+    def finish_segment(self, segment: LatentSegment, latents: torch.Tensor, width: int, height: int,
+                       out_path: Path) -> VideoResult:
+        """Encode :meth:`segment_frames` to a video-only H.264 mp4 at ``out_path`` with the serial path's encoder
+        settings, for :func:`stitch_segments`."""
+        started = time.perf_counter()
+        written = 0
+        with VideoWriter(out_path, width, height, fps=FPS, num_frames=segment.frames) as writer:
+            for pixels in self.segment_frames(segment, latents):
+                writer.write(pixels)
+                written += len(pixels)
+        return VideoResult(out_path, written, width, height, out_path.stat().st_size,
+                           {"decode_encode": time.perf_counter() - started})
+
+    def finish_in_segments(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
+                           replicas: int, min_segment_latents: int) -> VideoResult:
+        """What the Postprocessor replicas do together, one segment after another in this process: plan, decode
+        and encode each segment, stitch. One segment is :meth:`finish` itself (the same bytes)."""
+        segments = self.plan_segments(prepared, replicas, min_segment_latents)
+        if len(segments) == 1:
+            return self.finish(prepared, latents, out_path)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="stable-avatar-segments-") as tmp:
+            files = [self.finish_segment(segment, latents, prepared.width, prepared.height,
+                                         Path(tmp) / f"segment-{segment.index:04d}.mp4").path
+                     for segment in segments]
+            result = stitch_segments(prepared, segments, files, out_path)
+        prepared.timings["decode_encode"] = time.perf_counter() - started
+        result.timings = dict(prepared.timings)
+        return result
 
     async def generate(self, image: bytes | Path, audio: bytes | Path, params: GenerationParams, out_path: Path,
                        executor_factory: Callable[[PreparedRequest], WindowStepExecutor] | None = None,
@@ -273,3 +338,34 @@ class StableAvatarPipeline:
         executor = executor_factory(prepared) if executor_factory else None
         latents = await self.denoise(prepared, executor)
         return prepared, self.finish(prepared, latents, out_path, progress=progress)
+
+
+def segment_latents(latents: torch.Tensor, segment: LatentSegment) -> torch.Tensor:
+    """The latent frames ``segment`` reads (a view): from the whole latents [1,16,T,h,w], or ``latents`` already
+    are exactly those (``latents[:, :, segment.latents]``)."""
+    count = latents.shape[2]
+    if count >= segment.end:
+        return latents[:, :, segment.latents]
+    if count == segment.end - segment.warm_up_start:
+        return latents
+    raise ValueError(f"segment {segment.index} reads latents {segment.warm_up_start}..{segment.end - 1}; got "
+                     f"{count} latent frames, neither the whole latents nor exactly those")
+
+
+def stitch_segments(prepared: PreparedRequest, segments: Sequence[LatentSegment], files: Sequence[Path],
+                    out_path: Path) -> VideoResult:
+    """Join the segments' mp4s (``files[i]`` from :meth:`StableAvatarPipeline.finish_segment` of ``segments[i]``)
+    into the final mp4 at ``out_path``, with the request's audio muxed once: the serial path's frame count,
+    duration and streams. The segments must cover the video's frames once, in order."""
+    started = time.perf_counter()
+    frames = prepared.plan.output_frames
+    bounds = [(s.frame_start, s.frame_end) for s in segments]
+    edges = [0, *(end for _, end in bounds)]
+    if len(files) != len(segments) or [start for start, _ in bounds] != edges[:-1] or edges[-1] != frames:
+        raise ValueError(f"segments {bounds} with {len(files)} files do not cover frames 0..{frames - 1} in order")
+    with tempfile.TemporaryDirectory(prefix="stable-avatar-stitch-") as tmp:
+        audio_path = Path(tmp) / "audio"
+        audio_path.write_bytes(prepared.audio_bytes)
+        stitch_videos(files, [s.frames for s in segments], out_path, FPS, audio_path)
+    return VideoResult(out_path, frames, prepared.width, prepared.height, out_path.stat().st_size,
+                       {"stitch": time.perf_counter() - started})

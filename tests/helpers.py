@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +19,9 @@ from pipeline.media.ffmpeg_bin import ffprobe_path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = REPO_ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = REPO_ROOT / "examples" / "speech.wav"
+CHROMIUM = Path(os.environ.get("STABLE_AVATAR_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 # The golden vectors are bit-exact on the CPU that made them. Another CPU family's convolution/matmul kernels
@@ -121,3 +128,23 @@ def scrape(url: str) -> dict[str, float]:
         key = name + "".join(f"[{v}]" for _, v in keep)
         values[key] = values.get(key, 0.0) + float(value)
     return values
+
+
+@contextlib.contextmanager
+def chromium(*extra_args: str) -> Iterator[Any]:
+    """Debian's headless ``chromium`` driven by Playwright (which never downloads a browser here). Fails, not
+    skips, without either: the browser tests are part of what ``make test`` must check."""
+    import pytest
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser-deps` (installs Debian's chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the Python package 'playwright' is missing: run `make setup` (it is in the dev extra)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *extra_args])
+        try:
+            yield browser
+        finally:
+            browser.close()

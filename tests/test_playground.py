@@ -19,12 +19,9 @@ from ray import serve  # noqa: E402
 
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.gateway.deployment import Gateway  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
+from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, chromium, synthetic_speech  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
-CHROMIUM = Path(os.environ.get("STABLE_AVATAR_CHROMIUM", "/usr/bin/chromium"))
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 AUDIO_S = 2.0
 API_KEY = "playground-test-key"
@@ -42,17 +39,8 @@ VIDEO_DURATION = """() => new Promise((resolve, reject) => {
 
 @pytest.fixture(scope="module")
 def browser():
-    """Fails (not skips) without the browser: the playground is part of what ``make test`` must check."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser-deps` (installs Debian's chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the Python package 'playwright' is missing: run `make setup` (it is in the dev extra)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -211,29 +211,9 @@ class VideoWriter:
 
     def _mux_audio(self) -> None:
         assert self.audio_path is not None
-        duration = self.frames_written / self.fps
         video = ffmpeg.input(str(self._video_only))["v:0"]
-        audio = ffmpeg.input(str(self.audio_path), t=f"{duration:.6f}")["a:0"]
-        cmd = (
-            ffmpeg.output(
-                video,
-                audio,
-                str(self._partial),
-                format="mp4",
-                **{"c:v": "copy", "c:a": "aac", "b:a": self._audio_bitrate, "flags:a": "+bitexact"},
-                ar=self._audio_rate,
-                movflags="+faststart",
-                **_BITEXACT,
-            )
-            .global_args("-hide_banner", "-nostdin", "-loglevel", "error")
-            .overwrite_output()
-            .compile(cmd=ffmpeg_path())
-        )
-        proc = subprocess.run(cmd, capture_output=True, timeout=MUX_TIMEOUT_S, check=False)
-        if proc.returncode != 0:
-            raise FFmpegError(
-                f"ffmpeg failed muxing audio (exit code {proc.returncode})", stderr_tail(proc.stderr)
-            )
+        mux_audio(video, self.audio_path, self.frames_written / self.fps, self._partial,
+                  self._audio_bitrate, self._audio_rate)
 
     def abort(self) -> None:
         """Kill ffmpeg and delete partial output; the target path is left untouched. Idempotent."""
@@ -248,6 +228,46 @@ class VideoWriter:
                     pipe.close()
         self._partial.unlink(missing_ok=True)
         self._video_only.unlink(missing_ok=True)
+
+
+def mux_audio(video: Any, audio_path: Path, duration: float, out: Path, audio_bitrate: str = "128k",
+              audio_sample_rate: int = 48000) -> None:
+    """Write ``out`` (mp4): the H.264 ``video`` (an ffmpeg-python input stream) copied, plus ``audio_path`` cut to
+    ``duration`` seconds and encoded to AAC; ``+faststart``, bit-exact muxers."""
+    audio = ffmpeg.input(str(audio_path), t=f"{duration:.6f}")["a:0"]
+    cmd = (
+        ffmpeg.output(
+            video,
+            audio,
+            str(out),
+            format="mp4",
+            **{"c:v": "copy", "c:a": "aac", "b:a": audio_bitrate, "flags:a": "+bitexact"},
+            ar=audio_sample_rate,
+            movflags="+faststart",
+            **_BITEXACT,
+        )
+        .global_args("-hide_banner", "-nostdin", "-loglevel", "error")
+        .overwrite_output()
+        .compile(cmd=ffmpeg_path())
+    )
+    proc = subprocess.run(cmd, capture_output=True, timeout=MUX_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        raise FFmpegError(
+            f"ffmpeg failed muxing audio (exit code {proc.returncode})", stderr_tail(proc.stderr)
+        )
+
+
+def copy_video(video: Any, out: Path) -> None:
+    """Write ``out`` (mp4): the H.264 ``video`` (an ffmpeg-python input stream) copied; ``+faststart``, bit-exact."""
+    cmd = (
+        ffmpeg.output(video, str(out), format="mp4", **{"c:v": "copy"}, movflags="+faststart", **_BITEXACT)
+        .global_args("-hide_banner", "-nostdin", "-loglevel", "error")
+        .overwrite_output()
+        .compile(cmd=ffmpeg_path())
+    )
+    proc = subprocess.run(cmd, capture_output=True, timeout=MUX_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        raise FFmpegError(f"ffmpeg failed copying video (exit code {proc.returncode})", stderr_tail(proc.stderr))
 
 
 # -- probing -------------------------------------------------------------------------------------------
