@@ -3,13 +3,14 @@
 ``run_redis()`` is a context manager; ``redis_server`` is the module-scoped pytest fixture built on it. The server
 gets a fresh temp dir, a free port, a random password (``requirepass``, passed in a config file of mode 600 as the
 dev overlay's Redis gets it, not on the command line) and no persistence (a test's cluster state dies with it); it is
-stopped and the dir removed at the end. A missing ``redis-server`` or ``redis-cli`` fails loudly with the command
+stopped and the dir removed at the end, and dies with the test process if that is killed. A missing ``redis-server`` or ``redis-cli`` fails loudly with the command
 that installs them: the tests never skip.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -56,6 +57,11 @@ class Redis:
         return [k for k in self.cli("--scan", "--pattern", pattern).splitlines() if k]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, so a killed run leaves no server behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+
+
 def _missing_binaries() -> list[str]:
     return [name for name in ("redis-server", "redis-cli") if shutil.which(name) is None]
 
@@ -78,7 +84,8 @@ def run_redis(timeout: float = START_TIMEOUT_S) -> Iterator[Redis]:
             proc = subprocess.Popen(
                 ["redis-server", str(conf), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(root),
                  "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(log)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)
             server = Redis("127.0.0.1", port, password, proc.pid)
             if _wait_ready(server, proc, time.monotonic() + timeout):
                 break
