@@ -58,7 +58,8 @@ class Redis:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the test process dies, so a killed run leaves no server behind."""
+    """In the child before exec: SIGTERM when its parent dies, so a killed run leaves no server behind. Linux ties
+    this to the starting *thread*: start the server from a thread that lives as long as it (the fixture does)."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
 
 

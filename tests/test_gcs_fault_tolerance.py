@@ -134,7 +134,7 @@ def job_body(steps: int, seed: int) -> dict[str, Any]:
 def serve_actors() -> dict[str, dict[str, Any]]:
     """Alive Serve actors (controller, proxies, replicas) by actor id, from the GCS's actor table."""
     return {actor_id: info for actor_id, info in ray._private.state.actors(actor_state_name="ALIVE").items()
-            if info["Name"].startswith(("SERVE_", "ServeReplica"))}
+            if info["Name"].startswith("SERVE_")}
 
 
 def wait_until(what: str, check, timeout: float, every: float = 0.2):
@@ -147,35 +147,26 @@ def wait_until(what: str, check, timeout: float, every: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def status(base: str, request_id: str) -> str:
-    code, body, _ = http_json("GET", f"{base}/{APP}/requests/{request_id}/status", timeout=30)
-    assert code == 200, body
-    return body["status"]
-
-
-def job_row(root: Path, request_id: str) -> dict[str, Any]:
-    """The job's row in the SQLite jobs database the application keeps beside its local storage."""
+def jobs_query(root: Path, sql: str, params: tuple = ()) -> dict[str, Any]:
+    """The first row of a query on the SQLite jobs database the application keeps beside its local storage (read
+    directly: the test must not depend on the GCS to learn what the replicas did)."""
     from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
 
     store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
     try:
         with store.backend.read() as cur:
-            cur.execute("SELECT status, started_at, completed_at FROM jobs WHERE request_id = ?", (request_id,))
+            cur.execute(sql, params)
             return dict(cur.fetchone())
     finally:
         store.close()
 
 
-def running_jobs(root: Path) -> int:
-    from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
+def job_row(root: Path, request_id: str) -> dict[str, Any]:
+    return jobs_query(root, "SELECT status, started_at, completed_at FROM jobs WHERE request_id = ?", (request_id,))
 
-    store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
-    try:
-        with store.backend.read() as cur:
-            cur.execute("SELECT count(*) AS n FROM jobs WHERE status = 'IN_PROGRESS'")
-            return cur.fetchone()["n"]
-    finally:
-        store.close()
+
+def running_jobs(root: Path) -> int:
+    return jobs_query(root, "SELECT count(*) AS n FROM jobs WHERE status = 'IN_PROGRESS'")["n"]
 
 
 def gcs_answers() -> float | None:
@@ -262,8 +253,8 @@ def test_requests_in_flight_finish_and_new_ones_are_served_while_the_gcs_restart
         in_flight.start()
         wait_until("the sync request's job to run", lambda: running_jobs(root) == 1, 120)
 
-        # -- the fault: the GCS process dies; the clients go on; the GCS comes back (started from this thread:
-        # Ray starts its processes from the main thread only)
+        # -- the fault: the GCS process dies; the clients go on; the GCS comes back. It is started from this
+        # thread: Ray ties a process it starts to the life of the starting thread (PR_SET_PDEATHSIG).
         traffic = Traffic(base)
         killed = time.time()
         head.kill_gcs_server()
