@@ -10,15 +10,15 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup setup-demo system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu \
+.PHONY: setup setup-demo system-deps postgres-deps redis-deps browser-deps js-deps test demo lint bench bench-long bench-gpu \
 	device-wheels device-check clean
 
 # What the demo needs: the project in .venv and ffmpeg.
 setup-demo: $(STAMP) system-deps
 
 # Everything: the demo's set-up plus the test tools (pytest, ruff, the fal client, Playwright, SeaweedFS),
-# PostgreSQL, Chromium and the JS client.
-setup: setup-demo $(DEV_STAMP) postgres-deps browser-deps
+# PostgreSQL, Redis, Chromium and the JS client.
+setup: setup-demo $(DEV_STAMP) postgres-deps redis-deps browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ postgres-deps:
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 		else echo "please install the PostgreSQL server (Debian: apt-get install postgresql)"; exit 1; fi; \
+	fi
+
+# Debian's Redis server for tests/test_gcs_fault_tolerance.py: the fixture (tests/redis_server.py) starts a
+# throw-away redis-server on 127.0.0.1 as the store of Ray's GCS fault tolerance, as KubeRay's external Redis is.
+redis-deps:
+	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+		else echo "please install the Redis server (Debian: apt-get install redis-server)"; exit 1; fi; \
 	fi
 
 # Debian's chromium for tests/test_playground.py (Playwright drives it; it never downloads a browser).

@@ -1,7 +1,10 @@
 """Offline validation of ``k8s/``: kustomize rendering, KubeRay CRD schemas, the embedded Serve config and
-``AppArgs``, and the issue's production requirements. Broken copies must fail with a message naming the field.
+``AppArgs``, the cluster's own fault tolerance (GCS FT with Redis, nothing Serve-related on the head,
+PodDisruptionBudgets), and the issue's production requirements. Broken copies must fail with a message naming the
+field.
 
-The logic lives in ``tools/k8s_validate.py``; this file only feeds it manifests and corrupted copies.
+The logic lives in ``tools/k8s_validate.py`` and ``tools/k8s_ray_ha.py``; this file only feeds them manifests and
+corrupted copies.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tools.k8s_ray_ha import disruption_budget_problems, pdb_spec_problems
 from tools.k8s_validate import (
     K8S_DIR,
     REPO_ROOT,
@@ -71,16 +75,19 @@ def test_every_manifest_is_valid(report: TreeReport) -> None:
 
 def test_renders_the_expected_objects(report: TreeReport) -> None:
     kinds = {name: sorted(m.doc["kind"] for m in r.manifests) for name, r in report.rendered.items()}
+    budgets = ["PodDisruptionBudget"] * 2  # one per worker group
     assert kinds == {
-        "k8s/base": ["PodMonitor", "RayService"],
-        "k8s/overlays/dev": ["PodMonitor", "RayService", "Service", "StatefulSet"],  # + its own PostgreSQL
+        "k8s/base": [*budgets, "PodMonitor", "RayService"],
+        # + its own PostgreSQL (StatefulSet, Service) and Redis (Deployment, claim, Service)
+        "k8s/overlays/dev": ["Deployment", "PersistentVolumeClaim", *budgets, "PodMonitor", "RayService", "Service",
+                             "Service", "StatefulSet"],
         "k8s/weights": ["Job", "PersistentVolumeClaim"],
     }
     # the examples, applied by hand: S3 credentials; the jobs database DSN, URL signing secret and API keys; the dev
-    # PostgreSQL's own credentials
+    # PostgreSQL's own credentials; the GCS Redis password
     assert sorted(m.doc["metadata"]["name"] for m in report.loose if m.doc["kind"] == "Secret") == [
-        "stable-avatar-postgres", "stable-avatar-s3", "stable-avatar-service"]
-    assert len(report.loose) == 3
+        "stable-avatar-postgres", "stable-avatar-redis", "stable-avatar-s3", "stable-avatar-service"]
+    assert len(report.loose) == 4
     for r in report.rendered.values():
         for m in r.manifests:
             assert m.doc["metadata"]["namespace"] == "stable-avatar"
@@ -95,6 +102,12 @@ def test_production_requirements(report: TreeReport, kustomization: str) -> None
     cluster = doc["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert doc["spec"]["excludeHeadPodFromServeSvc"] is True
+    assert cluster["gcsFaultToleranceOptions"] == {  # the Redis password only from the Secret
+        "redisAddress": "stable-avatar-redis:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "stable-avatar-redis", "key": "REDIS_PASSWORD"}}}}
+    budgets = report.rendered[kustomization].of_kind("PodDisruptionBudget")
+    assert {b["spec"]["selector"]["matchLabels"]["ray.io/group"] for b in budgets} == set(groups(doc))
     gpu = groups(doc)["gpu"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
     gpu_spec = gpu["template"]["spec"]
@@ -133,15 +146,16 @@ def test_production_requirements(report: TreeReport, kustomization: str) -> None
 def test_dev_overlay_is_a_small_cluster(report: TreeReport) -> None:
     base, dev = rayservice(report, "k8s/base"), rayservice(report, "k8s/overlays/dev")
     assert groups(dev)["gpu"]["maxReplicas"] == 1 < groups(base)["gpu"]["maxReplicas"]
+    assert groups(dev)["cpu"]["maxReplicas"] == 1 < groups(base)["cpu"]["minReplicas"] == 2
     assert serve_args(dev)["denoiser"]["autoscaling"]["max_replicas"] == 1
     assert set(serve_args(dev)) == set(serve_args(base))  # the overlay changes values, not the shape
 
 
 def test_one_image_everywhere(report: TreeReport) -> None:
     """The weights Job and the service run the same image, mapped from the placeholder name in both places (the
-    dev overlay's PostgreSQL is the only other image)."""
-    images = {c["image"] for r in report.rendered.values() for m in r.manifests if m.doc["kind"] != "StatefulSet"
-              for c in _all_containers(m.doc)}
+    dev overlay's PostgreSQL and Redis are the only other images)."""
+    images = {c["image"] for r in report.rendered.values() for m in r.manifests
+              if m.doc["kind"] not in ("StatefulSet", "Deployment") for c in _all_containers(m.doc)}
     assert len(images) == 1 and images.pop().endswith("/stable-avatar-serve:0.1.0")
 
 
@@ -149,7 +163,8 @@ def test_dev_overlay_runs_its_own_postgres_where_the_dsn_points(report: TreeRepo
     from urllib.parse import urlsplit
 
     dev = report.rendered["k8s/overlays/dev"]
-    (db,), (svc,) = dev.of_kind("StatefulSet"), dev.of_kind("Service")
+    (db,) = dev.of_kind("StatefulSet")
+    (svc,) = [s for s in dev.of_kind("Service") if s["metadata"]["name"] == db["spec"]["serviceName"]]
     pod = db["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "postgres:15" and db["spec"]["replicas"] == 1
@@ -169,6 +184,46 @@ def test_dev_overlay_runs_its_own_postgres_where_the_dsn_points(report: TreeRepo
     assert (dsn.username, dsn.path.lstrip("/")) == (credentials["stringData"]["POSTGRES_USER"],
                                                    credentials["stringData"]["POSTGRES_DB"])
     assert "app.kubernetes.io/name" not in db["spec"]["template"]["metadata"]["labels"]  # not scraped as a Ray pod
+
+
+def test_budgets_let_drains_through_one_pod_at_a_time(report: TreeReport) -> None:
+    """Base: of 2 CPU pods one may go; the GPU group (0..9 pods) keeps its last one. Dev (one pod per group): a
+    drain is never blocked. Integer minAvailable in both (see tools/k8s_ray_ha.py for why not maxUnavailable)."""
+    for kustomization, want in (("k8s/base", {"cpu": 1, "gpu": 1}), ("k8s/overlays/dev", {"cpu": 0, "gpu": 0})):
+        budgets = {b["spec"]["selector"]["matchLabels"]["ray.io/group"]: b["spec"]
+                   for b in report.rendered[kustomization].of_kind("PodDisruptionBudget")}
+        assert {g: b["minAvailable"] for g, b in budgets.items()} == want
+        assert all("maxUnavailable" not in b and b["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+                   for b in budgets.values())
+        for group, spec in budgets.items():
+            assert spec["selector"]["matchLabels"] == {"ray.io/originated-from-cr-name": "stable-avatar",
+                                                       "ray.io/node-type": "worker", "ray.io/group": group}
+    # the label the budgets select on is on every pod template, head included (KubeRay sets it on the RayCluster)
+    cluster = rayservice(report, "k8s/base")["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]:
+        assert template["metadata"]["labels"]["ray.io/originated-from-cr-name"] == "stable-avatar"
+
+
+def test_dev_overlay_runs_the_redis_the_head_points_at(report: TreeReport) -> None:
+    dev = report.rendered["k8s/overlays/dev"]
+    (redis,) = dev.of_kind("Deployment")
+    (svc,) = [s for s in dev.of_kind("Service") if s["metadata"]["name"] == "stable-avatar-redis"]
+    options = rayservice(report, "k8s/overlays/dev")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == f"{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    head_secret = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert env == {"REDIS_PASSWORD": head_secret, "REDISCLI_AUTH": head_secret}  # one password, from the Secret
+    script = " ".join(container["args"])
+    assert "requirepass" in script and "--appendonly yes" in script and "$REDIS_PASSWORD" not in script.split(
+        "exec", 1)[1]  # the password goes into a file, not onto redis-server's command line
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in redis["spec"]["template"]["spec"]["volumes"]}
+    assert "--dir " + mounts["data"] in script and claims["data"] in {
+        c["metadata"]["name"] for c in dev.of_kind("PersistentVolumeClaim")}  # the append-only file survives restarts
+    assert redis["spec"]["strategy"]["type"] == "Recreate"  # a ReadWriteOnce claim: one pod at a time
+    (example,) = [m.doc for m in report.loose if m.doc["metadata"]["name"] == head_secret["name"]]
+    assert set(example["stringData"]) == {head_secret["key"]}
 
 
 def _all_containers(node: Any) -> list[dict[str, Any]]:
@@ -272,11 +327,48 @@ def test_deployment_names_come_from_the_bound_application() -> None:
      "name: stable-avatar-pg, key: POSTGRES_PASSWORD", "secretKeyRef 'stable-avatar-pg': no Secret of that name"),
     ("overlays/dev/postgres.yaml", "mountPath: /var/lib/postgresql/data}", "mountPath: /var/lib/postgresql/data}\n"
      "            - {name: scratch, mountPath: /scratch}", "volume 'scratch' is not declared in spec.volumes"),
+    # GCS fault tolerance: the Redis password only from a Secret, the new form alone, a Redis that exists
+    ("base/rayservice.yaml", "        valueFrom:\n          secretKeyRef: {name: stable-avatar-redis, key: REDIS_PASSWORD}",
+     "        value: hunter2", "gcsFaultToleranceOptions.redisPassword: must be valueFrom.secretKeyRef"),
+    ("base/rayservice.yaml", '    ray.io/initializing-timeout: "45m"',
+     '    ray.io/initializing-timeout: "45m"\n    ray.io/ft-enabled: "true"',
+     "metadata.annotations.ray.io/ft-enabled: the older GCS FT form"),
+    ("base/rayservice.yaml", "redisAddress: stable-avatar-redis:6379", "redisAddress: stable-avatar-rediss:6379",
+     "redisAddress 'stable-avatar-rediss': no Service of that name is defined"),
+    ("overlays/dev/redis.yaml", "    matchLabels: {app.kubernetes.io/component: gcs-store}",
+     "    matchLabels: {app.kubernetes.io/component: redis}",
+     "Deployment/stable-avatar-redis: spec.selector.matchLabels.app.kubernetes.io/component: 'redis' is not a label "
+     "of the pod template (the Deployment would own no pod)"),
+    ("overlays/dev/redis.yaml", "  strategy:\n", "  strategie:\n",
+     "Deployment/stable-avatar-redis: spec.strategie: unknown field (did you mean 'strategy'?)"),
+    # nothing Serve-related on the head
+    ("base/rayservice.yaml", 'num-cpus: "0"                    # no Serve', 'num-cpus: "2"                    # no Serve',
+     'headGroupSpec.rayStartParams.num-cpus: must be "0"'),
+    ("base/rayservice.yaml", "excludeHeadPodFromServeSvc: true", "excludeHeadPodFromServeSvc: false",
+     "spec.excludeHeadPodFromServeSvc: must be true"),
+    # PodDisruptionBudgets: every worker group, through the RayService's label, with an integer minAvailable
+    ("base/pdb.yaml", "      ray.io/group: gpu", "      ray.io/group: gpus",
+     "workerGroupSpecs[1] (gpu): no PodDisruptionBudget selects this group's pods"),
+    ("base/pdb.yaml", "  minAvailable: 1                        # of 2 CPU pods: a drain takes one at a time, a "
+     "Gateway stays up", "  maxUnavailable: 1",
+     "PodDisruptionBudget/stable-avatar-cpu: spec.maxUnavailable: use an integer minAvailable"),
+    ("base/pdb.yaml", "      ray.io/originated-from-cr-name: stable-avatar\n      ray.io/node-type: worker\n"
+     "      ray.io/group: cpu", "      ray.io/cluster: stable-avatar-x7k2p\n      ray.io/node-type: worker\n"
+     "      ray.io/group: cpu", "spec.selector.matchLabels.ray.io/cluster: names one RayCluster"),
+    ("base/rayservice.yaml", "              ray.io/originated-from-cr-name: stable-avatar\n          spec:\n"
+     "            tolerations:", "          spec:\n            tolerations:",
+     "workerGroupSpecs[1] (gpu): the pod template's label ray.io/originated-from-cr-name must be 'stable-avatar'"),
+    ("overlays/dev/pdb-patch.yaml", "minAvailable, value: 0}", "minAvailable, value: 1}",
+     "spec.minAvailable: 1 with at most 1 pod(s) in group 'cpu': no eviction is ever allowed"),
 ], ids=["misspelled-spec-field", "bad-appargs-preset", "dangling-claim", "patch-test-guard", "patch-bad-path",
         "job-pod-typo", "unsupported-kustomize-field", "secret-without-name", "service-selects-nothing",
         "service-unknown-target-port", "service-port-range", "statefulset-dangling-service",
         "statefulset-misspelled-spec", "claim-template-bad-storage", "statefulset-selector-mismatch",
-        "statefulset-pod-typo", "dangling-secret", "undeclared-volume"])
+        "statefulset-pod-typo", "dangling-secret", "undeclared-volume", "redis-password-inline",
+        "gcs-ft-mixed-with-annotation", "redis-address-dangling-service", "deployment-selector-mismatch",
+        "deployment-misspelled-spec", "head-offers-cpus", "head-proxy-in-serve-service", "worker-group-without-budget",
+        "budget-max-unavailable", "budget-selects-one-cluster", "pod-template-without-cr-name-label",
+        "budget-blocks-every-drain"])
 def test_corrupted_file_fails_with_the_field_named(schemas: CrdSchemas, tmp_path: Path, file: str, old: str,
                                                    new: str, expected: str) -> None:
     root = tmp_path / "k8s"
@@ -327,6 +419,25 @@ def _args(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return _serve(edit)
 
 
+def _cluster(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    return lambda doc: edit(doc["spec"]["rayClusterConfig"])
+
+
+def _head(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    return _cluster(lambda c: edit(c["headGroupSpec"]))
+
+
+def _ft(**options: Any) -> Callable[[dict[str, Any]], None]:
+    """Set (a value) or drop (None) fields of gcsFaultToleranceOptions."""
+    def edit(cluster: dict[str, Any]) -> None:
+        for key, value in options.items():
+            if value is None:
+                cluster["gcsFaultToleranceOptions"].pop(key, None)
+            else:
+                cluster["gcsFaultToleranceOptions"][key] = value
+    return _cluster(edit)
+
+
 _GROUPS = "spec.rayClusterConfig.workerGroupSpecs[1]"
 _APP = "spec.serveConfigV2.applications[0]"
 _DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
@@ -373,6 +484,34 @@ _DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
      ["spec.rayClusterConfig.enableInTreeAutoscaling: Serve autoscaling is configured"]),
     (lambda d: d["metadata"]["annotations"].__setitem__("ray.io/initializing-timeout", 30),
      ["metadata.annotations.ray.io/initializing-timeout: must be a string"]),
+    # GCS fault tolerance
+    (_cluster(lambda c: c.pop("gcsFaultToleranceOptions")),
+     ["spec.rayClusterConfig.gcsFaultToleranceOptions: required: without GCS fault tolerance"]),
+    (_ft(redisAdress="x:1"), ["gcsFaultToleranceOptions.redisAdress: unknown field (did you mean 'redisAddress'?)"]),
+    (_ft(redisAddress="stable-avatar-redis"), ["gcsFaultToleranceOptions.redisAddress: 'stable-avatar-redis': must be "
+                                              "host:port"]),
+    (_ft(redisPassword={"valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}),
+     ["gcsFaultToleranceOptions.redisPassword: must be valueFrom.secretKeyRef"]),
+    (_ft(externalStorageNamespace="stable-avatar"),
+     ["gcsFaultToleranceOptions.externalStorageNamespace: leave unset"]),
+    (_ft(backend="rocksdb"), ["gcsFaultToleranceOptions.backend: 'rocksdb': the external Redis"]),
+    (lambda d: d["metadata"]["annotations"].__setitem__("ray.io/external-storage-namespace", "x"),
+     ["metadata.annotations.ray.io/external-storage-namespace: the older GCS FT form"]),
+    (_head(lambda h: h["rayStartParams"].__setitem__("redis-password", "hunter2")),
+     ["headGroupSpec.rayStartParams.redis-password: set by KubeRay from gcsFaultToleranceOptions"]),
+    (_head(lambda h: h["template"]["spec"]["containers"][0].__setitem__(
+        "env", [{"name": "RAY_REDIS_ADDRESS", "value": "redis:6379"}])),
+     ["headGroupSpec.template.spec.containers[0].env[0]: RAY_REDIS_ADDRESS is set by KubeRay"]),
+    # nothing Serve-related on the head
+    (_head(lambda h: h["rayStartParams"].__setitem__("num-gpus", "1")),
+     ['headGroupSpec.rayStartParams.num-gpus: must be "0" or unset']),
+    (_head(lambda h: h["rayStartParams"].__setitem__("resources", '"{\\"serve\\": 1}"')),
+     ["headGroupSpec.rayStartParams.resources: the head must offer no custom resource"]),
+    (_head(lambda h: h["template"]["spec"]["containers"][0]["resources"]["limits"].__setitem__("nvidia.com/gpu", 1)),
+     ["headGroupSpec.template.spec.containers[0].resources.nvidia.com/gpu: the head must not hold a GPU"]),
+    (lambda d: d["spec"].pop("excludeHeadPodFromServeSvc"), ["spec.excludeHeadPodFromServeSvc: must be true"]),
+    (_serve(lambda c: c.__setitem__("proxy_location", "HeadOnly")),
+     ["spec.serveConfigV2.proxy_location: HeadOnly puts the only proxy on the head"]),
 ])
 def test_corrupted_rayservice_fails_with_the_field_named(report: TreeReport, schemas: CrdSchemas,
                                                          mutate: Callable[[dict[str, Any]], None],
@@ -382,6 +521,46 @@ def test_corrupted_rayservice_fails_with_the_field_named(report: TreeReport, sch
     problems = "\n".join(check_manifest(doc, schemas))
     for text in expected:
         assert text in problems, problems
+
+
+# ---------------------------------------------------------------------------------- PodDisruptionBudgets
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"minAvailable": 1, "maxUnavailable": 1, "selector": {"matchLabels": {"a": "b"}}},
+     "spec: set exactly one of minAvailable and maxUnavailable"),
+    ({"minAvailable": "half", "selector": {"matchLabels": {"a": "b"}}},
+     "spec.minAvailable: must be a non-negative integer or a percentage, not 'half'"),
+    ({"minAvailable": 1, "selector": {}}, "spec.selector: must be matchLabels only"),
+    ({"minAvailable": 1, "selector": {"matchLabels": {"a": "b"},
+                                      "matchExpressions": [{"key": "a", "operator": "Exists"}]}},
+     "spec.selector: must be matchLabels only"),
+    ({"minAvailable": 1, "selector": {"matchLabels": {"a": "b"}}, "unhealthyPodEvictionPolicy": "Always"},
+     "spec.unhealthyPodEvictionPolicy: 'Always': one of AlwaysAllow, IfHealthyBudget"),
+    ({"minAvailable": 1, "selector": {"matchLabels": {"a": "b"}}, "maxUnavailble": 1},
+     "spec.maxUnavailble: unknown field"),
+])
+def test_budget_fields_are_checked(spec: dict[str, Any], expected: str) -> None:
+    assert any(problem.startswith(expected) for problem in pdb_spec_problems(spec)), pdb_spec_problems(spec)
+
+
+def test_a_group_under_two_budgets_is_refused(report: TreeReport) -> None:
+    """The eviction API refuses to evict a pod that several budgets cover, so a drain would stop at it."""
+    docs = copy.deepcopy([m.doc for m in report.rendered["k8s/base"].manifests])
+    (cpu,) = [d for d in docs if d["metadata"]["name"] == "stable-avatar-cpu"]
+    docs.append(copy.deepcopy(cpu) | {"metadata": {"name": "stable-avatar-cpu-2"}})
+    problems = [p for _, p in disruption_budget_problems(docs)]
+    assert problems == ["spec.rayClusterConfig.workerGroupSpecs[0] (cpu): selected by several PodDisruptionBudgets "
+                        "(stable-avatar-cpu, stable-avatar-cpu-2): the eviction API refuses to evict a pod that more "
+                        "than one budget covers"]
+
+
+def test_a_budget_that_selects_nothing_is_refused(report: TreeReport) -> None:
+    docs = copy.deepcopy([m.doc for m in report.rendered["k8s/base"].manifests])
+    docs.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "stray"},
+                 "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "nothing-here"}}}})
+    (problem,) = disruption_budget_problems(docs)
+    assert problem[0]["metadata"]["name"] == "stray" and "matches no pod template here" in problem[1]
 
 
 # -------------------------------------------------------------------------------------- kustomize subset
@@ -453,10 +632,10 @@ def test_json6902_ops() -> None:
 
 
 def test_unknown_kinds_are_not_waved_through(schemas: CrdSchemas) -> None:
-    doc = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}
-    assert check_manifest(doc, schemas) == ["kind: no offline check for 'Deployment'; add one to "
+    doc = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "x"}}
+    assert check_manifest(doc, schemas) == ["kind: no offline check for 'DaemonSet'; add one to "
                                             "tools/k8s_validate.py"]
-    assert Manifest(doc, K8S_DIR / "x.yaml").where == "k8s/x.yaml: Deployment/x"
+    assert Manifest(doc, K8S_DIR / "x.yaml").where == "k8s/x.yaml: DaemonSet/x"
 
 
 def test_the_dashboard_and_the_metrics_table_name_the_metrics_the_service_defines() -> None:

@@ -19,13 +19,16 @@
 4. **Cluster fit**: each Serve replica fits some worker pod (CPU, GPU, Ray memory), the GPUs of all replicas
    at their maxima fit the GPU groups' ``maxReplicas``, worker-group replica bounds are ordered, and
    ``rayVersion`` matches the installed Ray.
-5. **Other kinds** (PVC, Job, StatefulSet, Service, PodMonitor, Secret, ConfigMap): apiVersion/kind/metadata, a
-   few required fields, and the pod templates of Jobs and StatefulSets against the PodTemplateSpec schema embedded
-   in the RayCluster CRD; a StatefulSet's selector must match its pod template, its claim templates must ask for
-   storage, and its spec, like a Service's spec and ports, may hold only the fields Kubernetes knows. Finally
-   every Secret/PVC/ConfigMap a pod refers to and every Service a StatefulSet names must be defined somewhere
-   under ``k8s/``, and every Service must select a pod template of its kustomization (a named ``targetPort``
-   must be a port of that template's containers).
+5. **The cluster's own faults** (``k8s_ray_ha``): GCS fault tolerance with an external Redis whose password comes
+   from a Secret, nothing Serve-related on the head, and a PodDisruptionBudget over every worker group.
+6. **Other kinds** (PVC, Job, StatefulSet, Deployment, Service, PodDisruptionBudget, PodMonitor, Secret,
+   ConfigMap): apiVersion/kind/metadata, a few required fields, and the pod templates of Jobs, StatefulSets and
+   Deployments against the PodTemplateSpec schema embedded in the RayCluster CRD; a workload's selector must match
+   its pod template, a StatefulSet's claim templates must ask for storage, and its spec, like a Deployment's, a
+   Service's spec and ports and a budget's spec, may hold only the fields Kubernetes knows. Finally every
+   Secret/PVC/ConfigMap a pod refers to, every Service a StatefulSet or a GCS Redis address names must be defined
+   somewhere under ``k8s/``, and every Service must select a pod template of its kustomization (a named
+   ``targetPort`` must be a port of that template's containers).
 
 Every problem is reported as ``<file>: <Kind>/<name>: <field path>: <message>`` and all of them are collected,
 so one run shows everything that is wrong.
@@ -61,6 +64,9 @@ _BASIC_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "PodMonitor": ("monitoring.coreos.com/v1", ("spec.selector", "spec.podMetricsEndpoints")),
     "StatefulSet": ("apps/v1", ("spec.serviceName", "spec.selector.matchLabels", "spec.template.metadata.labels",
                                 "spec.template.spec.containers")),
+    "Deployment": ("apps/v1", ("spec.selector.matchLabels", "spec.template.metadata.labels",
+                               "spec.template.spec.containers")),
+    "PodDisruptionBudget": ("policy/v1", ("spec.selector",)),
     "Service": ("v1", ("spec.ports", "spec.selector")),
     "Secret": ("v1", ()),
     "ConfigMap": ("v1", ()),
@@ -71,6 +77,8 @@ _BASIC_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 _STATEFULSET_SPEC = {"replicas", "selector", "serviceName", "template", "volumeClaimTemplates", "updateStrategy",
                      "podManagementPolicy", "revisionHistoryLimit", "minReadySeconds",
                      "persistentVolumeClaimRetentionPolicy", "ordinals"}
+_DEPLOYMENT_SPEC = {"replicas", "selector", "template", "strategy", "minReadySeconds", "revisionHistoryLimit",
+                    "progressDeadlineSeconds", "paused"}
 _SERVICE_SPEC = {"selector", "ports", "type", "clusterIP", "clusterIPs", "externalName", "externalTrafficPolicy",
                  "internalTrafficPolicy", "ipFamilies", "ipFamilyPolicy", "loadBalancerIP", "loadBalancerClass",
                  "loadBalancerSourceRanges", "sessionAffinity", "sessionAffinityConfig", "publishNotReadyAddresses",
@@ -792,6 +800,11 @@ def check_manifest(doc: dict[str, Any], schemas: CrdSchemas) -> list[str]:
             parsed = yaml.safe_load(spec["serveConfigV2"])
             if isinstance(parsed, dict):
                 problems += _serve_port_problems(parsed, ("spec", "serveConfigV2"))
+        if kind == "RayService" and not shape:
+            from tools.k8s_ray_ha import rayservice_problems  # imports this module's helpers
+
+            problems += rayservice_problems(doc, yaml.safe_load(spec["serveConfigV2"])
+                                            if isinstance(spec.get("serveConfigV2"), str) else None)
         cluster, cpath = (spec.get("rayClusterConfig"), ("spec", "rayClusterConfig")) if kind == "RayService" \
             else (spec, ("spec",))
         if kind != "RayJob" and isinstance(cluster, dict) and not shape:  # the fit checks assume a valid shape
@@ -813,6 +826,13 @@ def check_manifest(doc: dict[str, Any], schemas: CrdSchemas) -> list[str]:
             problems += _volume_problems(template, ("spec", "template"))
         if kind == "StatefulSet" and isinstance(doc.get("spec"), dict):
             problems += _statefulset_problems(doc["spec"], schemas)
+        if kind == "Deployment" and isinstance(doc.get("spec"), dict):
+            problems += _unknown_fields(doc["spec"], _DEPLOYMENT_SPEC, ("spec",))
+            problems += _pod_template_problems(doc["spec"], schemas, kind)
+        if kind == "PodDisruptionBudget" and isinstance(doc.get("spec"), dict):
+            from tools.k8s_ray_ha import pdb_spec_problems
+
+            problems += pdb_spec_problems(doc["spec"])
         if kind == "Service" and isinstance(doc.get("spec"), dict):
             problems += _service_problems(doc["spec"])
         if kind in ("Secret", "ConfigMap"):
@@ -834,10 +854,11 @@ def _unknown_fields(data: Any, known: set[str], path: tuple[Any, ...]) -> list[s
     return out
 
 
-def _statefulset_problems(spec: dict[str, Any], schemas: CrdSchemas) -> list[str]:
-    problems = _unknown_fields(spec, _STATEFULSET_SPEC, ("spec",))
+def _pod_template_problems(spec: dict[str, Any], schemas: CrdSchemas, kind: str,
+                           claims: Iterable[str] = ()) -> list[str]:
+    """A workload's pod template against the schema, its replica count, its selector and its mounts."""
     template = spec.get("template")
-    problems += schema_errors(schemas.pod_template_validator(), template, ("spec", "template"))
+    problems = schema_errors(schemas.pod_template_validator(), template, ("spec", "template"))
     replicas = spec.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         problems.append(f"spec.replicas: must be a non-negative integer, not {replicas!r}")
@@ -845,7 +866,12 @@ def _statefulset_problems(spec: dict[str, Any], schemas: CrdSchemas) -> list[str
     for key, value in ((spec.get("selector") or {}).get("matchLabels") or {}).items():
         if labels.get(key) != value:
             problems.append(f"spec.selector.matchLabels.{key}: {value!r} is not a label of the pod template "
-                            "(the StatefulSet would own no pod)")
+                            f"(the {kind} would own no pod)")
+    return problems + _volume_problems(template, ("spec", "template"), claims)
+
+
+def _statefulset_problems(spec: dict[str, Any], schemas: CrdSchemas) -> list[str]:
+    problems = _unknown_fields(spec, _STATEFULSET_SPEC, ("spec",))
     claims = []
     for i, claim in enumerate(spec.get("volumeClaimTemplates") or []):
         where = ("spec", "volumeClaimTemplates", i)
@@ -862,8 +888,7 @@ def _statefulset_problems(spec: dict[str, Any], schemas: CrdSchemas) -> list[str
         except ValueError:
             problems.append(f"{_path_str((*where, 'spec', 'resources', 'requests', 'storage'))}: "
                             f"{'required field is missing' if storage is None else f'not a quantity: {storage!r}'}")
-    problems += _volume_problems(template, ("spec", "template"), claims)
-    return problems
+    return problems + _pod_template_problems(spec, schemas, "StatefulSet", claims)
 
 
 def _service_problems(spec: dict[str, Any]) -> list[str]:
@@ -929,6 +954,19 @@ def service_selection_problems(docs: list[dict[str, Any]]) -> list[tuple[dict[st
     return out
 
 
+def _redis_service(doc: dict[str, Any]) -> str | None:
+    """The in-cluster Service a RayService's/RayCluster's GCS FT Redis address names (``svc``, ``svc.ns``,
+    ``svc.ns.svc[.cluster.local]``), if it names one; an outside host gives None."""
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    cluster = spec.get("rayClusterConfig") if doc.get("kind") == "RayService" else spec
+    options = (cluster or {}).get("gcsFaultToleranceOptions") if isinstance(cluster, dict) else None
+    address = (options or {}).get("redisAddress") if isinstance(options, dict) else None
+    if doc.get("kind") not in _RAY_KINDS or not isinstance(address, str):
+        return None
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].split(".")
+    return host[0] if len(host) <= 2 or host[2] == "svc" else None
+
+
 def _basic_problems(doc: dict[str, Any]) -> list[str]:
     problems = [f"{k}: required field is missing" for k in ("apiVersion", "kind") if not doc.get(k)]
     meta = doc.get("metadata")
@@ -947,6 +985,9 @@ def _references(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(kind, name, field) of every Secret/ConfigMap/PVC a pod template in ``doc`` refers to."""
     if doc.get("kind") == "StatefulSet" and isinstance(doc.get("spec"), dict) and doc["spec"].get("serviceName"):
         yield "Service", doc["spec"]["serviceName"], "serviceName"
+    service = _redis_service(doc)
+    if service:
+        yield "Service", service, "redisAddress"
 
     def walk(node: Any) -> Iterator[tuple[str, str, str]]:
         if isinstance(node, dict):
@@ -1010,8 +1051,11 @@ def validate_tree(root: Path, schemas: CrdSchemas) -> TreeReport:
                   for name, r in rendered.items() for m in r.manifests] + [(m.where, m) for m in loose]
     defined = {(m.doc.get("kind"), (m.doc.get("metadata") or {}).get("name")) for _, m in everything}
     labels = {id(m.doc): where for where, m in everything}
+    from tools.k8s_ray_ha import disruption_budget_problems  # imports this module's helpers
+
     for docs in [[m.doc for m in r.manifests] for r in rendered.values()] + [[m.doc for m in loose]]:
         problems += [f"{labels[id(doc)]}: {problem}" for doc, problem in service_selection_problems(docs)]
+        problems += [f"{labels[id(doc)]}: {problem}" for doc, problem in disruption_budget_problems(docs)]
     for where, m in everything:
         problems += [f"{where}: {p}" for p in check_manifest(m.doc, schemas)]
         for kind, name, ref in _references(m.doc):
