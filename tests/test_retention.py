@@ -739,9 +739,12 @@ def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path):
                and not abandoned.exists(), 60)
         assert http_json("GET", status_url)[0] == 200  # the record outlives its objects (jobs_s)
         _until("the record goes too", lambda: http_json("GET", status_url)[0] == 404, 60)
-        counts = _until("the counts reach Prometheus", lambda: (c := _retention_metric(cluster.metrics_url)).get(
-            "jobs") == 1 and c, 60, 1.0)
-        assert counts == {"results": 1, "inputs": 2, "uploads": 1, "jobs": 1}
+        # Each replica's counts reach the metrics agent on their own schedule: wait for all of them, then compare.
+        expected = {"results": 1, "inputs": 2, "uploads": 1, "jobs": 1}
+        seen: list[dict[str, float]] = []
+        _until(f"the counts reach Prometheus as {expected}",
+               lambda: seen.append(_retention_metric(cluster.metrics_url)) or seen[-1] == expected, 60, 1.0)
+        assert seen[-1] == expected
     assert not (root / "results").exists() and not (root / "inputs").exists()  # emptied directories removed too
 
 
