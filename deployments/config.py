@@ -226,6 +226,9 @@ class AppArgs(BaseModel):
     max_running_jobs: int = Field(2, ge=1, le=256, description="queued jobs each Orchestrator replica runs at once")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")
+    idempotency_window_s: float = Field(
+        24 * 3600.0, gt=0, le=7 * 24 * 3600.0, description="how long an Idempotency-Key answers with the job its "
+        "first request created (per API key)")
     job_attempts: int = Field(3, ge=1, le=10, description="attempts of a job (claims, each ended by an "
                               "infrastructure fault or a lost runner) before it is failed as a dead letter")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits")
@@ -272,11 +275,15 @@ class AppArgs(BaseModel):
         return root / LOCAL_JOBS_DATABASE
 
     def job_limits(self) -> JobLimits:
-        """The limits the jobs database enforces in its transactions, from ``auth`` and the queue settings."""
-        return JobLimits(max_queue_length=self.max_queue_length, max_queued_per_owner=self.auth.max_queued_per_key,
-                         max_running_per_owner=self.auth.max_running_per_key,
-                         rate_per_s=self.auth.submit_rate_per_minute / 60.0, rate_burst=self.auth.submit_burst,
-                         max_attempts=self.job_attempts)
+        """The limits the jobs database enforces in its transactions, from ``auth``, the queue settings and
+        retention (an upload counts against its key's quota until retention deletes it)."""
+        auth = self.auth
+        return JobLimits(max_queue_length=self.max_queue_length, max_queued_per_owner=auth.max_queued_per_key,
+                         max_running_per_owner=auth.max_running_per_key,
+                         rate_per_s=auth.submit_rate_per_minute / 60.0, rate_burst=auth.submit_burst,
+                         max_attempts=self.job_attempts, idempotency_ttl_s=self.idempotency_window_s,
+                         upload_quota_bytes=int(auth.upload_quota_mb * 2**20),
+                         max_uploads_per_owner=auth.max_uploads_per_key, upload_ttl_s=self.retention.uploads_s)
 
     def model_preset(self) -> ModelPreset:
         """The preset, after importing ``preset_modules`` (a replica unpickles the args without validating them,

@@ -531,6 +531,7 @@ def test_a_job_out_of_attempts_is_a_dead_letter_with_its_history_and_an_operator
         assert job.checkpoint_step == 3  # kept for a re-queue
 
         await store.requeue(request_id)  # the operator's command, once the replicas are healthy again
+        assert store.sync.get(request_id).started_at is None  # its deadline counts from its next start
         healthy = Checkpointing(storage, steps=4)
         job = await run_to_the_end(store, [checkpointing_runner(store, storage, args, "runner-b", healthy)],
                                    request_id)

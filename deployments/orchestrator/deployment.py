@@ -98,14 +98,14 @@ class Orchestrator:
         return await self.runner.supervise(Run(claimed))
 
     async def model_fingerprint(self) -> str:
-        """The application's model fingerprint (:mod:`deployments.runtime.fingerprint`), as the Denoisers (which
-        see the weights) computed it; asked once, shared by concurrent callers, asked again after a failure."""
+        """The application's model fingerprint (:mod:`deployments.runtime.fingerprint`), as the Preprocessor (which
+        sees the weights) computed it; asked once, shared by concurrent callers, asked again after a failure."""
         if self._fingerprint is None or (self._fingerprint.done() and self._fingerprint.exception() is not None):
             self._fingerprint = asyncio.ensure_future(self._ask_fingerprint())
         return await asyncio.shield(self._fingerprint)
 
     async def _ask_fingerprint(self) -> str:
-        return await asyncio.wait_for(awaited(self.denoiser.model_fingerprint.remote()),
+        return await asyncio.wait_for(awaited(self.preprocessor.model_fingerprint.remote()),
                                       self.args.timeouts.preprocess_s)
 
     def ready(self) -> dict[str, Any]:

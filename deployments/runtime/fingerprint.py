@@ -9,7 +9,7 @@ finishes the jobs submitted to it and never resumes (or is resumed from) the oth
 The weights' identity is each file's relative path, size and modification time under ``checkpoints``: a stat per
 file, never a byte of the gigabytes read, so every replica computes it at start in milliseconds. It assumes one
 copy of the weights per application (the KubeRay manifests mount one volume): copies written at different times
-have different fingerprints. Only processes that see the weights compute it (the Denoisers); the Orchestrators
+have different fingerprints. Only processes that see the weights compute it (the Preprocessors); the Orchestrators
 and Gateways ask them, so every part of an application agrees.
 
 No torch, no Ray: the Gateway's process imports what this module imports.

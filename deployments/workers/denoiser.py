@@ -19,9 +19,6 @@ residue, and whatever a free misses (a replica that served the request before a 
 A hung replica (a forward that never returns: a wedged GPU, a driver fault) is not a dead one: Serve would keep
 routing to it. The Orchestrator cancels a unit after ``timeouts.unit_s`` and sends it to another replica; this
 replica's health check then fails while a forward has run longer than that, so Serve replaces the replica.
-
-The replica also answers the application's model fingerprint (:mod:`deployments.runtime.fingerprint`): it sees the
-weights, which the Orchestrators and Gateways (CPU pods) may not.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.runtime import metrics
-from deployments.runtime.fingerprint import model_fingerprint
 from deployments.runtime.replica import replica_name
 from deployments.workers.models import load_replica_models
 from deployments.workers.placement import StickyBalancedRouter
@@ -70,7 +66,6 @@ class Denoiser:
         self._gpu = RoundRobinGate(args.unit_order)
         self.units: OrderedDict[str, int] = OrderedDict()  # units run per request (bounded)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.fingerprint = model_fingerprint(args)
         self.unit_timeout_s = args.timeouts.unit_s
         self._forward_since: float | None = None  # time.monotonic() when the running forward started
         crash_file, hang_file = os.environ.get(CRASH_FILE_ENV), os.environ.get(HANG_FILE_ENV)
@@ -80,9 +75,6 @@ class Denoiser:
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished."""
         return {"deployment": "Denoiser", "replica": replica_name()}
-
-    def model_fingerprint(self) -> str:
-        return self.fingerprint
 
     async def check_health(self) -> None:
         """Serve's periodic health check (on the replica's event loop, which a forward in its thread leaves free):

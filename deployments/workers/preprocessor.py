@@ -4,6 +4,9 @@ Inputs are untrusted: objects in our own storage are read only when the Gateway 
 (``stored``: the job's own ``data:`` inputs, the caller's uploads); URLs go through :func:`guarded_fetch.fetch_input` (SSRF guard, size and time limits) and
 the bytes through :mod:`pipeline.media.validate` before the models see them, image first (cheap) so a bad image
 is refused before a large audio file is downloaded. Every refusal is an ``InputError`` naming the field.
+
+It also answers the application's model fingerprint (:mod:`deployments.runtime.fingerprint`): it sees the weights,
+which the Orchestrators and Gateways (CPU pods) may not, and unlike the Denoisers it does not scale to zero.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from ray import serve
 
 from deployments.config import AppArgs
+from deployments.runtime.fingerprint import model_fingerprint
 from deployments.runtime.replica import replica_name
 from deployments.storage import StorageNotFoundError, StorageTooLargeError, make_storage
 from deployments.storage.s3_inputs import S3InputReader
@@ -36,10 +40,14 @@ class Preprocessor:
         self.inputs = args.inputs
         self.guard = args.inputs.guard()
         self.s3_inputs = S3InputReader(self.storage)
+        self.fingerprint = model_fingerprint(args)
 
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished."""
         return {"deployment": "Preprocessor", "replica": replica_name()}
+
+    def model_fingerprint(self) -> str:
+        return self.fingerprint
 
     def _read(self, url: str, field: InputField, key: str | None) -> bytes:
         """``key``: the object in our storage that stands for this field (a stored ``data:`` URI, an upload),
