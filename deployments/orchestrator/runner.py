@@ -272,12 +272,12 @@ class JobRunner:
 
     # -- the claim loop ------------------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
+        fingerprint = await self._known_fingerprint()
         idle_ticks = 0
         while True:
             claimed = None
             full = len(self.queued_runs) >= self.args.max_running_jobs
             try:
-                fingerprint = await self.model_fingerprint()
                 if not full:
                     claimed = await self.store.claim(self.runner_id, self.dispatch.lease_s,
                                                      model_fingerprint=fingerprint)
@@ -294,6 +294,17 @@ class JobRunner:
             if claimed is None:
                 await self._pause(full)
 
+    async def _known_fingerprint(self) -> str:
+        """The model fingerprint, asked until it is known (the replica that computes it may still be starting):
+        nothing is claimed before, since a claim takes only the jobs of its model."""
+        while True:
+            try:
+                return await self.model_fingerprint()
+            except Exception as exc:  # noqa: BLE001 - asked again, without a traceback per try
+                logger.warning("runner %s: the model fingerprint is not known yet (%s); claiming nothing until it is",
+                               self.runner_id, type(exc).__name__)
+                await asyncio.sleep(max(self.dispatch.poll_interval_s, 5.0))
+
     async def _pause(self, full: bool) -> None:
         """Between claims: a full replica waits for one of its runs to end; an idle one for a submit's NOTIFY
         (PostgreSQL, ``dispatch.listen``); either at most ``poll_interval_s`` (polling stays the fallback)."""
@@ -304,7 +315,7 @@ class JobRunner:
                 await asyncio.wait_for(self._slot_freed.wait(), timeout)
             return
         try:
-            await self.store.wait_for_job(timeout, model_fingerprint=self._fingerprint or "")
+            await self.store.wait_for_job(timeout, model_fingerprint=await self.model_fingerprint())
         except Exception:  # noqa: BLE001 - the listener reconnects by itself; poll meanwhile
             logger.warning("runner %s: waiting for a job notification failed; polling", self.runner_id,
                            exc_info=True)
