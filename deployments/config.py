@@ -139,7 +139,15 @@ class DispatchConfig(BaseModel):
     lease_s: float = Field(30.0, ge=0.5, le=3600, description="how long a job stays ours without a heartbeat")
     heartbeat_s: float = Field(10.0, gt=0, le=600, description="lease renewal (and cancel check) period")
     poll_interval_s: float = Field(0.5, gt=0, le=60, description="idle wait between claims / webhook polls")
+    listen: bool = Field(True, description="on PostgreSQL an idle replica waits for a submit's NOTIFY between "
+                         "polls (claims within milliseconds); false: poll only (e.g. behind a transaction-pooling "
+                         "PgBouncer, which cannot LISTEN)")
     webhook_lease_s: float = Field(60.0, ge=20, le=3600, description="one delivery attempt's lease")
+    retry_backoff_s: float = Field(10.0, ge=0, le=3600, description="after an infrastructure fault the job is "
+                                   "queued again and claimable after this long, doubling with each attempt")
+    retry_backoff_max_s: float = Field(600.0, ge=0, le=24 * 3600, description="the longest retry backoff")
+    log_flush_s: float = Field(1.0, ge=0, le=60, description="a run's log lines and progress are written at "
+                               "most this often, each batch in one transaction (0: every line at once)")
 
     @model_validator(mode="after")
     def _renewed_in_time(self) -> DispatchConfig:
@@ -150,6 +158,38 @@ class DispatchConfig(BaseModel):
 
 
 MODEL_DEPLOYMENTS = ("preprocessor", "denoiser", "postprocessor")  # the deployments that load models
+
+
+class TimeoutsConfig(BaseModel):
+    """How long each part of a job may take (the ``timeouts:`` block), in seconds. The defaults leave GPU speeds
+    room many times over (a unit takes seconds on a GPU, a 10-minute video's decode and encode minutes): they bound
+    a hung part, they do not pace a healthy one.
+
+    An overrun unit is sent again to another Denoiser replica (and the hung replica's health check fails, so Serve
+    replaces it); an overrun Preprocessor or Postprocessor call, a unit that overran on every try and a stalled run
+    are infrastructure faults: the job is retried from its checkpoint. A job past ``job_s`` fails (504).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    unit_s: float = Field(600.0, gt=0, le=24 * 3600, description="one unit on a Denoiser replica, its wait in the "
+                          "replica's queue included")
+    preprocess_s: float = Field(1800.0, gt=0, le=24 * 3600, description="one Preprocessor call (fetch, decode, "
+                                "encoders)")
+    postprocess_s: float = Field(3600.0, gt=0, le=24 * 3600, description="one Postprocessor call (VAE decode, "
+                                 "encode, upload)")
+    job_s: float = Field(12 * 3600.0, gt=0, le=7 * 24 * 3600, description="a job from its first start to its "
+                         "end, over all its attempts")
+    stall_s: float = Field(900.0, gt=0, le=24 * 3600, description="no progress (a unit done, a log line) for this "
+                           "long outside a Preprocessor/Postprocessor call: the lease is no longer renewed and the "
+                           "run stops; the job is retried")
+
+    @model_validator(mode="after")
+    def _units_progress_within_the_stall_timeout(self) -> TimeoutsConfig:
+        if self.stall_s <= self.unit_s:
+            raise ValueError(f"timeouts.stall_s ({self.stall_s:g}) must exceed timeouts.unit_s ({self.unit_s:g}): "
+                             "a unit that takes its full time must not count as a stall")
+        return self
 
 
 def _denoiser_defaults() -> DeploymentOptions:
@@ -179,6 +219,7 @@ class AppArgs(BaseModel):
         None, description="the jobs database: {kind: sqlite, path?} or {kind: postgres, dsn_env?, dsn_file?}; "
         "default: SQLite in <local storage root>/jobs.sqlite3 (with S3 storage a jobs block is required)")
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     window_step_retries: int = Field(3, ge=0, le=10, description="retries of a window-step, or of a "
                                      "Preprocessor/Postprocessor call, whose replica died")
     conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
@@ -188,7 +229,11 @@ class AppArgs(BaseModel):
     max_running_jobs: int = Field(2, ge=1, le=256, description="queued jobs each Orchestrator replica runs at once")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")
-    job_attempts: int = Field(3, ge=1, le=10, description="claims of a job whose runner died before it is failed")
+    idempotency_window_s: float = Field(
+        24 * 3600.0, gt=0, le=7 * 24 * 3600.0, description="how long an Idempotency-Key answers with the job its "
+        "first request created (per API key)")
+    job_attempts: int = Field(3, ge=1, le=10, description="attempts of a job (claims, each ended by an "
+                              "infrastructure fault or a lost runner) before it is failed as a dead letter")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits")
     max_request_body_mb: float = Field(64.0, gt=0, description="JSON bodies above this get 413 (upload instead)")
     webhook_attempts: int = Field(10, ge=1, le=20, description="deliveries tried before giving up (fal: 10)")
@@ -252,11 +297,15 @@ class AppArgs(BaseModel):
         return root / LOCAL_JOBS_DATABASE
 
     def job_limits(self) -> JobLimits:
-        """The limits the jobs database enforces in its transactions, from ``auth`` and the queue settings."""
-        return JobLimits(max_queue_length=self.max_queue_length, max_queued_per_owner=self.auth.max_queued_per_key,
-                         max_running_per_owner=self.auth.max_running_per_key,
-                         rate_per_s=self.auth.submit_rate_per_minute / 60.0, rate_burst=self.auth.submit_burst,
-                         max_attempts=self.job_attempts)
+        """The limits the jobs database enforces in its transactions, from ``auth``, the queue settings and
+        retention (an upload counts against its key's quota until retention deletes it)."""
+        auth = self.auth
+        return JobLimits(max_queue_length=self.max_queue_length, max_queued_per_owner=auth.max_queued_per_key,
+                         max_running_per_owner=auth.max_running_per_key,
+                         rate_per_s=auth.submit_rate_per_minute / 60.0, rate_burst=auth.submit_burst,
+                         max_attempts=self.job_attempts, idempotency_ttl_s=self.idempotency_window_s,
+                         upload_quota_bytes=int(auth.upload_quota_mb * 2**20),
+                         max_uploads_per_owner=auth.max_uploads_per_key, upload_ttl_s=self.retention.uploads_s)
 
     def model_preset(self) -> ModelPreset:
         """The preset, after importing ``preset_modules`` (a replica unpickles the args without validating them,

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from stable_avatar import client_commands, generate_commands, serve_command
+from stable_avatar import client_commands, generate_commands, jobs_commands, serve_command
 from stable_avatar.arguments import EXAMPLES_HEADING, HelpFormatter
 
 LOG_LEVEL_ENV = "STABLE_AVATAR_LOG_LEVEL"
@@ -22,6 +22,7 @@ EXAMPLES = f"""\
   stable-avatar submit --image face.png --audio speech.wav --prompt 'A person talking' -o out.mp4
   stable-avatar status REQUEST_ID --json
   stable-avatar generate --image face.png --audio speech.wav --prompt 'A person talking' -o out.mp4
+  stable-avatar jobs dead-letters                           # operators: jobs that ran out of attempts
 
 `stable-avatar COMMAND --help` describes each command, with examples."""
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_commands.add_parsers(sub)
     serve_command.add_parser(sub)
     client_commands.add_parsers(sub)
+    jobs_commands.add_parser(sub)
     return parser
 
 

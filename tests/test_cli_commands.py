@@ -5,6 +5,7 @@ user runs it (``tests/cli_probe.py``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import tomllib
 
 import pytest
@@ -40,7 +41,7 @@ def test_the_cli_module_loads_no_model_library():
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["submit", "--help"], ["status", "--help"], ["cancel", "--help"], ["serve", "--help"],
-    ["generate", "--help"],
+    ["generate", "--help"], ["jobs", "--help"], ["jobs", "requeue", "--help"],
 ], ids=" ".join)
 def test_help_loads_no_model_library_and_no_ray(args):
     run = run_cli(args, REPO_ROOT)
@@ -77,9 +78,11 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 def test_every_command_has_a_description_and_an_example_and_every_option_a_help():
     parser = build_parser()
     commands = _commands(parser)
-    assert set(commands) == {"generate", "download-weights", "serve", "submit", "status", "result", "cancel"}
+    assert set(commands) == {"generate", "download-weights", "serve", "submit", "status", "result", "cancel", "jobs"}
+    jobs = {f"jobs {name}": command for name, command in _commands(commands["jobs"]).items()}
+    assert set(jobs) == {"jobs dead-letters", "jobs requeue", "jobs retarget"}
     missing = []
-    for name, command in {"stable-avatar": parser, **commands}.items():
+    for name, command in {"stable-avatar": parser, **commands, **jobs}.items():
         if not (command.description or "").strip():
             missing.append(f"{name}: description")
         example = "stable-avatar" if name == "stable-avatar" else f"stable-avatar {name}"
@@ -189,3 +192,53 @@ def test_serve_refuses_missing_weights_and_bad_serve_options_before_starting_a_c
     path.write_text(yaml.safe_dump(config))
     run = run_cli(["serve", "--config", str(path)], REPO_ROOT)
     assert run.exit_code == 2 and f"error: --config {path}: http_options.ssl_certfile:" in run.stderr, run.stderr
+
+
+def test_jobs_commands_list_requeue_and_retarget_loading_no_model_library(tmp_path):
+    """The operator's commands read the Serve config's jobs database (here its default SQLite file beside the
+    local storage), in a fresh interpreter that loads neither a model library nor Ray."""
+    from deployments.jobstore import (
+        DEFAULT_SQLITE_NAME,
+        JobError,
+        JobLimits,
+        SqliteJobsConfig,
+        make_sync_job_store,
+    )
+
+    root = tmp_path / "data"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "stable-avatar", "args": {
+        "storage": {"kind": "local", "root": str(root)}}}]}))
+    store = make_sync_job_store(SqliteJobsConfig(), root / DEFAULT_SQLITE_NAME, JobLimits(max_attempts=1))
+    try:
+        job_input = {"request": {"prompt": "hi"}, "stored": {}}
+        dead = store.submit(app_id="a", input=job_input, seed=1, owner="k1", rate_limited=False).request_id
+        claimed = store.claim("runner-a", 30)
+        store.retry(dead, claimed.epoch, error=JobError(status_code=503, detail="x", message="storage fault "
+                                                        "(StorageError)"), error_class="storage")
+        queued = store.submit(app_id="a", input=job_input, seed=2, owner="k1", rate_limited=False,
+                              model_fingerprint="old-model").request_id
+
+        listed = run_cli(["jobs", "dead-letters", "--config", str(config)], REPO_ROOT)
+        assert listed.exit_code == 0 and listed.loaded == [], listed.stderr
+        assert dead in listed.stdout and "gave up after 1 attempts" in listed.stdout
+        assert "attempt 1 (epoch 1) on runner-a" in listed.stdout and "retried (storage: storage fault" in \
+            listed.stdout
+        as_json = json.loads(run_cli(["jobs", "dead-letters", "--json", "--config", str(config)], REPO_ROOT).stdout)
+        assert [(d["job"]["request_id"], [a["outcome"] for a in d["attempts"]]) for d in as_json] == \
+            [(dead, ["retried"])]
+
+        requeued = run_cli(["jobs", "requeue", dead, "--config", str(config)], REPO_ROOT)
+        assert requeued.exit_code == 0 and f"re-queued {dead}" in requeued.stdout, requeued.stderr
+        assert store.get(dead, "k1").status == "IN_QUEUE" and store.dead_letters() == []
+        again = run_cli(["jobs", "requeue", dead, "--config", str(config)], REPO_ROOT)
+        assert again.exit_code == 1 and "is not a dead letter" in again.stderr
+
+        moved = run_cli(["jobs", "retarget", "old-model", "new-model", "--config", str(config)], REPO_ROOT)
+        assert moved.exit_code == 0 and "moved 1 queued jobs" in moved.stdout and moved.loaded == []
+        assert store.get(queued, "k1").model_fingerprint == "new-model"
+
+        missing = run_cli(["jobs", "dead-letters", "--config", str(config), "--app", "other"], REPO_ROOT)
+        assert missing.exit_code == 2 and "no application 'other'" in missing.stderr
+    finally:
+        store.close()

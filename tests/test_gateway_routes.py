@@ -57,6 +57,11 @@ class FakeOrchestrator:
     service: GatewayService | None = None
     fail: BaseException | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)
+    fingerprint: str = ""  # the application's model fingerprint (the Gateway records it with every submit)
+    hold: asyncio.Event | None = None  # set: runs wait for it before they finish
+
+    async def model_fingerprint(self) -> str:
+        return self.fingerprint
 
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str,
                        input_keys: list[str], **options: Any) -> StoredResult:
@@ -69,6 +74,8 @@ class FakeOrchestrator:
             await store.complete(request_id, claimed.epoch, error=JobError(
                 status_code=500, detail="failed", message="failed"))
             raise self.fail
+        if self.hold is not None:
+            await self.hold.wait()
         return await finish_job(self.service, request_id, claimed.epoch, seed)
 
 
@@ -582,7 +589,8 @@ async def test_an_upload_is_written_to_a_temporary_file_as_it_arrives(make_gatew
 
 
 async def test_the_upload_quota_counts_live_uploads_per_key(make_gateway):
-    async with make_gateway(auth={"upload_quota_mb": 0.25, "max_uploads_per_key": 3}) as gw:
+    async with make_gateway({"retention": {"uploads_s": 4}}, auth={"upload_quota_mb": 0.25,
+                                                                   "max_uploads_per_key": 3}) as gw:
         quarter = 1 << 18
         ticket = await initiate(gw)
         assert (await gw.client.put(ticket["upload_url"], content=b"a" * (quarter - 100))).status_code == 200
@@ -600,9 +608,24 @@ async def test_the_upload_quota_counts_live_uploads_per_key(make_gateway):
             assert (await gw.client.put(ticket["upload_url"], content=b"e")).status_code == 200
         refused = await gw.client.post("/storage/upload/initiate", json={}, headers=B)
         assert "3 live uploads" in assert_fal_error(refused, 413, "upload_quota_exceeded")["detail"]
-        # Retention deleting an upload frees its room.
-        gw.service.storage.delete(gw.stored(f"uploads/{fingerprint(KEY_B)}/")[0])
+        # An upload's bytes count until retention deletes it (uploads_s after it was made): then its room is free.
+        await asyncio.sleep(4.2)
         assert (await gw.client.post("/storage/upload/initiate", json={}, headers=B)).status_code == 200
+
+
+async def test_concurrent_uploads_of_one_key_never_pass_its_quota_together(make_gateway):
+    """The room is reserved in the jobs database before a body is read: uploads racing through the Gateway (any
+    number of replicas share the count) cannot each see the same free room."""
+    async with make_gateway(auth={"upload_quota_mb": 1.0}) as gw:
+        tickets = [await initiate(gw) for _ in range(6)]
+        quarter = 1 << 18
+        answers = await asyncio.gather(*(gw.client.put(t["upload_url"], content=b"u" * (quarter + 1000),
+                                                       headers={"content-length": str(quarter + 1000)})
+                                         for t in tickets))
+        assert sorted(a.status_code for a in answers) == [200, 200, 200, 413, 413, 413]
+        assert sum(len(gw.service.storage.get_bytes(k)) for k in gw.stored("uploads/")) <= 1 << 20
+        usage = await gw.service.store.upload_usage(fingerprint(KEY_A))
+        assert (usage.uploads, usage.bytes) == (3, 3 * (quarter + 1000))  # settled to what was stored
 
 
 def link_lifetime(url: str) -> float:
@@ -642,7 +665,7 @@ async def test_s3_uploads_go_through_the_gateway_bounded_and_counted(make_gatewa
         assert httpx.get(ticket["file_url"]).content == b"p" * half  # the presigned GET serves it
         over = await gw.client.put((await initiate(gw))["upload_url"], content=b"q" * half,
                                    headers={"content-length": str(half)})
-        assert_fal_error(over, 413, "upload_quota_exceeded")  # measured from the bucket's listing
+        assert_fal_error(over, 413, "upload_quota_exceeded")  # counted in the jobs database
         assert len(gw.stored("uploads/")) == 1
 
 
@@ -661,3 +684,84 @@ def test_token_buckets_refill_at_their_rate_and_stay_bounded():
     for n in range(limits.MAX_TRACKED_KEYS + 10):
         buckets.take(f"key-{n}")
     assert len(buckets._buckets) == limits.MAX_TRACKED_KEYS
+
+
+# -- Idempotency-Key: a client's retry never starts a second GPU job ----------------------------------------------
+def keyed(key: str | bytes, headers: dict[str, str] = A) -> dict[str, str | bytes]:
+    return {**headers, "idempotency-key": key}
+
+
+async def test_a_retried_submit_answers_the_first_job_before_any_limit_and_queues_no_other(make_gateway):
+    """The retry is looked up before the caps and the submit token: with the key's only token spent and its
+    queue full, it still answers the first job (200, not 429), queues nothing and stores nothing."""
+    async with make_gateway(auth={"submit_burst": 1, "submit_rate_per_minute": 0.001, "max_queued_per_key": 1}) as gw:
+        gw.orchestrator.fingerprint = "weights-v2"
+        first = await gw.client.post(f"/{APP}", json=job_body(), headers=keyed("retry-1"))
+        assert first.status_code == 200, first.text
+        request_id = first.json()["request_id"]
+        stored = gw.stored("inputs/")
+        # the same body, re-serialized with its keys in another order, as another client library would
+        body = json.dumps(dict(reversed(list(job_body().items()))))
+        again = await gw.client.post(f"/{APP}", content=body, headers=keyed("retry-1"))
+        assert again.status_code == 200, again.text
+        assert again.json()["request_id"] == request_id == again.headers["x-fal-request-id"]
+        assert again.json()["status_url"] == first.json()["status_url"]
+        assert await gw.service.store.queue_length() == 1 and gw.stored("inputs/") == stored
+        assert (await gw.service.store.get(request_id, fingerprint(KEY_A))).model_fingerprint == "weights-v2"
+        # without the key, the same body is a new request: refused at the caps, as any
+        assert_fal_error(await gw.client.post(f"/{APP}", json=job_body(), headers=A), 429, "key_queue_cap")
+        # the same key with another body: a client bug, named
+        other = await gw.client.post(f"/{APP}", json=job_body(seed=6), headers=keyed("retry-1"))
+        assert field_of(other) == ["header", "Idempotency-Key"]
+        assert "different request body" in other.json()["detail"][0]["msg"]
+        # keys are scoped per API key: B's "retry-1" is B's own
+        theirs = await gw.client.post(f"/{APP}", json=job_body(), headers=keyed("retry-1", B))
+        assert theirs.status_code == 200 and theirs.json()["request_id"] != request_id
+        for bad in ("has space", "", "x" * 256, "caf\xe9".encode("latin-1")):
+            malformed = await gw.client.post(f"/{APP}", json=job_body(), headers=keyed(bad, B))
+            assert field_of(malformed) == ["header", "Idempotency-Key"], bad
+
+
+async def test_concurrent_retries_of_one_idempotency_key_create_one_job(make_gateway):
+    async with make_gateway() as gw:
+        answers = await asyncio.gather(*(gw.client.post(f"/{APP}", json=job_body(), headers=keyed("burst"))
+                                         for _ in range(5)))
+        assert [a.status_code for a in answers] == [200] * 5
+        ids = {a.json()["request_id"] for a in answers}
+        assert len(ids) == 1 and await gw.service.store.queue_length() == 1
+        (request_id,) = ids
+        # the retries that lost the race deleted the inputs they had stored
+        assert {k.split("/")[2] for k in gw.stored("inputs/")} == {request_id}
+
+
+async def test_a_retried_run_answers_the_first_runs_outcome_and_starts_no_other(make_gateway):
+    async with make_gateway(auth={"submit_burst": 2, "submit_rate_per_minute": 0.001}) as gw:
+        gw.orchestrator.hold = asyncio.Event()
+        first = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("run-1")))
+        await wait_for(lambda: len(gw.orchestrator.calls) == 1)
+        # a retry while the first run is still going (the client timed out): it waits for that run
+        retry = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("run-1")))
+        await asyncio.sleep(0.3)
+        assert not retry.done()
+        gw.orchestrator.hold.set()
+        answers = [await first, await retry]
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert answers[0].headers["x-fal-request-id"] == answers[1].headers["x-fal-request-id"]
+        video = [a.json()["video"] for a in answers]
+        assert video[0]["file_size"] == video[1]["file_size"] and len(gw.orchestrator.calls) == 1
+        # one more retry after it finished, with the key's submit tokens spent: answered, not 429
+        spent = await gw.client.post(f"/run/{APP}", json=job_body(seed=9), headers=A)  # the second token
+        assert spent.status_code == 200
+        assert_fal_error(await gw.client.post(f"/run/{APP}", json=job_body(seed=9), headers=A), 429, "rate_limited")
+        later = await gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("run-1"))
+        assert later.status_code == 200 and later.headers["x-fal-request-id"] == answers[0].headers["x-fal-request-id"]
+        assert len(gw.orchestrator.calls) == 2
+        other = await gw.client.post(f"/run/{APP}", json=job_body(seed=6), headers=keyed("run-1"))
+        assert field_of(other) == ["header", "Idempotency-Key"]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)

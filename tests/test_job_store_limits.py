@@ -14,6 +14,7 @@ from deployments.jobstore import (
     IdempotencyKeyReusedError,
     NotDeadLetteredError,
     UploadQuotaError,
+    UploadUsage,
 )
 from tests.job_store_env import INPUT, Env, env_fixture, sql, submit, together  # noqa: F401
 
@@ -115,27 +116,42 @@ def test_the_new_store_errors_survive_pickling_with_their_fields():
 
 # -- upload quota -------------------------------------------------------------------------------------------------
 def test_the_upload_quota_holds_across_gateways_and_counts_what_storage_keeps(env: Env):
-    stores = [env.open(upload_quota_bytes=1000, upload_ttl_s=0.6) for _ in range(2)]
+    stores = [env.open(upload_quota_bytes=1000, upload_ttl_s=0.6, max_uploads_per_owner=4) for _ in range(2)]
     answers = together(8, lambda i: stores[i % 2].reserve_upload("k1", f"uploads/k1/u{i}/face.png", 300))
-    held = sorted(a for a in answers if isinstance(a, int))
-    assert held == [300, 600, 900]  # exact under concurrent reservations from two Gateways
+    assert sorted(a for a in answers if isinstance(a, int)) == [300, 300, 300]  # exact across two Gateways
     refused = [a for a in answers if isinstance(a, UploadQuotaError)]
     assert len(refused) == 5 and "quota of 1000 bytes" in str(refused[0])
     store = stores[0]
-    assert store.upload_usage("k1") == 900 and store.upload_usage("k2") == 0
+    assert store.upload_usage("k1") == UploadUsage(bytes=900, uploads=3)
+    assert store.upload_usage("k2") == UploadUsage(bytes=0, uploads=0)
     kept = [f"uploads/k1/u{i}/face.png" for i, a in enumerate(answers) if isinstance(a, int)]
-    store.settle_upload(kept[0], 100)  # the body was smaller than reserved
-    store.settle_upload(kept[1], 0)  # the upload failed: nothing is kept
-    assert store.upload_usage("k1") == 400
-    assert store.reserve_upload("k1", "uploads/k1/big/a.wav", 600) == 1000
+    store.settle_upload("k1", kept[0], 100)  # the body was smaller than reserved
+    store.settle_upload("k1", kept[1], 0)  # the upload failed: nothing is kept
+    assert store.upload_usage("k1") == UploadUsage(bytes=400, uploads=2)
+    assert store.reserve_upload("k1", "uploads/k1/big/a.wav", 5000, fit=True) == 600  # size unknown: what is left
     with pytest.raises(UploadQuotaError):
-        store.reserve_upload("k1", "uploads/k1/one-more/b.wav", 1)
+        store.reserve_upload("k1", "uploads/k1/one-more/b.wav", 1, fit=True)
     assert store.reserve_upload("k2", "uploads/k2/u/face.png", 1000) == 1000  # each key has its own quota
     time.sleep(0.7)  # retention deleted those uploads by now: their bytes no longer count
-    assert store.upload_usage("k1") == 0
+    assert store.upload_usage("k1").bytes == 0
     assert store.reserve_upload("k1", "uploads/k1/later/face.png", 1000) == 1000
     assert sql(store, "SELECT count(*) AS n FROM upload_usage")[0]["n"] == 1  # the reservation pruned the rest
     time.sleep(0.7)
     assert store.prune_upload_usage() == 1
     with pytest.raises(ValueError, match="size_bytes"):
         store.reserve_upload("k1", "uploads/k1/x", -1)
+
+
+def test_an_unsettled_reservation_frees_itself_and_the_upload_count_is_capped(env: Env):
+    store = env.open(upload_quota_bytes=1000, upload_ttl_s=60, upload_hold_s=0.3, max_uploads_per_owner=2)
+    store.reserve_upload("k1", "uploads/k1/a/x.png", 900)  # its Gateway dies before settling it
+    with pytest.raises(UploadQuotaError, match="quota of 1000 bytes"):
+        store.reserve_upload("k1", "uploads/k1/b/x.png", 200)
+    time.sleep(0.4)
+    assert store.reserve_upload("k1", "uploads/k1/b/x.png", 200) == 200  # the dead reservation no longer counts
+    time.sleep(0.4)  # settled after its hold ran out (a slow upload): it counts again, for the upload TTL
+    store.settle_upload("k1", "uploads/k1/b/x.png", 150)
+    store.reserve_upload("k1", "uploads/k1/c/x.png", 10)
+    assert store.upload_usage("k1") == UploadUsage(bytes=160, uploads=2)
+    with pytest.raises(UploadQuotaError, match="holds 2 uploads"):
+        store.reserve_upload("k1", "uploads/k1/d/x.png", 1)

@@ -139,6 +139,14 @@ def stored_keys(root: Path, prefix: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+def assert_only_the_named_checkpoint(service, request_id: str, at_most: bool = False) -> None:
+    """The job's checkpoint objects are exactly the one its row names (older ones were pruned as newer ones were
+    recorded; the named one is deleted by retention alone)."""
+    kept = stored_keys(service["root"], f"checkpoints/{request_id}")
+    assert len(kept) <= 1 if at_most else len(kept) == 1, kept
+    assert service["store"].named_keys(kept) == set(kept), kept
+
+
 def test_submit_status_result_roundtrip(service):
     base = service["base"]
     submitted = submit(base, job_body(), headers={"x-fal-request-id": "client-chosen"})
@@ -240,8 +248,8 @@ def test_cancel_queued_and_running_and_completed(service, long_audio):
     code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")
     assert (code, body) == (400, {"status": "ALREADY_COMPLETED"})
     assert http_json("PUT", f"{base}/{APP}/requests/unknown/cancel")[:2] == (404, {"status": "NOT_FOUND"})
-    # A cancelled job leaves no checkpoint behind.
-    assert stored_keys(service["root"], f"checkpoints/{running}") == []
+    # A cancelled job leaves at most the checkpoint its row names (retention deletes it after checkpoints_s).
+    assert_only_the_named_checkpoint(service, running, at_most=True)
     # The Denoiser replicas are free: the next job runs at once.
     started = time.monotonic()
     wait_status(base, submit(base, job_body())["request_id"])
@@ -392,7 +400,7 @@ def runner_of(store: SyncJobStore, request_id: str) -> str:
 
 def assert_resumed_once(service, rid: str, reference: bytes, min_step: int) -> list[str]:
     """The job finished without error, resumed from a checkpoint after step >= ``min_step``, produced exactly
-    the uninterrupted run's bytes, and left one result object and no checkpoint."""
+    the uninterrupted run's bytes, and left one result object and only the checkpoint its row names."""
     base, root = service["base"], service["root"]
     done = wait_status(base, rid)
     assert "error" not in done, done
@@ -405,7 +413,7 @@ def assert_resumed_once(service, rid: str, reference: bytes, min_step: int) -> l
     job = service["store"].get(rid, "")
     assert job.epoch == 2 and job.result_keys == [f"results/{rid}/e2/output.mp4"]
     assert stored_keys(root, f"results/{rid}") == job.result_keys  # the first runner wrote no result
-    assert stored_keys(root, f"checkpoints/{rid}") == []  # deleted once the job was done
+    assert_only_the_named_checkpoint(service, rid)
     return lines
 
 
@@ -462,6 +470,61 @@ def test_two_applications_on_one_database_run_each_job_once(service):
         assert {r.split("#")[0] for r in runners} == {APP_NAME, SECOND_APP}, runners  # both applications worked
     finally:
         serve.delete(SECOND_APP)
+
+
+def test_an_upgrade_that_changes_the_model_finishes_each_applications_jobs_on_it(service):
+    """Two applications on one database whose models differ (another weight scheme changes every video): each
+    submit records its application's model fingerprint, and only that application's runners claim it."""
+    base, store = service["base"], service["store"]
+    second = AppArgs.model_validate(service["config"] | {"pipeline": {"weight_scheme": "log"}, "denoiser": {
+        "num_replicas": 1, "num_gpus": 0, "max_ongoing_requests": 1}})  # the first application holds both GPUs
+    serve.run(build_app(second), name=SECOND_APP, route_prefix=SECOND_PREFIX)
+    try:
+        ids = {app: [submit(prefix, job_body(seed=200 + i, steps=1))["request_id"] for i in range(2)]
+               for app, prefix in ((APP_NAME, base), (SECOND_APP, base + SECOND_PREFIX))}
+        fingerprints = {app: {store.get(rid, "").model_fingerprint for rid in rids} for app, rids in ids.items()}
+        assert all(len(f) == 1 and "" not in f for f in fingerprints.values()), fingerprints
+        assert fingerprints[APP_NAME] != fingerprints[SECOND_APP]
+        for app, rids in ids.items():
+            for rid in rids:
+                done = wait_status(base, rid)
+                assert "error" not in done, done
+                (started,) = [m for m in messages(done) if m.startswith("running on ")]
+                assert started.split()[2].split("#")[0] == app, (app, started)
+    finally:
+        serve.delete(SECOND_APP)
+
+
+def test_a_retried_submit_or_run_with_an_idempotency_key_starts_one_job(service):
+    """Through the real service: a submit retried with its Idempotency-Key answers the first job; concurrent
+    /run retries with one key run one job and both answer its video."""
+    base, store = service["base"], service["store"]
+    key = {"Idempotency-Key": f"queue-{time.monotonic_ns()}"}
+    first = submit(base, job_body(steps=1, seed=31), headers=key)
+    assert submit(base, job_body(steps=1, seed=31), headers=key)["request_id"] == first["request_id"]
+    code, body, _ = http_json("POST", f"{base}/{APP}", job_body(steps=1, seed=32), key)
+    assert code == 422 and body["detail"][0]["loc"] == ["header", "Idempotency-Key"], body
+    assert "error" not in wait_status(base, first["request_id"])
+
+    run_key = {"Idempotency-Key": f"run-{time.monotonic_ns()}"}
+    answers: list = [None, None]
+
+    def run(i: int) -> None:
+        answers[i] = http_json("POST", f"{base}/run/{APP}", job_body(steps=1, seed=33), run_key)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [a[0] for a in answers] == [200, 200], answers
+    (request_id,) = {a[2]["x-fal-request-id"] for a in answers}
+    assert http_bytes(answers[0][1]["video"]["url"]) == http_bytes(answers[1][1]["video"]["url"])
+    with store.backend.read() as cur:
+        cur.execute(store.backend.sql("SELECT count(*) AS n FROM jobs WHERE seed IN (31, 33)"))
+        assert cur.fetchone()["n"] == 2  # one queued job, one sync job
+    assert store.get(request_id, "").kind == "sync"
 
 
 def test_health_names_what_is_not_ready(service):

@@ -13,6 +13,7 @@ from ray.exceptions import RayActorError
 
 from deployments.contracts import request_offset
 from deployments.orchestrator.executor import RayDenoiserExecutor
+from deployments.orchestrator.faults import UnitTimeoutError
 from pipeline.denoise import WindowStep
 
 
@@ -266,3 +267,57 @@ def test_an_async_retry_hook_is_awaited_before_the_retry():
     asyncio.run(executor.run(_steps(3)))
     window_2 = [e for e in events if e[1] == 2]
     assert window_2 == [("call", 2), ("logged", 2, 0, 1, "RayActorError"), ("call", 2)]
+
+
+class Response:
+    """Mimics a ``DeploymentResponse``: awaitable, and ``cancel()`` stops the call on its replica."""
+
+    def __init__(self, coro):
+        self.task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
+
+    def __await__(self):
+        return self.task.__await__()
+
+
+class HungReplicaHandle:
+    """Replica placement as Serve's router does it (``slot mod replicas``); replica 0 never answers (a wedged
+    forward), the others answer at once."""
+
+    def __init__(self, replicas: int):
+        self.replicas, self.calls = replicas, []
+        self.step = self
+
+    def remote(self, request_id, slot, refs, unit: list[WindowStep]):
+        work, replica = unit[0], slot % self.replicas
+
+        async def run():
+            if replica == 0:
+                await asyncio.Event().wait()
+            return work.latents + work.window
+
+        response = Response(run())
+        self.calls.append((work.window, replica, response))
+        return response
+
+
+def test_a_unit_that_overruns_on_a_hung_replica_is_cancelled_and_sent_to_the_next_one():
+    handle, retries, done = HungReplicaHandle(2), [], []
+    executor = executor_for(handle, 2, unit_timeout_s=0.2, on_retry=lambda w, n, exc: retries.append((w.window, exc)),
+                            on_unit_done=lambda: done.append(1))
+    outputs = asyncio.run(executor.run(_steps(4)))
+    assert [int(o[0, 0, 0, 0, 0]) for o in outputs] == [0, 1, 2, 3]
+    hung = [(window, response) for window, replica, response in handle.calls if replica == 0]
+    assert hung and all(response.cancelled for _, response in hung)  # the call stopped on the hung replica
+    assert sorted(w for w, _ in retries) == sorted(w for w, _ in hung)
+    assert all(isinstance(exc, UnitTimeoutError) for _, exc in retries) and len(done) == 4
+
+
+def test_a_unit_that_overruns_on_every_try_ends_the_attempt():
+    executor = executor_for(HungReplicaHandle(1), 2, unit_timeout_s=0.1)
+    with pytest.raises(UnitTimeoutError, match="timeouts.unit_s"):
+        asyncio.run(executor.run(_steps(1)))

@@ -273,6 +273,34 @@ def test_a_sweep_deletes_exactly_what_expired_and_a_second_finds_nothing(db: Db,
     check_swept_world(store, objects, world, week_later=True)
 
 
+def test_a_sweep_prunes_expired_idempotency_keys_and_upload_rows(db: Db, tmp_path: Path):
+    """The tables with a time to live of their own: what expired goes, in batches; what lives stays."""
+    short = open_store(db.config, db.path, JobLimits(idempotency_ttl_s=0.3, upload_ttl_s=0.3))
+    long = open_store(db.config, db.path, JobLimits(idempotency_ttl_s=3600, upload_ttl_s=3600))
+    db.stores += [short, long]
+    body = "0" * 64
+    live = long.submit(app_id="a", input=INPUT, seed=1, owner="k1", idempotency_key="live", body_hash=body,
+                       rate_limited=False).request_id
+    long.reserve_upload("k1", "uploads/k1/live/a.png", 10)
+    for i in range(3):
+        short.submit(app_id="a", input=INPUT, seed=1, owner="k1", idempotency_key=f"old-{i}", body_hash=body,
+                     rate_limited=False)
+        short.reserve_upload("k1", f"uploads/k1/old-{i}/a.png", 10)
+    time.sleep(0.4)
+    report = run(sweep(long, LocalStorage(LocalStorageConfig(root=tmp_path / "data")), time.time(), batch_size=2))
+    assert (report.idempotency_keys, report.upload_rows) == (3, 3)
+    assert long.idempotent_request("k1", "live") == (live, body)
+    assert [r["key"] for r in sql_rows(long, "SELECT key FROM idempotency_keys")] == ["live"]
+    assert long.upload_usage("k1").uploads == 1
+    assert sql_rows(long, "SELECT count(*) AS n FROM upload_usage")[0]["n"] == 1
+
+
+def sql_rows(store: SyncJobStore, text: str) -> list[dict[str, Any]]:
+    with store.backend.read() as cur:
+        cur.execute(store.backend.sql(text))
+        return cur.fetchall()
+
+
 # -- bounded batches -------------------------------------------------------------------------------------------------
 class Spy:
     """The real store or storage underneath; records the size of every batch it was handed or returned."""

@@ -4,7 +4,8 @@ For every unit setting (batch-3 or split guidance rows, acceleration none or hig
 ``stable-avatar generate`` with the same settings, on 1 and 3 Denoiser replicas and after a Denoiser replica died
 holding work. The kill is a test hook inside the replica (``STABLE_AVATAR_TEST_CRASH_FILE``): the first replica
 that receives the named unit exits, so it always lands on a replica that holds work, and the job's logs must show
-the executor's retry.
+the executor's retry. A second hook (``STABLE_AVATAR_TEST_HANG_FILE``) wedges the forward of a named unit instead:
+a hung replica, which the unit timeout bypasses and Serve's health check replaces.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.contracts import request_offset  # noqa: E402
-from deployments.workers.denoiser import CRASH_FILE_ENV  # noqa: E402
+from deployments.workers.denoiser import CRASH_FILE_ENV, HANG_FILE_ENV  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -53,16 +55,22 @@ def crash_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(seaweedfs, crash_file):
+def hang_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("hooks") / "hang.json"
+
+
+@pytest.fixture(scope="module")
+def cluster(seaweedfs, crash_file, hang_file):
     # Replicas inherit the driver's environment: that is how S3 credentials reach them (never via the config),
-    # and the crash hook's file name.
+    # and the hooks' file names.
     os.environ.update(AWS_ACCESS_KEY_ID=seaweedfs.access_key, AWS_SECRET_ACCESS_KEY=seaweedfs.secret_key)
-    os.environ[CRASH_FILE_ENV] = str(crash_file)
+    os.environ[CRASH_FILE_ENV], os.environ[HANG_FILE_ENV] = str(crash_file), str(hang_file)
     try:
         with ray_serve_cluster(num_gpus=3) as cluster:
             yield cluster.base
     finally:
         os.environ.pop(CRASH_FILE_ENV, None)
+        os.environ.pop(HANG_FILE_ENV, None)
         _deployed.clear()
 
 
@@ -97,10 +105,11 @@ def cli_reference(tmp_path, audio, steps=STEPS, seed=SEED, pipeline: dict | None
 _deployed: list[str] = []
 
 
-def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pipeline: dict | None = None) -> None:
-    """Deploy (or keep) the app with this Denoiser count, storage and pipeline block; redeploys only on change. Jobs
-    live in SQLite under ``root`` (with S3 storage too: one machine)."""
-    key = f"{denoisers}/{storage}/{pipeline}"
+def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pipeline: dict | None = None,
+           timeouts: dict | None = None) -> None:
+    """Deploy (or keep) the app with this Denoiser count, storage, pipeline and timeouts blocks; redeploys only on
+    change. Jobs live in SQLite under ``root`` (with S3 storage too: one machine)."""
+    key = f"{denoisers}/{storage}/{pipeline}/{timeouts}"
     if _deployed and _deployed[-1] == key:
         return
     _deployed.append(key)
@@ -111,6 +120,7 @@ def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pip
         "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
         "denoiser": {"num_replicas": denoisers, "num_gpus": 1},
         "pipeline": pipeline or {},
+        "timeouts": timeouts or {},
     })
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
@@ -254,6 +264,35 @@ def test_killed_denoiser_replica_is_retried_and_does_not_change_the_result(clust
     retries = [m for m in logs if "the Denoiser replica failed" in m and "running it again" in m]
     assert any(m.startswith("window 1 step 3 ") for m in retries), logs
     assert video == cli_reference(tmp_path, inputs["long"], steps=6)
+
+
+def denoiser_replicas() -> set[str]:
+    prefix = f"SERVE_REPLICA::{APP_NAME}#Denoiser#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
+def test_a_hung_denoiser_replica_is_bypassed_and_replaced(cluster, inputs, tmp_path, hang_file):
+    """A replica whose forward never returns (a wedged GPU) is not dead: the unit is cancelled after
+    ``timeouts.unit_s`` and sent to the next replica, the video does not change, and the hung replica's health
+    check fails until Serve replaces it."""
+    unit_s = 20.0
+    deploy(cluster, tmp_path / "data", 2, timeouts={"unit_s": unit_s})
+    before = denoiser_replicas()
+    assert len(before) == 2
+    hang_file.write_text(json.dumps({"step": 1, "window": 1, "hang_s": 600}))
+    video, logs = run_queued(cluster, body_for(inputs["short"]))
+    assert not hang_file.exists() and hang_file.with_suffix(".claimed").exists()  # a replica did hang
+    hang_file.with_suffix(".claimed").unlink()
+    assert any(m.startswith("window 1 step 2 ") and "overran its timeout" in m for m in logs), logs
+    assert video == cli_reference(tmp_path, inputs["short"])
+    deadline = time.monotonic() + 240  # 3 failed health checks 10 s apart, a graceful stop, a new replica
+    while True:
+        now = denoiser_replicas()
+        status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
+        if len(before - now) == 1 and status.get("RUNNING") == 2:
+            break
+        assert time.monotonic() < deadline, (before, now, status)
+        time.sleep(2)
 
 
 def test_s3_storage_serves_a_presigned_mp4(cluster, seaweedfs, inputs, tmp_path):

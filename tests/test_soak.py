@@ -483,8 +483,11 @@ def test_soak_with_chaos_keeps_every_invariant(soak_env):  # noqa: C901, PLR0912
             orphans += extra
             completed.append(rid)
         reclaimed = [rid for rid in completed if rows[rid]["attempts"] > 1]
-        # Checkpoints left behind: only those a killed runner wrote (retention's orphans, swept below).
-        stale_checkpoints = objects["checkpoints"]
+        # Checkpoints left behind: the one each row names (deleted by retention alone, below), and those a killed
+        # runner wrote that no row names (retention's orphans, swept below).
+        named = {row["checkpoint_key"] for row in rows.values() if row["checkpoint_key"]}
+        assert named <= set(objects["checkpoints"]), "a checkpoint a row names is missing"
+        stale_checkpoints = [k for k in objects["checkpoints"] if k not in named]
         assert all(rows[k.split("/")[1]]["attempts"] > 1 or rows[k.split("/")[1]]["outcome"] != "succeeded"
                    for k in stale_checkpoints), stale_checkpoints
 

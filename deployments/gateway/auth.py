@@ -41,8 +41,8 @@ class AuthConfig(BaseModel):
     max_upload_mb: float = Field(300.0, gt=0, description="largest upload, on every upload route")
     upload_quota_mb: float = Field(4096.0, gt=0, description="bytes of live uploads (not yet deleted by "
                                    "retention.uploads_s) one key may hold")
-    max_uploads_per_key: int = Field(1000, ge=1, le=10_000, description="live uploads one key may hold (bounds the "
-                                     "storage listing that measures the quota)")
+    max_uploads_per_key: int = Field(1000, ge=1, le=100_000, description="live uploads one key may hold (each is "
+                                     "an object that retention lists and deletes)")
 
 
 def _digest(key: str) -> bytes:

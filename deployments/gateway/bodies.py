@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -52,9 +52,9 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_model(request: Request, model: type[M], limit: int, too_large: str, empty: bytes = b"null") -> M:
-    """A JSON body of at most ``limit`` bytes validated into ``model`` (``empty``: what an empty body means): 413
-    with ``too_large`` (before a byte is read when the declared size is over), or 422 in fal's ``detail`` format."""
+async def read_json(request: Request, limit: int, too_large: str, empty: bytes = b"null") -> Any:
+    """A JSON body of at most ``limit`` bytes, parsed (``empty``: what an empty body means): 413 with
+    ``too_large`` (before a byte is read when the declared size is over), or 422 in fal's ``detail`` format."""
     declared = declared_length(request)
     if declared is not None and declared > limit:
         raise FalError(413, too_large)
@@ -63,11 +63,23 @@ async def read_model(request: Request, model: type[M], limit: int, too_large: st
     except BodyTooLarge:
         raise FalError(413, too_large) from None
     try:
-        return model.model_validate(json.loads(raw or empty))
+        return json.loads(raw or empty)
     except json.JSONDecodeError as exc:
         raise FalError(422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]) from None
+
+
+def validated(model: type[M], data: Any) -> M:
+    """``data`` as ``model``; 422 in fal's ``detail`` format."""
+    try:
+        return model.model_validate(data)
     except ValidationError as exc:
         raise FalError(422, validation_detail(exc)) from None
+
+
+async def read_model(request: Request, model: type[M], limit: int, too_large: str, empty: bytes = b"null") -> M:
+    """A JSON body of at most ``limit`` bytes validated into ``model`` (:func:`read_json`, then 422 in fal's
+    ``detail`` format)."""
+    return validated(model, await read_json(request, limit, too_large, empty))
 
 
 def _write_all(file: BinaryIO, chunks: list[bytes], close: bool = False) -> None:

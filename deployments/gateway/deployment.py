@@ -33,9 +33,14 @@ class OrchestratorClient:
         self.handle = handle
 
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str,
-                       input_keys: list[str], rate_limited: bool) -> StoredResult:
+                       input_keys: list[str], rate_limited: bool, idempotency_key: str | None = None,
+                       body_hash: str | None = None) -> StoredResult:
         return await self.handle.run_sync.remote(request_id, job_input, seed, owner, input_keys,
-                                                 rate_limited=rate_limited)
+                                                 rate_limited=rate_limited, idempotency_key=idempotency_key,
+                                                 body_hash=body_hash)
+
+    async def model_fingerprint(self) -> str:
+        return await self.handle.model_fingerprint.remote()
 
 
 def readiness_checks(args: AppArgs, handles: dict[str, Any]) -> dict[str, ReadinessCheck]:

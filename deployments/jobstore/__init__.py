@@ -39,6 +39,7 @@ from deployments.jobstore.models import (
     LogPage,
     RetentionKind,
     Submitted,
+    UploadUsage,
     WebhookDelivery,
     attempts_exhausted_error,
     cancelled_error,
@@ -55,7 +56,7 @@ __all__ = [
     "JobSnapshot", "JobStatus", "JobStore", "JobStoreError", "JobView", "JobsConfig", "KeyQueueCapError",
     "KeyRunningCapError", "LimitError", "LogEntry", "LogLine", "LogPage", "MigrationError", "NotDeadLetteredError",
     "PostgresJobsConfig", "Priority", "QueueFullError", "RateLimitedError", "RetentionKind", "SqliteJobsConfig",
-    "Submitted", "SyncJobStore", "UploadQuotaError", "WebhookDelivery", "attempts_exhausted_error",
+    "Submitted", "SyncJobStore", "UploadQuotaError", "UploadUsage", "WebhookDelivery", "attempts_exhausted_error",
     "cancelled_error", "make_job_store", "make_sync_job_store", "new_request_id", "runner_lost_error",
     "start_timeout_error",
 ]

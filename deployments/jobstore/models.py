@@ -36,6 +36,10 @@ class JobLimits(BaseModel):
                                      description="how long an Idempotency-Key answers with the job it created")
     upload_quota_bytes: int | None = Field(None, ge=1, description="bytes of uploads one API key may hold in "
                                            "storage at once (None: no quota)")
+    max_uploads_per_owner: int | None = Field(None, ge=1, description="uploads one API key may hold in storage at "
+                                              "once (None: no cap)")
+    upload_hold_s: float = Field(6 * 3600.0, gt=0, description="how long a reservation counts before it is "
+                                 "settled (the upload of a Gateway that died mid-way frees itself then)")
     upload_ttl_s: float = Field(24 * 3600.0, gt=0, description="how long an upload is kept (retention's uploads_s): "
                                 "its bytes count against the quota until then")
     max_attempt_history: int = Field(100, ge=1, le=10_000, description="attempt records kept per job (oldest "
@@ -121,6 +125,13 @@ class Submitted(BaseModel):
     request_id: str
     queue_position: int  # jobs ahead of it in dispatch order (0: next)
     replayed: bool = False  # an earlier submit with the same idempotency key created it; nothing new was queued
+
+
+class UploadUsage(BaseModel):
+    """What one API key's live uploads hold (reserved or stored, not yet deleted by retention)."""
+
+    bytes: int
+    uploads: int
 
 
 class LogLine(LogEntry):

@@ -197,10 +197,10 @@ SELECT {attempt_columns} FROM job_attempts WHERE request_id = :request_id ORDER 
 SELECT {view_columns} FROM jobs WHERE dead_letter ORDER BY completed_at DESC LIMIT :limit
 
 -- name: requeue_dead_letter
--- An operator's second chance: queued again in its old place with a fresh allowance of attempts. Refused (no
--- row) once retention deleted its inputs.
+-- An operator's second chance: queued again in its old place with a fresh allowance of attempts and a fresh start
+-- (the job deadline counts from the next start). Refused (no row) once retention deleted its inputs.
 UPDATE jobs SET status = 'IN_QUEUE', stage = 'queued', attempts = 0, dead_letter = FALSE, outcome = NULL,
-    error = NULL, completed_at = NULL, not_before = NULL,
+    error = NULL, completed_at = NULL, not_before = NULL, started_at = NULL,
     model_fingerprint = COALESCE(:model_fingerprint, model_fingerprint)
 WHERE request_id = :request_id AND dead_letter AND status = 'COMPLETED'
   AND (NOT inputs_purged OR input_keys = '[]')  -- a job without input objects starts out 'purged'
@@ -446,15 +446,22 @@ RETURNING tokens
 -- Buckets idle long enough to be full again are the same as no row.
 DELETE FROM rate_buckets WHERE updated_at < jobs_now() - :idle_s
 
--- name: upload_bytes_held
-SELECT COALESCE(sum(bytes), 0) AS n FROM upload_usage WHERE owner = :owner AND expires_at > jobs_now()
+-- name: upload_usage_of
+-- What an owner's live uploads hold: bytes (reserved or stored) and how many.
+SELECT COALESCE(sum(bytes), 0) AS bytes, count(*) AS uploads FROM upload_usage
+WHERE owner = :owner AND expires_at > jobs_now()
 
 -- name: reserve_upload
+-- Held for ``hold_s`` only until it is settled: the reservation of a Gateway that died mid-upload frees itself.
 INSERT INTO upload_usage (key, owner, bytes, created_at, expires_at)
-VALUES (:key, :owner, :bytes, jobs_now(), jobs_now() + :ttl_s)
+VALUES (:key, :owner, :bytes, jobs_now(), jobs_now() + :hold_s)
 
 -- name: settle_upload
-UPDATE upload_usage SET bytes = :bytes WHERE key = :key
+-- The stored size, counted until retention deletes the upload (``ttl_s`` after it was made); written again if the
+-- reservation's hold ran out during a slow upload.
+INSERT INTO upload_usage (key, owner, bytes, created_at, expires_at)
+VALUES (:key, :owner, :bytes, jobs_now(), jobs_now() + :ttl_s)
+ON CONFLICT (key) DO UPDATE SET bytes = :bytes, expires_at = upload_usage.created_at + :ttl_s
 
 -- name: forget_upload
 DELETE FROM upload_usage WHERE key = :key

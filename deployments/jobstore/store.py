@@ -73,6 +73,7 @@ class JobStore:
     queued_count = _in_thread(SyncJobStore.queued_count)
     running_count = _in_thread(SyncJobStore.running_count)
     cancel = _in_thread(SyncJobStore.cancel)
+    idempotent_request = _in_thread(SyncJobStore.idempotent_request)
     # claims, leases and fencing
     claim = _in_thread(SyncJobStore.claim)
     expire_leases = _in_thread(SyncJobStore.expire_leases)

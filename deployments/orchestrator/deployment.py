@@ -7,8 +7,13 @@ results go to the job's row, fenced by the lease's epoch.
 
 The denoising loop is the pipeline's own ``denoise``; only the executor differs from the CLI, which is why the
 service's output is bit-identical to ``stable-avatar generate``. Fused latents of queued jobs are checkpointed to
-storage every few steps (``checkpoints/<id>/e<epoch>/latents.pt``), so a job whose replica died resumes where it
-was on whichever replica claims it next.
+storage every few steps (``checkpoints/<id>/e<epoch>/s<step>/latents.pt``, through the runner), so a job whose
+replica died resumes where it was on whichever replica of the same model claims it next.
+
+Every remote call has a timeout (``timeouts:``): a unit that overruns is sent to another Denoiser replica, a
+Preprocessor or Postprocessor call that overruns ends the attempt as an infrastructure fault (the job is retried).
+Object-store puts (the conditioning, the final latents) and the initial noise, GiB-sized for long videos, are made
+in a thread: the event loop keeps renewing leases and claiming while they run.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -25,9 +30,9 @@ from ray import serve
 
 from deployments.config import AppArgs
 from deployments.contracts import JobInput, PostprocessResult, StoredResult, StoredVideo, request_offset
-from deployments.jobstore import FencedError
 from deployments.orchestrator.checkpoints import load_checkpoint, save_checkpoint
-from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor
+from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor, awaited
+from deployments.orchestrator.faults import StageTimeoutError, UnitTimeoutError
 from deployments.orchestrator.retention import RetentionSweeper
 from deployments.orchestrator.runner import JobRunner, Run, RunReporter
 from deployments.orchestrator.units import UnitPlan, unit_plan
@@ -35,7 +40,7 @@ from deployments.runtime import metrics
 from deployments.runtime.replica import limit_heap_retention, replica_name
 from deployments.runtime.service_state import open_service_state
 from deployments.runtime.transport import put_tensor
-from deployments.storage.keys import checkpoint_key, result_key
+from deployments.storage.keys import result_key
 from pipeline.denoise import denoise, initial_noise
 from pipeline.generator import PreparedRequest
 from pipeline.windows import FPS
@@ -59,7 +64,9 @@ class Orchestrator:
         if threads is not None:
             torch.set_num_threads(threads)
         self.runner_id = replica_name()
-        self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute)
+        self._fingerprint: asyncio.Task | None = None
+        self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute,
+                                model_fingerprint=self.model_fingerprint)
         self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id, self.state.webhook_signer)
         # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
         self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
@@ -75,16 +82,31 @@ class Orchestrator:
 
     # -- entry points ------------------------------------------------------------------------------------------
     async def run_sync(self, request_id: str, job_input: dict[str, Any], seed: int, owner: str = "",
-                       input_keys: list[str] | None = None, rate_limited: bool = True) -> StoredResult:
+                       input_keys: list[str] | None = None, rate_limited: bool = True,
+                       idempotency_key: str | None = None, body_hash: str | None = None) -> StoredResult:
         """A sync request (``/run`` and the Python handle): its row is created here, already leased to this
         replica, counting as a running job of ``owner`` (``LimitError`` when the key is at a limit; ``rate_limited``
-        False: the caller took the key's submit token itself, before it read the request). Returns the stored
-        result (video as a storage key); raises what stopped it, after recording it on the row."""
+        False: the caller took the key's submit token itself, before it read the request). With an
+        ``idempotency_key`` that already started a job, ``AlreadySubmittedError`` names it (the Gateway waits for
+        that one). Returns the stored result (video as a storage key); raises what stopped it, after recording
+        it on the row."""
         claimed = await self.store.create_sync(
             app_id=self.args.app_id, input=job_input, seed=seed, runner_id=self.runner_id,
             lease_s=self.args.dispatch.lease_s, owner=owner, input_keys=input_keys or [], request_id=request_id,
-            rate_limited=rate_limited)
+            rate_limited=rate_limited, model_fingerprint=await self.model_fingerprint(),
+            idempotency_key=idempotency_key, body_hash=body_hash)
         return await self.runner.supervise(Run(claimed))
+
+    async def model_fingerprint(self) -> str:
+        """The application's model fingerprint (:mod:`deployments.runtime.fingerprint`), as the Preprocessor (which
+        sees the weights) computed it; asked once, shared by concurrent callers, asked again after a failure."""
+        if self._fingerprint is None or (self._fingerprint.done() and self._fingerprint.exception() is not None):
+            self._fingerprint = asyncio.ensure_future(self._ask_fingerprint())
+        return await asyncio.shield(self._fingerprint)
+
+    async def _ask_fingerprint(self) -> str:
+        return await asyncio.wait_for(awaited(self.preprocessor.model_fingerprint.remote()),
+                                      self.args.timeouts.preprocess_s)
 
     def ready(self) -> dict[str, Any]:
         """Readiness: the replica is constructed (its store open), and its claim and webhook loops run."""
@@ -112,11 +134,13 @@ class Orchestrator:
         job, started = run.job, time.perf_counter()
         job_input = JobInput.model_validate(job.input)
         request, checkpoints = job_input.model(), job.kind == "queue"
-        await report(stage="preprocessing", message=f"running on {self.runner_id} (epoch {job.epoch}); "
-                                                    "preprocessing: fetching and decoding the inputs")
+        await report(stage="preprocessing", message=f"running on {self.runner_id} (epoch {job.epoch}, attempt "
+                                                    f"{job.attempts}); preprocessing: fetching and decoding the "
+                                                    "inputs")
         prepared: PreparedRequest = await self._call_stage(
             "Preprocessor", lambda: self.preprocessor.prepare.remote(job.request_id, request, job.seed,
-                                                                     job_input.stored), report)
+                                                                     job_input.stored),
+            run, report, self.args.timeouts.preprocess_s)
         metrics.stage_duration().observe(time.perf_counter() - started, tags={"stage": "preprocess"})
         metrics.bytes_total().inc(prepared.input_bytes, tags={"direction": "downloaded"})
         plan = prepared.plan
@@ -131,8 +155,8 @@ class Orchestrator:
         initial: list[torch.Tensor] = []
         start_step = 0
         if checkpoints and job.checkpoint_key:
-            run.checkpoints.add(job.checkpoint_key)
-            resumed = await asyncio.to_thread(self._load_checkpoint, job.checkpoint_key, prepared, job.seed)
+            resumed = await asyncio.to_thread(self._load_checkpoint, job.checkpoint_key, prepared, job.seed,
+                                              job.model_fingerprint)
             if resumed is None:
                 await report(message="the checkpoint does not match this job's inputs; starting over", level="WARN")
             else:
@@ -142,16 +166,17 @@ class Orchestrator:
                 run.step = start_step
                 await report(message=f"resumed from the checkpoint after step {start_step}/{run.total_steps}")
         if not initial:
-            initial.append(initial_noise(job.seed, prepared.latent_shape, self.state_dtype))
+            initial.append(await asyncio.to_thread(initial_noise, job.seed, prepared.latent_shape, self.state_dtype))
 
         await report(stage="denoising")
         units = await self._unit_plan(job.request_id, prepared, start_step)
         await report(message=units.describe())
-        conditioning_ref = ray.put(prepared.conditioning)
+        conditioning_ref = await asyncio.to_thread(ray.put, prepared.conditioning)
         prepared = prepared.without_conditioning()  # the object store holds it now: no second copy here
         executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, job.request_id,
                                        self.args.window_step_retries, on_retry=report.retry,
-                                       max_in_flight=self.args.denoiser.capacity)
+                                       max_in_flight=self.args.denoiser.capacity,
+                                       unit_timeout_s=self.args.timeouts.unit_s, on_unit_done=run.progressed)
         step_started = [time.perf_counter()]
         every = self.args.checkpoint_every_steps if checkpoints else 0
         last_saved = [start_step - 1]
@@ -177,7 +202,7 @@ class Orchestrator:
         await executor.release(self.args.denoiser.max_replicas)
         executor.close()
         del conditioning_ref  # the conditioning leaves the object store now, not after postprocessing
-        handed_over = put_tensor(latents)  # into the object store once, read in place by the Postprocessor
+        handed_over = await asyncio.to_thread(put_tensor, latents)  # stored once, read in place by the Postprocessor
         del latents
         metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
@@ -187,7 +212,8 @@ class Orchestrator:
         run.uncommitted.add(key)  # deleted unless the completion that names it wins
         async with run.writing_objects(final=True):
             stored: PostprocessResult = await self._call_stage(
-                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key), report)
+                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key),
+                run, report, self.args.timeouts.postprocess_s)
         handed_over.clear()  # the latents leave the object store now
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored.file_size, tags={"direction": "uploaded"})
@@ -196,14 +222,22 @@ class Orchestrator:
                              f"{stored.file_size / 1e6:.2f} MB")
         return StoredResult(video=StoredVideo(key=key, file_size=stored.file_size), seed=job.seed)
 
-    async def _call_stage(self, deployment: str, call: Callable[[], Awaitable[Any]], report: RunReporter) -> Any:
+    async def _call_stage(self, deployment: str, call: Callable[[], Any], run: Run, report: RunReporter,
+                          timeout_s: float) -> Any:
         """One Preprocessor/Postprocessor call, sent again when its replica died under it (a killed replica, a lost
         node): both calls are pure functions of their arguments (the Postprocessor overwrites the same result key),
-        so a retry cannot change the result, and the job is not failed for a replica's death."""
+        so a retry cannot change the result, and the job is not failed for a replica's death. A call that takes
+        longer than ``timeout_s`` is cancelled and ends the attempt (``StageTimeoutError``: the job is retried);
+        while it runs, the run's stall clock waits."""
         retries = self.args.window_step_retries
         for attempt in range(retries + 1):
+            response = call()
             try:
-                return await call()
+                with run.bounded(timeout_s):
+                    return await asyncio.wait_for(awaited(response), timeout_s)
+            except TimeoutError:
+                response.cancel()
+                raise StageTimeoutError(f"the {deployment} call took longer than {timeout_s:g} s") from None
             except RETRYABLE as exc:
                 if attempt == retries:
                     raise
@@ -216,8 +250,14 @@ class Orchestrator:
         cond, level = prepared.conditioning, prepared.acceleration
         step_cache = None
         if level != "none":  # the plan needs the DiT's timestep modulation: any Denoiser replica computes it
-            step_cache = await self.denoiser.step_cache_plan.remote(request_id, request_offset(request_id),
-                                                                    cond.num_steps, level)
+            response = self.denoiser.step_cache_plan.remote(request_id, request_offset(request_id), cond.num_steps,
+                                                            level)
+            try:
+                step_cache = await asyncio.wait_for(awaited(response), self.args.timeouts.unit_s)
+            except TimeoutError:
+                response.cancel()
+                raise UnitTimeoutError(f"the step-cache plan took longer than {self.args.timeouts.unit_s:g} s") \
+                    from None
         return unit_plan(self.args.pipeline, cond, level, step_cache, start_step)
 
     def _release_later(self, executor: RayDenoiserExecutor) -> None:
@@ -227,35 +267,24 @@ class Orchestrator:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     async def _checkpoint(self, run: Run, prepared: PreparedRequest, step: int, latents: torch.Tensor) -> None:
-        """Write the object, then name it on the row (fenced); the checkpoint it replaces is deleted."""
-        key = checkpoint_key(run.request_id, run.epoch)
-        run.uncommitted.add(key)
-        async with run.writing_objects():
-            await asyncio.to_thread(self._save_checkpoint, key, prepared, run.job.seed, step, run.total_steps,
-                                    latents)
-        try:
-            previous = await self.store.record_checkpoint(run.request_id, run.epoch, key, step + 1)
-        except FencedError:
-            run.fenced = True
-            raise
-        run.uncommitted.discard(key)
-        run.checkpoints.add(key)
-        if previous is not None:
-            run.checkpoints.discard(previous)
-            await asyncio.to_thread(self.storage.delete, previous)
+        """The fused latents after ``step`` (0-based) as the job's checkpoint, under a key of its own (the runner
+        writes the object, names it on the row, and prunes the one it replaced)."""
+        def save(key: str) -> None:
+            save_checkpoint(self.storage, key, latents, step=step, seed=run.job.seed,
+                            shape=list(prepared.latent_shape), num_steps=run.total_steps,
+                            model_fingerprint=run.job.model_fingerprint)
 
-    def _save_checkpoint(self, key: str, prepared: PreparedRequest, seed: int, step: int, num_steps: int,
-                         latents: torch.Tensor) -> None:
-        save_checkpoint(self.storage, key, latents, step=step, seed=seed, shape=list(prepared.latent_shape),
-                        num_steps=num_steps)
+        await self.runner.checkpoint(run, step + 1, save)
 
-    def _load_checkpoint(self, key: str, prepared: PreparedRequest, seed: int) -> tuple[int, torch.Tensor] | None:
-        """(first step to run, latents), or None when the object is gone or belongs to other inputs."""
+    def _load_checkpoint(self, key: str, prepared: PreparedRequest, seed: int,
+                         model_fingerprint: str) -> tuple[int, torch.Tensor] | None:
+        """(first step to run, latents), or None when the object is gone, belongs to other inputs, or was written
+        by another model (its fingerprint differs)."""
         try:
             state = load_checkpoint(self.storage, key)
         except KeyError:
             return None
-        if (state["seed"], state["shape"], state["num_steps"]) != (
-                seed, list(prepared.latent_shape), prepared.conditioning.num_steps):
+        if (state["seed"], state["shape"], state["num_steps"], state.get("model_fingerprint", "")) != (
+                seed, list(prepared.latent_shape), prepared.conditioning.num_steps, model_fingerprint):
             return None
         return state["step"] + 1, state["latents"].to(self.state_dtype)

@@ -2,7 +2,10 @@
 
 A unit is a pure function of its inputs (latents slice, step index, rows, cache directive, request conditioning),
 so retrying it on another replica cannot change the result: a replica that lacks the unit's step-cache residual
-rebuilds it from the directive's anchor latents.
+rebuilds it from the directive's anchor latents. A unit whose replica died is sent again to its slot (the dead
+replica has left the set); one that overran ``unit_timeout_s`` (a hung replica, which is still in the set) is
+cancelled and sent to the next slot, i.e. the next replica, and a unit that overran on every try ends the attempt
+(``UnitTimeoutError``: the job is retried from its checkpoint).
 
 Unit ``i`` of a step is called as ``step(request_id, slot, [conditioning], [unit])`` with ``slot = offset(request) +
 i``: Serve's router places it on ``sorted(live replicas)[slot mod N]`` (:mod:`deployments.workers.placement`), so a step is
@@ -33,6 +36,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from deployments.contracts import request_offset
+from deployments.orchestrator.faults import UnitTimeoutError
 from pipeline.denoise import WindowStep, in_order
 
 logger = logging.getLogger("ray.serve")
@@ -44,22 +48,25 @@ RetryHook = Callable[[WindowStep, int, BaseException], Awaitable[None] | None]
 class RayDenoiserExecutor:
     """``on_retry(work, attempt, error)`` (sync or async) runs before each retry: the Orchestrator logs it on the
     job, so a client sees which unit was re-run. ``put`` stores a unit and returns what its calls carry (``ray.put``;
-    tests without a cluster pass their own); ``max_in_flight`` bounds the units stored and sent at once."""
+    tests without a cluster pass their own); ``max_in_flight`` bounds the units stored and sent at once;
+    ``unit_timeout_s`` bounds each call; ``on_unit_done()`` runs as each unit returns (the run's progress)."""
 
     def __init__(self, denoiser_handle, conditioning_ref: ray.ObjectRef, request_id: str, retries: int,
                  on_retry: RetryHook | None = None, put: Callable[[WindowStep], Any] = ray.put,
-                 max_in_flight: int | None = None):
+                 max_in_flight: int | None = None, unit_timeout_s: float | None = None,
+                 on_unit_done: Callable[[], None] | None = None):
         self.handle, self.request_id, self.put = denoiser_handle, request_id, put
         self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else contextlib.nullcontext()
         # One list for every call (a list, so Ray passes the reference on unresolved): ``close`` empties it, so
         # the arguments Serve keeps of finished calls stop pinning the conditioning in the object store.
         self.refs = [conditioning_ref]
         self.retries, self.on_retry = retries, on_retry
+        self.unit_timeout_s, self.on_unit_done = unit_timeout_s, on_unit_done
         self.offset = request_offset(request_id)
         self.last_replicas: set[str] = set()  # replicas that served the last batch
         self.last_placement: list[str | None] = []  # the replica of each unit of the last batch
         self.units_per_replica: Counter[str] = Counter()  # over the whole run
-        self.retried = 0  # units re-sent after their replica failed
+        self.retried = 0  # units re-sent after their replica failed or overran
 
     def close(self) -> None:
         """Drop the conditioning's reference, so the object store frees it once the caller's is gone too."""
@@ -102,10 +109,12 @@ class RayDenoiserExecutor:
         try:
             for attempt in range(self.retries + 1):
                 try:
-                    result = await self.handle.step.remote(self.request_id, slot, self.refs, unit)
-                except RETRYABLE as exc:
+                    result = await self._call(slot, unit)
+                except (*RETRYABLE, UnitTimeoutError) as exc:
                     if attempt == self.retries:
                         raise
+                    if isinstance(exc, UnitTimeoutError):
+                        slot += 1  # the hung replica is still in the set: the next slot is the next replica
                     self.retried += 1
                     logger.warning("window %d step %d rows %s: replica failed (%s), retrying (%d/%d)", work.window,
                                    work.step, work.rows, type(exc).__name__, attempt + 1, self.retries)
@@ -114,6 +123,8 @@ class RayDenoiserExecutor:
                         if inspect.isawaitable(outcome):
                             await outcome
                     continue
+                if self.on_unit_done is not None:
+                    self.on_unit_done()
                 if isinstance(result, tuple):  # (output, replica id) from the Denoiser deployment
                     result, replica = result
                     self.last_replicas.add(replica)
@@ -123,6 +134,18 @@ class RayDenoiserExecutor:
             raise AssertionError("unreachable")
         finally:
             unit.clear()
+
+    async def _call(self, slot: int, unit: list) -> Any:
+        """One try of a unit, cancelled on the replica after ``unit_timeout_s`` (``UnitTimeoutError``)."""
+        response = self.handle.step.remote(self.request_id, slot, self.refs, unit)
+        if self.unit_timeout_s is None:
+            return await response
+        try:
+            return await asyncio.wait_for(awaited(response), self.unit_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise UnitTimeoutError(f"a unit overran {self.unit_timeout_s:g} s (timeouts.unit_s) on every replica "
+                                   "it was sent to") from None
 
     async def release(self, max_replicas: int, timeout_s: float = 30.0) -> int:
         """Tell the replicas to drop this request's conditioning and residuals: one ``free`` per slot residue
@@ -137,3 +160,8 @@ class RayDenoiserExecutor:
 
     async def _free(self, slot: int) -> int:
         return await self.handle.free.remote(self.request_id, slot)
+
+
+async def awaited(response: Any) -> Any:
+    """A handle's response as a coroutine (``asyncio.wait_for`` cancels the awaiting task, not the call)."""
+    return await response

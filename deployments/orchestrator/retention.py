@@ -16,7 +16,8 @@ The ``retention:`` block of the app args (:class:`RetentionConfig`) gives one TT
    checkpoint a fenced runner wrote before it died, inputs of a submit that failed after writing them.
    An object a row still names is left to step 1 (an unfinished job keeps its inputs and checkpoint, and the
    uploads or earlier results its input reads). The listing is streamed, ``batch_size`` objects at a time.
-3. Idle rate-limit buckets are pruned.
+3. The tables with a time to live of their own are pruned: idle rate-limit buckets, expired idempotency keys
+   (``idempotency_window_s``) and the upload-quota rows of uploads retention has deleted.
 
 **One sweeper at a time, and harmless if not.** Many Orchestrator replicas, in one or several applications
 sharing the database (a RayService upgrade), all run :class:`RetentionSweeper`; a sweep first takes the
@@ -41,7 +42,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -122,6 +123,8 @@ class SweepReport(BaseModel):
     failed: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(ORPHAN_KINDS, 0))
     listed: int = 0  # objects older than their TTL seen by the orphan listing
     rate_buckets: int = 0
+    idempotency_keys: int = 0  # expired keys pruned
+    upload_rows: int = 0  # upload-quota rows of deleted uploads pruned
     duration_s: float = 0.0
 
     def deleted(self) -> dict[str, int]:
@@ -134,6 +137,7 @@ class SweepReport(BaseModel):
         failed = sum(self.failed.values())
         return (f"retention sweep: deleted {deleted} (orphans {orphans}); rows marked purged: results "
                 f"{self.rows['results']}, inputs {self.rows['inputs']}, checkpoints {self.rows['checkpoints']}; "
+                f"pruned {self.idempotency_keys} idempotency keys, {self.upload_rows} upload rows; "
                 f"{failed} objects failed; {self.duration_s:.2f} s")
 
 
@@ -226,6 +230,18 @@ async def _sweep_orphans(store: JobStore, storage: Storage, kind: ObjectKind, cu
             raise _LeaseLost
 
 
+async def _prune(prune: Callable[[int], Awaitable[int]], batch: int, lease: _Lease | None) -> int:
+    """Call ``prune(batch)`` until a batch comes back short; returns the rows pruned."""
+    total = 0
+    while True:
+        pruned = await prune(batch)
+        total += pruned
+        if pruned < batch:
+            return total
+        if lease is not None and not await lease.renew():
+            raise _LeaseLost
+
+
 async def sweep_once(store: JobStore, storage: Storage, retention: RetentionConfig, now: float | None = None, *,
                      owner: str | None = None, batch_size: int = DEFAULT_BATCH, lease_s: float = DEFAULT_LEASE_S,
                      hold_s: float = 0.0, use_lease: bool = True) -> SweepReport:
@@ -249,6 +265,8 @@ async def sweep_once(store: JobStore, storage: Storage, retention: RetentionConf
         for kind in ORPHAN_KINDS:
             await _sweep_orphans(store, storage, kind, now - retention.ttl(kind), batch_size, lease, report)
         report.rate_buckets = await store.prune_rate_buckets()
+        report.idempotency_keys = await _prune(store.prune_idempotency_keys, batch_size, lease)
+        report.upload_rows = await _prune(store.prune_upload_usage, batch_size, lease)
         completed = True
     except _LeaseLost:
         report.lease_lost = True

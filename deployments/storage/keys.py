@@ -4,7 +4,10 @@
     inputs/<owner>/<request_id>/<field>.<ext>   a job's ``data:`` inputs, stored at submit
     results/<request_id>/e<epoch>/output.mp4    a job's video: one folder per claim (epoch), so two runners of
                                                 one job never overwrite each other's object
-    checkpoints/<request_id>/e<epoch>/latents.pt  a job's latent checkpoint (one object per claim)
+    checkpoints/<request_id>/e<epoch>/s<step>/latents.pt
+                                                a job's latent checkpoint after <step> steps: one object per write,
+                                                so a runner that lost its lease never overwrites (or deletes) the
+                                                object the row names
 
 Retention counts each kind by its first segment (:func:`object_kind`). ``owner`` is the API key's owner id; an
 open server's owner ``""`` writes under ``public``.
@@ -50,8 +53,9 @@ def result_key(request_id: str, epoch: int) -> str:
     return f"results/{request_id}/e{epoch}/output.mp4"
 
 
-def checkpoint_key(request_id: str, epoch: int) -> str:
-    return f"checkpoints/{request_id}/e{epoch}/latents.pt"
+def checkpoint_key(request_id: str, epoch: int, step: int) -> str:
+    """The key of the checkpoint written under ``epoch`` after ``step`` steps (a key of its own per write)."""
+    return f"checkpoints/{request_id}/e{epoch}/s{step}/latents.pt"
 
 
 def result_request_id(key: str) -> str | None:

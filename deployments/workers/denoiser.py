@@ -15,6 +15,10 @@ back) and concurrent jobs share the replica fairly. Each replica owns what stick
 
 ``free(request_id, slot)`` drops both for a finished or cancelled request; the Orchestrator sends it to every slot
 residue, and whatever a free misses (a replica that served the request before a scale event) ages out of the LRUs.
+
+A hung replica (a forward that never returns: a wedged GPU, a driver fault) is not a dead one: Serve would keep
+routing to it. The Orchestrator cancels a unit after ``timeouts.unit_s`` and sends it to another replica; this
+replica's health check then fails while a forward has run longer than that, so Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from deployments.workers.unit_queue import RoundRobinGate
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
 
-# Test hook (never set in production): a JSON file naming one unit {"step": s, "window": w}; the first replica that
-# receives that unit claims the file and exits while holding it, so a test's kill lands on a replica that holds work.
+# Test hooks (never set in production): a JSON file naming one unit {"step": s, "window": w}; the first replica that
+# receives that unit claims the file and exits while holding it (the crash file), or hangs in its forward for
+# "hang_s" seconds (the hang file), so a test's fault lands on a replica that holds work.
 CRASH_FILE_ENV = "STABLE_AVATAR_TEST_CRASH_FILE"
+HANG_FILE_ENV = "STABLE_AVATAR_TEST_HANG_FILE"
 CRASH_DELAY_S = 2.0  # see _maybe_crash
 UNITS_KEEP = 256  # requests whose unit counts a replica remembers (stats)
 
@@ -61,13 +67,24 @@ class Denoiser:
         self._gpu = RoundRobinGate(args.unit_order)
         self.units: OrderedDict[str, int] = OrderedDict()  # units run per request (bounded)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        crash_file = os.environ.get(CRASH_FILE_ENV)
+        self.unit_timeout_s = args.timeouts.unit_s
+        self._forward_since: float | None = None  # time.monotonic() when the running forward started
+        crash_file, hang_file = os.environ.get(CRASH_FILE_ENV), os.environ.get(HANG_FILE_ENV)
         self._crash_file = Path(crash_file) if crash_file else None
+        self._hang_file = Path(hang_file) if hang_file else None
 
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
         the DiT lives (the memory mode)."""
         return {"deployment": "Denoiser", "replica": replica_name(), "memory": self.placement.describe()}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (on the replica's event loop, which a forward in its thread leaves free):
+        unhealthy while a forward has run longer than ``timeouts.unit_s``, so Serve replaces a hung replica."""
+        since = self._forward_since
+        if since is not None and time.monotonic() - since > self.unit_timeout_s:
+            raise RuntimeError(f"a unit has been running for {time.monotonic() - since:.0f} s, over "
+                               f"timeouts.unit_s ({self.unit_timeout_s:g} s): this replica is hung")
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:
@@ -90,12 +107,17 @@ class Denoiser:
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
             # runs, keep the GPU until it has finished, so a cancelled job never overlaps the next unit.
             started = time.perf_counter()
-            task = asyncio.ensure_future(asyncio.to_thread(self.denoiser, cond, work, self.step_cache))
+            hang_s = (await asyncio.to_thread(self._claim_hook, self._hang_file, work)
+                      if self._hang_file is not None else None)
+            task = asyncio.ensure_future(asyncio.to_thread(self._forward, cond, work, hang_s))
+            self._forward_since = time.monotonic()
             try:
                 result = await asyncio.shield(task)
             except asyncio.CancelledError:
                 await asyncio.wait([task])
                 raise
+            finally:
+                self._forward_since = None
         metrics.window_step_latency().observe(time.perf_counter() - started)
         self._count(request_id)
         return result, self.replica_id
@@ -118,6 +140,11 @@ class Denoiser:
                 "step_cache": self.step_cache.stats.as_dict(), "residuals": len(self.step_cache),
                 "residual_bytes": self.step_cache.nbytes, "conditioning_cached": list(self.cache)}
 
+    def _forward(self, cond: RequestConditioning, work: WindowStep, hang_s: float | None) -> torch.Tensor:
+        if hang_s:  # test hook: a wedged forward
+            time.sleep(hang_s)
+        return self.denoiser(cond, work, self.step_cache)
+
     def _count(self, request_id: str) -> None:
         self.units[request_id] = self.units.pop(request_id, 0) + 1
         while len(self.units) > UNITS_KEEP:
@@ -127,21 +154,25 @@ class Denoiser:
         """Test hook: the replica running the unit named in the crash file exits while holding it. It waits
         ``CRASH_DELAY_S`` first: Serve's router re-sends by itself a request whose replica dies before its
         acceptance has reached the caller, so an immediate exit would sometimes test the router, not our retry."""
-        if self._crash_file is not None and await asyncio.to_thread(self._claim_crash, work):
+        if self._crash_file is not None and await asyncio.to_thread(self._claim_hook, self._crash_file, work):
             await asyncio.sleep(CRASH_DELAY_S)
             os._exit(1)
 
-    def _claim_crash(self, work: WindowStep) -> bool:
+    @staticmethod
+    def _claim_hook(hook: Path | None, work: WindowStep) -> float | None:
+        """The hook file's ``hang_s`` (1.0 if absent) when ``work`` is its unit and this replica claimed it."""
         import json
 
+        if hook is None:
+            return None
         try:
-            target = json.loads(self._crash_file.read_text())
+            target = json.loads(hook.read_text())
         except (OSError, ValueError):  # none (left), or being written
-            return False
+            return None
         if (work.step, work.window) != (target["step"], target["window"]):
-            return False
+            return None
         try:
-            self._crash_file.rename(self._crash_file.with_suffix(".claimed"))  # exactly one replica claims it
+            hook.rename(hook.with_suffix(".claimed"))  # exactly one replica claims it
         except OSError:
-            return False
-        return True
+            return None
+        return float(target.get("hang_s", 1.0))

@@ -7,6 +7,9 @@ is refused before a large audio file is downloaded. Every refusal is an ``InputE
 
 Each replica keeps the pipeline's prompt-embedding cache (``pipeline.prompt_cache_bytes``, LRU by prompt text), so a
 prompt reused across requests costs one T5 forward per replica; its counters go to the metrics after every request.
+
+It also answers the application's model fingerprint (:mod:`deployments.runtime.fingerprint`): it sees the weights,
+which the Orchestrators and Gateways (CPU pods) may not, and unlike the Denoisers it does not scale to zero.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from ray import serve
 
 from deployments.config import AppArgs
+from deployments.runtime.fingerprint import model_fingerprint
 from deployments.runtime.metrics import PromptCacheMetrics
 from deployments.runtime.replica import replica_name
 from deployments.storage import StorageNotFoundError, StorageTooLargeError, make_storage
@@ -42,6 +46,7 @@ class Preprocessor:
         self.s3_inputs = S3InputReader(self.storage)
         self.prompt_cache_metrics = PromptCacheMetrics()
         self.prompt_cache_metrics.report(self.pipeline.prompt_cache.stats.as_dict())
+        self.fingerprint = model_fingerprint(args)
 
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
@@ -49,6 +54,9 @@ class Preprocessor:
         return {"deployment": "Preprocessor", "replica": replica_name(),
                 "memory": self.pipeline.models.placement.describe(),
                 "prompt_cache": self.pipeline.prompt_cache.stats.as_dict()}
+
+    def model_fingerprint(self) -> str:
+        return self.fingerprint
 
     def _read(self, url: str, field: InputField, key: str | None) -> bytes:
         """``key``: the object in our storage that stands for this field (a stored ``data:`` URI, an upload),

@@ -1,10 +1,11 @@
 """The fal queue protocol: submit, status (polled or streamed as SSE), result and cancel.
 
 Every read and write goes to the jobs database, owner-scoped (another key's job is a 404). The server issues
-every request id; a client's ``x-fal-request-id`` is only logged. A submit's caps and submit token are checked
-before its body is read (:mod:`deployments.gateway.limits`), and its ``data:`` inputs are written to storage once,
-under the job's own key. ``submit_router`` holds the submit routes, whose path patterns are the most general: the
-app includes it last.
+every request id; a client's ``x-fal-request-id`` is only logged. A submit with an ``Idempotency-Key`` that
+already created a job answers that job (:mod:`deployments.gateway.idempotency`), before anything else; otherwise its
+caps and submit token are checked before its body is read (:mod:`deployments.gateway.limits`), and its ``data:``
+inputs are written to storage once, under the job's own key. ``submit_router`` holds the submit routes, whose path
+patterns are the most general: the app includes it last.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from starlette.types import Receive, Scope, Send
 from deployments.gateway.dependencies import Caller, Owner, Service
 from deployments.gateway.errors import FalError, field_error
 from deployments.gateway.fal_protocol import parse_bool, parse_start_timeout, request_urls, status_body
-from deployments.gateway.results import result_answer
-from deployments.gateway.urls import absolute, base_url
-from deployments.jobstore import LimitError, new_request_id
+from deployments.gateway.idempotency import idempotency_key, reused
+from deployments.gateway.urls import base_url
+from deployments.jobstore import IdempotencyKeyReusedError, LimitError, new_request_id
 from deployments.runtime import metrics
 from deployments.runtime.errors import error_response
 from deployments.storage import keys
@@ -106,13 +107,7 @@ async def result(owner: str, app: str, request_id: str, request: Request, caller
     if not job.finished:
         return JSONResponse(status_body(job, snapshot.position, None, base_url(request)), status_code=202,
                             headers={"x-fal-request-id": request_id})
-    # its error; 410 once the result expired (retention.results_s after completion, swept or not); else the
-    # output, with a link that expires no later than its file
-    answer = result_answer(job, service.storage, service.args.retention.results_s)
-    if answer.status_code == 200:
-        answer.body["video"]["url"] = absolute(answer.body["video"]["url"], request)
-    return JSONResponse(answer.body, status_code=answer.status_code,
-                        headers={**answer.headers, "x-fal-request-id": request_id})
+    return service.result_response(job, request)
 
 
 @router.put("/{owner}/{app}/requests/{request_id}/cancel")
@@ -141,12 +136,26 @@ def _lenient_int(text: str | None) -> int | None:
         return None
 
 
+def _submitted(request: Request, service: Service, request_id: str, position: int, status: str = "IN_QUEUE"
+               ) -> JSONResponse:
+    response = {"status": status, "request_id": request_id, "queue_position": position,
+                **request_urls(base_url(request), service.args.app_id, request_id)}
+    if request.query_params.get("fal_webhook"):
+        response["gateway_request_id"] = request_id
+    return JSONResponse(response, headers={"x-fal-request-id": request_id})
+
+
 async def _submit(owner: str, app: str, request: Request, caller: str, service: Service) -> JSONResponse:
     if not service.is_app(owner, app):
         raise FalError(404, f"unknown application {owner}/{app}")
     query, headers = request.query_params, request.headers
+    key = idempotency_key(request)
+    if key is not None and (earlier := await service.earlier_request(caller, key, request)) is not None:
+        snapshot = await service.store.status(earlier, caller)  # a retry: the first one's job, nothing charged
+        if snapshot is not None:
+            return _submitted(request, service, earlier, snapshot.position, snapshot.job.status)
     await service.admit(caller, queued=True, max_queue_length=_lenient_int(query.get("fal_max_queue_length")))
-    body = await service.read_input(request)
+    body, body_hash = await service.read_input(request)
     priority = headers.get("x-fal-queue-priority", "normal").strip().lower()
     if priority not in ("normal", "low"):
         raise field_error(["header", "x-fal-queue-priority"], "must be 'normal' or 'low'")
@@ -174,13 +183,16 @@ async def _submit(owner: str, app: str, request: Request, caller: str, service: 
             app_id=service.args.app_id, input=job_input.model_dump(), seed=resolve_seed(body.seed), owner=caller,
             priority=priority, webhook_url=webhook, start_timeout_s=start_timeout,
             max_queue_length=max_queue, input_keys=input_keys, request_id=request_id,
-            rate_limited=False)  # its token was taken before the body was read
-    except LimitError:
+            rate_limited=False,  # its token was taken before the body was read
+            model_fingerprint=await service.model_fingerprint(), idempotency_key=key,
+            body_hash=body_hash if key is not None else None)
+    except (LimitError, IdempotencyKeyReusedError) as refused:
         await service.forget_inputs(request_id, caller, input_keys)
+        if isinstance(refused, IdempotencyKeyReusedError):
+            raise reused(refused.key) from None
         raise
-    metrics.jobs_total().inc(tags={"outcome": "submitted"})
-    response = {"status": "IN_QUEUE", "request_id": request_id, "queue_position": submitted.queue_position,
-                **request_urls(base_url(request), service.args.app_id, request_id)}
-    if webhook:
-        response["gateway_request_id"] = request_id
-    return JSONResponse(response, headers={"x-fal-request-id": request_id})
+    if submitted.replayed:  # a retry of this key running at the same moment created the job first
+        await service.forget_inputs(request_id, caller, input_keys)
+    else:
+        metrics.jobs_total().inc(tags={"outcome": "submitted"})
+    return _submitted(request, service, submitted.request_id, submitted.queue_position)

@@ -48,7 +48,7 @@ async def upload_initiate(request: Request, owner: Caller, service: Service) -> 
     body = await read_model(request, UploadInitiate, MAX_INITIATE_BYTES,
                             f"request body larger than {MAX_INITIATE_BYTES} bytes", empty=b"{}")
     subject = keys.owner_segment(owner)
-    await service.uploads.room(subject)  # 413 now, before the client sends the bytes, when the quota is spent
+    await service.uploads.check_room(subject)  # 413 now, before the client sends the bytes, when it is spent
     key = keys.upload_key(subject, safe_name(body.file_name))
     exp = int(time.time()) + UPLOAD_TOKEN_TTL_S
     sig = service.signer.sign("put", f"{subject}\n{key}", exp)

@@ -9,7 +9,7 @@ import re
 
 from deployments.jobstore.backend import Cursor
 from deployments.jobstore.errors import IdempotencyKeyReusedError
-from deployments.jobstore.operations.base import StoreBase
+from deployments.jobstore.operations.base import StoreBase, read_only
 
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII without spaces, as HTTP header values allow
 _BODY_HASH = re.compile(r"[0-9a-f]{64}")
@@ -37,6 +37,18 @@ class IdempotencyOps(StoreBase):
         if row["body_hash"] != body_hash:
             raise IdempotencyKeyReusedError(key)
         return str(row["request_id"])
+
+    @read_only
+    def idempotent_request(self, owner: str, key: str) -> tuple[str, str] | None:
+        """``(request_id, body_hash)`` of the job ``owner``'s ``key`` created within its window, or None, without
+        creating anything: a Gateway answers a retry with it before it checks a limit, takes a token or reads more
+        than the body (a replay is neither charged nor refused at a cap; compare the body's hash: another body is a
+        422). A first request passes its key to :meth:`submit`, which settles concurrent retries under its lock."""
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise ValueError(f"idempotency_key must be 1-255 printable ASCII characters, got {key!r}")
+        with self.backend.read() as cur:
+            row = self.q.one(cur, "idempotency_key", owner=owner, key=key)
+        return None if row is None else (str(row["request_id"]), str(row["body_hash"]))
 
     def _remember(self, cur: Cursor, owner: str, key: str, body_hash: str, request_id: str) -> None:
         self.q.run(cur, "remember_idempotency_key", owner=owner, key=key, body_hash=body_hash, request_id=request_id,

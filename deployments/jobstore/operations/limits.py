@@ -8,6 +8,7 @@ import secrets
 
 from deployments.jobstore.backend import Cursor
 from deployments.jobstore.errors import RateLimitedError, UploadQuotaError
+from deployments.jobstore.models import UploadUsage
 from deployments.jobstore.operations.base import StoreBase, read_only
 
 _SECRET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -61,38 +62,55 @@ class LimitOps(StoreBase):
             return str(row["value"])
 
     # -- upload quota --------------------------------------------------------------------------------------------
-    def reserve_upload(self, owner: str, key: str, size_bytes: int) -> int:
-        """Count ``size_bytes`` (the upload's declared size, or the per-upload bound when it is unknown) against
-        ``owner``'s quota before any byte is read, under a per-key lock shared by every Gateway: returns the bytes
-        the key then holds; UploadQuotaError (429, nothing reserved) when that would pass
-        ``JobLimits.upload_quota_bytes``. Settle it with :meth:`settle_upload` once stored or failed. An upload's
-        bytes count until ``JobLimits.upload_ttl_s`` after the reservation (when retention deletes it)."""
+    def reserve_upload(self, owner: str, key: str, size_bytes: int, fit: bool = False) -> int:
+        """Count ``size_bytes`` (the upload's declared size; ``fit``: its size is unknown, reserve as much of
+        ``size_bytes`` as the quota leaves) against ``owner``'s quota before any byte is read, under a per-key lock
+        shared by every Gateway; returns the bytes reserved (what the body may carry). UploadQuotaError (nothing
+        reserved) when they would pass ``JobLimits.upload_quota_bytes`` or the key already holds
+        ``max_uploads_per_owner`` uploads. Settle it with :meth:`settle_upload` once stored or failed; unsettled,
+        it counts for ``upload_hold_s``."""
         if not isinstance(size_bytes, int) or size_bytes < 0:
             raise ValueError(f"size_bytes must be a non-negative integer, got {size_bytes!r}")
-        quota = self.limits.upload_quota_bytes
+        limits = self.limits
         with self.backend.write() as cur:
             self.backend.lock(cur, f"upload:{owner}")
-            held = self.q.count(cur, "upload_bytes_held", owner=owner)
-            if quota is not None and held + size_bytes > quota:
-                raise UploadQuotaError(f"this API key holds {held} bytes of uploads; {size_bytes} more would pass "
-                                       f"its quota of {quota} bytes (uploads are kept "
-                                       f"{self.limits.upload_ttl_s / 3600:g} h)")
-            self.q.run(cur, "reserve_upload", key=key, owner=owner, bytes=size_bytes, ttl_s=self.limits.upload_ttl_s)
+            usage = self._upload_usage(cur, owner)
+            left = None if limits.upload_quota_bytes is None else limits.upload_quota_bytes - usage.bytes
+            if left is not None and fit:
+                size_bytes = min(size_bytes, left)
+            kept = f"(uploads are kept {limits.upload_ttl_s / 3600:g} h)"
+            if limits.max_uploads_per_owner is not None and usage.uploads >= limits.max_uploads_per_owner:
+                raise UploadQuotaError(f"this API key holds {usage.uploads} uploads, its limit {kept}")
+            if left is not None and (size_bytes > left or left <= 0):
+                raise UploadQuotaError(f"this API key holds {usage.bytes} bytes of uploads; {size_bytes} more would "
+                                       f"pass its quota of {limits.upload_quota_bytes} bytes {kept}")
+            self.q.run(cur, "reserve_upload", key=key, owner=owner, bytes=size_bytes,
+                       hold_s=min(limits.upload_hold_s, limits.upload_ttl_s))
             self.q.run(cur, "prune_upload_usage", limit=PRUNE_PER_UPLOAD)
-            return held + size_bytes
+            return size_bytes
 
-    def settle_upload(self, key: str, size_bytes: int) -> None:
-        """The upload ``key`` is stored with ``size_bytes`` (its real size; 0: it failed and nothing is kept)."""
+    def settle_upload(self, owner: str, key: str, size_bytes: int) -> None:
+        """The upload ``key`` is stored with ``size_bytes`` (its real size; 0: it failed and nothing is kept),
+        counted from now until ``JobLimits.upload_ttl_s`` after its reservation (when retention deletes it)."""
         if not isinstance(size_bytes, int) or size_bytes < 0:
             raise ValueError(f"size_bytes must be a non-negative integer, got {size_bytes!r}")
         with self.backend.single() as cur:
-            self.q.run(cur, "settle_upload" if size_bytes else "forget_upload", key=key, bytes=size_bytes)
+            if size_bytes:
+                self.q.run(cur, "settle_upload", key=key, owner=owner, bytes=size_bytes,
+                           ttl_s=self.limits.upload_ttl_s)
+            else:
+                self.q.run(cur, "forget_upload", key=key)
 
     @read_only
-    def upload_usage(self, owner: str) -> int:
-        """Bytes of uploads ``owner`` holds in storage now (reserved or stored, not yet expired)."""
+    def upload_usage(self, owner: str) -> UploadUsage:
+        """What ``owner``'s live uploads hold now (reserved or stored, not yet expired)."""
         with self.backend.read() as cur:
-            return self.q.count(cur, "upload_bytes_held", owner=owner)
+            return self._upload_usage(cur, owner)
+
+    def _upload_usage(self, cur: Cursor, owner: str) -> UploadUsage:
+        row = self.q.one(cur, "upload_usage_of", owner=owner)
+        assert row is not None
+        return UploadUsage(bytes=int(row["bytes"]), uploads=int(row["uploads"]))
 
     def prune_upload_usage(self, limit: int = PRUNE_BATCH) -> int:
         """Delete up to ``limit`` rows of expired uploads (the retention sweep; reservations prune a few)."""
