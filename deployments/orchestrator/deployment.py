@@ -26,10 +26,12 @@ from ray import serve
 from deployments.config import AppArgs
 from deployments.contracts import JobInput, PostprocessResult, StoredResult, StoredVideo, request_offset
 from deployments.jobstore import FencedError
+from deployments.orchestrator.admission import DenoiseAdmission
 from deployments.orchestrator.checkpoints import load_checkpoint, save_checkpoint
 from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor
 from deployments.orchestrator.retention import RetentionSweeper
 from deployments.orchestrator.runner import JobRunner, Run, RunReporter
+from deployments.orchestrator.segments import SegmentedFinish
 from deployments.orchestrator.units import UnitPlan, unit_plan
 from deployments.runtime import metrics
 from deployments.runtime.replica import limit_heap_retention, replica_name
@@ -59,7 +61,12 @@ class Orchestrator:
         if threads is not None:
             torch.set_num_threads(threads)
         self.runner_id = replica_name()
-        self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute)
+        self.segmented = SegmentedFinish(postprocessor, args.model_preset(), args.postprocessor.max_replicas,
+                                         args.min_segment_latents, args.window_step_retries)
+        self.admission = DenoiseAdmission(args.max_running_jobs, args.short_job_slots, args.short_job_rows,
+                                          args.admission_ageing_s)
+        self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute,
+                                may_claim=self.admission.may_claim)
         self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id, self.state.webhook_signer)
         # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
         self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
@@ -144,6 +151,7 @@ class Orchestrator:
         if not initial:
             initial.append(initial_noise(job.seed, prepared.latent_shape, self.state_dtype))
 
+        await self._admit(prepared, run.total_steps - start_step, report)
         await report(stage="denoising")
         units = await self._unit_plan(job.request_id, prepared, start_step)
         await report(message=units.describe())
@@ -151,7 +159,7 @@ class Orchestrator:
         prepared = prepared.without_conditioning()  # the object store holds it now: no second copy here
         executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, job.request_id,
                                        self.args.window_step_retries, on_retry=report.retry,
-                                       max_in_flight=self.args.denoiser.capacity)
+                                       max_in_flight=self.args.denoiser.capacity, num_steps=run.total_steps)
         step_started = [time.perf_counter()]
         every = self.args.checkpoint_every_steps if checkpoints else 0
         last_saved = [start_step - 1]
@@ -181,20 +189,50 @@ class Orchestrator:
         del latents
         metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
-        await report(stage="postprocessing", message="decoding and encoding the video")
         post_started = time.perf_counter()
-        key = result_key(job.request_id, job.epoch)
-        run.uncommitted.add(key)  # deleted unless the completion that names it wins
-        async with run.writing_objects(final=True):
-            stored: PostprocessResult = await self._call_stage(
-                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key), report)
-        handed_over.clear()  # the latents leave the object store now
+        stored = await self._postprocess(run, prepared, handed_over, report)
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored.file_size, tags={"direction": "uploaded"})
         metrics.output_seconds().inc(stored.frames / FPS)
         await report(message=f"encoded {stored.frames} frames in {stored.encode_s:.1f} s, uploaded "
                              f"{stored.file_size / 1e6:.2f} MB")
-        return StoredResult(video=StoredVideo(key=key, file_size=stored.file_size), seed=job.seed)
+        return StoredResult(video=StoredVideo(key=stored.key, file_size=stored.file_size), seed=job.seed)
+
+    async def _admit(self, prepared: PreparedRequest, steps: int, report: RunReporter) -> None:
+        """Wait for a slot (:mod:`deployments.orchestrator.admission`), held until this run's task ends, however
+        it ends."""
+        work = prepared.plan.num_windows * 3 * steps  # guidance rows, as the Denoisers' queue counts them
+        if not self.admission.fits(work):
+            await report(message=f"waiting for a slot on {self.runner_id}: {self.admission.running} jobs run there "
+                                 f"and jobs with less work go first ({work} guidance rows here)")
+        ticket = await self.admission.admit(work)
+        asyncio.current_task().add_done_callback(lambda _task: ticket.release())
+
+    async def _postprocess(self, run: Run, prepared: PreparedRequest, handed_over: list[ray.ObjectRef],
+                           report: RunReporter) -> PostprocessResult:
+        """Decode, encode and upload the video as one object: serially on one Postprocessor replica (a short video:
+        the CLI's bytes), or in segments on several, stitched on one (:mod:`deployments.orchestrator.segments`).
+        ``handed_over`` (the latents' reference) is emptied: the latents leave the object store."""
+        key = result_key(run.request_id, run.epoch)
+        segments = self.segmented.plan(prepared)
+        videos: list[ray.ObjectRef] = []
+        try:
+            if len(segments) > 1:
+                await report(stage="postprocessing", message=self.segmented.describe(segments))
+                videos = await self.segmented.encode(run.request_id, prepared, segments, handed_over, report)
+                handed_over.clear()
+            else:
+                await report(stage="postprocessing", message="decoding and encoding the video")
+            run.uncommitted.add(key)  # deleted unless the completion that names it wins
+            async with run.writing_objects(final=True):
+                if videos:
+                    return await self._call_stage("Postprocessor", lambda: self.postprocessor.stitch.remote(
+                        prepared, list(segments), videos, key), report)
+                return await self._call_stage(
+                    "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key), report)
+        finally:
+            handed_over.clear()
+            videos.clear()  # the segments' mp4s leave the object store
 
     async def _call_stage(self, deployment: str, call: Callable[[], Awaitable[Any]], report: RunReporter) -> Any:
         """One Preprocessor/Postprocessor call, sent again when its replica died under it (a killed replica, a lost

@@ -129,9 +129,12 @@ class JobRunner:
     """Claims and runs jobs for one replica (``runner_id``); ``execute(run, report)`` does one job's work and
     returns its stored result after writing the objects it names."""
 
-    def __init__(self, store: JobStore, storage: Storage, args: AppArgs, runner_id: str, execute: Execute):
+    def __init__(self, store: JobStore, storage: Storage, args: AppArgs, runner_id: str, execute: Execute,
+                 may_claim: Callable[[int], bool] | None = None):
         self.store, self.storage, self.args, self.runner_id = store, storage, args, runner_id
         self.execute = execute
+        # whether to claim another job while holding that many (default: fewer than max_running_jobs)
+        self.may_claim = may_claim or (lambda held: held < args.max_running_jobs)
         self.dispatch = args.dispatch
         self.runs: dict[str, Run] = {}
         self.queued_runs: set[asyncio.Task] = set()
@@ -143,7 +146,7 @@ class JobRunner:
         while True:
             claimed = None
             try:
-                if len(self.queued_runs) < self.args.max_running_jobs:
+                if self.may_claim(len(self.queued_runs)):
                     claimed = await self.store.claim(self.runner_id, self.dispatch.lease_s)
                     if claimed is not None:
                         self._start(claimed)

@@ -1,0 +1,101 @@
+"""The finish stage of a long video in segments, from the Orchestrator's side.
+
+``SegmentedFinish.plan`` cuts the video's latents into segments (:func:`pipeline.segment_plan.plan_segments`): at
+most one per Postprocessor replica the deployment may have (``postprocessor.max_replicas``), each at least
+``min_segment_latents`` latents long, the decoder's reach taken from the preset without loading weights. One segment
+(a short video, or one Postprocessor) is the serial path, which the caller runs as before: the CLI's bytes.
+
+``SegmentedFinish.encode`` sends every segment at once (``Postprocessor.finish_segment``); the
+:class:`~deployments.workers.segment_router.SegmentRouter` gives each its own replica, and the waiting ones make the
+Postprocessors autoscale. The latents travel as the one reference the Orchestrator put (each segment reads its
+slice in place); a segment's mp4 comes back as the call's return object, which the Orchestrator owns, so it
+outlives the replica that made it, and only its reference is handed to ``stitch``. A segment whose replica died is
+sent again, to any replica (``window_step_retries`` times, each a WARN line in the job's logs, as for units): a
+segment is a pure function of the latents, so the retry cannot change a frame. A segment that still fails is the
+job's error (:class:`PostprocessError`, named in its logs); nothing is stitched or uploaded then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import ray
+
+from deployments.contracts import SegmentVideo
+from deployments.orchestrator.executor import RETRYABLE
+from pipeline.generator import PreparedRequest
+from pipeline.models.vae import preset_decoder_reach
+from pipeline.presets import ModelPreset
+from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
+
+Report = Callable[..., Awaitable[None]]
+# What a plan for one replica is given as the reach: one segment, the whole video, has no warm-up whatever the reach.
+WHOLE_VIDEO = DecoderReach((1,), (1.0,))
+
+
+class PostprocessError(RuntimeError):
+    """A segment failed on every replica it was tried on: the job fails, nothing partial is returned."""
+
+
+class SegmentedFinish:
+    """Plans a video's segments and has them decoded and encoded on the Postprocessor replicas. With more than one
+    replica the preset's decoder reach is derived here, at start (its VAE built on the meta device: no weights), so
+    a preset whose VAE cannot be cut into segments is refused before any job runs."""
+
+    def __init__(self, postprocessor, preset: ModelPreset, replicas: int, min_segment_latents: int, retries: int):
+        self.postprocessor = postprocessor
+        self.replicas, self.min_segment_latents, self.retries = replicas, min_segment_latents, retries
+        self.reach = preset_decoder_reach(preset) if replicas > 1 else WHOLE_VIDEO
+
+    def plan(self, prepared: PreparedRequest) -> tuple[LatentSegment, ...]:
+        plan = prepared.plan
+        return plan_segments(plan.decoded_latent_frames, self.replicas, self.min_segment_latents, self.reach,
+                             plan.output_frames)
+
+    def describe(self, segments: tuple[LatentSegment, ...]) -> str:
+        """The job-log line announcing a segmented finish."""
+        lengths = ", ".join(str(s.end - s.start) for s in segments)
+        return (f"decoding and encoding in {len(segments)} segments on the Postprocessor replicas (latents per "
+                f"segment: {lengths}; each but the first also decodes up to {self.reach.latents} latents before it)")
+
+    async def encode(self, request_id: str, prepared: PreparedRequest, segments: tuple[LatentSegment, ...],
+                     latents: list[ray.ObjectRef], report: Report) -> list[ray.ObjectRef]:
+        """Every segment decoded and encoded on some Postprocessor replica; returns the references to their
+        :class:`SegmentVideo` answers, in order. The first segment that fails for good cancels the others."""
+        tasks = [asyncio.ensure_future(self._segment(request_id, prepared, s, len(segments), latents, report))
+                 for s in segments]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _segment(self, request_id: str, prepared: PreparedRequest, segment: LatentSegment, count: int,
+                       latents: list[ray.ObjectRef], report: Report) -> ray.ObjectRef:
+        name = f"segment {segment.index + 1}/{count} (frames {segment.frame_start}-{segment.frame_end - 1})"
+        handle = self.postprocessor.options(_by_reference=True)  # the answer stays an object we can hand on
+        for attempt in range(self.retries + 1):
+            started = time.perf_counter()
+            try:
+                response = handle.finish_segment.remote(request_id, segment, latents, prepared.width,
+                                                        prepared.height)
+                ref = await response._to_object_ref()
+                video: SegmentVideo = await ref  # read in place; raises what stopped the replica
+            except RETRYABLE as exc:
+                if attempt == self.retries:
+                    await report(message=f"{name}: the Postprocessor replica failed ({type(exc).__name__}) "
+                                         f"{self.retries + 1} times; giving up", level="ERROR")
+                    raise PostprocessError(f"{name} failed on {self.retries + 1} Postprocessor replicas: "
+                                           f"{type(exc).__name__}") from exc
+                await report(message=f"{name}: the Postprocessor replica failed ({type(exc).__name__}); running it "
+                                     f"again on another replica (retry {attempt + 1})", level="WARN")
+                continue
+            if (video.index, video.frames) != (segment.index, segment.frames):
+                raise PostprocessError(f"{name}: the Postprocessor made segment {video.index} with {video.frames} "
+                                       f"frames")
+            await report(message=f"{name}: decoded and encoded in {time.perf_counter() - started:.1f} s")
+            return ref
+        raise AssertionError("unreachable")
+
