@@ -46,6 +46,7 @@ replica, the least loaded first.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -99,23 +100,22 @@ def place_units(request_id: str, units: int, replicas: Sequence[str],
         raise ValueError(f"a step has at least one unit, got {units}")
     live = sorted(set(replicas))
     cap = unit_cap(units, len(live), load_factor)
-    weights = [{r: weight(request_id, i, r) for r in live} for i in range(units)]
-    preferences = [sorted(live, key=w.__getitem__, reverse=True) for w in weights]
+    preferences = []  # per unit: (weight, replica), heaviest first
+    for unit in range(units):
+        preferences.append(sorted(((weight(request_id, unit, r), r) for r in live), reverse=True))
     asked = [0] * units  # how far down its preferences each unit has gone
-    held: dict[str, list[int]] = {r: [] for r in live}
+    held: dict[str, list[tuple[int, int]]] = {r: [] for r in live}  # per replica: a min-heap of (weight, unit)
     free = list(range(units - 1, -1, -1))
     while free:
         unit = free.pop()
-        replica = preferences[unit][asked[unit]]
+        w, replica = preferences[unit][asked[unit]]
         asked[unit] += 1
-        kept = held[replica]
-        kept.append(unit)
-        if len(kept) > cap:  # the replica keeps the units that weigh most on it
-            kept.sort(key=lambda u, r=replica: weights[u][r], reverse=True)
-            free.append(kept.pop())
+        heapq.heappush(held[replica], (w, unit))
+        if len(held[replica]) > cap:  # the replica keeps the units that weigh most on it
+            free.append(heapq.heappop(held[replica])[1])
     placement = [""] * units
     for replica, kept in held.items():
-        for unit in kept:
+        for _w, unit in kept:
             placement[unit] = replica
     return tuple(placement)
 
