@@ -10,7 +10,6 @@ guidance row, ``bench/simulated.py``).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import time
