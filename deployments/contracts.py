@@ -84,6 +84,7 @@ class SegmentVideo:
     frames: int
     data: Any
     decode_encode_s: float
+    replica: str = ""
 
 
 # -- Denoiser routing: every Denoiser call starts with (request_id, key) -------------------------------------

@@ -95,7 +95,8 @@ class SegmentedFinish:
             if (video.index, video.frames) != (segment.index, segment.frames):
                 raise PostprocessError(f"{name}: the Postprocessor made segment {video.index} with {video.frames} "
                                        f"frames")
-            await report(message=f"{name}: decoded and encoded in {time.perf_counter() - started:.1f} s")
+            await report(message=f"{name}: decoded and encoded on {video.replica} in "
+                                 f"{time.perf_counter() - started:.1f} s")
             return ref
         raise AssertionError("unreachable")
 

@@ -82,7 +82,7 @@ class Postprocessor:
                 result = await asyncio.to_thread(self.pipeline.finish_segment, segment, whole, width, height, out)
             data = await asyncio.to_thread(np.fromfile, out, np.uint8)
         return SegmentVideo(index=segment.index, frames=result.frames, data=data,
-                            decode_encode_s=result.timings["decode_encode"])
+                            decode_encode_s=result.timings["decode_encode"], replica=replica_name())
 
     async def stitch(self, prepared: PreparedRequest, segments: list[LatentSegment], videos: list[ray.ObjectRef],
                      key: str) -> PostprocessResult:
