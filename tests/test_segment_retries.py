@@ -50,7 +50,7 @@ class PostprocessorHandle:
         self.finish_segment = self
 
     def options(self, **options):
-        assert options == {"_by_reference": True}
+        assert options == {"_by_reference": True}  # answers stay objects the Orchestrator owns
         return self
 
     def remote(self, request_id, segment, latents, width, height):

@@ -210,29 +210,17 @@ class Orchestrator:
 
     async def _postprocess(self, run: Run, prepared: PreparedRequest, handed_over: list[ray.ObjectRef],
                            report: RunReporter) -> PostprocessResult:
-        """Decode, encode and upload the video as one object: serially on one Postprocessor replica (a short video:
-        the CLI's bytes), or in segments on several, stitched on one (:mod:`deployments.orchestrator.segments`).
-        ``handed_over`` (the latents' reference) is emptied: the latents leave the object store."""
+        """Decode, encode and upload the video as one object (:meth:`SegmentedFinish.finish`: serially, or in
+        segments on several Postprocessor replicas). ``handed_over`` is emptied: the latents leave the object
+        store."""
         key = result_key(run.request_id, run.epoch)
-        segments = self.segmented.plan(prepared)
-        videos: list[ray.ObjectRef] = []
-        try:
-            if len(segments) > 1:
-                await report(stage="postprocessing", message=self.segmented.describe(segments))
-                videos = await self.segmented.encode(run.request_id, prepared, segments, handed_over, report)
-                handed_over.clear()
-            else:
-                await report(stage="postprocessing", message="decoding and encoding the video")
+
+        def uploading():
             run.uncommitted.add(key)  # deleted unless the completion that names it wins
-            async with run.writing_objects(final=True):
-                if videos:
-                    return await self._call_stage("Postprocessor", lambda: self.postprocessor.stitch.remote(
-                        prepared, list(segments), videos, key), report)
-                return await self._call_stage(
-                    "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key), report)
-        finally:
-            handed_over.clear()
-            videos.clear()  # the segments' mp4s leave the object store
+            return run.writing_objects(final=True)
+
+        return await self.segmented.finish(run.request_id, prepared, handed_over, key, report, self._call_stage,
+                                           uploading)
 
     async def _call_stage(self, deployment: str, call: Callable[[], Awaitable[Any]], report: RunReporter) -> Any:
         """One Preprocessor/Postprocessor call, sent again when its replica died under it (a killed replica, a lost

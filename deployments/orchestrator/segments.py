@@ -1,6 +1,6 @@
-"""The finish stage of a long video in segments, from the Orchestrator's side.
+"""The finish stage, from the Orchestrator's side: one Postprocessor call for a short video, segments for a long one.
 
-``SegmentedFinish.plan`` cuts the video's latents into segments (:func:`pipeline.segment_plan.plan_segments`): at
+``SegmentedFinish.finish`` runs the stage. ``SegmentedFinish.plan`` cuts the video's latents into segments (:func:`pipeline.segment_plan.plan_segments`): at
 most one per Postprocessor replica the deployment may have (``postprocessor.max_replicas``), each at least
 ``min_segment_latents`` latents long, the decoder's reach taken from the preset without loading weights. One segment
 (a short video, or one Postprocessor) is the serial path, which the caller runs as before: the CLI's bytes.
@@ -18,12 +18,14 @@ job's error (:class:`PostprocessError`, named in its logs); nothing is stitched 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import ray
 
-from deployments.contracts import SegmentVideo
+from deployments.contracts import PostprocessResult, SegmentVideo
 from deployments.orchestrator.executor import RETRYABLE
 from pipeline.generator import PreparedRequest
 from pipeline.models.vae import preset_decoder_reach
@@ -31,6 +33,14 @@ from pipeline.presets import ModelPreset
 from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
 
 Report = Callable[..., Awaitable[None]]
+# How the Orchestrator makes a Postprocessor call that retries a dead replica: (deployment name, call, report).
+CallStage = Callable[[str, Callable[[], Awaitable[Any]], Report], Awaitable[Any]]
+
+
+async def call_once(_deployment: str, call: Callable[[], Awaitable[Any]], _report: Report) -> Any:
+    """A :data:`CallStage` without retries (benchmarks)."""
+    return await call()
+
 # What a plan for one replica is given as the reach: one segment, the whole video, has no warm-up whatever the reach.
 WHOLE_VIDEO = DecoderReach((1,), (1.0,))
 
@@ -45,7 +55,10 @@ class SegmentedFinish:
     a preset whose VAE cannot be cut into segments is refused before any job runs."""
 
     def __init__(self, postprocessor, preset: ModelPreset, replicas: int, min_segment_latents: int, retries: int):
-        self.postprocessor = postprocessor
+        # One handle for every call: handles made by ``options`` before the first call get routers of their own,
+        # and each router would think the replicas the others had given segments to were idle. By reference: a
+        # segment's answer stays an object the Orchestrator owns and hands on.
+        self.postprocessor = postprocessor.options(_by_reference=True)
         self.replicas, self.min_segment_latents, self.retries = replicas, min_segment_latents, retries
         self.reach = preset_decoder_reach(preset) if replicas > 1 else WHOLE_VIDEO
 
@@ -59,6 +72,33 @@ class SegmentedFinish:
         lengths = ", ".join(str(s.end - s.start) for s in segments)
         return (f"decoding and encoding in {len(segments)} segments on the Postprocessor replicas (latents per "
                 f"segment: {lengths}; each but the first also decodes up to {self.reach.latents} latents before it)")
+
+    async def finish(self, request_id: str, prepared: PreparedRequest, latents: list[ray.ObjectRef], key: str,
+                     report: Report, call_stage: CallStage = call_once,
+                     uploading: Callable[[], contextlib.AbstractAsyncContextManager] = contextlib.nullcontext,
+                     ) -> PostprocessResult:
+        """Decode, encode and upload the video as ``key``: serially on one replica (``finish``: the CLI's bytes),
+        or in segments on several, stitched on one (``stitch``). ``latents``: the latents' reference (emptied: they
+        leave the object store). ``uploading()`` wraps the call that uploads (the Orchestrator's: a cancel waits
+        for the write, the key is deleted unless the completion that names it wins)."""
+        segments = self.plan(prepared)
+        videos: list[ray.ObjectRef] = []
+        try:
+            if len(segments) > 1:
+                await report(stage="postprocessing", message=self.describe(segments))
+                videos = await self.encode(request_id, prepared, segments, latents, report)
+                latents.clear()
+            else:
+                await report(stage="postprocessing", message="decoding and encoding the video")
+            async with uploading():
+                if videos:
+                    return await call_stage("Postprocessor", lambda: self.postprocessor.stitch.remote(
+                        prepared, list(segments), videos, key), report)
+                return await call_stage(
+                    "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, latents, key), report)
+        finally:
+            latents.clear()
+            videos.clear()  # the segments' mp4s leave the object store
 
     async def encode(self, request_id: str, prepared: PreparedRequest, segments: tuple[LatentSegment, ...],
                      latents: list[ray.ObjectRef], report: Report) -> list[ray.ObjectRef]:
@@ -75,12 +115,11 @@ class SegmentedFinish:
     async def _segment(self, request_id: str, prepared: PreparedRequest, segment: LatentSegment, count: int,
                        latents: list[ray.ObjectRef], report: Report) -> ray.ObjectRef:
         name = f"segment {segment.index + 1}/{count} (frames {segment.frame_start}-{segment.frame_end - 1})"
-        handle = self.postprocessor.options(_by_reference=True)  # the answer stays an object we can hand on
         for attempt in range(self.retries + 1):
             started = time.perf_counter()
             try:
-                response = handle.finish_segment.remote(request_id, segment, latents, prepared.width,
-                                                        prepared.height)
+                response = self.postprocessor.finish_segment.remote(request_id, segment, latents, prepared.width,
+                                                                    prepared.height)
                 ref = await response._to_object_ref()
                 video: SegmentVideo = await ref  # read in place; raises what stopped the replica
             except RETRYABLE as exc:
