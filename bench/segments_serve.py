@@ -16,15 +16,14 @@ from ray import serve  # noqa: E402
 
 from bench.simulated import SIMULATED_FRAME_S, SLEEPING_VAE_REACH  # noqa: E402
 from bench.stats import load_average  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from deployments.config import AppArgs  # noqa: E402
 from deployments.orchestrator.segments import SegmentedFinish  # noqa: E402
 from deployments.runtime.transport import put_tensor  # noqa: E402
 from deployments.workers.postprocessor import Postprocessor  # noqa: E402
 from pipeline.generator import PreparedRequest  # noqa: E402
 from pipeline.media.video import probe_media  # noqa: E402
-from pipeline.schema import StableAvatarInput  # noqa: E402
 from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, synthetic_speech  # noqa: E402
+from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, synthetic_speech  # noqa: E402
 from tests.ray_serve import ray_serve_cluster  # noqa: E402
 
 POST_APP = "bench-segments"
@@ -80,9 +79,11 @@ def _post_args(root: Path, replicas: int) -> AppArgs:
                                    "postprocessor": {"num_replicas": replicas}})
 
 
-def replicas_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
-    """(a): each video length on 1, 2, 4, 8 Postprocessor replicas (quick: 60 s on 1 and 8, 600 s on 8)."""
-    plan = {60.0: (1, 8), 600.0: (8,)} if quick else {60.0: (1, 2, 4, 8), 600.0: (1, 2, 4, 8)}
+def replicas_part(quick: bool, workdir: Path, plan: dict[float, tuple[int, ...]] | None = None,
+                  min_segment_latents: int = MIN_SEGMENT_LATENTS) -> tuple[dict, dict]:
+    """(a): each video length on 1, 2, 4, 8 Postprocessor replicas (quick: 60 s on 1 and 8, 600 s on 8);
+    ``plan``: {video seconds: replica counts} instead (the test's tiny run)."""
+    plan = plan or ({60.0: (1, 8), 600.0: (8,)} if quick else {60.0: (1, 2, 4, 8), 600.0: (1, 2, 4, 8)})
     requests = {seconds: prepared_request(seconds, workdir) for seconds in plan}
     root = workdir / "post-storage"
     rows: list[dict[str, Any]] = []
@@ -97,7 +98,7 @@ def replicas_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
                     continue
                 prepared = requests[seconds]
                 key = f"results/{prepared.request_id}-{replicas}/output.mp4"
-                result = caller.run.remote(prepared, replicas, MIN_SEGMENT_LATENTS, key).result(timeout_s=7200)
+                result = caller.run.remote(prepared, replicas, min_segment_latents, key).result(timeout_s=7200)
                 frames = prepared.plan.output_frames
                 ideal = frames * SIMULATED_FRAME_S / replicas
                 row = {"video_s": seconds, "replicas": replicas, "frames": frames,
@@ -114,12 +115,11 @@ def replicas_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
         row["speedup_vs_1"] = round(one["wall_s"] / row["wall_s"], 2) if one else None
         row["same_frames_and_durations"] = row["frames_written"] == row["frames"] and (
             one is None or row["durations"] == one["durations"])
-    at8 = {r["video_s"]: r for r in rows if r["replicas"] == 8}
-    summary = {"post_efficiency_vs_ideal_8": at8[600.0]["efficiency_vs_ideal"],
-               "post_efficiency_vs_ideal_8_60s": at8[60.0]["efficiency_vs_ideal"] if 60.0 in at8 else None,
+    at8 = {r["video_s"]: r["efficiency_vs_ideal"] for r in rows if r["replicas"] == 8}
+    summary = {"post_efficiency_vs_ideal_8": at8.get(600.0), "post_efficiency_vs_ideal_8_60s": at8.get(60.0),
                "post_same_frames_and_durations": all(r["same_frames_and_durations"] for r in rows)}
     return {"rows": rows, "frame_s": SIMULATED_FRAME_S, "warm_up_latents": SLEEPING_VAE_REACH,
-            "min_segment_latents": MIN_SEGMENT_LATENTS}, summary
+            "min_segment_latents": min_segment_latents}, summary
 
 
 def _warm_up(caller, replicas: int, workdir: Path, timeout_s: float = 300) -> None:
@@ -138,15 +138,15 @@ def _warm_up(caller, replicas: int, workdir: Path, timeout_s: float = 300) -> No
 
 # -- (c): end to end ---------------------------------------------------------------------------------------------
 
-def end_to_end_part(quick: bool, workdir: Path, seconds: float = 60.0, steps: int = 2,
-                    post_replicas: int = 8) -> tuple[dict, dict]:
+def end_to_end_part(quick: bool, workdir: Path, seconds: float = 60.0, steps: int = 2, post_replicas: int = 8,
+                    min_segment_latents: int = MIN_SEGMENT_LATENTS) -> tuple[dict, dict]:
     """(c): one ``seconds`` video through the whole service, serial post-processing then segmented, one run."""
     audio = synthetic_speech(workdir / f"e2e-{seconds:g}.wav", seconds)
     body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
             "prompt": "a person talking", "num_inference_steps": steps, "seed": 3, "aspect_ratio": "1:1"}
     warm = dict(body, audio_url=data_uri(synthetic_speech(workdir / "e2e-warm.wav", 2.0), "audio/wav"),
                 num_inference_steps=1)
-    rows, videos = [], {}
+    rows = []
     with ray_serve_cluster(num_cpus=4, num_gpus=4, object_store_mb=1024) as cluster:
         for variant, replicas in (("serial", 1), ("segmented", post_replicas)):
             root = workdir / f"e2e-{variant}"
@@ -154,16 +154,22 @@ def end_to_end_part(quick: bool, workdir: Path, seconds: float = 60.0, steps: in
                             "device": "cpu", "storage": cluster.local_storage(root),
                             "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
                             "denoiser": {"num_replicas": 4, "num_gpus": 1},
-                            "postprocessor": {"num_replicas": replicas}, "min_segment_latents": MIN_SEGMENT_LATENTS})
-            handle = serve.get_app_handle(APP_NAME)
-            handle.generate.remote(StableAvatarInput(**warm)).result(timeout_s=600)  # untimed: first calls
+                            "postprocessor": {"num_replicas": replicas}, "min_segment_latents": min_segment_latents})
+            run = f"{cluster.base}/run/fal-ai/stable-avatar"
+            code, answer, _ = http_json("POST", run, warm, timeout=600)  # untimed: every deployment's first call
+            assert code == 200, answer
             started = time.perf_counter()
-            output = handle.generate.remote(StableAvatarInput(**body)).result(timeout_s=7200)
+            code, answer, headers = http_json("POST", run, body, timeout=7200)
             wall = time.perf_counter() - started
+            assert code == 200, answer
+            request_id = {k.lower(): v for k, v in headers.items()}["x-fal-request-id"]
+            _, state, _ = http_json("GET", f"{cluster.base}/fal-ai/stable-avatar/requests/{request_id}/status?logs=1")
+            logs = [entry["message"] for entry in state["logs"]]
+            planned = [m for m in logs if m.startswith("decoding and encoding in ")]
             path = workdir / f"e2e-{variant}.mp4"
-            path.write_bytes(http_bytes(output.video.url))
-            videos[variant] = path
+            path.write_bytes(http_bytes(answer["video"]["url"]))
             rows.append({"variant": variant, "post_replicas": replicas, "video_s": seconds, "steps": steps,
+                         "segments": int(planned[0].split()[4]) if planned else 1,
                          "wall_s": round(wall, 2), "file_size": path.stat().st_size, "durations": durations(path),
                          "load_average": load_average()})
             print(rows[-1], flush=True)
@@ -189,12 +195,14 @@ def report_lines(results: dict) -> list[str]:
                          f"{str(r['same_frames_and_durations']):>21} | {r['load_average'][0]}")
     e2e = results.get("end_to_end")
     if e2e:
-        lines += ["", "(c) a 60 s video end to end (Gateway handle to result; simulated-decoder-dit: DiT 0.05 s per "
-                      "row on 4 Denoisers, decoder as above), serial post-processing then segmented, same run",
-                  "variant   | Postprocessors | wall s | file bytes | durations (format, video, audio) | load"]
+        lines += ["", f"(c) a {e2e['rows'][0]['video_s']:g} s video end to end (POST /run to its answer; "
+                      "simulated-decoder-dit: DiT 0.05 s per row on 4 Denoisers, the decoder as above), serial "
+                      "post-processing then segmented, same run",
+                  "variant   | Postprocessors | segments | wall s | file bytes | durations (format, video, audio) | load"]
         for r in e2e["rows"]:
             d = r["durations"]
-            lines.append(f"{r['variant']:<9} | {r['post_replicas']:>14} | {r['wall_s']:>6.1f} | {r['file_size']:>10} | "
-                         f"{d['format']:.3f}, {d['video']:.3f}, {d['audio']:.3f}{'':>9} | {r['load_average'][0]}")
+            lines.append(f"{r['variant']:<9} | {r['post_replicas']:>14} | {r['segments']:>8} | {r['wall_s']:>6.1f} | "
+                         f"{r['file_size']:>10} | {d['format']:.3f}, {d['video']:.3f}, {d['audio']:.3f}{'':>9} | "
+                         f"{r['load_average'][0]}")
         lines.append(f"speed-up: {e2e['speedup']}x; same durations: {e2e['same_durations']}")
     return lines
