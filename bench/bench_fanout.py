@@ -10,11 +10,15 @@ places with :class:`deployments.workers.placement.StickyBalancedRouter`. Replica
    (24 x steps x 1.5 s / N) / wall; ``efficiency`` = T1 / (N x TN). Latents must be identical on every N.
 2. **short clip**: 2 windows x 10 steps on 1, 2 and 6 replicas, guidance rows split (6 units of 0.5 s per step)
    or not (2 units of 1.5 s); ``short_clip_speedup_6_vs_2`` = T(2 replicas) / T(6 replicas) with split rows.
-3. **fairness**: three jobs at once on 4 replicas (12, 2 and 2 windows); each job's wall time against its fair
-   share: the completion time under ideal max-min sharing of the 4 replicas (a job can use at most one replica
-   per unit of its step), simulated as a fluid. ``--compare-fifo`` repeats it with first-come-first-served
-   replica queues (``unit_order: fifo``).
-4. **caller CPU**: process CPU time of the replica running the loop, per step and as a fraction of wall time (a
+3. **short jobs first**: three jobs at once on 4 replicas (12, 2 and 2 windows), each also run alone; a short
+   job's wall time beside the long one against its time alone (target: within 1.1x), the long job's growth against
+   the short jobs' work (target: no more), and each job against its fair share (the completion time under ideal
+   max-min sharing of the 4 replicas, simulated as a fluid). The default queue (``shortest_remaining``), then
+   ``round_robin`` for comparison; ``--compare-fifo`` adds first come, first served.
+4. **scale events**: the 24-window job's placement on 4 replicas, after a fifth joins and after it leaves again:
+   units that changed replica (each a cold conditioning cache and step-cache residual there), measured through
+   Serve, beside what ``slot mod N`` placement would have moved on the same replicas.
+5. **caller CPU**: process CPU time of the replica running the loop, per step and as a fraction of wall time (a
    busy-looping router shows up here as ~100 %).
 
 Every timed run starts after the replicas are running, the caller's router has seen all of them, and one
@@ -22,7 +26,7 @@ warm-up step has filled their conditioning caches.
 
     python bench/bench_fanout.py [--quick] [--compare-fifo] [--json bench/results/fanout.json]
 
-``--quick`` (under 10 minutes on a quiet 2-core box) runs the fan-out job for 2 steps, the fairness jobs for 5,
+``--quick`` (about 12 minutes on a quiet 2-core box) runs the fan-out job for 2 steps, the fairness jobs for 5,
 and the short clip (always 10 steps) on 2 and 6 replicas only. The last line printed is one JSON object of the
 headline numbers.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -50,8 +55,10 @@ from ray import serve  # noqa: E402
 from bench.simulated import SIMULATED_ROW_S  # noqa: E402
 from bench.stats import load_average  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
+from deployments.contracts import request_offset  # noqa: E402
 from deployments.orchestrator.executor import RayDenoiserExecutor  # noqa: E402
 from deployments.workers.denoiser import Denoiser  # noqa: E402
+from deployments.workers.placement import moved_units, place, place_units  # noqa: E402
 from pipeline.denoise import GuidanceScales, WindowStep, denoise, initial_noise  # noqa: E402
 from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
@@ -59,7 +66,7 @@ from pipeline.presets import get_preset  # noqa: E402
 from tests.helpers import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 
 APP = "bench-fanout"
-SECTIONS = ("fanout", "short", "fairness")
+SECTIONS = ("fanout", "short", "fairness", "scale")
 UNIT_S = {True: SIMULATED_ROW_S, False: 3 * SIMULATED_ROW_S}  # split rows: 1 row per unit; batch 3: 3 rows
 
 
@@ -72,7 +79,8 @@ class BenchCaller:
 
     async def run(self, prepared: PreparedRequest, split: bool, request_id: str, expect_replicas: int) -> dict:
         cond = prepared.conditioning
-        executor = RayDenoiserExecutor(self.denoiser, ray.put(cond), request_id, retries=0)
+        executor = RayDenoiserExecutor(self.denoiser, ray.put(cond), request_id, retries=0,
+                                       num_steps=cond.num_steps)
         latents = initial_noise(prepared.seed, prepared.latent_shape, torch.float32)
         scales = GuidanceScales(cond.text_scale, cond.audio_scale) if split else None
         await self._warm_up(prepared, executor, latents, scales, expect_replicas)
@@ -82,7 +90,7 @@ class BenchCaller:
                             on_step=lambda _s, _x: step_ends.append(time.perf_counter() - started))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         return {"wall_s": wall, "cpu_s": cpu, "step_ends_s": step_ends,
-                "units_per_replica": dict(executor.units_per_replica),
+                "units_per_replica": dict(executor.units_per_replica), "placement": list(executor.last_placement),
                 "latents_sha256": hashlib.sha256(out.contiguous().numpy().tobytes()).hexdigest()}
 
     async def _warm_up(self, prepared, executor, latents, scales, expect_replicas: int) -> None:
@@ -102,7 +110,7 @@ class BenchCaller:
 
 
 class Bench:
-    def __init__(self, unit_order: str = "round_robin"):
+    def __init__(self, unit_order: str = "shortest_remaining"):
         self.unit_order = unit_order
         self.replicas = 0
         self.caller = None
@@ -196,21 +204,68 @@ def short_clip(bench: Bench, prepared: PreparedRequest, n: int) -> list[dict]:
 
 
 def fairness(bench: Bench, jobs: list[tuple[str, PreparedRequest]], replicas: int, unit_order: str) -> list[dict]:
+    """The three jobs alone, one after another, then at once."""
     if unit_order != bench.unit_order:
         bench.deploy(replicas, unit_order)
-    results = bench.run_together(jobs, split=False)
+    alone = {name: bench.run(prepared, False, f"{name}-alone-{unit_order}")["wall_s"] for name, prepared in jobs}
+    results = bench.run_together([(f"{name}-{unit_order}", prepared) for name, prepared in jobs], split=False)
+    results = {name: results[f"{name}-{unit_order}"] for name, _ in jobs}
     works = {name: p.plan.num_windows * p.conditioning.num_steps * UNIT_S[False] for name, p in jobs}
     caps = {name: p.plan.num_windows for name, p in jobs}
     fair = fair_share(works, caps, replicas)
     rows = []
     for name, prepared in jobs:
-        alone = prepared.conditioning.num_steps * -(-prepared.plan.num_windows // replicas) * UNIT_S[False]
+        wall = results[name]["wall_s"]
         rows.append({"unit_order": unit_order, "job": name, "windows": prepared.plan.num_windows,
-                     "wall_s": round(results[name]["wall_s"], 2), "fair_share_s": round(fair[name], 2),
-                     "alone_ideal_s": round(alone, 2),
-                     "vs_fair_share": round(results[name]["wall_s"] / fair[name], 3)})
+                     "wall_s": round(wall, 2), "alone_s": round(alone[name], 2),
+                     "vs_alone": round(wall / alone[name], 3), "fair_share_s": round(fair[name], 2),
+                     "vs_fair_share": round(wall / fair[name], 3), "work_s": works[name],
+                     "placement": sorted(collections.Counter(results[name]["placement"]).items())})
         print(rows[-1], flush=True)
     return rows
+
+
+def short_jobs_first(rows: list[dict], unit_order: str) -> dict:
+    """The targets of the fairness section for one unit order: each short job's time beside the long one against
+    its time alone, and the long job's growth against the short jobs' work (replica-seconds, and per replica)."""
+    mine = [r for r in rows if r["unit_order"] == unit_order]
+    long, shorts = mine[0], mine[1:]
+    short_work = sum(r["work_s"] for r in shorts)
+    return {"unit_order": unit_order, "short_vs_alone_max": max(r["vs_alone"] for r in shorts),
+            "long_growth_s": round(long["wall_s"] - long["alone_s"], 2), "short_work_s": short_work,
+            "short_work_per_replica_s": short_work / 4}
+
+
+def scale_events(bench: Bench, prepared: PreparedRequest) -> dict:
+    """The 24-window job's placement on 4 replicas, after a fifth joined and after it left: units moved."""
+    def placed(tag: str, replicas: int) -> list[str]:
+        deadline = time.monotonic() + 120
+        while True:  # until the caller's router sees every replica (Serve's long poll)
+            placement = bench.run(prepared, False, "scale-job")["placement"]
+            if len(set(placement)) == replicas or time.monotonic() > deadline:
+                print(tag, collections.Counter(placement), flush=True)
+                return placement
+
+    bench.deploy(4)
+    four = placed("4 replicas", 4)
+    bench.deploy(5)
+    five = placed("5 replicas", 5)
+    bench.deploy(4)
+    back = placed("4 again", 4)
+    units, offset = len(four), request_offset("scale-job")
+
+    def modulo(ids: list[str]) -> list[str]:
+        return [place(offset + i, ids) for i in range(units)]
+
+    ids = {name: sorted(set(p)) for name, p in (("four", four), ("five", five), ("back", back))}
+    row = {"units": units, "moved_join": moved_units(four, five), "moved_leave": moved_units(five, back),
+           "rule_join": moved_units(place_units("scale-job", units, ids["four"]),
+                                    place_units("scale-job", units, ids["five"])),
+           "modulo_join": moved_units(modulo(ids["four"]), modulo(ids["five"])),
+           "modulo_leave": moved_units(modulo(ids["five"]), modulo(ids["back"])),
+           "ideal_join": units // 5, "ideal_leave": units - 4 * (units // 4) + units // 5}
+    print(row, flush=True)
+    return row
 
 
 def report(results: dict, out: Path) -> list[str]:
@@ -236,11 +291,26 @@ def report(results: dict, out: Path) -> list[str]:
                  f"split vs batch-3 on 6 replicas: {results['short_clip_split_gain_6']}x; identical latents "
                  f"per setting on every replica count: {results['short_clip_identical']}")
     lines += ["", f"3. three jobs at once on {results['fairness_replicas']} replicas, {results['fairness_steps']} "
-              "steps, batch-3 units; fair share = completion under ideal max-min sharing",
-              "unit order | job | windows | wall s | fair share s | alone (ideal) s | vs fair share"]
+              "steps, batch-3 units, each also alone; fair share = completion under ideal max-min sharing",
+              "unit order         | job     | windows | wall s | alone s | vs alone | fair share s | vs fair share | "
+              "units per replica (last step)"]
     for r in results["fairness"]:
-        lines.append(f"{r['unit_order']:>11} | {r['job']:>7} | {r['windows']:>7} | {r['wall_s']:>6.2f} | "
-                     f"{r['fair_share_s']:>12.2f} | {r['alone_ideal_s']:>15.2f} | {r['vs_fair_share']:.3f}")
+        lines.append(f"{r['unit_order']:<18} | {r['job']:<7} | {r['windows']:>7} | {r['wall_s']:>6.2f} | "
+                     f"{r['alone_s']:>7.2f} | {r['vs_alone']:>8.3f} | {r['fair_share_s']:>12.2f} | "
+                     f"{r['vs_fair_share']:>13.3f} | {[n for _, n in r['placement']]}")
+    for t in results["short_jobs_first"]:
+        lines.append(f"{t['unit_order']}: a short job beside the long one took at most {t['short_vs_alone_max']}x its "
+                     f"time alone (target 1.1x); the long job grew by {t['long_growth_s']} s against the short "
+                     f"jobs' {t['short_work_s']} replica-seconds of work ({t['short_work_per_replica_s']} s per "
+                     "replica)")
+    scale = results.get("scale")
+    if scale:
+        lines += ["", f"4. scale events: the {scale['units']}-unit job on 4 replicas, a fifth joins, then leaves "
+                      "(units that changed replica = cold caches there)",
+                  f"rendezvous placement, measured through Serve: {scale['moved_join']} moved when it joined (the "
+                  f"rule says {scale['rule_join']}), {scale['moved_leave']} when it left; slot mod N on the same "
+                  f"replicas: {scale['modulo_join']} and {scale['modulo_leave']}; the least any balanced placement "
+                  f"moves: {scale['ideal_join']} and {scale['ideal_leave']}"]
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -263,11 +333,14 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             big, short = prepare(Path(tmp), 24, fanout_steps), prepare(Path(tmp), 2, short_steps)
+            scale_job = prepare(Path(tmp), 24, 1)
             jobs = [("long", prepare(Path(tmp), 12, fair_steps)), ("short-a", prepare(Path(tmp), 2, fair_steps, 2)),
                     ("short-b", prepare(Path(tmp), 2, fair_steps, 3))]
-        bench, fan, clip, fair = Bench(), [], [], []
-        # replica counts only grow: a scale-up adds replicas and keeps the running ones (and their caches)
-        plan = {"fanout": (1, 2, 4, 8), "short": (2, 6) if args.quick else (1, 2, 6), "fairness": (4,)}
+        bench, fan, clip, fair, scale = Bench(), [], [], [], None
+        # replica counts grow (a scale-up adds replicas and keeps the running ones and their caches), but for the
+        # scale section's step from 4 to 5 and back
+        plan = {"fanout": (1, 2, 4, 8), "short": (2, 6) if args.quick else (1, 2, 6), "fairness": (4,),
+                "scale": (4,)}
         counts = sorted({n for section in args.only for n in plan[section]})
         for n in counts:
             bench.deploy(n)
@@ -276,9 +349,12 @@ def main() -> None:
             if "short" in args.only and n in plan["short"]:
                 clip += short_clip(bench, short, n)
             if "fairness" in args.only and n == 4:
-                fair += fairness(bench, jobs, 4, "round_robin")
-        if "fairness" in args.only and args.compare_fifo:
-            fair += fairness(bench, jobs, 4, "fifo")
+                fair += fairness(bench, jobs, 4, "shortest_remaining")
+            if "scale" in args.only and n == 4:
+                scale = scale_events(bench, scale_job)
+        if "fairness" in args.only:  # the other orders restart the replicas: last
+            for order in ("round_robin", "fifo") if args.compare_fifo else ("round_robin",):
+                fair += fairness(bench, jobs, 4, order)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -291,7 +367,8 @@ def main() -> None:
     results = {
         "quick": args.quick, "fanout_steps": fanout_steps, "short_steps": short_steps, "fairness_steps": fair_steps,
         "fairness_replicas": 4, "row_s": SIMULATED_ROW_S, "load_before": load_before,
-        "load_after": load_average(1), "fanout": fan, "short_clip": clip, "fairness": fair,
+        "load_after": load_average(1), "fanout": fan, "short_clip": clip, "fairness": fair, "scale": scale,
+        "short_jobs_first": [short_jobs_first(fair, order) for order in dict.fromkeys(r["unit_order"] for r in fair)],
         "fanout_identical": len({r["latents_sha256"] for r in fan}) == 1 if fan else None,
         "short_clip_identical": all(len({r["latents_sha256"] for r in clip if r["split_rows"] == s}) == 1
                                     for s in (False, True)) if clip else None,
@@ -302,12 +379,18 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(report(results, args.json)))
-    rr = [r for r in fair if r["unit_order"] == "round_robin"]
+    rr = [r for r in fair if r["unit_order"] == "shortest_remaining"]
+    targets = {t["unit_order"]: t for t in results["short_jobs_first"]}
     at8 = next((r for r in fan if r["replicas"] == 8), {})
     headline = {
         "efficiency_vs_ideal_8": at8.get("efficiency_vs_ideal"), "efficiency_8": at8.get("efficiency"),
         "short_clip_speedup_6_vs_2": results["short_clip_speedup_6_vs_2"],
         "fairness_worst_vs_fair_share": max((r["vs_fair_share"] for r in rr), default=None),
+        "short_vs_alone_max": targets.get("shortest_remaining", {}).get("short_vs_alone_max"),
+        "long_growth_s": targets.get("shortest_remaining", {}).get("long_growth_s"),
+        "short_work_s": targets.get("shortest_remaining", {}).get("short_work_s"),
+        "round_robin_short_vs_alone_max": targets.get("round_robin", {}).get("short_vs_alone_max"),
+        "scale_moved_join": scale and scale["moved_join"], "scale_modulo_join": scale and scale["modulo_join"],
         "fifo_worst_vs_fair_share": max((r["vs_fair_share"] for r in fair if r["unit_order"] == "fifo"),
                                         default=None),
         "caller_cpu_fraction_max": max((r["caller_cpu_fraction"] for r in fan + clip), default=None),

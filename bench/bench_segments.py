@@ -1,27 +1,36 @@
-"""Long videos in segments on this machine: decode + encode in segments against the serial path (issue 20, (b)).
+"""Long videos in segments: decode + encode on this machine and on Postprocessor replicas through Serve (issue 20).
 
-Part ``decode`` (the only part so far; the cluster runs, (a) replicas through Serve and (c) end to end, come with
-the Postprocessor deployment and add their own parts and summary keys). Per case, the serial path
-(``StableAvatarPipeline.finish``) and the segment plans for several Postprocessor replica counts, run here one
-segment after another: each segment's decode + encode (``finish_segment``) and the stitch (``stitch_segments``),
-each warm-up on its own against its model (``DecoderReach.warm_up_cost``, in latents' worth of serial decoding),
-the largest difference of any pixel between the segments' frames and the serial frames (uint8 levels), and the
-stitched file's frame count and durations against the serial file's.
+Three parts (``--parts``; all by default):
 
-Cases:
+* ``decode`` ((b) of the issue): the real decoder in one process, segments against the serial path. Per case, the
+  serial path (``StableAvatarPipeline.finish``) and the segment plans for several Postprocessor replica counts, run
+  here one segment after another: each segment's decode + encode (``finish_segment``) and the stitch
+  (``stitch_segments``), each warm-up on its own against its model (``DecoderReach.warm_up_cost``, in latents'
+  worth of serial decoding), the largest difference of any pixel between the segments' frames and the serial frames
+  (uint8 levels), and the stitched file's frame count and durations against the serial file's. Cases:
 
-* ``tiny``: the tiny preset's Wan VAE (the real decoder's layout, base_dim 4, random weights) at 48x80, 60 s;
-* ``simulated-realsize``: the benchmarks' stand-in VAE (bench/simulated.py) at 480x832, 30 s (quick: 10 s): real
-  frame sizes through ffmpeg, near-free decoding;
-* ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at small sizes (the reach is
-  temporal, the frame size only sets the cost): the reach measured by perturbing one latent (8x8 pixels), one
-  segment past the reach after the full warm-up and after shorter ones against the serial stream (16x16), and the
-  full warm-up's cost against its model (32x32).
+  - ``tiny``: the tiny preset's Wan VAE (the real decoder's layout, base_dim 4, random weights) at 48x80, 60 s
+    (quick: 20 s on 4 segments, the only case);
+  - ``simulated-realsize``: the benchmarks' stand-in VAE (bench/simulated.py) at 480x832, 30 s: real frame sizes
+    through ffmpeg, near-free decoding;
+  - ``wan-real-widths`` (full run only): the real Wan2.1 VAE's widths (random weights) at small sizes (the reach is
+    temporal, the frame size only sets the cost): the reach measured by perturbing one latent (8x8 pixels), one
+    segment past the reach after the full warm-up and after shorter ones against the serial stream (16x16), and the
+    full warm-up's cost against its model (32x32).
+
+* ``replicas`` ((a)): decode + encode of a 60 s and a 600 s video on 1, 2, 4 and 8 Postprocessor replicas through
+  real Serve, with the ``simulated-decoder`` preset (``bench/simulated.py``: a VAE decoder that sleeps
+  ``SIMULATED_FRAME_S`` per frame, as a decoder on its own GPU would take that long, at 64x64 so x264 costs
+  little): the Orchestrator's own finish stage (``SegmentedFinish.finish``) run from a caller replica, latents put
+  once, segments on the replicas, stitched and uploaded. ``efficiency_vs_ideal`` = (frames x frame time / n) / wall.
+* ``end_to_end`` ((c)): a 60 s video through the whole service (Gateway to result, the ``simulated-decoder-dit``
+  preset, 4 Denoisers), once with one Postprocessor (the serial post path) and once with 8 (segmented), same run.
 
     python bench/bench_segments.py           # -> bench/results/segments.{json,txt}
-    python bench/bench_segments.py --quick   # under 10 minutes; the last line is JSON ({"max_pixel_diff": ...})
+    python bench/bench_segments.py --quick   # under 10 minutes; the last line is JSON with
+                                             # post_efficiency_vs_ideal_8 and max_pixel_diff
 
-The "parallel estimate" is the slowest segment plus the stitch: what n replicas would take with nothing else
+In the ``decode`` part, the "parallel estimate" is the slowest segment plus the stitch: what n replicas would take with nothing else
 competing. Everything runs on a shared 2-core box, so timings are noisy (each row records the load average).
 """
 
@@ -47,6 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bench.simulated  # noqa: E402, F401  (registers the simulated-realsize preset)
+from bench import segments_serve  # noqa: E402
 from bench.stats import load_average  # noqa: E402
 from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
@@ -264,10 +274,9 @@ def real_widths_part() -> dict:
 
 
 def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
-    cases = [
+    cases = [Case("tiny", "tiny", 48, 80, 20.0, (4,), 16, 1)] if quick else [  # quick: the pixel check only
         Case("tiny", "tiny", 48, 80, 60.0, (2, 4, 8), 16, 1),
-        Case("simulated-realsize", "simulated-realsize", 480, 832, 10.0 if quick else 30.0,
-             (4,) if quick else (2, 4, 8), 16, 1),
+        Case("simulated-realsize", "simulated-realsize", 480, 832, 30.0, (2, 4, 8), 16, 1),
     ]
     rows = [row for case in cases for row in decode_case(case, workdir)]
     tiny_profile = perturbation_profile(load_models(get_preset("tiny"), ["vae"]).vae)
@@ -281,11 +290,21 @@ def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
     return result, summary
 
 
-PARTS: dict[str, Callable[[bool, Path], tuple[dict, dict]]] = {"decode": decode_part}
+PARTS: dict[str, Callable[[bool, Path], tuple[dict, dict]]] = {
+    "decode": decode_part, "replicas": segments_serve.replicas_part, "end_to_end": segments_serve.end_to_end_part}
 
 
 def text_report(results: dict, meta: dict) -> str:
-    lines = [f"segmented decode + encode vs serial, one segment after another ({meta['label']})", meta["note"],
+    lines = [f"segmented decode + encode vs serial ({meta['label']}; load average {meta['load_average_start']} at "
+             f"the start, {meta['load_average_end']} at the end)"]
+    if "decode" in results:
+        lines += decode_report_lines(results, meta)
+    lines += segments_serve.report_lines(results)
+    return "\n".join(lines) + "\n"
+
+
+def decode_report_lines(results: dict, meta: dict) -> list[str]:
+    lines = ["", "(b) the real decoder, one segment after another in one process", meta["note"],
              "CPU s: this process and its ffmpeg children (the work, whatever else ran); speedup est.: serial CPU "
              "/ (slowest segment + stitch), as if each segment had its own idle replica; overhead: all segments' "
              "CPU against the serial path's", ""]
@@ -325,16 +344,19 @@ def text_report(results: dict, meta: dict) -> str:
         lines.append(f"full warm-up at {t['size']}: {t['warm_up_cpu_s']} CPU s (best of 3) against {t['latent_cpu_s']} "
                      f"CPU s per serially decoded latent (median): {t['warm_up_latents_measured']} latents' worth "
                      f"(model {t['warm_up_latents_model']})")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="under 10 minutes: fewer cases, no real-width part")
+    parser.add_argument("--quick", action="store_true", help="under 10 minutes: a 20 s tiny case for the pixel "
+                        "check, no real-width part, 60 s on 1 and 8 and 600 s on 8 Postprocessors, the end-to-end "
+                        "pair")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=sorted(PARTS))
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.txt (default: "
-                        "bench/results/segments for a full run; a quick run writes nothing unless given)")
+                        "bench/results/segments for a full run of every part; a quick or partial run writes nothing "
+                        "unless given)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()
@@ -347,7 +369,8 @@ def main() -> None:
             summary.update(part_summary)
     meta["load_average_end"] = load_average()
     report = text_report(results, meta)
-    out = args.out or (None if args.quick else ROOT / "bench" / "results" / "segments")
+    every_part = sorted(args.parts) == sorted(PARTS)
+    out = args.out or (ROOT / "bench" / "results" / "segments" if every_part and not args.quick else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, **results}, indent=1)

@@ -8,6 +8,10 @@ about one row-forward of the real 1.3B model at 480x832 on a datacenter GPU, so 
 returns a deterministic tensor: benchmarks of the fan-out measure scheduling, not arithmetic. It also offers the
 step cache's interface (``timestep_modulation``, ``block_residual``): a reused residual skips the sleep.
 
+``simulated-decoder`` (and ``simulated-decoder-dit``, whose DiT sleeps 0.05 s per row): the tiny preset whose VAE
+decoder sleeps a fixed time per decoded frame (:class:`SleepingVae`), so decode + encode on several Postprocessor
+replicas can be measured through Serve on two CPU cores (bench/bench_segments.py).
+
 ``simulated-realsize``: the real geometry (480x832, 832x480, 512x512; latents [1,16,T,h,w] with the real h, w and
 T) with near-free arithmetic, so a benchmark can push 600 s of video through the Orchestrator, the object store, the
 Postprocessor and ffmpeg on a CPU (bench/bench_long_video.py). The DiT is :class:`ConvergingTransformer` (no
@@ -36,6 +40,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from pipeline.presets import PRESETS, REAL_RESOLUTIONS, TINY_AUDIO_ENCODER, register_preset
 
 SIMULATED_ROW_S = 0.5  # seconds per guidance row of a forward
+SIMULATED_FRAME_S = 0.01  # seconds per decoded frame of the sleeping VAE (simulated-decoder presets)
+SLEEPING_VAE_REACH = 10  # latents a segment of the sleeping VAE warms up on: the Wan2.1 warm-up costs 9.8
 REAL_AUDIO_DIM = 768  # wav2vec2-base hidden size: the width of the per-window audio features
 SPATIAL, TEMPORAL = 8, 4  # the Wan VAE's factors
 
@@ -169,6 +175,45 @@ class UpsamplingVae(torch.nn.Module):
         return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mu))
 
 
+class _SleepingDecoder(_UpsamplingDecoder):
+    """:class:`_UpsamplingDecoder` that also sleeps ``frame_s`` per frame it makes: a decoder on its own GPU (the
+    sleep leaves the CPU to the other replicas, so several replicas on a 2-core box decode at once)."""
+
+    def __init__(self, z_dim: int, frame_s: float):
+        super().__init__(z_dim)
+        self.frame_s = frame_s
+
+    def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None,
+                first_chunk: bool = False) -> torch.Tensor:
+        frames = super().forward(x, feat_cache, feat_idx, first_chunk)
+        time.sleep(self.frame_s * frames.shape[2])
+        return frames
+
+
+class SleepingVae(UpsamplingVae):
+    """:class:`UpsamplingVae` whose decoder costs ``frame_s`` seconds per frame, with a warm-up of
+    :data:`SLEEPING_VAE_REACH` latents (its frames depend on one latent back, so any warm-up of at least one is exact;
+    ten costs what the Wan2.1 decoder's warm-up costs, 9.8 latents' decoding)."""
+
+    decoder_reach_latents = SLEEPING_VAE_REACH
+
+    def __init__(self, frame_s: float = SIMULATED_FRAME_S, z_dim: int = 16):
+        super().__init__(z_dim)
+        self.decoder = _SleepingDecoder(z_dim, frame_s)
+
+
+def simulated_decoder_preset(frame_s: float = SIMULATED_FRAME_S, row_s: float = 0.0,
+                             name: str = "simulated-decoder"):
+    """The tiny preset with the sleeping VAE (``frame_s`` per decoded frame) and a DiT sleeping ``row_s`` per
+    guidance row: decode + encode on several Postprocessor replicas, measured through Serve on a CPU."""
+    return dataclasses.replace(
+        PRESETS["tiny"], name=name, transformer_factory=functools.partial(SimulatedTransformer, row_s),
+        vae_factory=functools.partial(SleepingVae, frame_s),
+        description=f"tiny preset whose VAE decoder sleeps {frame_s} s per frame and DiT {row_s} s per guidance "
+                    "row (benchmarks of segmented decoding; output is a blurred copy of the noise)",
+    )
+
+
 def simulated_preset(row_s: float = SIMULATED_ROW_S, name: str = "simulated"):
     """The tiny preset whose DiT is a :class:`SimulatedTransformer` sleeping ``row_s`` per guidance row."""
     return dataclasses.replace(
@@ -192,3 +237,5 @@ register_preset(simulated_preset())
 register_preset(simulated_preset(0.2, "simulated-fast"))  # tests of placement and fairness
 register_preset(simulated_realsize_preset())
 register_preset(simulated_preset(0.0, "simulated-instant"))  # dispatcher throughput (bench/bench_jobs.py)
+register_preset(simulated_decoder_preset())  # decode + encode on Postprocessor replicas (bench/bench_segments.py)
+register_preset(simulated_decoder_preset(row_s=0.05, name="simulated-decoder-dit"))  # end to end, same bench

@@ -117,11 +117,13 @@ class InputLimits(BaseModel):
         return AddressGuard(self.allow_private_hosts)
 
 
-# Units a Denoiser replica accepts at once. One runs; the rest wait inside the replica on its GPU queue (round-robin
-# across requests), so Serve's router places every unit at once on its sticky replica and never has to hold one back
-# (no rejections, no retry back-off). Autoscaling still sees every in-flight unit as an ongoing request: with
+# Units a Denoiser replica accepts at once. One runs; the rest wait inside the replica on its GPU queue (shortest
+# remaining job first), so Serve's router places every unit at once on its sticky replica and never has to hold one
+# back (no rejections, no retry back-off). Autoscaling still sees every in-flight unit as an ongoing request: with
 # target_ongoing_requests 1 it asks for one replica per unit in flight (capped by max_replicas).
 DENOISER_MAX_ONGOING = 64
+# pipeline.segment_plan.MIN_SEGMENT_LATENTS (not imported: that module loads torch, and the Gateway reads this one).
+MIN_SEGMENT_LATENTS = 2
 
 
 class DispatchConfig(BaseModel):
@@ -224,9 +226,30 @@ class AppArgs(BaseModel):
                                      "Preprocessor/Postprocessor call, whose replica died")
     conditioning_cache_size: int = Field(4, ge=1, le=64, description="requests cached per Denoiser replica")
     unit_order: UnitOrder = Field(
-        "round_robin", description="order of the units waiting on a Denoiser replica: round_robin across requests "
-        "(concurrent jobs share the replica fairly) or fifo (first come, first served)")
+        "shortest_remaining", description="order of the units waiting on a Denoiser replica: shortest_remaining "
+        "(the job with the least work left first, with ageing), round_robin across requests (equal turns) or fifo "
+        "(first come, first served)")
+    unit_ageing_s: float = Field(
+        60.0, gt=0, le=3600, description="shortest_remaining: a unit that has waited this long goes before any "
+        "newer one, so a long job is delayed, never starved")
+    unit_anticipation: float = Field(
+        1.0, ge=0, le=10, description="shortest_remaining: a replica keeps itself for the next unit of the job "
+        "that goes first for up to this many times its last unit's run time (0: never)")
     max_running_jobs: int = Field(2, ge=1, le=256, description="queued jobs each Orchestrator replica runs at once")
+    short_job_slots: int = Field(
+        1, ge=0, le=64, description="slots each Orchestrator replica keeps, beyond max_running_jobs, for short jobs "
+        "(at most short_job_rows of work), so long jobs cannot hold every slot while a short one waits")
+    short_job_rows: int = Field(
+        750, ge=0, description="work of a short job, in guidance rows (windows x 3 x steps): 750 is a 10 s clip (5 "
+        "windows) at 50 steps")
+    admission_ageing_s: float = Field(
+        600.0, gt=0, le=86400, description="a job waiting for a slot goes before any newer one after this long "
+        "(shorter jobs first until then)")
+    min_segment_latents: int = Field(
+        40, ge=MIN_SEGMENT_LATENTS, le=100_000, description="shortest segment, in latent frames (4 video frames "
+        "each), a long video's decode + encode is cut into for the Postprocessor replicas (postprocessor."
+        "max_replicas segments at most); a segment also decodes a warm-up of about 10 latents' worth, so 40 keeps it "
+        "under a fifth (docs/long-videos.md)")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond which submits get 429")
     checkpoint_every_steps: int = Field(5, ge=0, le=100, description="persist fused latents every N steps (0: off)")
     idempotency_window_s: float = Field(
@@ -259,6 +282,9 @@ class AppArgs(BaseModel):
             raise ValueError(f"checkpoints: preset {self.preset!r} has random weights and reads no checkpoints; "
                              f"for the official weights in {self.checkpoints} set 'preset: stableavatar-1.3b'")
         self._check_streams()
+        if self.postprocessor.max_ongoing_requests == 1:
+            raise ValueError("postprocessor.max_ongoing_requests must be at least 2: a replica decoding a segment "
+                             "must still answer readiness probes (segments go one per replica by its router)")
         no_path = self.jobs is None or (isinstance(self.jobs, SqliteJobsConfig) and self.jobs.path is None)
         if no_path and not isinstance(self.storage, LocalStorageConfig):
             raise ValueError(

@@ -3,8 +3,10 @@
     Gateway --JobInput (row input)--> jobs database --> Orchestrator --> Preprocessor / Denoiser / Postprocessor
     Orchestrator --PostprocessResult<-- Postprocessor;  runner --StoredResult--> jobs database --> Gateway, webhooks
 
-No Ray and no model library here: the Gateway imports it. Denoiser calls are routed by ``(request_id, slot)``
-(:func:`unit_slot`), which the Orchestrator computes and the Denoisers' router reads.
+No Ray and no model library here: the Gateway imports it. Denoiser calls are routed by ``(request_id, key)``: a
+unit's :class:`UnitKey` (its place in its step and its job's remaining work), or an ``int`` slot that names a
+replica by rank (:func:`rank_slot`: freeing, stats); the Orchestrator computes them and the Denoisers' router and
+queue read them. Postprocessor segments travel as :class:`SegmentVideo`.
 """
 
 from __future__ import annotations
@@ -72,15 +74,53 @@ class PostprocessResult:
     encode_s: float
 
 
-# -- Denoiser routing: every Denoiser call starts with (request_id, slot) -----------------------------------
+@dataclass(frozen=True)
+class SegmentVideo:
+    """What a Postprocessor's ``finish_segment`` made: segment ``index``'s video-only H.264 mp4 of ``frames`` frames,
+    as a uint8 numpy array (it stays in the object store, owned by the Orchestrator that called, and is read in
+    place by ``stitch``; no numpy import here, the Gateway imports this module)."""
+
+    index: int
+    frames: int
+    data: Any
+    decode_encode_s: float
+    replica: str = ""
+
+
+# -- Denoiser routing: every Denoiser call starts with (request_id, key) -------------------------------------
 OFFSET_RANGE = 1 << 16  # request offsets lie in [0, 65536): any replica count up to that sees them spread
 
 
+@dataclass(frozen=True)
+class UnitKey:
+    """A unit's routing key: ``index`` of the ``units`` of its step places it (rendezvous hashing with a load cap,
+    :mod:`deployments.workers.placement`); ``remaining`` (guidance rows its job still runs, this step's included)
+    orders it on the replica, shortest remaining first; ``continues``: the job sends another step after this one,
+    so the replica may hold itself briefly for the job's next unit (:mod:`deployments.workers.unit_queue`);
+    ``detour``: go that many replicas past the placed one in id order (a unit that overran its replica, which hangs
+    but is still live, is sent to the next one)."""
+
+    index: int
+    units: int
+    remaining: int = 0
+    continues: bool = False
+    detour: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.units:
+            raise ValueError(f"unit {self.index} of a step of {self.units} units")
+        if self.remaining < 0:
+            raise ValueError(f"remaining work must not be negative, got {self.remaining}")
+        if self.detour < 0:
+            raise ValueError(f"a detour must not be negative, got {self.detour}")
+
+
 def request_offset(request_id: str) -> int:
-    """The request's placement offset: a hash that is the same in every process (Python's ``hash`` is salted)."""
+    """The request's rank offset: a hash that is the same in every process (Python's ``hash`` is salted)."""
     return zlib.crc32(request_id.encode()) % OFFSET_RANGE
 
 
-def unit_slot(request_id: str, index: int) -> int:
-    """The slot of unit ``index`` of a step (its position in the step's list of units)."""
-    return request_offset(request_id) + index
+def rank_slot(request_id: str, rank: int) -> int:
+    """The ``int`` slot that reaches the replica of rank ``offset(request) + rank`` (mod the live count) among the
+    live ones sorted by id: ``max_replicas`` consecutive ranks reach every replica of any set of up to that many."""
+    return request_offset(request_id) + rank

@@ -1,5 +1,5 @@
 """The Ray executor's retry rule and placement arguments, with a stand-in handle (no cluster): retry dead replicas,
-bounded, in order; unit i of a step carries slot offset(request) + i."""
+bounded, in order; unit i of a step carries its routing key (its place in the step, its job's remaining work)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from ray.exceptions import RayActorError
 
-from deployments.contracts import request_offset
+from deployments.contracts import UnitKey
 from deployments.orchestrator.executor import RayDenoiserExecutor
 from deployments.orchestrator.faults import UnitTimeoutError
 from pipeline.denoise import WindowStep
@@ -59,8 +59,12 @@ def test_dead_replica_is_retried_and_results_stay_in_order():
     assert [int(o[0, 0, 0, 0, 0]) for o in outputs] == [0, 1, 2, 3, 4]
     assert sorted(retries) == [(1, 1), (3, 1), (3, 2)] and executor.retried == 3
     assert handle.calls.count(3) == 3
-    # every attempt of unit i carries the same placement: (request id, offset + i)
-    assert handle.slots == {i: {("req", request_offset("req") + i)} for i in range(5)}
+    # every attempt of unit i carries the same key: unit i of 5, the job's rows left (one step of 5 x 3 rows)
+    assert handle.slots == {i: {("req", UnitKey(i, 5, remaining=15, continues=False))} for i in range(5)}
+    with_steps = executor_for(FlakyHandle({}), num_steps=4)  # at step 0 of 4: 4 steps of 15 rows left
+    handle = with_steps.handle
+    asyncio.run(with_steps.run(_steps(5)))
+    assert handle.slots == {i: {("req", UnitKey(i, 5, remaining=60, continues=True))} for i in range(5)}
 
 
 def test_retries_are_bounded():

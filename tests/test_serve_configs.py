@@ -265,8 +265,8 @@ def test_a_replica_loads_its_models_in_the_configured_memory_mode():
 
 @pytest.mark.parametrize("where", sorted(CONFIGS))
 def test_denoisers_accept_a_steps_units_and_autoscale_on_them(where):
-    """Every shipped config lets a Denoiser replica take ``DENOISER_MAX_ONGOING`` units (they wait on its
-    round-robin GPU queue, so Serve's router places each unit on its sticky replica at once and never holds one
+    """Every shipped config lets a Denoiser replica take ``DENOISER_MAX_ONGOING`` units (they wait on its GPU
+    queue, shortest job first, so Serve's router places each unit on its sticky replica at once and never holds one
     back), routes through the sticky router, and autoscales on one in-flight unit per replica."""
     from deployments.config import DENOISER_MAX_ONGOING
     from deployments.workers.denoiser import Denoiser
@@ -279,6 +279,40 @@ def test_denoisers_accept_a_steps_units_and_autoscale_on_them(where):
     assert built.max_ongoing_requests == DENOISER_MAX_ONGOING
     assert built.request_router_config.request_router_class.endswith(StickyBalancedRouter.__name__)
     assert "deployments" not in CONFIGS[where]["applications"][0]  # no override replaces what args built
+
+
+@pytest.mark.parametrize("where", sorted(CONFIGS))
+def test_postprocessors_take_one_segment_each_and_autoscale_on_them(where):
+    """Every shipped config routes Postprocessor calls through the segment router (one segment per replica at a
+    time), leaves each replica room to answer readiness probes while it decodes, and, where it scales, scales on
+    one in-flight segment per replica; segments are at least the plan's minimum long."""
+    from deployments.workers.postprocessor import Postprocessor
+    from deployments.workers.segment_router import SegmentRouter
+
+    args = AppArgs.model_validate(CONFIGS[where]["applications"][0]["args"])
+    built = Postprocessor.options(**args.postprocessor.serve_options())._deployment_config
+    assert built.request_router_config.request_router_class.endswith(SegmentRouter.__name__)
+    assert built.max_ongoing_requests >= 2
+    if args.postprocessor.autoscaling is not None:
+        assert args.postprocessor.autoscaling.target_ongoing_requests == 1
+        assert args.postprocessor.autoscaling.min_replicas >= 1  # short videos need one at once
+    assert args.min_segment_latents >= 40
+
+
+def test_segment_settings_are_checked_at_start():
+    """A minimum below the plan's (x264 needs segments of 5 frames or more) and a Postprocessor that could not
+    answer a readiness probe while it decodes are refused when the config is read, naming the field."""
+    from pydantic import ValidationError
+
+    from deployments.config import MIN_SEGMENT_LATENTS
+    from pipeline.segment_plan import MIN_SEGMENT_LATENTS as PLAN_MINIMUM
+
+    assert MIN_SEGMENT_LATENTS == PLAN_MINIMUM
+    with pytest.raises(ValidationError, match="min_segment_latents"):
+        AppArgs.model_validate({"min_segment_latents": 1})
+    with pytest.raises(ValidationError, match="postprocessor.max_ongoing_requests must be at least 2"):
+        AppArgs.model_validate({"postprocessor": {"max_ongoing_requests": 1}})
+    assert AppArgs.model_validate({"min_segment_latents": 2}).min_segment_latents == 2
 
 
 # ------------------------------------------------------------------------------------------- the jobs database

@@ -30,11 +30,13 @@ from ray import serve
 
 from deployments.config import AppArgs
 from deployments.contracts import JobInput, PostprocessResult, StoredResult, StoredVideo, request_offset
+from deployments.orchestrator.admission import DenoiseAdmission
 from deployments.orchestrator.checkpoints import load_checkpoint, save_checkpoint
 from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor, awaited
 from deployments.orchestrator.faults import StageTimeoutError, UnitTimeoutError
 from deployments.orchestrator.retention import RetentionSweeper
 from deployments.orchestrator.runner import JobRunner, Run, RunReporter
+from deployments.orchestrator.segments import SegmentedFinish
 from deployments.orchestrator.units import UnitPlan, unit_plan
 from deployments.runtime import metrics
 from deployments.runtime.replica import limit_heap_retention, replica_name
@@ -65,8 +67,13 @@ class Orchestrator:
             torch.set_num_threads(threads)
         self.runner_id = replica_name()
         self._fingerprint: asyncio.Task | None = None
+        self.segmented = SegmentedFinish(postprocessor, args.model_preset(), args.postprocessor.max_replicas,
+                                         args.min_segment_latents, args.window_step_retries,
+                                         segment_timeout_s=args.timeouts.postprocess_s)
+        self.admission = DenoiseAdmission(args.max_running_jobs, args.short_job_slots, args.short_job_rows,
+                                          args.admission_ageing_s)
         self.runner = JobRunner(self.store, self.storage, args, self.runner_id, self._execute,
-                                model_fingerprint=self.model_fingerprint)
+                                model_fingerprint=self.model_fingerprint, may_claim=self.admission.may_claim)
         self.webhooks = WebhookWorker(self.store, self.storage, args, self.runner_id, self.state.webhook_signer)
         # every replica runs the sweeper; a lease row in the jobs database lets one sweep per interval through
         self.retention = RetentionSweeper(self.store, self.storage, args.retention, owner=self.runner_id,
@@ -168,6 +175,7 @@ class Orchestrator:
         if not initial:
             initial.append(await asyncio.to_thread(initial_noise, job.seed, prepared.latent_shape, self.state_dtype))
 
+        await self._admit(run, prepared, run.total_steps - start_step, report)
         await report(stage="denoising")
         units = await self._unit_plan(job.request_id, prepared, start_step)
         await report(message=units.describe())
@@ -175,7 +183,7 @@ class Orchestrator:
         prepared = prepared.without_conditioning()  # the object store holds it now: no second copy here
         executor = RayDenoiserExecutor(self.denoiser, conditioning_ref, job.request_id,
                                        self.args.window_step_retries, on_retry=report.retry,
-                                       max_in_flight=self.args.denoiser.capacity,
+                                       max_in_flight=self.args.denoiser.capacity, num_steps=run.total_steps,
                                        unit_timeout_s=self.args.timeouts.unit_s, on_unit_done=run.progressed)
         step_started = [time.perf_counter()]
         every = self.args.checkpoint_every_steps if checkpoints else 0
@@ -206,21 +214,45 @@ class Orchestrator:
         del latents
         metrics.stage_duration().observe(time.perf_counter() - denoise_started, tags={"stage": "denoise"})
 
-        await report(stage="postprocessing", message="decoding and encoding the video")
         post_started = time.perf_counter()
-        key = result_key(job.request_id, job.epoch)
-        run.uncommitted.add(key)  # deleted unless the completion that names it wins
-        async with run.writing_objects(final=True):
-            stored: PostprocessResult = await self._call_stage(
-                "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, handed_over, key),
-                run, report, self.args.timeouts.postprocess_s)
-        handed_over.clear()  # the latents leave the object store now
+        stored = await self._postprocess(run, prepared, handed_over, report)
         metrics.stage_duration().observe(time.perf_counter() - post_started, tags={"stage": "postprocess"})
         metrics.bytes_total().inc(stored.file_size, tags={"direction": "uploaded"})
         metrics.output_seconds().inc(stored.frames / FPS)
         await report(message=f"encoded {stored.frames} frames in {stored.encode_s:.1f} s, uploaded "
                              f"{stored.file_size / 1e6:.2f} MB")
-        return StoredResult(video=StoredVideo(key=key, file_size=stored.file_size), seed=job.seed)
+        return StoredResult(video=StoredVideo(key=stored.key, file_size=stored.file_size), seed=job.seed)
+
+    async def _admit(self, run: Run, prepared: PreparedRequest, steps: int, report: RunReporter) -> None:
+        """Wait for a slot (:mod:`deployments.orchestrator.admission`), held until this run's task ends, however
+        it ends. Waiting is not stalling: the stall clock waits too (``timeouts.job_s`` still bounds the job)."""
+        work = prepared.plan.num_windows * 3 * steps  # guidance rows, as the Denoisers' queue counts them
+        if not self.admission.fits(work):
+            await report(message=f"waiting for a slot on {self.runner_id}: {self.admission.running} jobs run there "
+                                 f"and jobs with less work go first ({work} guidance rows here)")
+        with run.bounded(self.args.timeouts.job_s):
+            ticket = await self.admission.admit(work)
+        asyncio.current_task().add_done_callback(lambda _task: ticket.release())
+
+    async def _postprocess(self, run: Run, prepared: PreparedRequest, handed_over: list[ray.ObjectRef],
+                           report: RunReporter) -> PostprocessResult:
+        """Decode, encode and upload the video as one object (:meth:`SegmentedFinish.finish`: serially, or in
+        segments on several Postprocessor replicas). ``handed_over`` is emptied: the latents leave the object
+        store."""
+        key = result_key(run.request_id, run.epoch)
+
+        def uploading():
+            run.uncommitted.add(key)  # deleted unless the completion that names it wins
+            return run.writing_objects(final=True)
+
+        timeout_s = self.args.timeouts.postprocess_s
+
+        async def call_stage(deployment: str, call: Callable[[], Any], report: RunReporter) -> Any:
+            return await self._call_stage(deployment, call, run, report, timeout_s)
+
+        with run.bounded(timeout_s):  # the segments' calls too: the stall clock waits for them
+            return await self.segmented.finish(run.request_id, prepared, handed_over, key, report, call_stage,
+                                               uploading)
 
     async def _call_stage(self, deployment: str, call: Callable[[], Any], run: Run, report: RunReporter,
                           timeout_s: float) -> Any:

@@ -2,14 +2,15 @@
 
 A unit is a pure function of its inputs (latents slice, step index, rows, cache directive, request conditioning),
 so retrying it on another replica cannot change the result: a replica that lacks the unit's step-cache residual
-rebuilds it from the directive's anchor latents. A unit whose replica died is sent again to its slot (the dead
-replica has left the set); one that overran ``unit_timeout_s`` (a hung replica, which is still in the set) is
-cancelled and sent to the next slot, i.e. the next replica, and a unit that overran on every try ends the attempt
+rebuilds it from the directive's anchor latents. A unit whose replica died is sent again with the same key (the dead
+replica has left the set, so the placement picks another); one that overran ``unit_timeout_s`` (a hung replica,
+which is still in the set) is cancelled and sent one replica further (``UnitKey.detour``), and a unit that overran on every try ends the attempt
 (``UnitTimeoutError``: the job is retried from its checkpoint).
 
-Unit ``i`` of a step is called as ``step(request_id, slot, [conditioning], [unit])`` with ``slot = offset(request) +
-i``: Serve's router places it on ``sorted(live replicas)[slot mod N]`` (:mod:`deployments.workers.placement`), so a step is
-spread evenly and each unit stays on its replica from step to step.
+Unit ``i`` of a step is called as ``step(request_id, key, [conditioning], [unit])`` with ``key`` its
+:class:`~deployments.contracts.UnitKey` (``unit_keys``): Serve's router places it by rendezvous hashing with a load
+cap (:mod:`deployments.workers.placement`), so a step is spread evenly, each unit stays on its replica from step to
+step, and a scale event moves few units; the replica's queue serves it by its job's remaining work.
 
 A unit is put in the object store once and its call carries only the reference (in a list, so Ray hands it on
 unresolved and the replica fetches it once it has accepted the call). Serve serializes a call's arguments again at
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 from collections import Counter
@@ -35,8 +37,9 @@ import torch
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from deployments.contracts import request_offset
+from deployments.contracts import UnitKey, rank_slot
 from deployments.orchestrator.faults import UnitTimeoutError
+from deployments.orchestrator.units import unit_keys
 from pipeline.denoise import WindowStep, in_order
 
 logger = logging.getLogger("ray.serve")
@@ -49,20 +52,21 @@ class RayDenoiserExecutor:
     """``on_retry(work, attempt, error)`` (sync or async) runs before each retry: the Orchestrator logs it on the
     job, so a client sees which unit was re-run. ``put`` stores a unit and returns what its calls carry (``ray.put``;
     tests without a cluster pass their own); ``max_in_flight`` bounds the units stored and sent at once;
+    ``num_steps`` (the job's) gives each unit its job's remaining work, which orders it on its replica;
     ``unit_timeout_s`` bounds each call; ``on_unit_done()`` runs as each unit returns (the run's progress)."""
 
     def __init__(self, denoiser_handle, conditioning_ref: ray.ObjectRef, request_id: str, retries: int,
                  on_retry: RetryHook | None = None, put: Callable[[WindowStep], Any] = ray.put,
-                 max_in_flight: int | None = None, unit_timeout_s: float | None = None,
-                 on_unit_done: Callable[[], None] | None = None):
+                 max_in_flight: int | None = None, num_steps: int | None = None,
+                 unit_timeout_s: float | None = None, on_unit_done: Callable[[], None] | None = None):
         self.handle, self.request_id, self.put = denoiser_handle, request_id, put
         self.in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else contextlib.nullcontext()
         # One list for every call (a list, so Ray passes the reference on unresolved): ``close`` empties it, so
         # the arguments Serve keeps of finished calls stop pinning the conditioning in the object store.
         self.refs = [conditioning_ref]
         self.retries, self.on_retry = retries, on_retry
+        self.num_steps = num_steps
         self.unit_timeout_s, self.on_unit_done = unit_timeout_s, on_unit_done
-        self.offset = request_offset(request_id)
         self.last_replicas: set[str] = set()  # replicas that served the last batch
         self.last_placement: list[str | None] = []  # the replica of each unit of the last batch
         self.units_per_replica: Counter[str] = Counter()  # over the whole run
@@ -79,7 +83,9 @@ class RayDenoiserExecutor:
         self.last_replicas, self.last_placement = set(), [None] * len(steps)
         # A finished task holds its output: it is dropped as soon as its output is handed on, so the outputs
         # already fused are not kept until the step ends (at 600 s and 480x832 that would be 2.7 GiB).
-        pending = {asyncio.ensure_future(self._positioned(index, work)) for index, work in enumerate(steps)}
+        keys = unit_keys(steps, self.num_steps)
+        pending = {asyncio.ensure_future(self._positioned(index, work, key))
+                   for index, (work, key) in enumerate(zip(steps, keys, strict=True))}
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -92,29 +98,28 @@ class RayDenoiserExecutor:
     async def run(self, steps: Sequence[WindowStep]) -> list[torch.Tensor]:
         return await in_order(self.as_completed(steps), len(steps))
 
-    async def _positioned(self, index: int, work: WindowStep) -> tuple[int, torch.Tensor]:
-        return index, await self._run_one(index, work)
+    async def _positioned(self, index: int, work: WindowStep, key: UnitKey) -> tuple[int, torch.Tensor]:
+        return index, await self._run_one(index, work, key)
 
-    async def _run_one(self, index: int, work: WindowStep) -> torch.Tensor:
+    async def _run_one(self, index: int, work: WindowStep, key: UnitKey) -> torch.Tensor:
         async with self.in_flight:  # units wait their turn here, in order, before they are stored
-            return await self._send(index, work)
+            return await self._send(index, work, key)
 
-    async def _send(self, index: int, work: WindowStep) -> torch.Tensor:
+    async def _send(self, index: int, work: WindowStep, key: UnitKey) -> torch.Tensor:
         """Stores the unit once (it pickles just its own frames: ``WindowStep.__reduce__``) and sends its reference
         at every attempt. The list is emptied when the unit is done: Serve keeps a call's arguments for a while
         after it returned (lazily cleaned queues, cycles that only the garbage collector frees), and a reference
         it kept would keep the unit in the object store."""
-        slot = self.offset + index
         unit = [await asyncio.to_thread(self.put, work)]  # a put copies megabytes: off the event loop
         try:
             for attempt in range(self.retries + 1):
                 try:
-                    result = await self._call(slot, unit)
+                    result = await self._call(key, unit)
                 except (*RETRYABLE, UnitTimeoutError) as exc:
                     if attempt == self.retries:
                         raise
                     if isinstance(exc, UnitTimeoutError):
-                        slot += 1  # the hung replica is still in the set: the next slot is the next replica
+                        key = dataclasses.replace(key, detour=key.detour + 1)  # the hung replica is still placed
                     self.retried += 1
                     logger.warning("window %d step %d rows %s: replica failed (%s), retrying (%d/%d)", work.window,
                                    work.step, work.rows, type(exc).__name__, attempt + 1, self.retries)
@@ -135,9 +140,9 @@ class RayDenoiserExecutor:
         finally:
             unit.clear()
 
-    async def _call(self, slot: int, unit: list) -> Any:
+    async def _call(self, key: UnitKey, unit: list) -> Any:
         """One try of a unit, cancelled on the replica after ``unit_timeout_s`` (``UnitTimeoutError``)."""
-        response = self.handle.step.remote(self.request_id, slot, self.refs, unit)
+        response = self.handle.step.remote(self.request_id, key, self.refs, unit)
         if self.unit_timeout_s is None:
             return await response
         try:
@@ -148,11 +153,11 @@ class RayDenoiserExecutor:
                                    "it was sent to") from None
 
     async def release(self, max_replicas: int, timeout_s: float = 30.0) -> int:
-        """Tell the replicas to drop this request's conditioning and residuals: one ``free`` per slot residue
-        (``max_replicas`` slots reach every replica of any set of up to that many). Returns the residuals
+        """Tell the replicas to drop this request's conditioning and residuals: one ``free`` per rank
+        (``max_replicas`` rank slots reach every replica of any set of up to that many). Returns the residuals
         dropped; a replica that fails or does not answer within ``timeout_s`` is skipped (its LRU bounds what it
         keeps)."""
-        calls = [asyncio.ensure_future(self._free(self.offset + i)) for i in range(max_replicas)]
+        calls = [asyncio.ensure_future(self._free(rank_slot(self.request_id, i))) for i in range(max_replicas)]
         done, pending = await asyncio.wait(calls, timeout=timeout_s)
         for call in pending:
             call.cancel()

@@ -251,9 +251,11 @@ class JobRunner:
     it."""
 
     def __init__(self, store: JobStore, storage: Storage, args: AppArgs, runner_id: str, execute: Execute,
-                 model_fingerprint: str | Fingerprint = ""):
+                 model_fingerprint: str | Fingerprint = "", may_claim: Callable[[int], bool] | None = None):
         self.store, self.storage, self.args, self.runner_id = store, storage, args, runner_id
         self.execute = execute
+        # whether to claim another job while holding that many (default: fewer than max_running_jobs)
+        self.may_claim = may_claim or (lambda held: held < args.max_running_jobs)
         self.dispatch, self.timeouts = args.dispatch, args.timeouts
         self._fingerprint_source = (model_fingerprint if callable(model_fingerprint)
                                     else lambda: _fixed(model_fingerprint))
@@ -276,7 +278,7 @@ class JobRunner:
         idle_ticks = 0
         while True:
             claimed = None
-            full = len(self.queued_runs) >= self.args.max_running_jobs
+            full = not self.may_claim(len(self.queued_runs))
             try:
                 if not full:
                     claimed = await self.store.claim(self.runner_id, self.dispatch.lease_s,

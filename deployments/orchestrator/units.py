@@ -13,9 +13,11 @@ resumed run always starts on a computed step and needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.denoise import GuidanceScales, RequestConditioning
+from deployments.contracts import UnitKey
+from pipeline.denoise import GuidanceScales, RequestConditioning, WindowStep
 from pipeline.settings import PipelineSettings
 from pipeline.step_cache import AccelerationLevel, StepCachePlan
 
@@ -57,3 +59,14 @@ def unit_plan(settings: PipelineSettings, conditioning: RequestConditioning, lev
         compute[start_step] = True
         step_cache = dataclasses.replace(step_cache, compute=tuple(compute))
     return UnitPlan(level, split, step_cache)
+
+
+def unit_keys(steps: Sequence[WindowStep], num_steps: int | None) -> list[UnitKey]:
+    """The routing keys of a step's units (:class:`UnitKey`): unit ``i`` of ``len(steps)``, and the job's remaining
+    work in guidance rows, this step's included, as if every later step ran the same rows (a step the step cache
+    skips costs less: an overestimate). ``num_steps`` None: unknown, counted as this step alone."""
+    rows = sum(len(work.rows) for work in steps)
+    step = steps[0].step if steps else 0
+    left = max(1, num_steps - step) if num_steps is not None else 1
+    return [UnitKey(index=i, units=len(steps), remaining=rows * left, continues=left > 1)
+            for i in range(len(steps))]

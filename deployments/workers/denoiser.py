@@ -1,11 +1,13 @@
 """Denoiser: runs units (one window at one step, some guidance rows) on its GPU; the GPU deployment.
 
-Every method takes ``(request_id, slot, ...)`` first: :class:`~deployments.workers.placement.StickyBalancedRouter` reads
-them to place the call (balanced over the live replicas, the same unit on the same replica from step to step).
+Every method takes ``(request_id, key, ...)`` first: :class:`~deployments.workers.placement.StickyBalancedRouter` reads
+them to place the call (a unit's :class:`~deployments.contracts.UnitKey`: balanced over the live replicas, the same
+unit on the same replica from step to step; an ``int`` slot: a replica by rank).
 
-One unit runs at a time per replica; the others wait inside the replica on its :class:`RoundRobinGate`, served
-round-robin across requests, so ``max_ongoing_requests`` is large (64: Serve's router never has to hold a unit
-back) and concurrent jobs share the replica fairly. Each replica owns what sticky placement keeps warm:
+One unit runs at a time per replica; the others wait inside the replica on its :class:`UnitQueue`, the unit of the
+job with the least work left first (with ageing), so ``max_ongoing_requests`` is large (64: Serve's router never
+has to hold a unit back) and a short job beside a long one is not held up by it. Each replica owns what sticky
+placement keeps warm:
 
 * the request's conditioning, published once into the object store (the Orchestrator passes its ``ObjectRef``
   wrapped in a list, so Ray does not resolve it on every call), cached for ``conditioning_cache_size`` requests
@@ -13,8 +15,8 @@ back) and concurrent jobs share the replica fairly. Each replica owns what stick
 * a :class:`~pipeline.step_cache.StepCache` (the residuals of the acceleration levels), bounded by
   ``pipeline.step_cache.max_entries`` / ``max_bytes`` (LRU).
 
-``free(request_id, slot)`` drops both for a finished or cancelled request; the Orchestrator sends it to every slot
-residue, and whatever a free misses (a replica that served the request before a scale event) ages out of the LRUs.
+``free(request_id, slot)`` drops both for a finished or cancelled request; the Orchestrator sends it to every rank,
+and whatever a free misses (a replica that served the request before a scale event) ages out of the LRUs.
 
 A hung replica (a forward that never returns: a wedged GPU, a driver fault) is not a dead one: Serve would keep
 routing to it. The Orchestrator cancels a unit after ``timeouts.unit_s`` and sends it to another replica; this
@@ -35,11 +37,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
+from deployments.contracts import UnitKey
 from deployments.runtime import metrics
 from deployments.runtime.replica import replica_name
 from deployments.workers.models import load_replica_models
 from deployments.workers.placement import StickyBalancedRouter
-from deployments.workers.unit_queue import RoundRobinGate
+from deployments.workers.unit_queue import UnitQueue
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
 
@@ -64,7 +67,7 @@ class Denoiser:
         self.step_cache = StepCache.from_settings(settings.step_cache)
         self.cache: OrderedDict[str, RequestConditioning] = OrderedDict()
         self.cache_size = args.conditioning_cache_size
-        self._gpu = RoundRobinGate(args.unit_order)
+        self._gpu = UnitQueue(args.unit_order, args.unit_ageing_s, args.unit_anticipation)
         self.units: OrderedDict[str, int] = OrderedDict()  # units run per request (bounded)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.unit_timeout_s = args.timeouts.unit_s
@@ -96,14 +99,14 @@ class Denoiser:
             self.cache.popitem(last=False)
         return conditioning
 
-    async def step(self, request_id: str, slot: int, conditioning: list[ray.ObjectRef],
+    async def step(self, request_id: str, key: UnitKey, conditioning: list[ray.ObjectRef],
                    unit: list[ray.ObjectRef]) -> tuple[torch.Tensor, str]:
         """Runs one unit (fetched from the object store now that this replica has accepted the call); returns its
-        output and this replica's id (progress and tests see where units ran)."""
+        output and this replica's id (progress and tests see where units ran). ``key`` orders it in the queue."""
         work: WindowStep = await unit[0]
         await self._maybe_crash(work)
         cond = await self._conditioning(request_id, conditioning[0])
-        async with self._gpu.hold(request_id):
+        async with self._gpu.hold(request_id, key.remaining, key.continues):
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
             # runs, keep the GPU until it has finished, so a cancelled job never overlaps the next unit.
             started = time.perf_counter()

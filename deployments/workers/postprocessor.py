@@ -1,31 +1,52 @@
-"""Postprocessor: streaming VAE decode into ffmpeg (H.264 + AAC) and upload of the mp4 to storage."""
+"""Postprocessor: streaming VAE decode into ffmpeg (H.264 + AAC) and upload of the mp4 to storage.
+
+A short video is one call, ``finish``: the serial path, the CLI's bytes. A long one is cut into segments
+(:mod:`deployments.orchestrator.segments`): ``finish_segment`` decodes and encodes one segment on any replica (its
+warm-up primes the decoder, so its frames are the serial stream's, bit for bit) and returns the segment's
+video-only mp4; ``stitch`` joins them without re-encoding, muxes the audio once and uploads one object. The
+:class:`~deployments.workers.segment_router.SegmentRouter` gives each segment a replica of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import AppArgs
-from deployments.contracts import PostprocessResult
+from deployments.contracts import PostprocessResult, SegmentVideo
 from deployments.runtime.replica import replica_name
 from deployments.runtime.transport import take_tensor
 from deployments.storage import make_storage
 from deployments.workers.models import load_replica_models
-from pipeline.generator import PipelineSettings, PreparedRequest, StableAvatarPipeline
+from deployments.workers.segment_router import SegmentRouter
+from pipeline.generator import PipelineSettings, PreparedRequest, StableAvatarPipeline, stitch_segments
+from pipeline.segment_plan import LatentSegment
+
+# Test hook (never set in production): a JSON file {"segment": i}; the first replica that receives segment i of any
+# job claims the file and exits while decoding it, so a test's kill lands on a replica that holds a segment.
+CRASH_FILE_ENV = "STABLE_AVATAR_TEST_POSTPROCESSOR_CRASH_FILE"
+CRASH_DELAY_S = 2.0  # past the call's acceptance: the Orchestrator's retry is tested, not Serve's re-send
 
 
-@serve.deployment(name="Postprocessor")
+@serve.deployment(name="Postprocessor",
+                  request_router_config=RequestRouterConfig(request_router_class=SegmentRouter))
 class Postprocessor:
     def __init__(self, args: AppArgs):
         bundle = load_replica_models(args, args.postprocessor, ["vae"])
         self.pipeline = StableAvatarPipeline(bundle, PipelineSettings.model_validate(args.pipeline.model_dump()))
         self.storage = make_storage(args.storage)
         self._lock = asyncio.Lock()  # one streaming decode per VAE at a time
+        crash_file = os.environ.get(CRASH_FILE_ENV)
+        self._crash_file = Path(crash_file) if crash_file else None
 
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
@@ -47,3 +68,54 @@ class Postprocessor:
             size = await asyncio.to_thread(self.storage.put_file, key, out, "video/mp4")
         return PostprocessResult(key=key, file_size=size, frames=result.frames,
                                  encode_s=result.timings.get("decode_encode", 0.0))
+
+    async def finish_segment(self, request_id: str, segment: LatentSegment, latents: list[ray.ObjectRef],
+                             width: int, height: int) -> SegmentVideo:
+        """Decode and encode one segment of ``request_id``'s video (``latents``: the whole latents' reference,
+        read in place; the segment reads its warm-up and its own latents). Returns its video-only mp4, which travels
+        back through the object store (a numpy buffer: read in place by ``stitch``)."""
+        whole = await take_tensor(latents)
+        with tempfile.TemporaryDirectory(prefix="stable-avatar-segment-") as tmp:
+            out = Path(tmp) / f"segment-{segment.index:04d}.mp4"
+            async with self._lock:
+                await self._maybe_crash(segment)
+                result = await asyncio.to_thread(self.pipeline.finish_segment, segment, whole, width, height, out)
+            data = await asyncio.to_thread(np.fromfile, out, np.uint8)
+        return SegmentVideo(index=segment.index, frames=result.frames, data=data,
+                            decode_encode_s=result.timings["decode_encode"], replica=replica_name())
+
+    async def stitch(self, prepared: PreparedRequest, segments: list[LatentSegment], videos: list[ray.ObjectRef],
+                     key: str) -> PostprocessResult:
+        """Join the segments' mp4s (``videos[i]``: the reference to ``finish_segment``'s answer for
+        ``segments[i]``) into one mp4 with the request's audio and upload it as ``key``."""
+        with tempfile.TemporaryDirectory(prefix="stable-avatar-stitch-") as tmp:
+            files = []
+            for segment, ref in zip(segments, videos, strict=True):
+                video: SegmentVideo = await ref
+                if (video.index, video.frames) != (segment.index, segment.frames):
+                    raise ValueError(f"segment {segment.index}: got segment {video.index} with {video.frames} "
+                                     f"frames, expected {segment.frames}")
+                files.append(Path(tmp) / f"segment-{segment.index:04d}.mp4")
+                await asyncio.to_thread(video.data.tofile, files[-1])
+                del video
+            out = Path(tmp) / "output.mp4"
+            result = await asyncio.to_thread(stitch_segments, prepared, segments, files, out)
+            size = await asyncio.to_thread(self.storage.put_file, key, out, "video/mp4")
+        return PostprocessResult(key=key, file_size=size, frames=result.frames,
+                                 encode_s=result.timings.get("stitch", 0.0))
+
+    async def _maybe_crash(self, segment: LatentSegment) -> None:
+        """Test hook: the replica that received the segment named in the crash file exits while holding it."""
+        if self._crash_file is not None and await asyncio.to_thread(self._claim_crash, segment.index):
+            await asyncio.sleep(CRASH_DELAY_S)
+            os._exit(1)
+
+    def _claim_crash(self, index: int) -> bool:
+        try:
+            wanted = json.loads(self._crash_file.read_text())["segment"]
+            if wanted != index:
+                return False
+            self._crash_file.rename(self._crash_file.with_suffix(".claimed"))  # exactly one replica claims it
+        except (OSError, ValueError, KeyError):  # none (left), being written, or claimed by another replica
+            return False
+        return True
