@@ -100,6 +100,28 @@ def test_routing_keys_are_read_from_plain_leading_arguments():
         UnitKey(index=5, units=5)
 
 
+def test_a_detour_sends_a_unit_that_many_replicas_past_its_placed_one():
+    """A unit that overran its replica (hung, still live) is sent with ``detour=1``: the next replica in id order,
+    never the hung one; the placement itself is unchanged."""
+    from types import SimpleNamespace
+
+    from deployments.workers.placement import StickyBalancedRouter
+
+    router = StickyBalancedRouter.__new__(StickyBalancedRouter)  # as Serve builds it: without our __init__
+    ids = ["r0", "r1", "r2"]
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=i)) for i in reversed(ids)]
+    for index in range(6):
+        placed = place_units("job", 6, ids)[index]
+        key = UnitKey(index=index, units=6)
+        assert router.placed_on(["job", key], replicas) == placed
+        for detour in (1, 2, 3):
+            moved = router.placed_on(["job", UnitKey(index=index, units=6, detour=detour)], replicas)
+            assert moved == ids[(ids.index(placed) + detour) % 3]
+            assert (moved == placed) == (detour == 3)
+    with pytest.raises(ValueError, match="detour"):
+        UnitKey(index=0, units=1, detour=-1)
+
+
 def test_unit_keys_carry_the_jobs_remaining_rows():
     steps = [WindowStep(w, 3, torch.zeros(1)) for w in range(4)]  # batch-3 units: 3 rows each
     keys = unit_keys(steps, num_steps=10)

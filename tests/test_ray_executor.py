@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError
 from deployments.contracts import UnitKey
 from deployments.orchestrator.executor import RayDenoiserExecutor
 from deployments.orchestrator.faults import UnitTimeoutError
+from deployments.workers.placement import place_units
 from pipeline.denoise import WindowStep
 
 
@@ -289,15 +290,17 @@ class Response:
 
 
 class HungReplicaHandle:
-    """Replica placement as Serve's router does it (``slot mod replicas``); replica 0 never answers (a wedged
-    forward), the others answer at once."""
+    """Replica placement as Serve's router does it (the key's placement among the replica ids, ``detour`` replicas
+    further); replica 0 never answers (a wedged forward), the others answer at once."""
 
     def __init__(self, replicas: int):
         self.replicas, self.calls = replicas, []
         self.step = self
 
-    def remote(self, request_id, slot, refs, unit: list[WindowStep]):
-        work, replica = unit[0], slot % self.replicas
+    def remote(self, request_id, key: UnitKey, refs, unit: list[WindowStep]):
+        ids = [f"r{i}" for i in range(self.replicas)]
+        placed = place_units(request_id, key.units, ids)[key.index]
+        work, replica = unit[0], (ids.index(placed) + key.detour) % self.replicas
 
         async def run():
             if replica == 0:
@@ -318,6 +321,8 @@ def test_a_unit_that_overruns_on_a_hung_replica_is_cancelled_and_sent_to_the_nex
     hung = [(window, response) for window, replica, response in handle.calls if replica == 0]
     assert hung and all(response.cancelled for _, response in hung)  # the call stopped on the hung replica
     assert sorted(w for w, _ in retries) == sorted(w for w, _ in hung)
+    answered = {window for window, replica, _ in handle.calls if replica == 1}
+    assert answered == {0, 1, 2, 3}  # each retry went one replica further, to the live one
     assert all(isinstance(exc, UnitTimeoutError) for _, exc in retries) and len(done) == 4
 
 
