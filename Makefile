@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup system-deps postgres-deps browser-deps js-deps test demo lint bench bench-long bench-gpu clean
+.PHONY: setup system-deps postgres-deps browser-deps js-deps test test-fast demo lint bench bench-long bench-gpu clean
 
 setup: $(STAMP) system-deps postgres-deps browser-deps
 
@@ -27,7 +27,7 @@ system-deps:
 		else echo "please install ffmpeg (ffmpeg + ffprobe)"; exit 1; fi; \
 	fi
 
-# Debian's PostgreSQL server for tests/test_job_store.py: the fixture (tests/postgres.py) makes a throw-away cluster
+# Debian's PostgreSQL server for the database tests: the fixture (testing/postgres.py) makes a throw-away cluster
 # with /usr/lib/postgresql/<version>/bin/initdb and pg_ctl, which Debian does not put on PATH.
 postgres-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
@@ -51,8 +51,13 @@ tests/js/node_modules/.package-lock.json: tests/js/package-lock.json tests/js/pa
 	npm ci --prefix tests/js --no-audit --no-fund
 	touch $@
 
+# Every tier (unit, golden, database, serve, soak: testing/tiers.py); CI runs this.
 test: setup js-deps
 	$(BIN)/pytest -q
+
+# The developer loop: every test without Ray (unit, golden, database), a few minutes on 2 cores.
+test-fast: $(STAMP) system-deps postgres-deps
+	$(BIN)/pytest -q -m "not serve"
 
 demo: setup
 	$(BIN)/python examples/run_demo.py

@@ -69,9 +69,10 @@ from deployments.jobstore import (  # noqa: E402
 )
 from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import LocalStorage, LocalStorageConfig  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_json, synthetic_speech  # noqa: E402
-from tests.postgres import run_postgres  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.postgres import run_postgres  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
 
 APP_ROUTE = "fal-ai/stable-avatar"
 APP_NAME = "bench-jobs"

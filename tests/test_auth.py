@@ -19,6 +19,8 @@ import pytest
 
 from deployments.gateway.auth import ApiKeys, AuthConfig, fingerprint
 
+pytestmark = pytest.mark.serve  # a Ray cluster per module
+
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
 APP = "fal-ai/stable-avatar"
 
@@ -47,7 +49,7 @@ def test_open_server_without_keys(monkeypatch):
 def service(tmp_path_factory):
     os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B}"
     from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
-    from tests.ray_serve import ray_serve_cluster
+    from testing.ray_serve import ray_serve_cluster
 
     root = tmp_path_factory.mktemp("auth-data")
     with ray_serve_cluster(num_gpus=1) as cluster:
@@ -70,7 +72,7 @@ def service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_audio(tmp_path_factory) -> Path:
-    from tests.helpers import synthetic_speech
+    from testing.media import synthetic_speech
 
     return synthetic_speech(tmp_path_factory.mktemp("auth-audio") / "long.wav", 24.0)
 
@@ -79,7 +81,7 @@ A, B = {"authorization": f"Key {KEY_A}"}, {"authorization": f"Key {KEY_B}"}
 
 
 def body(audio=None, steps: int = 1) -> dict:
-    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+    from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
 
     return {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio or EXAMPLE_AUDIO,
                                                                                      "audio/wav"),
@@ -87,7 +89,7 @@ def body(audio=None, steps: int = 1) -> dict:
 
 
 def wait_running(base: str, rid: str, key: dict) -> None:
-    from tests.helpers import http_json
+    from testing.http import http_json
 
     deadline = time.monotonic() + 120
     while http_json("GET", f"{base}/{APP}/requests/{rid}/status", headers=key)[1]["status"] != "IN_PROGRESS":
@@ -103,7 +105,7 @@ def refused(response: tuple[int, dict, dict], error_type: str) -> str:
 
 
 def test_every_route_needs_the_key_and_hides_other_keys_jobs(service):
-    from tests.helpers import http_json
+    from testing.http import http_json
 
     base = service["base"]
     code, health, _ = http_json("GET", f"{base}/health")
@@ -130,7 +132,7 @@ def test_every_route_needs_the_key_and_hides_other_keys_jobs(service):
 def test_each_429_names_the_limit_it_hit(service, long_audio):
     """Queued cap, running cap (queued jobs and sync requests count as running) and the rate limit that submit
     and /run share: each refusal says which one, and a refusal by a cap costs no token."""
-    from tests.helpers import http_json
+    from testing.http import http_json
 
     base, store = service["base"], service["store"]
     submit = lambda key: http_json("POST", f"{base}/{APP}", body(), key)  # noqa: E731
@@ -179,7 +181,8 @@ def test_each_429_names_the_limit_it_hit(service, long_audio):
 
 def test_uploads_land_only_under_the_callers_prefix(service):
     from deployments.storage.signing import SECRET_NAME, Signer
-    from tests.helpers import EXAMPLE_IMAGE, http_json
+    from testing.http import http_json
+    from testing.media import EXAMPLE_IMAGE
 
     base, root, store = service["base"], service["root"], service["store"]
     mine, theirs = fingerprint(KEY_A), fingerprint(KEY_B)

@@ -27,10 +27,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, http_bytes, http_json  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
 from tests.test_fetch import FileServer, drip, redirect, send, static, stream  # noqa: E402
 from tests.test_media_validation import encoded, make_media, png_declaring  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 APP = "fal-ai/stable-avatar"
 ALLOWED_IP = "127.0.0.2"

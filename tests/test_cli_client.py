@@ -22,8 +22,11 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, http_json, probe, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 API_KEY = "cli-test-key"
 AUDIO_S = 2.0

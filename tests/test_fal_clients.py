@@ -26,8 +26,10 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 APP = "fal-ai/stable-avatar"
 PY_CHECK = REPO_ROOT / "tests" / "fal_python_client_check.py"

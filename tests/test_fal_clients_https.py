@@ -33,6 +33,8 @@ from tests.test_fal_clients import (
     serve_cluster,
 )
 
+pytestmark = pytest.mark.serve  # a cluster of its own: Serve's proxy speaks HTTPS for the whole cluster
+
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     """(CA cert, server key, server cert): a throwaway CA and a leaf for 127.0.0.1 and localhost.

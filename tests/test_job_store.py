@@ -38,9 +38,9 @@ from deployments.jobstore import (
     new_request_id,
 )
 from deployments.jobstore.schema import MIGRATIONS
-from tests.postgres import Postgres
+from testing.postgres import Postgres
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.database)]
 INPUT = {"image_url": "uploads/k1/face.png", "audio_url": "https://example.invalid/a.wav", "prompt": "hi"}
 
 

@@ -22,7 +22,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.bench_long_video import object_store_stats  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.contracts import request_offset, unit_slot  # noqa: E402
 from deployments.orchestrator.executor import RayDenoiserExecutor  # noqa: E402
@@ -30,7 +29,9 @@ from deployments.workers.denoiser import Denoiser  # noqa: E402
 from deployments.workers.placement import place, placement_slot  # noqa: E402
 from deployments.workers.unit_queue import RoundRobinGate  # noqa: E402
 from pipeline.denoise import RequestConditioning, WindowStep  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.ray_serve import object_store_stats, ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 APP = "placement"
 ROW_S = 0.2  # the simulated-fast preset's seconds per guidance row

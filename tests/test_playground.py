@@ -19,8 +19,10 @@ from ray import serve  # noqa: E402
 
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.gateway.deployment import Gateway  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 CHROMIUM = Path(os.environ.get("STABLE_AVATAR_CHROMIUM", "/usr/bin/chromium"))
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

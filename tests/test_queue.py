@@ -25,15 +25,11 @@ from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.jobstore import PostgresJobsConfig, SyncJobStore, make_sync_job_store  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    EXAMPLE_AUDIO,
-    EXAMPLE_IMAGE,
-    data_uri,
-    http_bytes,
-    http_json,
-    synthetic_speech,
-)
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 APP = "fal-ai/stable-avatar"
 DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (inherited through the raylet)

@@ -41,7 +41,7 @@ from deployments.storage import (
     S3Storage,
     Storage,
 )
-from tests.postgres import Postgres
+from testing.postgres import Postgres
 
 DEFAULTS = RetentionConfig()
 INPUT = {"image_url": "stored", "audio_url": "https://example.invalid/a.wav", "prompt": "hi"}
@@ -63,7 +63,7 @@ class Db:
         return store
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.database)])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     pg: Postgres | None = None
     if request.param == "sqlite":
@@ -109,7 +109,7 @@ class Objects:
         return set(self.storage.list_keys())
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.database)])
 def objects(request: pytest.FixtureRequest, tmp_path: Path) -> Objects:
     if request.param == "local":
         config = LocalStorageConfig(root=tmp_path / "store")
@@ -669,7 +669,7 @@ def _retention_metric(url: str) -> dict[str, float]:
     """``ray_stable_avatar_retention_deleted_total`` per ``kind``, summed over the replica tags."""
     import re
 
-    from tests.helpers import http_bytes
+    from testing.http import http_bytes
 
     totals: dict[str, float] = {}
     for line in http_bytes(url).decode().splitlines():
@@ -690,12 +690,14 @@ def _until(what: str, check: Any, timeout_s: float = 90, every_s: float = 0.5) -
         time.sleep(every_s)
 
 
+@pytest.mark.serve  # a Ray cluster
 def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path):
     """A real application (tiny preset, SQLite beside local storage) with TTLs of seconds: the result is served with
     a link that ends with the file, then answers 410; the Orchestrator replicas' sweeper deletes the job's inputs
     and result and an abandoned upload, exports the counts per kind, and finally drops the record (404)."""
-    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, http_bytes, http_json
-    from tests.ray_serve import ray_serve_cluster
+    from testing.http import http_bytes, http_json
+    from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+    from testing.ray_serve import ray_serve_cluster
 
     app = "fal-ai/stable-avatar"
     root = tmp_path / "data"

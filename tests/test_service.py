@@ -28,15 +28,11 @@ from deployments.contracts import request_offset  # noqa: E402
 from deployments.workers.denoiser import CRASH_FILE_ENV  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    data_uri,
-    http_bytes,
-    http_json,
-    probe,
-    synthetic_speech,
-)
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 STEPS, SEED = 3, 5
 # Split rows and a step cache that skips on the tiny preset: its random time embedder moves e0 far outside

@@ -58,8 +58,9 @@ from deployments.jobstore import JobStore, PostgresJobsConfig, make_sync_job_sto
 from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import S3Storage  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_multinode_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_multinode_cluster  # noqa: E402
 
 pytestmark = pytest.mark.soak
 
