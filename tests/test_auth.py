@@ -8,7 +8,6 @@ own prefix; the signing secret must be one value shared by the Gateway replicas 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -18,8 +17,6 @@ from pathlib import Path
 import pytest
 
 from deployments.gateway.auth import ApiKeys, AuthConfig, fingerprint
-
-pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
 APP = "fal-ai/stable-avatar"
@@ -46,28 +43,24 @@ def test_open_server_without_keys(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B}"
+def service(tmp_path_factory, serve_cluster):
     from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
-    from testing.ray_serve import ray_serve_cluster
 
     root = tmp_path_factory.mktemp("auth-data")
-    with ray_serve_cluster(num_gpus=1) as cluster:
-        cluster.deploy({
-            "device": "cpu", "max_running_jobs": 1,
-            "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
-                     "max_queued_per_key": 2, "max_running_per_key": 1},
-            "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
-            "storage": cluster.local_storage(root),
-            "gateway": {"num_replicas": 2},
-            "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
-        })
-        store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
-        try:
-            yield {"base": cluster.base, "root": root, "store": store}
-        finally:
-            store.close()
-    del os.environ["STABLE_AVATAR_TEST_KEYS"]
+    serve_cluster.deploy({
+        "device": "cpu", "max_running_jobs": 1,
+        "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
+                 "max_queued_per_key": 2, "max_running_per_key": 1},
+        "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
+        "storage": serve_cluster.local_storage(root),
+        "gateway": {"num_replicas": 2},
+        "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
+    }, env={"STABLE_AVATAR_TEST_KEYS": f"{KEY_A},{KEY_B}"})
+    store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
+    try:
+        yield {"base": serve_cluster.base, "root": root, "store": store}
+    finally:
+        store.close()
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from testing.http import http_json  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
-from testing.ray_serve import ray_serve_cluster  # noqa: E402
-
-pytestmark = pytest.mark.serve  # a Ray cluster per module
 
 API_KEY = "cli-test-key"
 AUDIO_S = 2.0
@@ -35,17 +32,16 @@ REQUEST_ID = re.compile(r"request id: ([0-9a-f]+)")
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, serve_cluster):
     root = tmp_path_factory.mktemp("cli-data")
     keys = root.parent / "cli-keys.txt"
     keys.write_text(API_KEY + "\n")
-    with ray_serve_cluster() as cluster:
-        cluster.deploy({
-            "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
-            "storage": cluster.local_storage(root, public=False),
-            "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
-        })
-        yield cluster.base
+    serve_cluster.deploy({
+        "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
+        "storage": serve_cluster.local_storage(root, public=False),
+        "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+    })
+    return serve_cluster.base
 
 
 @pytest.fixture(scope="module")
