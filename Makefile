@@ -51,13 +51,14 @@ tests/js/node_modules/.package-lock.json: tests/js/package-lock.json tests/js/pa
 	npm ci --prefix tests/js --no-audit --no-fund
 	touch $@
 
-# Every tier (unit, golden, database, serve, soak: testing/tiers.py); CI runs this.
+# Every tier (unit, golden, database, serve, soak: testing/tiers.py); two workers take whole modules, the longest
+# first. CI runs this.
 test: setup js-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# The developer loop: every test without Ray (unit, golden, database), a few minutes on 2 cores.
+# The developer loop: every test without Ray (unit, golden, database), modules spread over two workers.
 test-fast: $(STAMP) system-deps postgres-deps
-	$(BIN)/pytest -q -m "not serve"
+	$(BIN)/pytest -q -m "not serve" -n 2 --dist loadfile
 
 demo: setup
 	$(BIN)/python examples/run_demo.py

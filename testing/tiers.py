@@ -15,6 +15,12 @@ the ``serve`` marker fails, naming the marker, instead of slowing the fast tier 
 
 Collection order: tests without Ray first (quick failures first), then the tests on the shared cluster, then the
 modules with a cluster of their own (each stops the shared one), then the soak. A module's tests keep their order.
+
+``make test`` runs two pytest-xdist workers that take whole modules (``-n 2 --dist loadfile
+--no-loadscope-reorder``) in the reverse order, the longest first: the soak, the modules with a cluster of their
+own, those on the shared cluster (each worker starts its own), the rest. The Serve tests' waiting for replicas,
+leases and clients then overlaps with the CPU work of the others, and no worker is left alone with the soak at
+the end. A worker drives at most one Ray cluster at a time.
 """
 
 from __future__ import annotations
@@ -51,10 +57,20 @@ def _run_order(item: pytest.Item) -> int:
     return 1 if "serve_cluster" in getattr(item, "fixturenames", ()) else 2
 
 
+def in_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")  # pytest-xdist's mark of a worker process
+
+
+def run_order(item: pytest.Item) -> int:
+    """Where ``item`` runs: ascending in one process, descending on xdist workers (the longest modules first)."""
+    order = _run_order(item)
+    return -order if in_xdist_worker(item.config) else order
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         _add_markers(item)
-    items.sort(key=_run_order)  # stable: a module's tests keep their order
+    items.sort(key=run_order)  # stable: a module's tests keep their order
 
 
 class RayInUnmarkedTest(RuntimeError):

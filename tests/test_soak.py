@@ -19,11 +19,11 @@ cancels of queued and running jobs. Invariants checked afterwards:
 - a final retention sweep with seconds-long TTLs leaves no expired row and no expired object under ``uploads/``,
   ``inputs/``, ``results/``, ``checkpoints/`` (a fresh upload, younger than its TTL, stays).
 
-Bounded: ``SOAK_JOBS`` (default 200) jobs, ``SOAK_SEED`` (default 20261130). Measured on the 2-core box: 8.2
-minutes (200 jobs, in a full `make test` with nothing else running, commit 64c10c3; 9.4 at
-fb950f8), 10 minutes (180 jobs, load average ~8) and 16.5
-minutes (150 jobs, load average ~50); most of it is ~24 replica process
-starts (a model replica imports torch, diffusers and transformers: 5-7 CPU-s) that the chaos causes, and ~1.5 CPU-s per job.
+Bounded: ``SOAK_JOBS`` (default 200) jobs, ``SOAK_SEED`` (default 20261130), ``LOAD_TIMEOUT_S`` to submit and
+finish them. 200, because the memory check needs replicas that live through 50 finished jobs between the restarts
+the chaos causes (with 60 jobs none does). Its cost is ~26 replica process starts (a model replica imports torch,
+diffusers and transformers: 5-7 CPU-s) and ~3 CPU-s per job, half of it in the one Preprocessor replica (the
+VAE encoding of the reference window, one request at a time): that replica sets the pace.
 """
 
 from __future__ import annotations

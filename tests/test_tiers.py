@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from testing.tiers import TIERS, RayInUnmarkedTest, _run_order
+from testing.tiers import TIERS, RayInUnmarkedTest, in_xdist_worker, run_order
 
 
 def markers(item: pytest.Item) -> set[str]:
@@ -36,9 +36,12 @@ def test_this_test_is_a_unit_test(request):
     assert markers(request.node) == {"unit"}
 
 
-def test_the_tests_without_ray_run_first_and_the_soak_last(request):
-    order = [_run_order(item) for item in request.session.items]
+def test_the_tests_without_ray_run_first_and_the_soak_last_or_the_reverse_on_xdist_workers(request):
+    order = [run_order(item) for item in request.session.items]
     assert order == sorted(order)
+    soak = [item for item in request.session.items if item.get_closest_marker("soak") is not None]
+    if soak:
+        assert request.session.items.index(soak[0]) == (0 if in_xdist_worker(request.config) else len(order) - 1)
 
 
 def test_ray_is_refused_outside_the_serve_tier():
