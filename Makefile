@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup setup-demo system-deps postgres-deps redis-deps browser-deps js-deps test demo lint bench bench-long bench-gpu \
+.PHONY: setup setup-demo system-deps postgres-deps redis-deps browser-deps js-deps test test-fast demo lint bench bench-long bench-gpu \
 	device-wheels device-check clean
 
 # What the demo needs: the project in .venv and ffmpeg.
@@ -39,7 +39,7 @@ system-deps:
 		else echo "please install ffmpeg (ffmpeg + ffprobe)"; exit 1; fi; \
 	fi
 
-# Debian's PostgreSQL server for tests/test_job_store.py: the fixture (tests/postgres.py) makes a throw-away cluster
+# Debian's PostgreSQL server for the database tests: the fixture (testing/postgres.py) makes a throw-away cluster
 # with /usr/lib/postgresql/<version>/bin/initdb and pg_ctl, which Debian does not put on PATH.
 postgres-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
@@ -72,8 +72,14 @@ tests/js/node_modules/.package-lock.json: tests/js/package-lock.json tests/js/pa
 	npm ci --prefix tests/js --no-audit --no-fund
 	touch $@
 
+# Every tier (unit, golden, database, serve, soak: testing/tiers.py); two workers take whole modules, the longest
+# first. CI runs this.
 test: setup js-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
+# The developer loop: every test without Ray (unit, golden, database), modules spread over two workers.
+test-fast: $(STAMP) system-deps postgres-deps
+	$(BIN)/pytest -q -m "not serve" -n 2 --dist loadfile
 
 demo: setup-demo
 	$(BIN)/python examples/run_demo.py

@@ -63,7 +63,7 @@ from pipeline.denoise import GuidanceScales, WindowStep, denoise, initial_noise 
 from pipeline.generator import GenerationParams, PipelineSettings, PreparedRequest, StableAvatarPipeline  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 
 APP = "bench-fanout"
 SECTIONS = ("fanout", "short", "fairness", "scale")

@@ -47,7 +47,7 @@ from deployments.jobstore import (  # noqa: E402
     SyncJobStore,
     make_sync_job_store,
 )
-from tests.postgres import run_postgres  # noqa: E402
+from testing.postgres import run_postgres  # noqa: E402
 
 INPUT = {"image_url": "uploads/0123456789abcdef/face.png", "audio_url": "uploads/0123456789abcdef/voice.wav",
          "prompt": "a person talking", "num_inference_steps": 50, "guidance_scale": 4.5}

@@ -69,9 +69,10 @@ from deployments.jobstore import (  # noqa: E402
 )
 from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import LocalStorage, LocalStorageConfig  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_json, synthetic_speech  # noqa: E402
-from tests.postgres import run_postgres  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.postgres import run_postgres  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
 
 APP_ROUTE = "fal-ai/stable-avatar"
 APP_NAME = "bench-jobs"
@@ -270,8 +271,9 @@ OLD_STORE_SCRIPT = r"""
 import json, os, random, sys, tempfile, time
 from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-from tests.helpers import data_uri, http_json
-from tests.ray_serve import ray_serve_cluster
+from testing.media import data_uri
+from testing.http import http_json
+from testing.ray_serve import ray_serve_cluster
 image, audio, samples = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 body = {"image_url": data_uri(image, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
         "prompt": "a person talking", "num_inference_steps": 1, "aspect_ratio": "1:1"}

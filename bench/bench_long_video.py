@@ -52,10 +52,11 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from deployments.config import APP_NAME  # noqa: E402
 from pipeline.presets import REAL_RESOLUTIONS  # noqa: E402
 from pipeline.windows import FPS, SAMPLE_RATE, plan_windows  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, http_json, synthetic_speech  # noqa: E402
+from testing.http import http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
+from testing.ray_serve import object_store_stats, ray_serve_cluster, replica_processes  # noqa: E402
 
 PRESET = "simulated-realsize"
 ASPECT = "9:16"
@@ -79,18 +80,6 @@ def _status_kib(pid: int) -> dict[str, int]:
             if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 values[name] = int(rest.split()[0])
     return values
-
-
-def replica_processes(app: str = APP_NAME) -> dict[str, list[int]]:
-    """Deployment name -> pids of its replica processes, among this process's descendants only (other Ray
-    clusters on the machine run replicas with the same titles)."""
-    found: dict[str, list[int]] = {}
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            match = re.search(rf"ServeReplica:{re.escape(app)}:(\w+)", " ".join(proc.cmdline()))
-            if match:
-                found.setdefault(match.group(1), []).append(proc.pid)
-    return {name: sorted(pids) for name, pids in found.items()}
 
 
 @dataclass
@@ -185,16 +174,6 @@ class DiskMonitor(Sampler):
     def sample(self) -> None:
         for name, folder in self.folders.items():
             self.peak[name] = max(self.peak[name], tree_bytes(folder))
-
-
-def object_store_stats() -> dict[str, int]:
-    """The raylet's object-store counters (this benchmark's own cluster: the driver's ``ray.init``)."""
-    import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
-    return {"created": stats.cumulative_created_bytes, "used": stats.object_store_bytes_used,
-            "spilled": stats.spilled_bytes_total, "fallback": stats.object_store_bytes_fallback}
 
 
 # -- one job through the HTTP API -----------------------------------------------------------------------------------
@@ -430,8 +409,6 @@ def started_cluster(object_store_mb: int, attempts: int = 5) -> Iterator[Any]:
     """A fresh local cluster; its start is tried again when Ray's node does not come up within Ray's fixed 30 s
     (it happens on a loaded shared box)."""
     import ray
-
-    from tests.ray_serve import ray_serve_cluster
 
     for attempt in range(attempts):
         stack = contextlib.ExitStack()

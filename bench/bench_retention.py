@@ -48,8 +48,8 @@ from deployments.jobstore import (  # noqa: E402
 )
 from deployments.orchestrator.retention import DAY, RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import LocalStorage, LocalStorageConfig, S3Storage, S3StorageConfig, Storage  # noqa: E402
-from tests.postgres import run_postgres  # noqa: E402
-from tests.seaweedfs import run_seaweedfs  # noqa: E402
+from testing.postgres import run_postgres  # noqa: E402
+from testing.seaweedfs import run_seaweedfs  # noqa: E402
 
 INPUT = {"image_url": "stored", "audio_url": "stored", "prompt": "a person talking"}
 AGE_S = 40 * DAY  # past every default TTL, records included

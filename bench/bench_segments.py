@@ -66,7 +66,7 @@ from pipeline.models.vae import StreamingVaeDecoder, decoder_reach  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from pipeline.segment_plan import DecoderReach, LatentSegment, first_frame, plan_segments  # noqa: E402
 from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
-from tests.helpers import synthetic_speech  # noqa: E402
+from testing.media import synthetic_speech  # noqa: E402
 
 NOISE_NOTE = ("segments run one after another in one process on a shared 2-core CPU box; timings are noisy (load "
               "average recorded per row); the parallel estimate assumes n idle replicas")

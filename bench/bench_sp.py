@@ -45,7 +45,7 @@ from pipeline.denoise import WindowStep  # noqa: E402
 from pipeline.presets import REAL_RESOLUTIONS, REAL_TRANSFORMER, get_preset  # noqa: E402
 from pipeline.sequence_parallel import SequenceParallelRank, step_volume, ulysses_degrees  # noqa: E402
 from pipeline.sequence_parallel.local import run_local_ranks  # noqa: E402
-from tests.sp_scenarios import CONFIGS, HEIGHT, WIDTH, conditioning, equality_ranks, window_latents  # noqa: E402
+from testing.sp_scenarios import CONFIGS, HEIGHT, WIDTH, conditioning, equality_ranks, window_latents  # noqa: E402
 
 SECTIONS = ("equality", "volume", "timing")
 CPU_DEGREES = (2, 3, 4, 5, 6, 7, 8, 12)

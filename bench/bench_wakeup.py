@@ -37,7 +37,7 @@ from deployments.jobstore import PostgresJobsConfig, SqliteJobsConfig, make_job_
 from deployments.orchestrator.runner import JobRunner, Run, RunReporter  # noqa: E402
 from deployments.storage import LocalStorage, LocalStorageConfig  # noqa: E402
 from deployments.storage.keys import result_key  # noqa: E402
-from tests.postgres import run_postgres  # noqa: E402
+from testing.postgres import run_postgres  # noqa: E402
 
 INPUT = {"request": {"image_url": "https://example.invalid/a.png", "audio_url": "https://example.invalid/a.wav",
                      "prompt": "a person talking"}, "stored": {}}

@@ -23,8 +23,9 @@ from deployments.workers.postprocessor import Postprocessor  # noqa: E402
 from pipeline.generator import PreparedRequest  # noqa: E402
 from pipeline.media.video import probe_media  # noqa: E402
 from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
 
 POST_APP = "bench-segments"
 MIN_SEGMENT_LATENTS = 40  # the service's default

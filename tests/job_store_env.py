@@ -20,7 +20,7 @@ from deployments.jobstore import (
     SyncJobStore,
     make_sync_job_store,
 )
-from tests.postgres import Postgres
+from testing.postgres import Postgres
 
 BACKENDS = ["sqlite", "postgres"]
 INPUT = {"image_url": "uploads/k1/face.png", "audio_url": "https://example.invalid/a.wav", "prompt": "hi"}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from testing.http import free_port
 
 START_TIMEOUT_S = 30.0
 INSTALL_HINT = ("redis-server/redis-cli not found: install Debian's package as root with 'apt-get update && "

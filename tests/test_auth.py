@@ -8,7 +8,6 @@ own prefix; the signing secret must be one value shared by the Gateway replicas 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -45,33 +44,29 @@ def test_open_server_without_keys(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    os.environ["STABLE_AVATAR_TEST_KEYS"] = f"{KEY_A},{KEY_B},{KEY_C}"
+def service(tmp_path_factory, serve_cluster):
     from deployments.jobstore import SqliteJobsConfig, make_sync_job_store
-    from tests.ray_serve import ray_serve_cluster
 
     root = tmp_path_factory.mktemp("auth-data")
-    with ray_serve_cluster(num_gpus=1) as cluster:
-        cluster.deploy({
-            "device": "cpu", "max_running_jobs": 1,
-            "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
-                     "max_queued_per_key": 2, "max_running_per_key": 1},
-            "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
-            "storage": cluster.local_storage(root),
-            "gateway": {"num_replicas": 2},
-            "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
-        })
-        store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
-        try:
-            yield {"base": cluster.base, "root": root, "store": store}
-        finally:
-            store.close()
-    del os.environ["STABLE_AVATAR_TEST_KEYS"]
+    serve_cluster.deploy({
+        "device": "cpu", "max_running_jobs": 1,
+        "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
+                 "max_queued_per_key": 2, "max_running_per_key": 1},
+        "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
+        "storage": serve_cluster.local_storage(root),
+        "gateway": {"num_replicas": 2},
+        "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
+    }, env={"STABLE_AVATAR_TEST_KEYS": f"{KEY_A},{KEY_B}"})
+    store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
+    try:
+        yield {"base": serve_cluster.base, "root": root, "store": store}
+    finally:
+        store.close()
 
 
 @pytest.fixture(scope="module")
 def long_audio(tmp_path_factory) -> Path:
-    from tests.helpers import synthetic_speech
+    from testing.media import synthetic_speech
 
     return synthetic_speech(tmp_path_factory.mktemp("auth-audio") / "long.wav", 24.0)
 
@@ -80,7 +75,7 @@ A, B = {"authorization": f"Key {KEY_A}"}, {"authorization": f"Key {KEY_B}"}
 
 
 def body(audio=None, steps: int = 1) -> dict:
-    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+    from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
 
     return {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio or EXAMPLE_AUDIO,
                                                                                      "audio/wav"),
@@ -88,7 +83,7 @@ def body(audio=None, steps: int = 1) -> dict:
 
 
 def wait_running(base: str, rid: str, key: dict) -> None:
-    from tests.helpers import http_json
+    from testing.http import http_json
 
     deadline = time.monotonic() + 120
     while http_json("GET", f"{base}/{APP}/requests/{rid}/status", headers=key)[1]["status"] != "IN_PROGRESS":
@@ -104,7 +99,7 @@ def refused(response: tuple[int, dict, dict], error_type: str) -> str:
 
 
 def test_every_route_needs_the_key_and_hides_other_keys_jobs(service):
-    from tests.helpers import http_json
+    from testing.http import http_json
 
     base = service["base"]
     code, health, _ = http_json("GET", f"{base}/health")
@@ -131,7 +126,7 @@ def test_every_route_needs_the_key_and_hides_other_keys_jobs(service):
 def test_each_429_names_the_limit_it_hit(service, long_audio):
     """Queued cap, running cap (queued jobs and sync requests count as running) and the rate limit that submit
     and /run share: each refusal says which one, and a refusal by a cap costs no token."""
-    from tests.helpers import http_json
+    from testing.http import http_json
 
     base, store = service["base"], service["store"]
     submit = lambda key: http_json("POST", f"{base}/{APP}", body(), key)  # noqa: E731
@@ -180,7 +175,8 @@ def test_each_429_names_the_limit_it_hit(service, long_audio):
 
 def test_uploads_land_only_under_the_callers_prefix(service):
     from deployments.storage.signing import SECRET_NAME, Signer
-    from tests.helpers import EXAMPLE_IMAGE, http_json
+    from testing.http import http_json
+    from testing.media import EXAMPLE_IMAGE
 
     base, root, store = service["base"], service["root"], service["store"]
     mine, theirs = fingerprint(KEY_A), fingerprint(KEY_B)

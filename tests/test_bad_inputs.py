@@ -1,4 +1,4 @@
-"""A catalogue of malformed and hostile inputs through the running service (Ray + Serve, one module cluster).
+"""A catalogue of malformed and hostile inputs through the running service (Ray + Serve, the shared cluster).
 
 Each bad input gets a 4xx naming the field and the problem: schema and ``data:`` URI errors at submit time (422,
 413), media and fetch errors when the job runs (the job completes with an error; its result is the 4xx). Afterwards the service is
@@ -25,14 +25,14 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
-
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, http_bytes, http_json  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE  # noqa: E402
+from testing.ray_serve import replica_processes  # noqa: E402
 from tests.test_fetch import FileServer, drip, redirect, send, static, stream  # noqa: E402
 from tests.test_media_validation import encoded, make_media, png_declaring  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
+APP_NAME = "bad-inputs"  # its Serve application on the shared cluster
 ALLOWED_IP = "127.0.0.2"
 # Prefixes of the temporary files and folders our code makes (pipeline/media/audio.py, validate.py,
 # generator.py, postprocessor.py).
@@ -72,34 +72,26 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, files):
+def service(tmp_path_factory, files, serve_cluster):
     root = tmp_path_factory.mktemp("bad-inputs-data")
-    tempfile.gettempdir()  # pin this process's temp dir before TMPDIR changes
-    # The replicas inherit TMPDIR from this process (through the raylet), so their temporary files land in a
-    # folder of our own: leftovers are then ours, not another test's.
+    # The replicas' TMPDIR is a folder of our own, so their temporary files land there: leftovers are then ours,
+    # not another test's.
     tmpdir = tempfile.mkdtemp(prefix="sa-bad-")
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = tmpdir
     try:
-        with ray_serve_cluster() as cluster:
-            cluster.deploy({
-                "device": "cpu", "max_running_jobs": 16, "checkpoint_every_steps": 0,
-                "storage": cluster.local_storage(root),
-                "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
-                "preprocessor": {"max_ongoing_requests": 16},
-                "auth": {"submit_rate_per_minute": 60000, "submit_burst": 1000, "max_running_per_key": 16},
-                "inputs": {
-                    "allow_private_hosts": [ALLOWED_IP],
-                    "fetch": {"max_image_bytes": MIB, "max_audio_bytes": 4 * MIB, "connect_timeout_s": 1.0,
-                              "read_timeout_s": 1.5, "total_timeout_s": 2.0},
-                },
-            })
-            yield {"base": cluster.base, "tmpdir": tmpdir}
+        serve_cluster.deploy({
+            "device": "cpu", "max_running_jobs": 16, "checkpoint_every_steps": 0,
+            "storage": serve_cluster.local_storage(root),
+            "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+            "preprocessor": {"max_ongoing_requests": 16},
+            "auth": {"submit_rate_per_minute": 60000, "submit_burst": 1000, "max_running_per_key": 16},
+            "inputs": {
+                "allow_private_hosts": [ALLOWED_IP],
+                "fetch": {"max_image_bytes": MIB, "max_audio_bytes": 4 * MIB, "connect_timeout_s": 1.0,
+                          "read_timeout_s": 1.5, "total_timeout_s": 2.0},
+            },
+        }, name=APP_NAME, env={"TMPDIR": tmpdir})
+        yield {"base": serve_cluster.base, "tmpdir": tmpdir}
     finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -238,10 +230,13 @@ def check_answer(case: Bad, status: int, body: dict) -> None:
 
 
 def test_replicas_use_the_private_temp_dir(service):
-    @ray.remote(num_cpus=0)
-    def where() -> str:
-        return tempfile.gettempdir()
-    assert ray.get(where.remote()) == service["tmpdir"]
+    import psutil
+
+    replicas = replica_processes(APP_NAME)
+    assert set(replicas) == {"Gateway", "Orchestrator", "Preprocessor", "Denoiser", "Postprocessor"}, replicas
+    for deployment, pids in replicas.items():
+        for pid in pids:
+            assert psutil.Process(pid).environ().get("TMPDIR") == service["tmpdir"], (deployment, pid)
 
 
 def test_catalogue_of_bad_inputs(service, files):

@@ -11,7 +11,7 @@ import sys
 from bench.bench_gpu import PHASES, dit_flops
 from pipeline.models.audio_split import AUDIO_EXPAND_LENGTH, split_audio_sequence
 from pipeline.presets import REAL_TRANSFORMER, TINY_TRANSFORMER
-from tests.helpers import REPO_ROOT
+from testing.media import REPO_ROOT
 
 
 def test_flop_count_matches_the_reference_estimate():

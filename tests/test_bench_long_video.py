@@ -11,6 +11,8 @@ import pytest
 
 from bench.bench_long_video import DEPLOYMENTS, run_length, text_report
 
+pytestmark = pytest.mark.serve  # the benchmark's own fresh cluster (object store size, replica TMPDIR)
+
 SECONDS = 2.0
 
 

@@ -20,7 +20,7 @@ from pipeline.generator import GenerationParams, StableAvatarPipeline
 from pipeline.keymaps import CheckpointKeyError
 from pipeline.loading import CheckpointLayout, CheckpointNotFoundError, load_models
 from pipeline.presets import PRESETS
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE
 
 TINY_FROM_FILES = dataclasses.replace(PRESETS["tiny"], name="tiny-files", weights="checkpoint", tokenizer="umt5")
 AUDIO_PREFIXES = ("vocal_projector.",)

@@ -31,18 +31,9 @@ import yaml
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+from testing.http import free_port, http_json, stop_process_group  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech  # noqa: E402
 from tests.cli_probe import run_cli  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    REPO_ROOT,
-    data_uri,
-    free_port,
-    http_json,
-    probe,
-    stop_process_group,
-    synthetic_speech,
-)
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
 from tests.tls import make_certificates  # noqa: E402
 
 API_KEY = "cli-test-key"
@@ -103,17 +94,16 @@ def test_serve_passes_the_configs_tls_files_to_serve(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, serve_cluster):
     root = tmp_path_factory.mktemp("cli-data")
     keys = root.parent / "cli-keys.txt"
     keys.write_text(API_KEY + "\n")
-    with ray_serve_cluster() as cluster:
-        cluster.deploy({
-            "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
-            "storage": cluster.local_storage(root, public=False),
-            "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
-        })
-        yield cluster.base
+    serve_cluster.deploy({
+        "device": "cpu", "max_running_jobs": 1, "auth": {"keys_file": str(keys)},
+        "storage": serve_cluster.local_storage(root, public=False),
+        "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+    })
+    return serve_cluster.base
 
 
 @pytest.fixture(scope="module")

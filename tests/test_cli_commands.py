@@ -16,8 +16,9 @@ from stable_avatar import client_commands
 from stable_avatar.arguments import EXAMPLES_HEADING
 from stable_avatar.cli import build_parser
 from stable_avatar.serve_command import listen_on
+from testing.http import free_port
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, REPO_ROOT
 from tests.cli_probe import run_cli
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, REPO_ROOT, free_port
 
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
 

@@ -23,7 +23,7 @@ from pipeline.denoise import WindowDenoiser, WindowStep
 from pipeline.generator import GenerationParams, PipelineSettings, StableAvatarPipeline
 from pipeline.loading import load_models
 from pipeline.presets import get_preset
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 ATOL = 1e-5
 

@@ -13,7 +13,7 @@ from pipeline.denoise import InProcessExecutor, WindowDenoiser, WindowStep, deno
 from pipeline.generator import GenerationParams, StableAvatarPipeline
 from pipeline.loading import load_models
 from pipeline.presets import get_preset
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 
 class ShuffledExecutor:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from bench import bench_gpu
-from tests.helpers import REPO_ROOT
+from testing.media import REPO_ROOT
 
 # What the service needs and the GPU image lacks; the benchmark must not import any of it.
 SERVICE_ONLY = ("ray", "boto3", "botocore", "psycopg", "psycopg_pool", "fastapi", "starlette", "uvicorn", "fal_client")

@@ -74,12 +74,13 @@ DOWNLOAD_PARTS = {  # manifest: (bytes per parameter, copies) as (low, high)
 }
 
 
+@pytest.mark.golden  # the real-size manifests among the golden vectors
 def test_the_readmes_download_size_matches_the_real_parameter_counts():
     """The size both READMEs quote for ``download-weights`` is what the real-size manifests' parameter counts give."""
     import json
     import math
 
-    from tests.conftest import GOLDEN_DIR
+    from tests.helpers import GOLDEN_DIR
 
     real_size = GOLDEN_DIR / "real-size"
     low = high = 0

@@ -3,8 +3,8 @@ globals) and JS ``@fal-ai/client`` 1.10.1 (``requestMiddleware``). They run as s
 would run them, and print what they saw; the assertions here hold the protocol to what the clients need.
 
 The HTTPS variant (environment-only Python set-up, self-signed certificate) is tests/test_fal_clients_https.py;
-it reuses the helpers below. Each module starts its own one-node Ray cluster (Serve has one proxy per cluster,
-and the two need different ``http_options``).
+it reuses the helpers below. This module runs on the shared cluster; the HTTPS one starts a cluster of its own
+(Serve has one proxy per cluster, and the two need different ``http_options``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
+from testing.ray_serve import RayServeCluster  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
 PY_CHECK = REPO_ROOT / "tests" / "fal_python_client_check.py"
@@ -37,18 +35,14 @@ SCRIPT_TIMEOUT_S = 240
 
 
 # -- shared with test_fal_clients_https.py -------------------------------------------------------------------------
-@contextmanager
-def serve_cluster(storage_root: Path, scheme: str = "http", ssl_files: tuple[Path, Path] | None = None,
-                  ) -> Iterator[str]:
-    """A local Ray cluster running the app (tiny preset, CPU, one job at a time so a queue forms); yields the
-    base URL. ``ssl_files`` = (key, cert) makes the Serve proxy speak HTTPS."""
-    with ray_serve_cluster(ssl_files=ssl_files) as cluster:
-        assert cluster.base.startswith(scheme + "://")
-        cluster.deploy({
-            "device": "cpu", "max_running_jobs": 1, "storage": cluster.local_storage(storage_root),
-            "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
-        })
-        yield cluster.base
+def deploy_service(cluster: RayServeCluster, storage_root: Path, scheme: str = "http") -> str:
+    """The app (tiny preset, CPU, one job at a time so a queue forms) on ``cluster``; returns the base URL."""
+    assert cluster.base.startswith(scheme + "://")
+    cluster.deploy({
+        "device": "cpu", "max_running_jobs": 1, "storage": cluster.local_storage(storage_root),
+        "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
+    })
+    return cluster.base
 
 
 def make_media(folder: Path) -> dict[str, Path]:
@@ -120,9 +114,8 @@ def assert_field_error(outcome: dict[str, Any], field: str) -> None:
 
 # -- plain HTTP: the Python client with patched module globals -----------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    with serve_cluster(tmp_path_factory.mktemp("storage")) as base:
-        yield base
+def server(tmp_path_factory, serve_cluster) -> str:
+    return deploy_service(serve_cluster, tmp_path_factory.mktemp("storage"))
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,20 @@ from typing import Any
 
 import pytest
 
+from testing.ray_serve import ray_serve_cluster
 from tests.test_fal_clients import (
     APP,
     assert_field_error,
     assert_subscribe_updates,
     assert_video,
+    deploy_service,
     make_media,
     run_python_client,
     same_output,
-    serve_cluster,
 )
 from tests.tls import make_certificates
+
+pytestmark = pytest.mark.serve  # a cluster of its own: Serve's proxy speaks HTTPS for the whole cluster
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tls) -> Iterator[str]:
-    with serve_cluster(tmp_path_factory.mktemp("storage"), "https", (tls["key"], tls["cert"])) as base:
-        yield base
+    with ray_serve_cluster(ssl_files=(tls["key"], tls["cert"])) as cluster:
+        yield deploy_service(cluster, tmp_path_factory.mktemp("storage"), "https")
 
 
 def python_https(scenario: str, media: dict[str, Path], base: str, tls: dict[str, Any],

@@ -31,7 +31,7 @@ from guarded_fetch import (
     pinned_connection,
 )
 from guarded_fetch import http as fetch_module
-from tests.helpers import EXAMPLE_IMAGE
+from testing.media import EXAMPLE_IMAGE
 
 ALLOWED_IP = "127.0.0.2"
 Route = Callable[[http.server.BaseHTTPRequestHandler], None]

@@ -29,7 +29,7 @@ from deployments.runtime.service_state import open_service_state
 from deployments.storage import keys
 from guarded_fetch import InputError
 from pipeline.schema import StableAvatarInput
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
 
 pytestmark = pytest.mark.anyio
 APP = "fal-ai/stable-avatar"

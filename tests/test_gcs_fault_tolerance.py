@@ -56,10 +56,12 @@ from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, free_port, http_bytes, http_json  # noqa: E402
+from testing.http import free_port, http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri  # noqa: E402
+from testing.ray_serve import stop_shared_cluster  # noqa: E402
 from tests.redis_server import Redis, redis_server  # noqa: E402, F401
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.serve  # a multi-node cluster of its own
 
 APP = "fal-ai/stable-avatar"
 # The GCS stays down at least MIN_OUTAGE_S and until the request in flight has answered and a job accepted during
@@ -85,6 +87,7 @@ class FtCluster:
 def ft_cluster(redis_server: Redis, tmp_path_factory) -> Iterator[FtCluster]:  # noqa: F811 - the fixture
     from ray.cluster_utils import Cluster
 
+    stop_shared_cluster()  # one Ray cluster per process at a time
     namespace = f"gcs-ft-test-{uuid.uuid4().hex[:12]}"
     head_port, worker_port = free_port(), free_port()
     # Read by the head's Node (RAY_REDIS_ADDRESS) and by the GCS process it starts (the namespace), as KubeRay sets

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.presets import TINY_RESOLUTIONS
 from stable_avatar.cli import main
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, probe, synthetic_speech
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, probe, synthetic_speech
 
 
 @pytest.mark.parametrize("seconds", [1.0, 3.3, 5.0, 12.0])

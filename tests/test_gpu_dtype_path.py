@@ -20,7 +20,7 @@ from pipeline.generator import GenerationParams, StableAvatarPipeline
 from pipeline.loading import load_models
 from pipeline.presets import PRESETS
 from pipeline.windows import FPS
-from tests.helpers import EXAMPLE_IMAGE, probe, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, probe, synthetic_speech
 from tests.test_checkpoint_layout import TINY_FROM_FILES, make_layout
 
 SECONDS = 4.0  # 100 frames: two windows, so the bf16 overlap fusion runs too

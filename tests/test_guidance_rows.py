@@ -19,7 +19,7 @@ from pipeline.loading import load_models
 from pipeline.models.transformer import StableAvatarTransformer3DModel
 from pipeline.presets import TINY_TRANSFORMER, get_preset
 from pipeline.schedule import euler_step, guided_velocity
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 
 class RecordingExecutor:

@@ -37,8 +37,8 @@ from deployments.jobstore import (
     new_request_id,
 )
 from deployments.jobstore.schema import MIGRATIONS
+from testing.postgres import Postgres
 from tests.job_store_env import INPUT, Env, env_fixture, log_messages, sql, submit, together  # noqa: F401
-from tests.postgres import Postgres
 
 
 # -- queue discipline -----------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import pytest
 from deployments.jobstore import PostgresJobsConfig, SqliteJobsConfig, make_sync_job_store
 from deployments.jobstore.queries import QUERIES, QueryFileError, Statements, parse
 from deployments.jobstore.schema import MIGRATIONS, MIGRATIONS_TABLE
-from tests.helpers import REPO_ROOT
+from testing.media import REPO_ROOT
+from testing.postgres import Postgres
 from tests.job_store_env import Env, env_fixture  # noqa: F401
-from tests.postgres import Postgres
 
 PACKAGE = REPO_ROOT / "deployments" / "jobstore"
 RUNNERS = {"run", "one", "all", "count", "rowcount", "many"}

@@ -2,21 +2,24 @@
 (the CLI); inside ``deployments/`` no deployment's room (gateway, orchestrator, workers) imports another's: what
 they share is in ``contracts``, ``storage``, ``jobstore`` and ``runtime``.
 
-Development tools (tools/, bench/, tests/) are never imported by runtime code, so the image can leave them out.
+Development code (tools/, bench/, testing/, tests/, examples/) is never imported by runtime code, so the image and the
+package leave it out; of it, only the tests import ``tests``.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from bench.bench_imports import measure
-from tests.helpers import REPO_ROOT
+from testing.media import REPO_ROOT
 
 RUNTIME_PACKAGES = ("guarded_fetch", "pipeline", "deployments", "stable_avatar")
-DEV_PACKAGES = ("tools", "bench", "tests")
+DEV_PACKAGES = ("tools", "bench", "testing", "tests", "examples")
 # What each runtime package may import from this repository.
 ALLOWED = {
     "guarded_fetch": {"guarded_fetch"},
@@ -58,6 +61,28 @@ def test_package_imports_only_what_is_below_it(package):
         if wrong:
             offenders[str(path.relative_to(REPO_ROOT))] = sorted(wrong)
     assert offenders == {}, f"{package} imports from above itself or from dev tools: {offenders}"
+
+
+@pytest.mark.parametrize("package", ["testing", "bench", "tools", "examples"])
+def test_development_code_outside_the_tests_never_imports_them(package):
+    """``testing`` holds what benchmarks and examples share with the tests, so nothing but the tests imports
+    ``tests``; and ``testing``, the bottom of the development code, imports neither ``bench`` nor ``tools``."""
+    forbidden = {"tests"} | ({"bench", "tools"} if package == "testing" else set())
+    offenders = {str(path.relative_to(REPO_ROOT)): sorted(wrong)
+                 for path in sorted((REPO_ROOT / package).rglob("*.py"))
+                 if (wrong := imported_packages(path) & forbidden)}
+    assert offenders == {}, f"{package} imports {sorted(forbidden)}: {offenders}"
+
+
+def test_the_package_build_ships_only_the_runtime_packages():
+    """What ``pip install`` / the wheel takes: the top-level packages that pyproject.toml's setuptools
+    ``packages.find`` patterns match are the runtime packages, none of the development ones."""
+    include = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"]
+    packages = {path.name for path in REPO_ROOT.iterdir() if (path / "__init__.py").is_file()}
+    assert set(DEV_PACKAGES) & packages  # the patterns are checked against real candidates
+    shipped = {name for name in packages if any(fnmatch.fnmatchcase(name, pattern) for pattern in include)}
+    assert shipped == set(RUNTIME_PACKAGES)
 
 
 @pytest.mark.parametrize("room", ROOMS)

@@ -29,7 +29,7 @@ from pipeline.presets import get_preset
 from pipeline.raw_tensor import RawTensor
 from pipeline.schedule import guided_step, sigma_schedule
 from pipeline.windows import StreamingFusion, fuse_step, plan_windows
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 H, W = 4, 6
 RATE = 16000
@@ -246,7 +246,7 @@ def test_with_the_heap_policy_freed_tensor_buffers_go_back_to_the_system():
     import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT
+    from testing.media import REPO_ROOT
 
     def retained(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", CHURN, mode], check=True, capture_output=True, text=True,

@@ -24,7 +24,7 @@ from pipeline.media.validate import (
     validate_audio,
     validate_image,
 )
-from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE
 
 LIMITS = MediaLimits()
 

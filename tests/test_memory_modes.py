@@ -28,7 +28,7 @@ from pipeline.models.devices import compute_device
 from pipeline.models.vae import StreamingVaeDecoder
 from pipeline.presets import get_preset
 from pipeline.settings import MemorySettings, PipelineSettings
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 PARAMS = GenerationParams(prompt="a person talking", aspect_ratio="9:16", num_inference_steps=5, seed=7,
                           acceleration="high")
@@ -238,7 +238,7 @@ def test_the_quoted_peaks_are_the_estimate_scripts():
     import json
 
     from pipeline.settings import MEMORY_MODE_PEAKS_GB
-    from tests.helpers import REPO_ROOT
+    from testing.media import REPO_ROOT
 
     recorded = json.loads((REPO_ROOT / "bench" / "results" / "memory_estimate.json").read_text())
     assert recorded["preset"] == "stableavatar-1.3b-random"

@@ -27,17 +27,11 @@ from ray import serve  # noqa: E402
 
 from deployments.config import APP_NAME  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    REPO_ROOT,
-    data_uri,
-    http_bytes,
-    http_json,
-    probe,
-    scrape,
-    synthetic_speech,
-)
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json, scrape  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a cluster of its own: one fake GPU, as on the one card
 
 EXAMPLE = REPO_ROOT / "examples" / "serve_config.one-gpu.yaml"
 CHANGED = {"preset", "checkpoints", "storage"}  # what the test may not take from the example

@@ -22,7 +22,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.bench_long_video import object_store_stats  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.contracts import UnitKey, rank_slot, request_offset  # noqa: E402
 from deployments.orchestrator.executor import RayDenoiserExecutor  # noqa: E402
@@ -30,7 +29,7 @@ from deployments.orchestrator.units import unit_keys  # noqa: E402
 from deployments.workers.denoiser import Denoiser  # noqa: E402
 from deployments.workers.placement import moved_units, place, place_units, routing_key, unit_cap  # noqa: E402
 from pipeline.denoise import RequestConditioning, WindowStep  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.ray_serve import object_store_stats  # noqa: E402
 
 APP = "placement"
 ROW_S = 0.2  # the simulated-fast preset's seconds per guidance row
@@ -163,19 +162,26 @@ class UnitCaller:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with ray_serve_cluster(num_cpus=4) as running:
-        yield running
+def cluster(serve_cluster):
+    yield serve_cluster
+    _deployed.clear()
+
+
+_deployed: dict = {}  # "options" and "handle" of the application as deployed last
 
 
 def deploy(replicas: int, **denoiser_options) -> serve.handle.DeploymentHandle:
-    args = AppArgs.model_validate({"preset": "simulated-fast", "preset_modules": ["bench.simulated"],
-                                   "device": "cpu", "denoiser": {"num_replicas": replicas, **denoiser_options}})
-    denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
-    handle = serve.run(UnitCaller.bind(denoiser), name=APP, route_prefix=None)
+    """The caller and ``replicas`` Denoisers; the running application is kept when it already has these options
+    (``serve.run`` would restart every replica of an application it is given again)."""
+    options = {"num_replicas": replicas, **denoiser_options}
+    if _deployed.get("options") != options:
+        args = AppArgs.model_validate({"preset": "simulated-fast", "preset_modules": ["bench.simulated"],
+                                       "device": "cpu", "denoiser": options})
+        denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
+        _deployed.update(options=options, handle=serve.run(UnitCaller.bind(denoiser), name=APP, route_prefix=None))
     status = serve.status().applications[APP].deployments["Denoiser"].replica_states
     assert status.get("RUNNING") == replicas, status
-    return handle
+    return _deployed["handle"]
 
 
 def replica_ids(handle_app: str = APP) -> list[str]:

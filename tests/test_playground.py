@@ -19,8 +19,8 @@ from ray import serve  # noqa: E402
 
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.gateway.deployment import Gateway  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, REPO_ROOT, chromium, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.browser import chromium  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 AUDIO_S = 2.0
@@ -44,7 +44,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, serve_cluster):
     """The app at ``/`` (open), plus a second Gateway at ``/avatar`` that shares its backend and requires a key.
 
     The prefixed gateway is only a Gateway (not a second full app) to keep the test cheap on two cores; its
@@ -53,17 +53,16 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("playground-data")
     keys = root.parent / "playground-keys.txt"
     keys.write_text(API_KEY + "\n")
-    with ray_serve_cluster() as cluster:
-        config = {"device": "cpu", "max_running_jobs": 1, "storage": cluster.local_storage(root, public=False),
-                  "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1}}
-        cluster.deploy(config)
-        prefixed = AppArgs.model_validate(config | {
-            "auth": {"keys_file": str(keys)}, "storage": cluster.local_storage(root)})
-        handles = [serve.get_deployment_handle(name, APP_NAME)
-                   for name in ("Orchestrator", "Preprocessor", "Denoiser", "Postprocessor")]
-        gateway = Gateway.options(name="Gateway").bind(*handles, prefixed)  # same jobs database and storage
-        serve.run(gateway, name="stable-avatar-prefixed", route_prefix=PREFIX)
-        yield {"base": cluster.base}
+    config = {"device": "cpu", "max_running_jobs": 1, "storage": serve_cluster.local_storage(root, public=False),
+              "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1}}
+    serve_cluster.deploy(config)
+    prefixed = AppArgs.model_validate(config | {
+        "auth": {"keys_file": str(keys)}, "storage": serve_cluster.local_storage(root)})
+    handles = [serve.get_deployment_handle(name, APP_NAME)
+               for name in ("Orchestrator", "Preprocessor", "Denoiser", "Postprocessor")]
+    gateway = Gateway.options(name="Gateway").bind(*handles, prefixed)  # same jobs database and storage
+    serve.run(gateway, name="stable-avatar-prefixed", route_prefix=PREFIX)
+    return {"base": serve_cluster.base}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pipeline.presets import get_preset
 from pipeline.prompt_cache import PromptEmbeddingCache, tensor_bytes
 from pipeline.settings import PipelineSettings
 from pipeline.text import PromptEncoder
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 
 @pytest.fixture

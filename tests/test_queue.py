@@ -21,35 +21,28 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.jobstore import PostgresJobsConfig, SyncJobStore, make_sync_job_store  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    EXAMPLE_AUDIO,
-    EXAMPLE_IMAGE,
-    data_uri,
-    http_bytes,
-    http_json,
-    scrape,
-    synthetic_speech,
-)
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json, scrape  # noqa: E402
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.ray_serve import delete_applications  # noqa: E402
 from tests.test_webhook_signing import fal_receiver_accepts  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
-DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (inherited through the raylet)
+DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (their runtime_env)
 SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, postgres):
+def service(tmp_path_factory, postgres, serve_cluster):
     root = tmp_path_factory.mktemp("queue-data")
     dsn = postgres.create_database("queue")
-    os.environ[DSN_ENV] = dsn
+    env = {DSN_ENV: dsn}
     try:
-        with ray_serve_cluster(num_gpus=2, metrics=True) as cluster:
+        with pytest.MonkeyPatch.context() as patch:  # this process's own store reads it too
+            patch.setenv(DSN_ENV, dsn)
             config = {
                 "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
                 "jobs": {"kind": "postgres", "dsn_env": DSN_ENV, "pool_max_size": 4, "connect_timeout_s": 5},
@@ -57,18 +50,19 @@ def service(tmp_path_factory, postgres):
                 # starved of CPU on a loaded 2-core machine still renews it in time
                 "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
                 "inputs": {"allow_private_hosts": ["127.0.0.1"]},  # the webhook receiver of these tests
-                "storage": cluster.local_storage(root),
+                "storage": serve_cluster.local_storage(root),
                 "denoiser": {"num_replicas": 2, "num_gpus": 1, "max_ongoing_requests": 1},
             }
-            args = cluster.deploy(config)
+            args = serve_cluster.deploy(config, env=env)
             store = make_sync_job_store(PostgresJobsConfig(dsn_env=DSN_ENV, pool_max_size=2), root / "unused")
             try:
-                yield {"base": cluster.base, "args": args, "config": config, "root": root,
-                       "metrics": cluster.metrics_url, "store": store, "postgres": postgres, "dsn": dsn}
+                yield {"base": serve_cluster.base, "cluster": serve_cluster, "args": args, "config": config,
+                       "env": env, "root": root, "metrics": serve_cluster.metrics_url, "store": store,
+                       "postgres": postgres, "dsn": dsn}
             finally:
                 store.close()
+                delete_applications()  # before their database goes
     finally:
-        os.environ.pop(DSN_ENV, None)
         postgres.drop_database(dsn)
 
 
@@ -439,7 +433,7 @@ def test_restarted_application_resumes_running_and_runs_queued_jobs(service, lon
     serve.delete(APP_NAME)  # graceful: the runner hands its job back to the queue
     row = service["store"].get(running, "")
     assert row.status == "IN_QUEUE" and row.checkpoint_step >= 4, row
-    serve.run(build_app(service["args"]), name=APP_NAME, route_prefix="/")
+    service["cluster"].deploy(service["args"], env=service["env"])
     lines = assert_resumed_once(service, running, resumable_reference, min_step=4)
     assert any("is shutting down; queued again" in m for m in lines), lines
     done = wait_status(base, queued)
@@ -452,7 +446,7 @@ def test_two_applications_on_one_database_run_each_job_once(service):
     base, root, store = service["base"], service["root"], service["store"]
     second = AppArgs.model_validate(service["config"] | {"denoiser": {"num_replicas": 1, "num_gpus": 0,
                                                                       "max_ongoing_requests": 1}})
-    serve.run(build_app(second), name=SECOND_APP, route_prefix=SECOND_PREFIX)
+    service["cluster"].deploy(second, SECOND_APP, SECOND_PREFIX, env=service["env"])
     try:
         ids = [submit(base if i % 2 else base + SECOND_PREFIX, job_body(seed=100 + i, steps=1))["request_id"]
                for i in range(4)]
@@ -478,7 +472,7 @@ def test_an_upgrade_that_changes_the_model_finishes_each_applications_jobs_on_it
     base, store = service["base"], service["store"]
     second = AppArgs.model_validate(service["config"] | {"pipeline": {"weight_scheme": "log"}, "denoiser": {
         "num_replicas": 1, "num_gpus": 0, "max_ongoing_requests": 1}})  # the first application holds both GPUs
-    serve.run(build_app(second), name=SECOND_APP, route_prefix=SECOND_PREFIX)
+    service["cluster"].deploy(second, SECOND_APP, SECOND_PREFIX, env=service["env"])
     try:
         ids = {app: [submit(prefix, job_body(seed=200 + i, steps=1))["request_id"] for i in range(2)]
                for app, prefix in ((APP_NAME, base), (SECOND_APP, base + SECOND_PREFIX))}

@@ -28,7 +28,9 @@ from pipeline.models.text_encoder import build_text_encoder
 from pipeline.models.transformer import StableAvatarTransformer3DModel
 from pipeline.models.vae import build_vae
 from pipeline.presets import PRESETS
-from tests.conftest import GOLDEN_DIR
+from tests.helpers import GOLDEN_DIR
+
+pytestmark = pytest.mark.golden  # reads the real-size manifests among the golden vectors
 
 REAL = PRESETS["stableavatar-1.3b"]
 MANIFESTS = GOLDEN_DIR / "real-size"

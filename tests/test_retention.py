@@ -47,7 +47,7 @@ from deployments.storage import (
     S3Storage,
     Storage,
 )
-from tests.postgres import Postgres
+from testing.postgres import Postgres
 
 DEFAULTS = RetentionConfig()
 INPUT = {"image_url": "stored", "audio_url": "https://example.invalid/a.wav", "prompt": "hi"}
@@ -69,7 +69,7 @@ class Db:
         return store
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.database)])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     pg: Postgres | None = None
     if request.param == "sqlite":
@@ -115,7 +115,7 @@ class Objects:
         return set(self.storage.list_keys())
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.database)])
 def objects(request: pytest.FixtureRequest, tmp_path: Path) -> Objects:
     if request.param == "local":
         config = LocalStorageConfig(root=tmp_path / "store")
@@ -699,16 +699,19 @@ def test_an_object_that_cannot_be_deleted_is_reported_and_holds_up_nothing(tmp_p
 
 
 # -- the service: Orchestrator replicas sweep, the Gateway answers 410, counts exported per kind ---------------------
-def _retention_metric(url: str) -> dict[str, float]:
-    """``ray_stable_avatar_retention_deleted_total`` per ``kind``, summed over the replica tags."""
+def _retention_metric(url: str, application: str) -> dict[str, float]:
+    """``ray_stable_avatar_retention_deleted_total`` of one Serve application per ``kind``, summed over the replica
+    tags."""
     import re
 
-    from tests.helpers import http_bytes
+    from testing.http import http_bytes
 
     totals: dict[str, float] = {}
     for line in http_bytes(url).decode().splitlines():
         match = re.match(r"^ray_stable_avatar_retention_deleted_total\{([^}]*)\} (\S+)$", line)
-        kind = re.search(r'kind="([^"]*)"', match.group(1)) if match else None
+        if not match or f'application="{application}"' not in match.group(1):
+            continue
+        kind = re.search(r'kind="([^"]*)"', match.group(1))
         if kind:
             totals[kind.group(1)] = totals.get(kind.group(1), 0.0) + float(match.group(2))
     return totals
@@ -724,14 +727,16 @@ def _until(what: str, check: Any, timeout_s: float = 90, every_s: float = 0.5) -
         time.sleep(every_s)
 
 
-def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path):
+def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path, serve_cluster):
     """A real application (tiny preset, SQLite beside local storage) with TTLs of seconds: the result is served with
     a link that ends with the file, then answers 410; the Orchestrator replicas' sweeper deletes the job's inputs
     and result and an abandoned upload, exports the counts per kind, and finally drops the record (404)."""
-    from tests.helpers import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, http_bytes, http_json
-    from tests.ray_serve import ray_serve_cluster
+    from ray import serve
 
-    app = "fal-ai/stable-avatar"
+    from testing.http import http_bytes, http_json
+    from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+
+    app, application = "fal-ai/stable-avatar", "retention"
     root = tmp_path / "data"
     ttl = {"results_s": 12, "uploads_s": 12, "inputs_s": 12, "checkpoints_s": 12, "jobs_s": 18,
            "sweep_interval_s": 0.5}
@@ -739,40 +744,41 @@ def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path):
     abandoned.parent.mkdir(parents=True)
     abandoned.write_bytes(b"never used")
     os.utime(abandoned, (time.time() - DAY, time.time() - DAY))
-    with ray_serve_cluster(num_cpus=4, metrics=True) as cluster:
-        cluster.deploy({"device": "cpu", "storage": cluster.local_storage(root), "retention": ttl,
-                        "orchestrator": {"num_replicas": 2}})
-        body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(EXAMPLE_AUDIO, "audio/wav"),
-                "prompt": "a person talking", "num_inference_steps": 1, "seed": 3, "aspect_ratio": "1:1"}
-        code, submitted, _ = http_json("POST", f"{cluster.base}/{app}", body)
-        assert code == 200, submitted
-        request_id = submitted["request_id"]
-        status_url = f"{cluster.base}/{app}/requests/{request_id}/status"
-        _until("the job completes", lambda: http_json("GET", status_url)[1]["status"] == "COMPLETED", 240, 0.05)
-        code, result, _ = http_json("GET", f"{cluster.base}/{app}/requests/{request_id}")
-        served_at = time.time()
-        assert code == 200, result
-        link = result["video"]["url"]
-        assert int(parse_qs(urlsplit(link).query)["exp"][0]) <= served_at + ttl["results_s"]  # ends with the file
-        assert len(http_bytes(link)) == result["video"]["file_size"]
-        stored = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
-                  and p.relative_to(root).parts[0] in ("inputs", "results")}
-        assert {k.split("/")[0] for k in stored} == {"inputs", "results"} and len(stored) == 3  # 2 inputs, 1 video
+    serve_cluster.deploy({"device": "cpu", "storage": serve_cluster.local_storage(root), "retention": ttl,
+                          "orchestrator": {"num_replicas": 2}}, name=application)
+    body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(EXAMPLE_AUDIO, "audio/wav"),
+            "prompt": "a person talking", "num_inference_steps": 1, "seed": 3, "aspect_ratio": "1:1"}
+    code, submitted, _ = http_json("POST", f"{serve_cluster.base}/{app}", body)
+    assert code == 200, submitted
+    request_id = submitted["request_id"]
+    status_url = f"{serve_cluster.base}/{app}/requests/{request_id}/status"
+    _until("the job completes", lambda: http_json("GET", status_url)[1]["status"] == "COMPLETED", 240, 0.05)
+    code, result, _ = http_json("GET", f"{serve_cluster.base}/{app}/requests/{request_id}")
+    served_at = time.time()
+    assert code == 200, result
+    link = result["video"]["url"]
+    assert int(parse_qs(urlsplit(link).query)["exp"][0]) <= served_at + ttl["results_s"]  # ends with the file
+    assert len(http_bytes(link)) == result["video"]["file_size"]
+    stored = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+              and p.relative_to(root).parts[0] in ("inputs", "results")}
+    assert {k.split("/")[0] for k in stored} == {"inputs", "results"} and len(stored) == 3  # 2 inputs, 1 video
 
-        code, gone, headers = _until("the result expires", lambda: (r := http_json(
-            "GET", f"{cluster.base}/{app}/requests/{request_id}"))[0] == 410 and r, 60)
-        assert gone["error_type"] == "result_expired" and "expired" in gone["detail"]
-        assert headers["x-fal-error-type"] == "result_expired" and headers["x-fal-request-id"] == request_id
-        _until("the sweep deletes the objects", lambda: not any((root / k).exists() for k in stored)
-               and not abandoned.exists(), 60)
-        assert http_json("GET", status_url)[0] == 200  # the record outlives its objects (jobs_s)
-        _until("the record goes too", lambda: http_json("GET", status_url)[0] == 404, 60)
-        # Each replica's counts reach the metrics agent on their own schedule: wait for all of them, then compare.
-        expected = {"results": 1, "inputs": 2, "uploads": 1, "jobs": 1}
-        seen: list[dict[str, float]] = []
-        _until(f"the counts reach Prometheus as {expected}",
-               lambda: seen.append(_retention_metric(cluster.metrics_url)) or seen[-1] == expected, 60, 1.0)
-        assert seen[-1] == expected
+    code, gone, headers = _until("the result expires", lambda: (r := http_json(
+        "GET", f"{serve_cluster.base}/{app}/requests/{request_id}"))[0] == 410 and r, 60)
+    assert gone["error_type"] == "result_expired" and "expired" in gone["detail"]
+    assert headers["x-fal-error-type"] == "result_expired" and headers["x-fal-request-id"] == request_id
+    _until("the sweep deletes the objects", lambda: not any((root / k).exists() for k in stored)
+           and not abandoned.exists(), 60)
+    assert http_json("GET", status_url)[0] == 200  # the record outlives its objects (jobs_s)
+    _until("the record goes too", lambda: http_json("GET", status_url)[0] == 404, 60)
+    # Each replica's counts reach the metrics agent on their own schedule: wait for all of them, then compare.
+    expected = {"results": 1, "inputs": 2, "uploads": 1, "jobs": 1}
+    seen: list[dict[str, float]] = []
+    _until(f"the counts reach Prometheus as {expected}",
+           lambda: seen.append(_retention_metric(serve_cluster.metrics_url, application)) or seen[-1] == expected,
+           60, 1.0)
+    assert seen[-1] == expected
+    serve.delete(application)  # its replicas stopped: nothing writes any more
     assert not (root / "results").exists() and not (root / "inputs").exists()  # emptied directories removed too
 
 

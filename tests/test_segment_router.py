@@ -20,7 +20,9 @@ from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
 from deployments.workers.segment_router import SegmentRouter  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a cluster of its own
 
 SEGMENT_S = 1.5
 

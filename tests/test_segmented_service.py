@@ -31,8 +31,11 @@ from pipeline.loading import load_models  # noqa: E402
 from pipeline.media.ffmpeg_bin import ffmpeg_path  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, probe, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_cluster  # noqa: E402
+
+pytestmark = pytest.mark.serve  # a cluster of its own: one fake GPU
 
 STEPS, SEED, PROMPT = 2, 7, "talking"
 LONG_S, SHORT_S = 12.0, 1.5

@@ -35,7 +35,8 @@ from pipeline.models.vae import (
 from pipeline.presets import REAL_VAE, TINY_VAE, get_preset
 from pipeline.segment_plan import MIN_SEGMENT_LATENTS, DecoderReach, LatentSegment, first_frame, plan_segments
 from pipeline.windows import FPS, SAMPLE_RATE, plan_windows
-from tests.helpers import chromium, synthetic_speech
+from testing.browser import chromium
+from testing.media import synthetic_speech
 
 WAN_REACH = (38, 14, 7)  # latents each stage of the Wan2.1 decoder looks back (latent, 1/2 and 1/4 latent rates)
 WIDTH, HEIGHT = 48, 32  # tiny frames: 6x4 latents

@@ -18,7 +18,7 @@ from pipeline.sequence_parallel import (
     ulysses_degrees,
 )
 from pipeline.sequence_parallel.local import RankFailedError, run_local_ranks
-from tests.sp_scenarios import (
+from testing.sp_scenarios import (
     CONFIGS,
     HEIGHT,
     WIDTH,

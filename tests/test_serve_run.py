@@ -11,19 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.helpers import (
-    EXAMPLE_AUDIO,
-    EXAMPLE_IMAGE,
-    REPO_ROOT,
-    data_uri,
-    free_port,
-    http_bytes,
-    http_json,
-    probe,
-    stop_process_group,
-)
+from testing.http import free_port, http_bytes, http_json, stop_process_group
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe
+
+pytestmark = pytest.mark.serve  # `serve run` starts a cluster of its own in a subprocess
 
 
 def test_serve_run_with_the_shipped_config(tmp_path):

@@ -24,21 +24,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
+from deployments.config import APP_NAME  # noqa: E402
 from deployments.contracts import request_offset  # noqa: E402
 from deployments.workers.denoiser import CRASH_FILE_ENV, HANG_FILE_ENV  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    data_uri,
-    http_bytes,
-    http_json,
-    probe,
-    synthetic_speech,
-)
-from tests.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
 
 STEPS, SEED = 3, 5
 # Split rows and a step cache that skips on the tiny preset: its random time embedder moves e0 far outside
@@ -60,18 +52,14 @@ def hang_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(seaweedfs, crash_file, hang_file):
-    # Replicas inherit the driver's environment: that is how S3 credentials reach them (never via the config),
-    # and the hooks' file names.
-    os.environ.update(AWS_ACCESS_KEY_ID=seaweedfs.access_key, AWS_SECRET_ACCESS_KEY=seaweedfs.secret_key)
-    os.environ[CRASH_FILE_ENV], os.environ[HANG_FILE_ENV] = str(crash_file), str(hang_file)
-    try:
-        with ray_serve_cluster(num_gpus=3) as cluster:
-            yield cluster.base
-    finally:
-        os.environ.pop(CRASH_FILE_ENV, None)
-        os.environ.pop(HANG_FILE_ENV, None)
-        _deployed.clear()
+def cluster(serve_cluster, seaweedfs, crash_file, hang_file):
+    """The shared cluster's base URL. Every deployment of this module gives its replicas' environment the S3
+    credentials (never in the config) and the hooks' file names."""
+    _service.update(cluster=serve_cluster, env=seaweedfs.env() | {CRASH_FILE_ENV: str(crash_file),
+                                                                  HANG_FILE_ENV: str(hang_file)})
+    yield serve_cluster.base
+    _deployed.clear()
+    _service.clear()
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +91,7 @@ def cli_reference(tmp_path, audio, steps=STEPS, seed=SEED, pipeline: dict | None
 
 
 _deployed: list[str] = []
+_service: dict = {}  # "cluster": the RayServeCluster, "env": the replicas' environment
 
 
 def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pipeline: dict | None = None,
@@ -113,7 +102,7 @@ def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pip
     if _deployed and _deployed[-1] == key:
         return
     _deployed.append(key)
-    args = AppArgs.model_validate({
+    _service["cluster"].deploy({
         "device": "cpu",
         "storage": storage or {"kind": "local", "root": str(root), "public_base_url": base_url},
         "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
@@ -121,8 +110,7 @@ def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pip
         "denoiser": {"num_replicas": denoisers, "num_gpus": 1},
         "pipeline": pipeline or {},
         "timeouts": timeouts or {},
-    })
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    }, env=_service["env"])
     status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
     assert status.get("RUNNING") == denoisers, status
 
@@ -333,13 +321,10 @@ def check_split_and_cached_runs(cluster, inputs, tmp_path, denoisers: int) -> di
     return after
 
 
+# The three-replica tests run back to back: one deployment for both (a change restarts every replica).
 def test_split_rows_and_step_cache_equal_the_cli_on_three_denoisers(cluster, inputs, tmp_path):
     stats = check_split_and_cached_runs(cluster, inputs, tmp_path, 3)
     assert sorted(s["units"] for s in stats.values()) == [CACHED_STEPS * 5] * 3  # 15 units per step, 5 each
-
-
-def test_split_rows_and_step_cache_are_the_same_on_one_denoiser(cluster, inputs, tmp_path):
-    check_split_and_cached_runs(cluster, inputs, tmp_path, 1)
 
 
 def test_cached_run_after_a_replica_kill_is_identical(cluster, inputs, tmp_path, crash_file):
@@ -354,3 +339,7 @@ def test_cached_run_after_a_replica_kill_is_identical(cluster, inputs, tmp_path,
     assert any("acceleration high: 3 of 6 steps computed" in m for m in logs), logs
     assert video == cli_reference(tmp_path, inputs["short"], CACHED_STEPS, pipeline=CACHED_PIPELINE,
                                   acceleration="high")
+
+
+def test_split_rows_and_step_cache_are_the_same_on_one_denoiser(cluster, inputs, tmp_path):
+    check_split_and_cached_runs(cluster, inputs, tmp_path, 1)

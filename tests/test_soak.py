@@ -19,11 +19,11 @@ cancels of queued and running jobs. Invariants checked afterwards:
 - a final retention sweep with seconds-long TTLs leaves no expired row and no expired object under ``uploads/``,
   ``inputs/``, ``results/``, ``checkpoints/`` (a fresh upload, younger than its TTL, stays).
 
-Bounded: ``SOAK_JOBS`` (default 200) jobs, ``SOAK_SEED`` (default 20261130). Measured on the 2-core box: 8.2
-minutes (200 jobs, in a full `make test` with nothing else running, commit 64c10c3; 9.4 at
-fb950f8), 10 minutes (180 jobs, load average ~8) and 16.5
-minutes (150 jobs, load average ~50); most of it is ~24 replica process
-starts (a model replica imports torch, diffusers and transformers: 5-7 CPU-s) that the chaos causes, and ~1.5 CPU-s per job.
+Bounded: ``SOAK_JOBS`` (default 200) jobs, ``SOAK_SEED`` (default 20261130), ``LOAD_TIMEOUT_S`` to submit and
+finish them. 200, because the memory check needs replicas that live through 50 finished jobs between the restarts
+the chaos causes (with 60 jobs none does). Its cost is ~26 replica process starts (a model replica imports torch,
+diffusers and transformers: 5-7 CPU-s) and ~3 CPU-s per job, half of it in the one Preprocessor replica (the
+VAE encoding of the reference window, one request at a time): that replica sets the pace.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ from deployments.jobstore import JobStore, PostgresJobsConfig, make_sync_job_sto
 from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
 from deployments.storage import S3Storage  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from tests.helpers import EXAMPLE_IMAGE, data_uri, http_bytes, http_json, synthetic_speech  # noqa: E402
-from tests.ray_serve import ray_serve_multinode_cluster  # noqa: E402
+from testing.http import http_bytes, http_json  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.ray_serve import ray_serve_multinode_cluster  # noqa: E402
 
 pytestmark = pytest.mark.soak
 

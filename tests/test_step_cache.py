@@ -27,7 +27,7 @@ from pipeline.step_cache import (
     plan_step_cache,
     rescale,
 )
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 # C C S S C C: steps 2 and 3 reuse step 1's residual. The tiny preset's random time embedder moves e0 far outside
 # the range TeaCache's polynomial was fitted on, so its threshold plans compute every step; tests that need skips

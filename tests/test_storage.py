@@ -25,7 +25,7 @@ from deployments.storage import (
     StorageTooLargeError,
     make_storage,
 )
-from tests.seaweedfs import SeaweedFS
+from testing.seaweedfs import SeaweedFS
 
 BAD_KEYS = ["", "/abs", "a/../b", "..", "a//b", "a/", "./a", "a\\b", "a\x00b", "a\nb"]
 
@@ -35,7 +35,7 @@ def s3_config(server: SeaweedFS, **overrides) -> S3StorageConfig:
     return server.storage_config(**({"multipart_threshold_mb": 5} | overrides))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.database)])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
         return make_storage(LocalStorageConfig(root=tmp_path / "store"))
@@ -291,7 +291,7 @@ def test_s3_missing_bucket(s3_env: SeaweedFS) -> None:
 
 
 def test_s3_unreachable_endpoint(s3_env: SeaweedFS) -> None:
-    from tests.seaweedfs import free_ports
+    from testing.seaweedfs import free_ports
 
     (port,) = free_ports(1)
     config = s3_config(s3_env, endpoint_url=f"http://127.0.0.1:{port}")

@@ -14,7 +14,7 @@ from pipeline.generator import GenerationParams, PipelineSettings, StableAvatarP
 from pipeline.loading import load_models
 from pipeline.presets import get_preset
 from pipeline.step_cache import StepCachePlan
-from tests.helpers import EXAMPLE_IMAGE, synthetic_speech
+from testing.media import EXAMPLE_IMAGE, synthetic_speech
 
 PLAN = StepCachePlan((True, True, False, False, True, False, True, True))  # C C S S C S C C
 

@@ -1066,5 +1066,5 @@ def validate_tree(root: Path, schemas: CrdSchemas) -> TreeReport:
 
 
 def default_crd_dir() -> Path:
-    """``$KUBERAY_CRDS``, else ``../shared/kuberay-crds`` next to the repository (where the golden data live)."""
-    return Path(os.environ.get("KUBERAY_CRDS", REPO_ROOT.parent / "shared" / "kuberay-crds"))
+    """``$KUBERAY_CRDS``, else the copy in this repository (``tools/kuberay-crds``)."""
+    return Path(os.environ.get("KUBERAY_CRDS", Path(__file__).resolve().parent / "kuberay-crds"))

