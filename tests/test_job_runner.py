@@ -344,7 +344,7 @@ LOCKED = sqlite3.OperationalError("database is locked")
 
 
 def test_a_database_error_from_a_progress_report_does_not_fail_the_job(env):
-    """Defect 1: one "database is locked" from a progress or log write used to fail the job for good (500)."""
+    """One "database is locked" from a progress or log write is a transient fault, not the job's end (a 500)."""
     args, open_store, storage = env
 
     async def scenario() -> None:
@@ -386,8 +386,8 @@ def test_a_database_error_when_recording_a_checkpoint_does_not_fail_the_job(env,
 
 
 def test_a_lost_commit_reply_of_the_completion_keeps_the_committed_result(env):
-    """Defect 2: ``complete`` committed but its reply was lost; the runner used to delete the object it still
-    counted as uncommitted, leaving a succeeded job whose result link is broken."""
+    """``complete`` committed but its reply was lost: the runner must not delete the object it still counts as
+    uncommitted, or a succeeded job's result link would be broken."""
     args, open_store, storage = env
 
     async def scenario() -> None:

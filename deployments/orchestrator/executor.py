@@ -15,8 +15,8 @@ step, and a scale event moves few units; the replica's queue serves it by its jo
 A unit is put in the object store once and its call carries only the reference (in a list, so Ray hands it on
 unresolved and the replica fetches it once it has accepted the call). Serve serializes a call's arguments again at
 every attempt, and a replica at its ``max_ongoing_requests`` rejects the call, which the router then re-sends: with
-the unit itself as the argument, a 600 s job on one Denoiser (341 units of 8 MiB a step, 64 accepted at a time)
-created 12-17 GiB in the object store per step instead of 5.3 (``bench/results/long_video.txt``, commit 04f843a).
+the unit itself as the argument, every rejection would store the unit again (``docs/long-videos.md`` has the
+measured cost).
 At most ``max_in_flight`` units (the Denoisers' capacity at their largest) are stored and sent at once, so the
 object store holds that many, not a whole step's.
 """
