@@ -1,7 +1,7 @@
 """Parallel units through real Ray Serve (fake GPUs, gloo, fp32, the tiny preset): a Denoiser replica with
 ``denoiser.sp_degree`` n owns n bundles of one STRICT_PACK placement group, rank 0 in bundle 0 and a rank actor
 in each other one; a unit it runs equals one device within the documented tolerance (1e-5 on the latents) and a job's
-video equals ``sp_degree: 1``'s; a dead rank makes the replica unhealthy, Serve replaces it, and a job still
+fused latents equal ``sp_degree: 1``'s; a dead rank makes the replica unhealthy, Serve replaces it, and a job still
 completes with the same video (the executor re-runs the unit whose replica ended).
 """
 
@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,7 +26,6 @@ from deployments.contracts import UnitKey  # noqa: E402
 from deployments.workers.rank_group import RANK_CRASH_FILE_ENV  # noqa: E402
 from pipeline.denoise import WindowDenoiser, WindowStep  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
-from pipeline.media.ffmpeg_bin import ffmpeg_path  # noqa: E402
 from pipeline.presets import TINY_TRANSFORMER, get_preset  # noqa: E402
 from pipeline.sequence_parallel import choose_attention  # noqa: E402
 from testing.http import http_bytes, http_json  # noqa: E402
@@ -36,12 +33,12 @@ from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E40
 from testing.sp_scenarios import conditioning, window_latents  # noqa: E402
 
 TOLERANCE = 1e-5  # fp32 on the CPU, on the latents (docs/many-gpus.md)
-STEPS, SEED, SIZE = 3, 5, 64  # 1:1 at the tiny preset's size
-# Decoded frames of a video whose latents differ by ring attention's summation order (<= 1e-5): the VAE and the 8-bit
-# rounding flip a few values by one, and the H.264 encoder then takes other decisions for the blocks around them,
-# so a few pixels move by tens of levels while the frames as a whole stay put. A frame-misaligned or wrong split
-# moves every pixel (mean |d| of many levels).
-FRAME_MEAN_TOLERANCE = 0.5  # mean |d| per 8-bit channel, over every frame
+STEPS, SEED = 3, 5
+# The job's fused latents after its last checkpointed step (2 of 3): two units' differences (each <= 1e-5), carried
+# through the guidance and Euler steps. The decoded video is not compared with a tolerance: the 8-bit rounding of the
+# tiny random VAE's output flips a few values, around which the H.264 encoder then decides differently (with ring
+# attention at degree 3, 45 % of the 8-bit values moved, mean |d| 1.5, from latents within this tolerance).
+CHECKPOINT_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +64,7 @@ def deploy(service: dict, degree: int) -> None:
         "storage": cluster.local_storage(root),
         "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
         "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
+        "checkpoint_every_steps": 1,  # the fused latents, compared across degrees
         "denoiser": {"num_replicas": 1, "num_gpus": 1, "sp_degree": degree},
     }, env={RANK_CRASH_FILE_ENV: str(service["crash_file"])})
     service["degree"] = degree
@@ -85,8 +83,8 @@ def rank_placement() -> list:
     return denoiser().ranks_placement.remote("placement", 0).result(timeout_s=60)
 
 
-def run_job(service: dict, audio: Path) -> tuple[bytes, list[str]]:
-    """A job through the fal queue: (the mp4, its log messages)."""
+def run_job(service: dict, audio: Path) -> tuple[bytes, list[str], str]:
+    """A job through the fal queue: (the mp4, its log messages, its request id)."""
     base = service["cluster"].base
     body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
             "prompt": "talking", "num_inference_steps": STEPS, "seed": SEED, "aspect_ratio": "1:1"}
@@ -103,15 +101,15 @@ def run_job(service: dict, audio: Path) -> tuple[bytes, list[str]]:
     assert "error" not in state, state
     code, output, _ = http_json("GET", submitted["response_url"])
     assert code == 200, output
-    return http_bytes(output["video"]["url"]), [entry["message"] for entry in state["logs"]]
+    return http_bytes(output["video"]["url"]), [entry["message"] for entry in state["logs"]], submitted["request_id"]
 
 
-def decoded_frames(video: bytes, tmp_path: Path) -> np.ndarray:
-    path = tmp_path / f"video-{len(list(tmp_path.iterdir()))}.mp4"
-    path.write_bytes(video)
-    raw = subprocess.run([ffmpeg_path(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                         capture_output=True, check=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, SIZE, SIZE, 3).astype(np.int16)
+def last_checkpoint(service: dict, request_id: str) -> torch.Tensor:
+    """The fused latents of the job's latest checkpoint (local storage: ``checkpoints/<id>/e<epoch>/s<step>/``)."""
+    files = sorted((service["root"] / "checkpoints" / request_id).glob("e*/s*/latents.pt"),
+                   key=lambda path: int(path.parent.name[1:]))
+    assert files, f"no checkpoint of {request_id}"
+    return torch.load(files[-1], weights_only=True)["latents"]
 
 
 UNITS = {  # name: the unit, on the full window unless named short
@@ -131,14 +129,16 @@ def one_device_units() -> dict[str, torch.Tensor]:
 
 
 _videos: dict[int, bytes] = {}
+_latents: dict[int, torch.Tensor] = {}
 
 
 @pytest.mark.parametrize("degree", [1, 3, 2])  # 2 last: the fault tests below keep its deployment
-def test_a_replica_owns_a_bundle_per_rank_and_makes_the_same_units_and_video(service, audio, tmp_path,
+def test_a_replica_owns_a_bundle_per_rank_and_makes_the_same_units_and_video(service, audio,
                                                                            one_device_units, degree):
     """The replica's ranks share one STRICT_PACK placement group, a bundle (fake GPU) each, on one node
     (``sp_degree: 1``: no placement group at all); units through its ``step`` equal one device (<= 1e-5;
-    ``sp_degree: 1`` bit for bit), and a job's decoded frames equal ``sp_degree: 1``'s."""
+    ``sp_degree: 1`` bit for bit), and a job's fused latents equal ``sp_degree: 1``'s (its mp4 too, byte for
+    byte, with Ulysses attention)."""
     deploy(service, degree)
     ranks = rank_placement()
     assert [r.rank for r in ranks] == list(range(degree)) and len({r.pid for r in ranks}) == degree, ranks
@@ -166,17 +166,14 @@ def test_a_replica_owns_a_bundle_per_rank_and_makes_the_same_units_and_video(ser
             assert (output - expected).abs().max().item() <= TOLERANCE, (name, (output - expected).abs().max())
     denoiser().free.remote("sp", 0).result(timeout_s=60)
 
-    video, _ = run_job(service, audio)
-    _videos[degree] = video
+    video, _, request_id = run_job(service, audio)
+    _videos[degree], _latents[degree] = video, last_checkpoint(service, request_id)
     if degree > 1:
-        reference, frames = decoded_frames(_videos[1], tmp_path), decoded_frames(video, tmp_path)
-        assert frames.shape == reference.shape
-        diff = np.abs(frames - reference)
-        stats = {"mean": float(diff.mean()), "max": int(diff.max()), "differing": float((diff > 0).mean())}
-        print(f"sp_degree {degree} frames against sp_degree 1: {stats}")
-        assert stats["mean"] <= FRAME_MEAN_TOLERANCE, stats
+        difference = (_latents[degree] - _latents[1]).abs().max().item()
+        print(f"sp_degree {degree}: checkpointed latents max |d| {difference:.3g} against sp_degree 1")
+        assert difference <= CHECKPOINT_TOLERANCE
         if choose_attention(TINY_TRANSFORMER["num_attention_heads"], degree) == "ulysses":
-            assert video == _videos[1]  # each head attends over the same keys as on one device: the same bits
+            assert difference == 0 and video == _videos[1]  # each head attends over the same keys: the same bits
 
 
 def wait_for_new_replica(before: int, timeout_s: float = 300) -> list:
@@ -194,7 +191,7 @@ def wait_for_new_replica(before: int, timeout_s: float = 300) -> list:
         time.sleep(2)
 
 
-def test_a_dead_rank_actor_makes_the_replica_unhealthy_and_serve_replaces_it(service, audio, tmp_path):
+def test_a_dead_rank_actor_makes_the_replica_unhealthy_and_serve_replaces_it(service, audio):
     """A rank killed between units: the health check fails and Serve replaces the replica (no unit involved); the
     next job's video is unchanged."""
     deploy(service, 2)
@@ -202,18 +199,18 @@ def test_a_dead_rank_actor_makes_the_replica_unhealthy_and_serve_replaces_it(ser
     os.kill(ranks[1].pid, signal.SIGKILL)
     replaced = wait_for_new_replica(ranks[0].pid)
     assert len(replaced) == 2 and {r.pid for r in replaced}.isdisjoint(r.pid for r in ranks)
-    video, _ = run_job(service, audio)
+    video, _, _ = run_job(service, audio)
     assert video == _videos[2]
 
 
-def test_a_rank_dying_inside_a_unit_ends_the_replica_and_the_job_completes(service, audio, tmp_path):
+def test_a_rank_dying_inside_a_unit_ends_the_replica_and_the_job_completes(service, audio):
     """A rank actor exits while it holds a unit (its peer waits on it in a collective): the replica ends, the
     executor re-runs the unit once Serve has replaced it, and the video is the one a healthy run makes."""
     deploy(service, 2)
     before = rank_placement()
     crash_file = service["crash_file"]
     crash_file.write_text(json.dumps({"step": 1, "window": 0}))
-    video, logs = run_job(service, audio)
+    video, logs, _ = run_job(service, audio)
     assert not crash_file.exists() and crash_file.with_suffix(".claimed").exists()  # a rank actor did exit
     crash_file.with_suffix(".claimed").unlink()
     assert any("the Denoiser replica failed" in m and "running it again" in m for m in logs), logs
