@@ -34,11 +34,18 @@ from testing.sp_scenarios import conditioning, window_latents  # noqa: E402
 
 TOLERANCE = 1e-5  # fp32 on the CPU, on the latents (docs/many-gpus.md)
 STEPS, SEED = 3, 5
-# The job's fused latents after its last checkpointed step (2 of 3): two units' differences (each <= 1e-5), carried
-# through the guidance and Euler steps. The decoded video is not compared with a tolerance: the 8-bit rounding of the
-# tiny random VAE's output flips a few values, around which the H.264 encoder then decides differently (with ring
-# attention at degree 3, 45 % of the 8-bit values moved, mean |d| 1.5, from latents within this tolerance).
-CHECKPOINT_TOLERANCE = 1e-4
+# The job's fused latents after its last checkpointed step (2 of 3). Every window's result is rounded through bf16
+# before it is fused (pipeline/windows.py, as upstream), so a unit difference within 1e-5 moves a value lying near a
+# rounding boundary by one bf16 ulp: at most one ulp each, on few values (with ring attention at degree 3: 18 of
+# 21 504). The decoded video is not compared with a tolerance: at the tiny size the H.264 encoder decides
+# differently around the flipped 8-bit values (45 % of the decoded values moved, mean |d| 1.5 of 255).
+MAX_BF16_ULPS, MAX_FLIPPED = 1.0, 0.01  # per value; fraction of values
+
+
+def bf16_ulps(latents: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """|d| in units of the bf16 spacing at each value's magnitude (8 significant bits)."""
+    magnitude = torch.maximum(latents.abs(), reference.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+    return (latents - reference).abs() / torch.pow(2.0, torch.floor(torch.log2(magnitude)) - 7)
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +176,11 @@ def test_a_replica_owns_a_bundle_per_rank_and_makes_the_same_units_and_video(ser
     video, _, request_id = run_job(service, audio)
     _videos[degree], _latents[degree] = video, last_checkpoint(service, request_id)
     if degree > 1:
-        difference = (_latents[degree] - _latents[1]).abs().max().item()
-        print(f"sp_degree {degree}: checkpointed latents max |d| {difference:.3g} against sp_degree 1")
-        assert difference <= CHECKPOINT_TOLERANCE
+        ulps = bf16_ulps(_latents[degree], _latents[1])
+        flipped = (ulps > 0).float().mean().item()
+        assert ulps.max().item() <= MAX_BF16_ULPS and flipped <= MAX_FLIPPED, (ulps.max(), flipped)
         if choose_attention(TINY_TRANSFORMER["num_attention_heads"], degree) == "ulysses":
-            assert difference == 0 and video == _videos[1]  # each head attends over the same keys: the same bits
+            assert flipped == 0 and video == _videos[1]  # each head attends over the same keys: the same bits
 
 
 def wait_for_new_replica(before: int, timeout_s: float = 300) -> list:
