@@ -164,11 +164,12 @@ class RankGroup:
         rank_0 = asyncio.ensure_future(own)
         peers = [asyncio.ensure_future(_awaited(actor.run.remote(request_id, conditioning, unit)))
                  for actor in self.actors]
-        done, _ = await asyncio.wait([rank_0, *peers], return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task is not rank_0 and isinstance(task.exception(), RayActorError):
-                self._end_replica(f"rank {peers.index(task) + 1} died during a unit: {task.exception()}")
+        # A dead rank may show first as rank 0's collective failing (gloo sees the closed socket) or as its actor's
+        # error (NCCL may wait in the collective): either way the replica ends once the actor's death is known.
+        await asyncio.wait([rank_0, *peers], return_when=asyncio.FIRST_EXCEPTION)
+        self._end_if_a_rank_died(peers)
         await asyncio.wait([rank_0, *peers])  # the ranks fail together (their collectives), or finish together
+        self._end_if_a_rank_died(peers)
         failed = [(rank, task.exception()) for rank, task in enumerate(peers, 1) if task.exception() is not None]
         if rank_0.exception() is None and failed:
             self.broken = f"rank {failed[0][0]} failed where rank 0 did not: {failed[0][1]!r}"
@@ -192,10 +193,12 @@ class RankGroup:
                                    f"({type(exc).__name__}): the replica must be replaced") from exc
 
     @staticmethod
-    def _end_replica(reason: str) -> None:
-        logger.error("%s; the process group cannot be re-formed, so this replica exits and Serve replaces it",
-                     reason)
-        os._exit(1)
+    def _end_if_a_rank_died(peers: list[asyncio.Future]) -> None:
+        for rank, task in enumerate(peers, 1):
+            if task.done() and isinstance(task.exception(), RayActorError):
+                logger.error("rank %d died during a unit (%s); the process group cannot be re-formed, so this "
+                             "replica exits and Serve replaces it", rank, task.exception())
+                os._exit(1)
 
 
 async def _awaited(ref: ray.ObjectRef):
