@@ -290,8 +290,9 @@ def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
     return result, summary
 
 
-PARTS: dict[str, Callable[[bool, Path], tuple[dict, dict]]] = {
+PARTS: dict[str, Callable[..., tuple[dict, dict]]] = {
     "decode": decode_part, "replicas": segments_serve.replicas_part, "end_to_end": segments_serve.end_to_end_part}
+SERVE_PARTS = ("end_to_end", "replicas")  # run in one Ray cluster (segments_serve.serve_cluster)
 
 
 def text_report(results: dict, meta: dict) -> str:
@@ -363,10 +364,17 @@ def main() -> None:
     meta = {"label": args.label or f"commit {commit}", "commit": commit, "quick": args.quick, "note": NOISE_NOTE,
             "cpus": os.cpu_count(), "machine": platform.machine(), "load_average_start": load_average()}
     results, summary = {}, {}
+    local = [name for name in args.parts if name not in SERVE_PARTS]
+    served = [name for name in args.parts if name in SERVE_PARTS]
     with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
-        for name in args.parts:
+        for name in local:
             results[name], part_summary = PARTS[name](args.quick, Path(tmp))
             summary.update(part_summary)
+        if served:
+            with segments_serve.serve_cluster() as cluster:
+                for name in served:
+                    results[name], part_summary = PARTS[name](args.quick, Path(tmp), cluster=cluster)
+                    summary.update(part_summary)
     meta["load_average_end"] = load_average()
     report = text_report(results, meta)
     every_part = sorted(args.parts) == sorted(PARTS)
