@@ -68,6 +68,7 @@ from testing.media import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 APP = "bench-fanout"
 SECTIONS = ("fanout", "short", "fairness", "scale")
 UNIT_S = {True: SIMULATED_ROW_S, False: 3 * SIMULATED_ROW_S}  # split rows: 1 row per unit; batch 3: 3 rows
+PLAN_REPLICAS = (1, 2, 4, 5, 6, 8)  # every replica count a section deploys
 
 
 @serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
@@ -116,13 +117,20 @@ class Bench:
         self.caller = None
 
     def deploy(self, replicas: int, unit_order: str | None = None) -> None:
-        """Scale the Denoisers to ``replicas`` (ascending counts only add replicas; a new unit order restarts
-        them) and wait until all are running."""
+        """Scale the Denoisers to ``replicas`` (replicas are added or removed; a new unit order restarts them) and
+        wait until all are running."""
         self.unit_order = unit_order or self.unit_order
-        args = AppArgs.model_validate({"preset": "simulated", "preset_modules": ["bench.simulated"], "device": "cpu",
-                                       "unit_order": self.unit_order,
-                                       "denoiser": {"num_replicas": replicas, "num_gpus": 1}})
-        denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
+
+        def args(count: int) -> AppArgs:
+            return AppArgs.model_validate({"preset": "simulated", "preset_modules": ["bench.simulated"],
+                                           "device": "cpu", "unit_order": self.unit_order,
+                                           "denoiser": {"num_replicas": count, "num_gpus": 1}})
+
+        # A scale event, as autoscaling makes one: ``serve.run`` gives every deployment a new random version (so
+        # every replica is replaced) unless it has one; ours changes with the unit order only, which restarts them,
+        # and the replica count goes into the options only, never into the replicas' arguments.
+        denoiser = Denoiser.options(**args(replicas).denoiser.serve_options(), version=f"bench-{self.unit_order}",
+                                    _internal=True).bind(args(max(PLAN_REPLICAS)))
         self.caller = serve.run(BenchCaller.bind(denoiser), name=APP, route_prefix=None)
         running = serve.status().applications[APP].deployments["Denoiser"].replica_states.get("RUNNING")
         assert running == replicas, (running, replicas)
