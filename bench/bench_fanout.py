@@ -189,7 +189,8 @@ def fanout(bench: Bench, prepared: PreparedRequest, n: int, t1: float | None) ->
            "overhead_per_step_s": round((wall - ideal) / steps, 3),
            "units_per_replica": sorted(result["units_per_replica"].values()),
            "caller_cpu_s_per_step": round(result["cpu_s"] / steps, 4),
-           "caller_cpu_fraction": round(result["cpu_s"] / wall, 4), "latents_sha256": result["latents_sha256"]}
+           "caller_cpu_fraction": round(result["cpu_s"] / wall, 4), "latents_sha256": result["latents_sha256"],
+           "load_average": load_average()}
     print(row, flush=True)
     return row
 
@@ -206,7 +207,7 @@ def short_clip(bench: Bench, prepared: PreparedRequest, n: int) -> list[dict]:
                      "wall_s": round(result["wall_s"], 2), "ideal_s": round(ideal, 2),
                      "caller_cpu_s_per_step": round(result["cpu_s"] / steps, 4),
                      "caller_cpu_fraction": round(result["cpu_s"] / result["wall_s"], 4),
-                     "latents_sha256": result["latents_sha256"]})
+                     "latents_sha256": result["latents_sha256"], "load_average": load_average()})
         print(rows[-1], flush=True)
     return rows
 
@@ -228,7 +229,8 @@ def fairness(bench: Bench, jobs: list[tuple[str, PreparedRequest]], replicas: in
                      "wall_s": round(wall, 2), "alone_s": round(alone[name], 2),
                      "vs_alone": round(wall / alone[name], 3), "fair_share_s": round(fair[name], 2),
                      "vs_fair_share": round(wall / fair[name], 3), "work_s": works[name],
-                     "placement": sorted(collections.Counter(results[name]["placement"]).items())})
+                     "placement": sorted(collections.Counter(results[name]["placement"]).items()),
+                     "load_average": load_average()})
         print(rows[-1], flush=True)
     return rows
 

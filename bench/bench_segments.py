@@ -1,6 +1,6 @@
 """Long videos in segments: decode + encode on this machine and on Postprocessor replicas through Serve (issue 20).
 
-Three parts (``--parts``; all by default):
+Four parts (``--parts``; all by default):
 
 * ``decode`` ((b) of the issue): the real decoder in one process, segments against the serial path. Per case, the
   serial path (``StableAvatarPipeline.finish``) and the segment plans for several Postprocessor replica counts, run
@@ -423,7 +423,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="under 10 minutes: a 20 s tiny case for the pixel "
                         "check, no real-width part, 60 s on 1 and 8 and 600 s on 8 Postprocessors, the end-to-end "
-                        "pair")
+                        "pair, the CPU work of 60 s and 600 s (post_cpu: the same in a full run)")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=sorted(PARTS))
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.txt (default: "
