@@ -136,6 +136,48 @@ def test_a_cancel_during_the_result_write_waits_for_it_then_deletes_it(env):
     asyncio.run(scenario())
 
 
+def test_a_cancel_seen_by_the_heartbeat_stops_a_run_inside_a_long_unit(env):
+    """A run may wait minutes in one call (a Denoiser unit of a long video) with no report to notice a cancel
+    request: the heartbeat sees it and stops the run there. What the run wrote that no row names is deleted and the
+    job ends cancelled, its runner free for the next job."""
+    args, open_store, storage = env
+
+    async def scenario() -> None:
+        store = open_store()
+        in_unit, unit_cancelled, written = asyncio.Event(), asyncio.Event(), []
+
+        async def long_unit(run: Run, report: RunReporter) -> StoredResult:
+            run.total_steps = 1
+            await report(stage="denoising", message="step 1 of 1")
+            segment = f"results/{run.request_id}/e{run.epoch}/segment-0.mp4"  # a finished part of the video
+            run.uncommitted.add(segment)
+            await asyncio.to_thread(storage.put_bytes, segment, b"part", "video/mp4")
+            written.append(segment)
+            in_unit.set()
+            try:
+                await asyncio.Event().wait()  # the unit: ends only when the run is stopped
+            except asyncio.CancelledError:
+                unit_cancelled.set()
+                raise
+            raise AssertionError("the unit cannot finish")
+
+        runner = JobRunner(store, storage, args, "runner-a", long_unit)
+        submitted = await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)
+        runner.loop.ensure_running()
+        await asyncio.wait_for(in_unit.wait(), 10)
+        assert objects(storage) == written
+        assert await store.cancel(submitted.request_id) == "CANCELLATION_REQUESTED"
+        # heartbeats every 0.2 s: the bound is generous for a loaded machine, and a run nobody stops never ends
+        await asyncio.wait_for(unit_cancelled.wait(), 10)
+        await wait_until(lambda: store.sync.get(submitted.request_id).status == "COMPLETED")
+        job = store.sync.get(submitted.request_id)
+        assert job.error.error_type == "client_cancelled" and job.result is None and job.attempts == 1
+        await wait_until(lambda: not runner.runs and objects(storage) == [])
+        await runner.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_runner_that_lost_its_lease_deletes_its_result_and_the_winner_keeps_one(env):
     args, open_store, storage = env
 
