@@ -17,9 +17,11 @@ idle runner on PostgreSQL claims a new job without waiting for its poll; log lin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,20 @@ async def wait_until(predicate, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The runner's WARN lines (its logger, "ray.serve", does not reach pytest's capture once Ray configured it)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_a_cancel_during_the_result_write_waits_for_it_then_deletes_it(env):
     args, open_store, storage = env
 
@@ -197,8 +213,12 @@ def test_a_runner_that_lost_its_lease_deletes_its_result_and_the_winner_keeps_on
         runner_b = JobRunner(store_b, storage, args, "runner-b", Pipeline(storage))
         runner_b.loop.ensure_running()  # claims the job once A's lease ran out (epoch 2) and finishes it
         await wait_until(lambda: store_b.sync.get(submitted.request_id).status == "COMPLETED", 15)
-        release_a.set()  # A wakes up, writes its result under epoch 1, and its completion is refused
-        await wait_until(lambda: not runner_a.runs, 10)
+        with logged_warnings() as warnings:
+            release_a.set()  # A wakes up, writes its result under epoch 1, and its completion is refused
+            # the run is dropped from ``runs`` before its clean-up deletes its object
+            await wait_until(lambda: not runner_a.runs and len(objects(storage)) == 1, 10)
+        assert f"job {submitted.request_id} (epoch 1): complete write refused by fencing, the lease moved on" in \
+            warnings  # counted too (stable_avatar_fenced_writes_total): the soak counts these lines
         job = store_b.sync.get(submitted.request_id)
         assert job.error is None and job.epoch == 2 and job.attempts == 2
         assert objects(storage) == job.result_keys == [result_key(submitted.request_id, 2)]
