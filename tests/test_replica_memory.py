@@ -1,4 +1,4 @@
-"""The soak's memory check catches a leak of 100 KiB per job and passes a replica whose RSS only swings with the
+"""The soak's memory check catches a leak of 250 KiB per job and passes a replica whose RSS only swings with the
 buffers of the jobs in flight, or creeps as warm-up goes on (synthetic RSS series shaped like the soak's replicas: a
 floor, tens of MiB of transient buffers on most samples)."""
 
@@ -17,7 +17,7 @@ from testing.replica_memory import (
 
 BASE = 540 * 2**20
 SAMPLES_PER_JOB = 3  # the soak samples about every second; a tiny job takes a few
-CREEP_PER_JOB = 60 * 1024  # the most a healthy replica's floor rose per job in the soak (1-4 MiB over 40-70 jobs)
+CREEP_PER_JOB = 140 * 1024  # about the most a healthy replica's floor rose per job in the soak (134 KiB over 45)
 SPAN = WARMUP_JOBS + WINDOW_JOBS + MIN_JUDGED_JOBS + 1  # the fewest jobs of a judged replica
 
 
@@ -35,10 +35,10 @@ def series(jobs: int, per_job: int, seed: int = 7, warmup_growth: int = 60 * 2**
 
 def test_the_bound_per_job_is_below_the_leak_it_must_catch():
     assert BOUND_PER_JOB <= 0.8 * LEAK_PER_JOB
-    assert (LEAK_PER_JOB - BOUND_PER_JOB) * MIN_JUDGED_JOBS >= 10**6  # the margin a judged replica adds up
+    assert (LEAK_PER_JOB - BOUND_PER_JOB) * MIN_JUDGED_JOBS >= 2 * 10**6  # the margin a judged replica adds up
 
 
-def test_a_leak_of_100_kib_per_job_fails_and_transients_or_warm_up_creep_pass():
+def test_a_leak_of_250_kib_per_job_fails_and_transients_or_warm_up_creep_pass():
     for seed in range(20):
         for jobs in (SPAN, 2 * SPAN):
             flat = floor_growth(series(jobs, 0, seed))
