@@ -56,6 +56,7 @@ import psutil  # noqa: E402
 from ray import serve  # noqa: E402
 
 from bench.stats import load_average, percentile, summary  # noqa: E402
+from bench.trees import run_in_tree, unpack  # noqa: E402
 from deployments.app import build_app  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.gateway.auth import fingerprint  # noqa: E402
@@ -305,18 +306,10 @@ def bench_old_store(tmp: Path, audio_path: Path, samples: int) -> dict[str, Any]
     """The same HTTP load (data-URI submits, each followed by a status poll of a random earlier job) against the
     application of commit ``ddcf32e`` (the single JobQueue replica), unpacked with ``git archive`` and run in its
     own process and Ray cluster. Its queued jobs run meanwhile (it cannot hold them), as in the issue's figures."""
-    tree = tmp / "old-store"
-    tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT], check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    tree = unpack(OLD_COMMIT, tmp / "old-store")
     load_before = load_average()
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, "-c", OLD_STORE_SCRIPT, str(EXAMPLE_IMAGE), str(audio_path), str(samples)],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("OLD_STORE_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the old store's run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1].removeprefix("OLD_STORE_RESULT "))
+    result = run_in_tree(tree, ["-c", OLD_STORE_SCRIPT, str(EXAMPLE_IMAGE), str(audio_path), str(samples)],
+                         "OLD_STORE_RESULT", timeout_s=900)
     result |= {"commit": OLD_COMMIT, "load_avg": {"before": load_before, "after": load_average()}}
     print(f"old store: {json.dumps(result)}", flush=True)
     return result
