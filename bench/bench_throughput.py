@@ -6,8 +6,8 @@ other: the same queued tiny jobs (1 step, 1 s of audio, data-URI inputs, submitt
 polling rate, each tree's defaults otherwise. Reported per commit: jobs per minute (completed jobs over the span
 from the first job's start to the last one's end, from the jobs' own log lines) and the median prepare, decode +
 encode and total times per job, with the load average around each run (the machine is shared: compare commits
-within one run, not across runs). ``--profile`` adds, per Serve actor, CPU seconds by thread and the busiest
-Python stacks during the run.
+within one run, not across runs), and each Serve actor's CPU seconds per job (by thread in the JSON);
+``--profile`` adds each actor's busiest Python stacks.
 
     python bench/bench_throughput.py [--jobs 150] [--commits fffc418 working-tree] [--profile]
 """
@@ -60,10 +60,11 @@ def text_report(report: dict[str, Any]) -> str:
     base = runs[0]
     for r in runs[1:]:
         lines.append(f"  {r['commit']} / {base['commit']}: {r['jobs_per_min'] / base['jobs_per_min']:.2f}x jobs/min")
+    lines += ["", "CPU seconds per completed job, by Serve actor (all its threads):"]
     for r in runs:
-        for actor, p in (r.get("profile") or {}).items():
-            top = ", ".join(f"{t} {s}" for t, s in list(p["cpu_s_by_thread"].items())[:5])
-            lines.append(f"  profile {r['commit']} {actor}: CPU s by thread: {top}")
+        per_actor = {actor.split("#")[1] if "#" in actor else actor.split("-")[0].removeprefix("SERVE_"):
+                     sum(p["cpu_s_by_thread"].values()) / r["completed"] for actor, p in r["profile"].items()}
+        lines.append(f"  {r['commit']:<14} " + ", ".join(f"{a} {s:.2f}" for a, s in sorted(per_actor.items())))
     return "\n".join(lines) + "\n"
 
 

@@ -10,8 +10,9 @@ job, the stages read from its own log lines (which every tree writes the same wa
 - decode + encode: from the ``decoding and encoding the video`` line to the ``encoded N frames`` line;
 - total: from the ``preprocessing: fetching and decoding the inputs`` line to the ``encoded`` line.
 
-With ``--profile`` every Serve actor (replicas, proxy, controller) samples its own Python stacks and per-thread
-CPU time through ``__ray_call__`` while the jobs run: where a replica's CPU goes, by thread and by stack.
+Every Serve actor (replicas, proxy, controller) reports its CPU seconds by thread over the run (read from /proc
+through ``__ray_call__``); with ``--profile`` each also samples its Python stacks every 10 ms (which costs a few
+per cent of a core per actor): where a replica's CPU goes, by thread and by stack.
 
 Only what both trees have is used: the ``tiny`` preset, ``build_app``/``AppArgs``, the fal queue routes.
 """
@@ -42,8 +43,9 @@ IDLE_LEAVES = ("select", "poll", "epoll", "wait", "_wait_for_tstate_lock", "slee
 
 
 # -- profiling inside each Serve actor (these functions travel by value: this file runs as __main__) --------------
-def start_sampler(_actor: Any = None) -> int:
-    """Sample every thread's Python stack every 10 ms on a daemon thread; returns this process's pid."""
+def start_sampler(_actor: Any = None, stacks: bool = True) -> int:
+    """Note every thread's CPU time now and (``stacks``) sample every thread's Python stack every 10 ms on a daemon
+    thread; returns this process's pid."""
     import collections
     import os as _os
     import sys as _sys
@@ -69,7 +71,8 @@ def start_sampler(_actor: Any = None) -> int:
             _time.sleep(SAMPLE_EVERY_S)
 
     _sys._throughput_sampler = state  # type: ignore[attr-defined]
-    _threading.Thread(target=sample, name="throughput-sampler", daemon=True).start()
+    if stacks:
+        _threading.Thread(target=sample, name="throughput-sampler", daemon=True).start()
     return _os.getpid()
 
 
@@ -168,8 +171,9 @@ def run(jobs: int, poll_hz: float, profile: bool, audio_s: float) -> dict[str, A
         base = cluster.base + "/fal-ai/stable-avatar"
         body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": audio, "prompt": "a person talking",
                 "num_inference_steps": 1, "aspect_ratio": "1:1"}
-        actors = serve_actors() if profile else {}
-        pids = {name: ray.get(a.__ray_call__.remote(start_sampler), timeout=60) for name, a in actors.items()}
+        actors = serve_actors()
+        pids = {name: ray.get(a.__ray_call__.remote(start_sampler, profile), timeout=60)
+                for name, a in actors.items()}
         load_before = [round(x, 2) for x in os.getloadavg()]
         ids, submit_s = [], []
         for i in range(jobs):
