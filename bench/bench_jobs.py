@@ -23,7 +23,7 @@ and bytes on disk per job, on SQLite and on PostgreSQL, side by side in one run.
    application (SQLite, 1 Orchestrator) runs BATCHES batches of 25 ``simulated-instant`` jobs; every replica's RSS
    after each batch, and the growth per job over the second half of the run (after the allocators have warmed).
 
-    python bench/bench_jobs.py [--rows 10000] [--samples 150] [--dispatch-jobs 20] [--quick]
+    python bench/bench_jobs.py [--rows 10000] [--samples 150] [--dispatch-jobs 20] [--quick] [--latency-only]
     python bench/bench_jobs.py --memory-trend 12
 
 The machine is shared with other sessions: the load average is recorded before and after each section.
@@ -462,6 +462,7 @@ def main() -> None:
     parser.add_argument("--memory-batches", type=int, default=3, help="batches at 2 orchestrators (memory trend)")
     parser.add_argument("--quick", action="store_true", help="1,000 rows, 50 samples, 10-job batches")
     parser.add_argument("--no-old-store", action="store_true", help="skip measuring the old store (ddcf32e)")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency sections (1 and 5)")
     parser.add_argument("--memory-trend", type=int, metavar="BATCHES",
                         help="only the memory trend: BATCHES batches of 25 jobs on one application")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "jobs.json")
@@ -540,7 +541,7 @@ def main() -> None:
             filler.close()
             save()
             # 2-4. dispatch, memory, disk: fresh databases
-            for name in ("sqlite", "postgres"):
+            for name in () if args.latency_only else ("sqlite", "postgres"):
                 root = tmp / f"dispatch-{name}"
                 root.mkdir()
                 if name == "sqlite":
