@@ -45,7 +45,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.contracts import UnitKey
 from deployments.runtime import metrics
-from deployments.runtime.replica import replica_name
+from deployments.runtime.replica import limit_heap_retention, replica_name
 from deployments.workers.fault_hooks import claim_hook
 from deployments.workers.models import load_replica_models
 from deployments.workers.placement import StickyBalancedRouter
@@ -67,6 +67,7 @@ UNITS_KEEP = 256  # requests whose unit counts a replica remembers (stats)
                   request_router_config=RequestRouterConfig(request_router_class=StickyBalancedRouter))
 class Denoiser:
     def __init__(self, args: AppArgs):
+        limit_heap_retention()  # units and their outputs churn through window-sized buffers all job long
         bundle = load_replica_models(args, args.denoiser, ["transformer"])
         settings = args.pipeline
         self.placement = bundle.placement  # never released: the DiT stays placed between units
