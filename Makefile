@@ -93,6 +93,7 @@ bench: setup
 	$(BIN)/python bench/bench_job_store.py
 	$(BIN)/python bench/bench_wakeup.py
 	$(BIN)/python bench/bench_jobs.py
+	$(BIN)/python bench/bench_throughput.py
 	$(BIN)/python bench/bench_retention.py
 	$(BIN)/python bench/bench_step_cache.py
 	$(BIN)/python bench/bench_split_rows.py

@@ -68,6 +68,7 @@ from testing.media import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 APP = "bench-fanout"
 SECTIONS = ("fanout", "short", "fairness", "scale")
 UNIT_S = {True: SIMULATED_ROW_S, False: 3 * SIMULATED_ROW_S}  # split rows: 1 row per unit; batch 3: 3 rows
+PLAN_REPLICAS = (1, 2, 4, 5, 6, 8)  # every replica count a section deploys
 
 
 @serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
@@ -116,13 +117,20 @@ class Bench:
         self.caller = None
 
     def deploy(self, replicas: int, unit_order: str | None = None) -> None:
-        """Scale the Denoisers to ``replicas`` (ascending counts only add replicas; a new unit order restarts
-        them) and wait until all are running."""
+        """Scale the Denoisers to ``replicas`` (replicas are added or removed; a new unit order restarts them) and
+        wait until all are running."""
         self.unit_order = unit_order or self.unit_order
-        args = AppArgs.model_validate({"preset": "simulated", "preset_modules": ["bench.simulated"], "device": "cpu",
-                                       "unit_order": self.unit_order,
-                                       "denoiser": {"num_replicas": replicas, "num_gpus": 1}})
-        denoiser = Denoiser.options(**args.denoiser.serve_options()).bind(args)
+
+        def args(count: int) -> AppArgs:
+            return AppArgs.model_validate({"preset": "simulated", "preset_modules": ["bench.simulated"],
+                                           "device": "cpu", "unit_order": self.unit_order,
+                                           "denoiser": {"num_replicas": count, "num_gpus": 1}})
+
+        # A scale event, as autoscaling makes one: ``serve.run`` gives every deployment a new random version (so
+        # every replica is replaced) unless it has one; ours changes with the unit order only, which restarts them,
+        # and the replica count goes into the options only, never into the replicas' arguments.
+        denoiser = Denoiser.options(**args(replicas).denoiser.serve_options(), version=f"bench-{self.unit_order}",
+                                    _internal=True).bind(args(max(PLAN_REPLICAS)))
         self.caller = serve.run(BenchCaller.bind(denoiser), name=APP, route_prefix=None)
         running = serve.status().applications[APP].deployments["Denoiser"].replica_states.get("RUNNING")
         assert running == replicas, (running, replicas)
@@ -181,7 +189,8 @@ def fanout(bench: Bench, prepared: PreparedRequest, n: int, t1: float | None) ->
            "overhead_per_step_s": round((wall - ideal) / steps, 3),
            "units_per_replica": sorted(result["units_per_replica"].values()),
            "caller_cpu_s_per_step": round(result["cpu_s"] / steps, 4),
-           "caller_cpu_fraction": round(result["cpu_s"] / wall, 4), "latents_sha256": result["latents_sha256"]}
+           "caller_cpu_fraction": round(result["cpu_s"] / wall, 4), "latents_sha256": result["latents_sha256"],
+           "load_average": load_average()}
     print(row, flush=True)
     return row
 
@@ -198,7 +207,7 @@ def short_clip(bench: Bench, prepared: PreparedRequest, n: int) -> list[dict]:
                      "wall_s": round(result["wall_s"], 2), "ideal_s": round(ideal, 2),
                      "caller_cpu_s_per_step": round(result["cpu_s"] / steps, 4),
                      "caller_cpu_fraction": round(result["cpu_s"] / result["wall_s"], 4),
-                     "latents_sha256": result["latents_sha256"]})
+                     "latents_sha256": result["latents_sha256"], "load_average": load_average()})
         print(rows[-1], flush=True)
     return rows
 
@@ -220,7 +229,8 @@ def fairness(bench: Bench, jobs: list[tuple[str, PreparedRequest]], replicas: in
                      "wall_s": round(wall, 2), "alone_s": round(alone[name], 2),
                      "vs_alone": round(wall / alone[name], 3), "fair_share_s": round(fair[name], 2),
                      "vs_fair_share": round(wall / fair[name], 3), "work_s": works[name],
-                     "placement": sorted(collections.Counter(results[name]["placement"]).items())})
+                     "placement": sorted(collections.Counter(results[name]["placement"]).items()),
+                     "load_average": load_average()})
         print(rows[-1], flush=True)
     return rows
 

@@ -23,7 +23,7 @@ and bytes on disk per job, on SQLite and on PostgreSQL, side by side in one run.
    application (SQLite, 1 Orchestrator) runs BATCHES batches of 25 ``simulated-instant`` jobs; every replica's RSS
    after each batch, and the growth per job over the second half of the run (after the allocators have warmed).
 
-    python bench/bench_jobs.py [--rows 10000] [--samples 150] [--dispatch-jobs 20] [--quick]
+    python bench/bench_jobs.py [--rows 10000] [--samples 150] [--dispatch-jobs 20] [--quick] [--latency-only]
     python bench/bench_jobs.py --memory-trend 12
 
 The machine is shared with other sessions: the load average is recorded before and after each section.
@@ -56,6 +56,7 @@ import psutil  # noqa: E402
 from ray import serve  # noqa: E402
 
 from bench.stats import load_average, percentile, summary  # noqa: E402
+from bench.trees import run_in_tree, unpack  # noqa: E402
 from deployments.app import build_app  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from deployments.gateway.auth import fingerprint  # noqa: E402
@@ -305,18 +306,10 @@ def bench_old_store(tmp: Path, audio_path: Path, samples: int) -> dict[str, Any]
     """The same HTTP load (data-URI submits, each followed by a status poll of a random earlier job) against the
     application of commit ``ddcf32e`` (the single JobQueue replica), unpacked with ``git archive`` and run in its
     own process and Ray cluster. Its queued jobs run meanwhile (it cannot hold them), as in the issue's figures."""
-    tree = tmp / "old-store"
-    tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT], check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    tree = unpack(OLD_COMMIT, tmp / "old-store")
     load_before = load_average()
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, "-c", OLD_STORE_SCRIPT, str(EXAMPLE_IMAGE), str(audio_path), str(samples)],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("OLD_STORE_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the old store's run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1].removeprefix("OLD_STORE_RESULT "))
+    result = run_in_tree(tree, ["-c", OLD_STORE_SCRIPT, str(EXAMPLE_IMAGE), str(audio_path), str(samples)],
+                         "OLD_STORE_RESULT", timeout_s=900)
     result |= {"commit": OLD_COMMIT, "load_avg": {"before": load_before, "after": load_average()}}
     print(f"old store: {json.dumps(result)}", flush=True)
     return result
@@ -469,6 +462,7 @@ def main() -> None:
     parser.add_argument("--memory-batches", type=int, default=3, help="batches at 2 orchestrators (memory trend)")
     parser.add_argument("--quick", action="store_true", help="1,000 rows, 50 samples, 10-job batches")
     parser.add_argument("--no-old-store", action="store_true", help="skip measuring the old store (ddcf32e)")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency sections (1 and 5)")
     parser.add_argument("--memory-trend", type=int, metavar="BATCHES",
                         help="only the memory trend: BATCHES batches of 25 jobs on one application")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "jobs.json")
@@ -547,7 +541,7 @@ def main() -> None:
             filler.close()
             save()
             # 2-4. dispatch, memory, disk: fresh databases
-            for name in ("sqlite", "postgres"):
+            for name in () if args.latency_only else ("sqlite", "postgres"):
                 root = tmp / f"dispatch-{name}"
                 root.mkdir()
                 if name == "sqlite":

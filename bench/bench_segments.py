@@ -1,6 +1,6 @@
 """Long videos in segments: decode + encode on this machine and on Postprocessor replicas through Serve (issue 20).
 
-Three parts (``--parts``; all by default):
+Four parts (``--parts``; all by default):
 
 * ``decode`` ((b) of the issue): the real decoder in one process, segments against the serial path. Per case, the
   serial path (``StableAvatarPipeline.finish``) and the segment plans for several Postprocessor replica counts, run
@@ -23,6 +23,11 @@ Three parts (``--parts``; all by default):
   ``SIMULATED_FRAME_S`` per frame, as a decoder on its own GPU would take that long, at 64x64 so x264 costs
   little): the Orchestrator's own finish stage (``SegmentedFinish.finish``) run from a caller replica, latents put
   once, segments on the replicas, stitched and uploaded. ``efficiency_vs_ideal`` = (frames x frame time / n) / wall.
+* ``post_cpu`` (what (a) cannot show on a shared box): the CPU seconds of the Serve parts' work without the
+  simulated decoder's sleep, in one process: each segment of a video cut for 8 replicas (decode at 64x64 + x264),
+  the stitch, and within the stitch the AAC encode of the whole audio (an ffmpeg run of its own), beside the serial
+  path; and from them the efficiency 8 replicas would reach with a core each and nothing else running
+  (``estimate_8``: ideal / (slowest segment's frames x frame time + its CPU + the stitch's CPU)).
 * ``end_to_end`` ((c)): a 60 s video through the whole service (Gateway to result, the ``simulated-decoder-dit``
   preset, 4 Denoisers), once with one Postprocessor (the serial post path) and once with 8 (segmented), same run.
 
@@ -55,15 +60,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import bench.simulated  # noqa: E402, F401  (registers the simulated-realsize preset)
+import bench.simulated  # noqa: E402  (registers the simulated-realsize preset)
 from bench import segments_serve  # noqa: E402
+from bench.simulated import SIMULATED_FRAME_S  # noqa: E402
 from bench.stats import load_average  # noqa: E402
 from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
 from pipeline.media.stitch import read_video_packets  # noqa: E402
-from pipeline.media.video import probe_media  # noqa: E402
+from pipeline.media.video import ffmpeg_path, probe_media  # noqa: E402
 from pipeline.models.vae import StreamingVaeDecoder, decoder_reach  # noqa: E402
-from pipeline.presets import get_preset  # noqa: E402
+from pipeline.presets import get_preset, register_preset  # noqa: E402
 from pipeline.segment_plan import DecoderReach, LatentSegment, first_frame, plan_segments  # noqa: E402
 from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
 from testing.media import synthetic_speech  # noqa: E402
@@ -290,8 +296,58 @@ def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
     return result, summary
 
 
-PARTS: dict[str, Callable[[bool, Path], tuple[dict, dict]]] = {
-    "decode": decode_part, "replicas": segments_serve.replicas_part, "end_to_end": segments_serve.end_to_end_part}
+def audio_encode_cpu(audio: Path, seconds: float) -> float:
+    """CPU seconds of the stitch's AAC encode of ``seconds`` of ``audio`` alone (the settings of ``mux_audio``)."""
+    cmd = [ffmpeg_path(), "-nostdin", "-loglevel", "error", "-t", f"{seconds:.6f}", "-i", str(audio), "-c:a", "aac",
+           "-b:a", "128k", "-ar", "48000", "-f", "null", "-"]
+    return timed_cpu(lambda: subprocess.run(cmd, check=True, capture_output=True))[2]
+
+
+def post_cpu_row(pipeline: StableAvatarPipeline, seconds: float, workdir: Path) -> dict:
+    """One video length cut for 8 replicas: each segment's CPU, the stitch's, its AAC encode's, the serial path's."""
+    prepared = segments_serve.prepared_request(seconds, workdir)
+    latents = torch.randn(prepared.latent_shape, generator=torch.Generator().manual_seed(0))
+    segments = pipeline.plan_segments(prepared, 8, segments_serve.MIN_SEGMENT_LATENTS)
+    files, segment_cpu = [], []
+    for segment in segments:
+        path = workdir / f"cpu-{seconds:g}-{segment.index}.mp4"
+        result, _, cpu = timed_cpu(lambda s=segment, p=path: pipeline.finish_segment(
+            s, latents, segments_serve.SIZE, segments_serve.SIZE, p))
+        files.append(result.path)
+        segment_cpu.append(cpu)
+    stitch_cpu = timed_cpu(lambda: stitch_segments(prepared, segments, files, workdir / "cpu-out.mp4"))[2]
+    serial_cpu = timed_cpu(lambda: pipeline.finish(prepared, latents, workdir / "cpu-serial.mp4"))[2]
+    frames = prepared.plan.output_frames
+    ideal = frames * SIMULATED_FRAME_S / 8
+    paths = [(s.frame_end - s.frame_start + 4 * s.warm_up) * SIMULATED_FRAME_S + c
+             for s, c in zip(segments, segment_cpu, strict=True)]  # decoded frames (warm-up included) + CPU
+    critical = max(paths) + stitch_cpu
+    return {"video_s": seconds, "frames": frames, "segments": len(segments),
+            "segment_cpu_s": [round(c, 2) for c in segment_cpu], "stitch_cpu_s": round(stitch_cpu, 2),
+            "audio_encode_cpu_s": round(audio_encode_cpu(workdir / f"speech-{seconds:g}.wav", seconds), 2),
+            "serial_cpu_s": round(serial_cpu, 2), "ideal_8_s": round(ideal, 2),
+            "critical_path_8_s": round(critical, 2), "estimate_8": round(ideal / critical, 3),
+            "load_average": load_average()}
+
+
+def post_cpu_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
+    """The Serve parts' CPU work at 64x64 for 60 s and 600 s cut for 8 replicas, the decoder's sleep left out."""
+    name = "simulated-decoder-nosleep"
+    register_preset(bench.simulated.simulated_decoder_preset(frame_s=0.0, name=name))
+    pipeline = StableAvatarPipeline(load_models(get_preset(name), ["vae"]))
+    torch.set_num_threads(1)
+    rows = []
+    for seconds in (60.0, 600.0):
+        rows.append(post_cpu_row(pipeline, seconds, workdir))
+        print(json.dumps(rows[-1]), flush=True)
+    return ({"rows": rows, "frame_s": SIMULATED_FRAME_S},
+            {"post_efficiency_estimate_8_idle": rows[-1]["estimate_8"]})
+
+
+PARTS: dict[str, Callable[..., tuple[dict, dict]]] = {
+    "decode": decode_part, "replicas": segments_serve.replicas_part, "end_to_end": segments_serve.end_to_end_part,
+    "post_cpu": post_cpu_part}
+SERVE_PARTS = ("end_to_end", "replicas")  # run in one Ray cluster (segments_serve.serve_cluster)
 
 
 def text_report(results: dict, meta: dict) -> str:
@@ -300,7 +356,23 @@ def text_report(results: dict, meta: dict) -> str:
     if "decode" in results:
         lines += decode_report_lines(results, meta)
     lines += segments_serve.report_lines(results)
+    if "post_cpu" in results:
+        lines += post_cpu_report_lines(results["post_cpu"])
     return "\n".join(lines) + "\n"
+
+
+def post_cpu_report_lines(post: dict) -> list[str]:
+    lines = ["", f"CPU work of (a) without the decoder's sleep (64x64, cut for 8 replicas, one process); estimate at 8 = "
+                 f"ideal / (slowest segment's decoded frames x {post['frame_s']} s + its CPU + the stitch's CPU), "
+                 "as with a core per replica and nothing else running",
+             "video s | segments | CPU s per segment | stitch CPU s | of it AAC | serial CPU s | ideal 8 s | "
+             "critical path 8 s | estimate at 8 | load"]
+    for r in post["rows"]:
+        lines.append(f"{r['video_s']:>7g} | {r['segments']:>8} | {min(r['segment_cpu_s']):.2f}-{max(r['segment_cpu_s']):.2f}"
+                     f"{'':>8} | {r['stitch_cpu_s']:>12.2f} | {r['audio_encode_cpu_s']:>9.2f} | {r['serial_cpu_s']:>12.2f} | "
+                     f"{r['ideal_8_s']:>9.2f} | {r['critical_path_8_s']:>17.2f} | {r['estimate_8']:>13.3f} | "
+                     f"{r['load_average'][0]}")
+    return lines
 
 
 def decode_report_lines(results: dict, meta: dict) -> list[str]:
@@ -351,7 +423,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="under 10 minutes: a 20 s tiny case for the pixel "
                         "check, no real-width part, 60 s on 1 and 8 and 600 s on 8 Postprocessors, the end-to-end "
-                        "pair")
+                        "pair, the CPU work of 60 s and 600 s (post_cpu: the same in a full run)")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=sorted(PARTS))
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.txt (default: "
@@ -363,10 +435,17 @@ def main() -> None:
     meta = {"label": args.label or f"commit {commit}", "commit": commit, "quick": args.quick, "note": NOISE_NOTE,
             "cpus": os.cpu_count(), "machine": platform.machine(), "load_average_start": load_average()}
     results, summary = {}, {}
+    local = [name for name in args.parts if name not in SERVE_PARTS]
+    served = [name for name in args.parts if name in SERVE_PARTS]
     with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
-        for name in args.parts:
+        for name in local:
             results[name], part_summary = PARTS[name](args.quick, Path(tmp))
             summary.update(part_summary)
+        if served:
+            with segments_serve.serve_cluster() as cluster:
+                for name in served:
+                    results[name], part_summary = PARTS[name](args.quick, Path(tmp), cluster=cluster)
+                    summary.update(part_summary)
     meta["load_average_end"] = load_average()
     report = text_report(results, meta)
     every_part = sorted(args.parts) == sorted(PARTS)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from ray import serve  # noqa: E402
 
 from bench.simulated import SIMULATED_FRAME_S, SLEEPING_VAE_REACH  # noqa: E402
 from bench.stats import load_average  # noqa: E402
-from deployments.config import AppArgs  # noqa: E402
+from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.orchestrator.segments import SegmentedFinish  # noqa: E402
 from deployments.runtime.transport import put_tensor  # noqa: E402
 from deployments.workers.postprocessor import Postprocessor  # noqa: E402
@@ -25,12 +27,24 @@ from pipeline.media.video import probe_media  # noqa: E402
 from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
 from testing.http import http_bytes, http_json  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
-from testing.ray_serve import ray_serve_cluster  # noqa: E402
+from testing.ray_serve import RayServeCluster, ray_serve_cluster  # noqa: E402
 
 POST_APP = "bench-segments"
 MIN_SEGMENT_LATENTS = 40  # the service's default
 SIZE = 64  # the tiny preset's 1:1 frames: x264 costs little beside the simulated decoder
 _REPLICA = re.compile(r" decoded and encoded on (\S+) in ")
+
+
+@contextmanager
+def serve_cluster(cluster: RayServeCluster | None = None) -> Iterator[RayServeCluster]:
+    """``cluster``, or one of the shape both parts need (4 CPUs, 4 fake GPUs for the Denoisers) for this block.
+    The driver runs both parts in one cluster: a second cluster started by the same process after the first one
+    stops can miss Ray's fixed 30 s raylet start-up wait on a loaded machine."""
+    if cluster is not None:
+        yield cluster
+        return
+    with ray_serve_cluster(num_cpus=4, num_gpus=4, object_store_mb=1024) as started:
+        yield started
 
 
 @serve.deployment(max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
@@ -81,14 +95,15 @@ def _post_args(root: Path, replicas: int) -> AppArgs:
 
 
 def replicas_part(quick: bool, workdir: Path, plan: dict[float, tuple[int, ...]] | None = None,
-                  min_segment_latents: int = MIN_SEGMENT_LATENTS) -> tuple[dict, dict]:
+                  min_segment_latents: int = MIN_SEGMENT_LATENTS,
+                  cluster: RayServeCluster | None = None) -> tuple[dict, dict]:
     """(a): each video length on 1, 2, 4, 8 Postprocessor replicas (quick: 60 s on 1 and 8, 600 s on 8);
-    ``plan``: {video seconds: replica counts} instead (the test's tiny run)."""
+    ``plan``: {video seconds: replica counts} instead (the test's tiny run); in ``cluster`` if given."""
     plan = plan or ({60.0: (1, 8), 600.0: (8,)} if quick else {60.0: (1, 2, 4, 8), 600.0: (1, 2, 4, 8)})
     requests = {seconds: prepared_request(seconds, workdir) for seconds in plan}
     root = workdir / "post-storage"
     rows: list[dict[str, Any]] = []
-    with ray_serve_cluster(num_cpus=4, object_store_mb=1024):
+    with serve_cluster(cluster):
         for replicas in sorted({n for counts in plan.values() for n in counts}):  # ascending: replicas are added
             args = _post_args(root, replicas)
             postprocessor = Postprocessor.options(**args.postprocessor.serve_options()).bind(args)
@@ -111,6 +126,7 @@ def replicas_part(quick: bool, workdir: Path, plan: dict[float, tuple[int, ...]]
                        "load_average": load_average()}
                 rows.append(row)
                 print(row, flush=True)
+        serve.delete(POST_APP)  # its replicas would idle beside the next part's
     for row in rows:
         one = next((r for r in rows if r["video_s"] == row["video_s"] and r["replicas"] == 1), None)
         row["speedup_vs_1"] = round(one["wall_s"] / row["wall_s"], 2) if one else None
@@ -140,15 +156,17 @@ def _warm_up(caller, replicas: int, workdir: Path, timeout_s: float = 300) -> No
 # -- (c): end to end ---------------------------------------------------------------------------------------------
 
 def end_to_end_part(quick: bool, workdir: Path, seconds: float = 60.0, steps: int = 2, post_replicas: int = 8,
-                    min_segment_latents: int = MIN_SEGMENT_LATENTS) -> tuple[dict, dict]:
-    """(c): one ``seconds`` video through the whole service, serial post-processing then segmented, one run."""
+                    min_segment_latents: int = MIN_SEGMENT_LATENTS,
+                    cluster: RayServeCluster | None = None) -> tuple[dict, dict]:
+    """(c): one ``seconds`` video through the whole service, serial post-processing then segmented, one run (in
+    ``cluster`` if given)."""
     audio = synthetic_speech(workdir / f"e2e-{seconds:g}.wav", seconds)
     body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio, "audio/wav"),
             "prompt": "a person talking", "num_inference_steps": steps, "seed": 3, "aspect_ratio": "1:1"}
     warm = dict(body, audio_url=data_uri(synthetic_speech(workdir / "e2e-warm.wav", 2.0), "audio/wav"),
                 num_inference_steps=1)
     rows = []
-    with ray_serve_cluster(num_cpus=4, num_gpus=4, object_store_mb=1024) as cluster:
+    with serve_cluster(cluster) as cluster:
         for variant, replicas in (("serial", 1), ("segmented", post_replicas)):
             root = workdir / f"e2e-{variant}"
             cluster.deploy({"preset": "simulated-decoder-dit", "preset_modules": ["bench.simulated"],
@@ -174,6 +192,7 @@ def end_to_end_part(quick: bool, workdir: Path, seconds: float = 60.0, steps: in
                          "wall_s": round(wall, 2), "file_size": path.stat().st_size, "durations": durations(path),
                          "load_average": load_average()})
             print(rows[-1], flush=True)
+        serve.delete(APP_NAME)
     serial, segmented = rows
     result = {"rows": rows, "speedup": round(serial["wall_s"] / segmented["wall_s"], 2),
               "same_durations": serial["durations"] == segmented["durations"]}

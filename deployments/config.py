@@ -64,6 +64,8 @@ class DeploymentOptions(BaseModel):
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)
+    sp_degree: int = Field(1, ge=1, description="denoiser only: GPUs (ranks) one replica splits each unit over "
+                           "(sequence parallelism, docs/many-gpus.md); num_cpus/num_gpus/memory_gb are per rank")
 
     @property
     def max_replicas(self) -> int:
@@ -74,11 +76,21 @@ class DeploymentOptions(BaseModel):
         """Requests the deployment accepts at once at its largest: beyond that, Serve's replicas reject calls."""
         return self.max_replicas * (self.max_ongoing_requests or SERVE_DEFAULT_MAX_ONGOING)
 
+    def rank_resources(self) -> dict[str, float]:
+        """One rank's placement-group bundle: its CPUs, GPUs and memory (zero entries left out)."""
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": int((self.memory_gb or 0) * 2**30)}
+        return {name: value for name, value in bundle.items() if value}
+
     def serve_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory_gb:
             actor["memory"] = int(self.memory_gb * 2**30)
         options: dict[str, Any] = {"ray_actor_options": actor}
+        if self.sp_degree > 1:
+            # One bundle per rank, all on one node (the ranks' collectives run over NVLink); the replica itself
+            # (rank 0) takes bundle 0, its rank actors the others. Autoscaling still counts whole replicas.
+            options["placement_group_bundles"] = [self.rank_resources() for _ in range(self.sp_degree)]
+            options["placement_group_strategy"] = "STRICT_PACK"
         if self.autoscaling is not None:
             options["num_replicas"] = "auto"
             options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
@@ -282,6 +294,7 @@ class AppArgs(BaseModel):
             raise ValueError(f"checkpoints: preset {self.preset!r} has random weights and reads no checkpoints; "
                              f"for the official weights in {self.checkpoints} set 'preset: stableavatar-1.3b'")
         self._check_streams()
+        self._check_sequence_parallel(preset)
         if self.postprocessor.max_ongoing_requests == 1:
             raise ValueError("postprocessor.max_ongoing_requests must be at least 2: a replica decoding a segment "
                              "must still answer readiness probes (segments go one per replica by its router)")
@@ -311,6 +324,31 @@ class AppArgs(BaseModel):
                              f"{', '.join(f'{name}.num_gpus' for name in on_cpu)} is 0, so device 'auto' runs "
                              f"{'it' if len(on_cpu) == 1 else 'them'} on the CPU (give each a GPU share, or leave "
                              "use_stream unset)")
+
+    def _check_sequence_parallel(self, preset: ModelPreset) -> None:
+        """``denoiser.sp_degree``: a degree the model's heads or frames allow (the pipeline decides which
+        attention scheme a degree takes, or refuses it), whole GPUs per rank, and nothing sequence parallelism
+        does not support."""
+        for name in ("gateway", "orchestrator", "preprocessor", "postprocessor"):
+            if getattr(self, name).sp_degree != 1:
+                raise ValueError(f"{name}.sp_degree: only the denoiser splits its work over several GPUs")
+        options = self.denoiser
+        if options.sp_degree == 1:
+            return
+        from pipeline.sequence_parallel.split import choose_attention, ulysses_degrees
+
+        heads = preset.transformer["num_attention_heads"]
+        try:
+            choose_attention(heads, options.sp_degree)  # Ulysses where the heads divide evenly, ring otherwise
+        except ValueError as exc:
+            raise ValueError(f"denoiser.sp_degree: {exc}; Ulysses attention at {ulysses_degrees(heads)} (the "
+                             f"preset's {heads} heads), ring attention at the other degrees") from None
+        if options.num_gpus < 1 or options.num_gpus != int(options.num_gpus):
+            raise ValueError(f"denoiser.sp_degree {options.sp_degree} needs whole GPUs per rank (denoiser.num_gpus "
+                             f"1 or more, got {options.num_gpus:g}): each rank runs its share on its own GPU")
+        if self.pipeline.compile:
+            raise ValueError("denoiser.sp_degree > 1 does not support pipeline.compile (collectives inside "
+                             "compiled blocks are untested); set compile: false")
 
     def jobs_config(self) -> JobsConfig:
         """The jobs database: ``jobs``, else SQLite at :meth:`default_jobs_path`."""

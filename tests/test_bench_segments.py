@@ -8,6 +8,8 @@ import pytest
 
 from bench.segments_serve import end_to_end_part, replicas_part, report_lines
 
+pytestmark = pytest.mark.serve  # the parts start clusters of their own (testing.ray_serve.ray_serve_cluster)
+
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):

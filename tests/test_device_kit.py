@@ -20,18 +20,24 @@ from testing.media import REPO_ROOT
 SERVICE_ONLY = ("ray", "boto3", "botocore", "psycopg", "psycopg_pool", "fastapi", "starlette", "uvicorn", "fal_client")
 
 
-def run_script(script: str, tmp_path, *args: str, budget: int = 600) -> tuple[subprocess.CompletedProcess, dict, str]:
-    """``bash bench/device/<script> --tiny ARGS`` with no carried wheels and the service packages unimportable."""
+def kit_env(tmp_path, budget: int = 600) -> dict[str, str]:
+    """A device script's environment: no carried wheels, the service packages unimportable, ``$OUT`` in tmp."""
     blocker = tmp_path / "blocker"
     blocker.mkdir(exist_ok=True)
     (blocker / "sitecustomize.py").write_text(
         "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in SERVICE_ONLY))
-    out, wheels = tmp_path / "out", tmp_path / "no-wheels"
+    wheels = tmp_path / "no-wheels"
     wheels.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(wheels), "OUT": str(out),
-           "BUDGET_S": str(budget), "PYTHONPATH": str(blocker)}
+    return {**os.environ, "PYTHON": sys.executable, "WHEELS": str(wheels), "OUT": str(tmp_path / "out"),
+            "BUDGET_S": str(budget), "PYTHONPATH": str(blocker)}
+
+
+def run_script(script: str, tmp_path, *args: str, budget: int = 600) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """``bash bench/device/<script> --tiny ARGS`` with no carried wheels and the service packages unimportable."""
+    env = kit_env(tmp_path, budget)
     proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "device" / script), "--tiny", *args],
                           capture_output=True, text=True, env=env, timeout=budget + 60)
+    out = tmp_path / "out"
     result = json.loads((out / "gpu.json").read_text())
     return proc, result, (out / "gpu.txt").read_text()
 
@@ -100,3 +106,22 @@ def test_the_wheel_list_pins_one_version_of_each():
     names = [line.split("==")[0].lower().replace("_", "-") for line in lines]
     assert all("==" in line for line in lines) and len(set(names)) == len(names)
     assert {"diffusers", "pydantic", "pydantic-core", "ffmpeg-python", "imageio-ffmpeg"} <= set(names)
+
+
+def test_the_multi_gpu_phase_refuses_too_few_gpus_and_dry_runs_on_the_cpu(tmp_path):
+    """``sp_multi_gpu.sh`` stops at once, saying why, where the node has fewer GPUs than its largest degree (this
+    machine: none; a lent device: one); ``--tiny`` runs the same timing code over gloo and rebuilds the latency
+    estimate from the unit times it measured."""
+    script = str(REPO_ROOT / "bench" / "device" / "sp_multi_gpu.sh")
+    env = kit_env(tmp_path)
+    refused = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "needs 8 GPUs on this node; it has 0" in refused.stderr, refused.stderr
+    assert "cannot run this phase" in refused.stderr and not (tmp_path / "out" / "sp_gpu.json").exists()
+    dry = subprocess.run(["bash", script, "--tiny"], capture_output=True, text=True, env=env, timeout=600)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    timing = json.loads((tmp_path / "out" / "sp_gpu.json").read_text())["timing"]
+    assert [r["degree"] for r in timing] == [1, 2]
+    estimate = json.loads((tmp_path / "out" / "sp_estimate.json").read_text())
+    assert estimate["meta"]["model"] is False and estimate["meta"]["measured_degrees"] == [1, 2]
+    assert estimate["meta"]["forward_s"] == timing[0]["median_s_per_unit"]
+    assert {r["unit_source"] for r in estimate["rows"] if r["sp_degree"] in (1, 2)} == {"measured"}

@@ -369,6 +369,26 @@ async def test_js_and_python_uploads_land_under_the_callers_prefix_and_serve_bac
         assert field_of(refused) == ["body", "image_url"] and refused.json()["detail"][0]["type"] == "file_not_found"
 
 
+async def test_a_link_to_stored_results_or_inputs_is_an_input_for_their_owner_only(make_gateway):
+    """A link to our own storage names an object the submitting key must own: the result of one of its jobs (or its
+    upload, above). Another key's result and any job's stored input are refused at submit, naming the field, and
+    start no job; the owner's own result is accepted and reaches the job as that result's key."""
+    async with make_gateway() as gw:
+        rid = await submit(gw, A)
+        claimed = await gw.service.store.claim("runner", 30)
+        await finish_job(gw.service, rid, claimed.epoch)
+        video_url = (await gw.client.get(f"/{APP}/requests/{rid}", headers=A)).json()["video"]["url"]
+        input_url = gw.service.storage.url(f"inputs/{fingerprint(KEY_A)}/{rid}/image.png")
+        for field, url, key in (("audio_url", video_url, B), ("image_url", input_url, B), ("image_url", input_url, A)):
+            refused = await gw.client.post(f"/{APP}", json=job_body(**{field: url}), headers=key)
+            assert field_of(refused) == ["body", field], (field, url)
+            assert refused.json()["detail"][0]["type"] == "file_not_found"
+        assert await gw.service.store.queue_length() == 0
+        reuse = await submit(gw, A, audio_url=video_url)
+        job = await gw.service.store.claim("runner", 30)
+        assert job.request_id == reuse and job.input["stored"]["audio_url"] == keys.result_key(rid, claimed.epoch)
+
+
 async def test_signed_links_serve_only_their_own_file_until_they_expire(make_gateway):
     async with make_gateway() as gw:
         storage = gw.service.storage

@@ -17,9 +17,11 @@ idle runner on PostgreSQL claims a new job without waiting for its poll; log lin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,20 @@ async def wait_until(predicate, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The runner's WARN lines (its logger, "ray.serve", does not reach pytest's capture once Ray configured it)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_a_cancel_during_the_result_write_waits_for_it_then_deletes_it(env):
     args, open_store, storage = env
 
@@ -131,6 +147,48 @@ def test_a_cancel_during_the_result_write_waits_for_it_then_deletes_it(env):
         assert job.error.error_type == "client_cancelled" and job.result is None
         assert pipeline.writes_finished == [result_key(submitted.request_id, 1)]  # the write was not cut short
         await wait_until(lambda: objects(storage) == [])  # ... and its object did not outlive the job
+        await runner.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_seen_by_the_heartbeat_stops_a_run_inside_a_long_unit(env):
+    """A run may wait minutes in one call (a Denoiser unit of a long video) with no report to notice a cancel
+    request: the heartbeat sees it and stops the run there. What the run wrote that no row names is deleted and the
+    job ends cancelled, its runner free for the next job."""
+    args, open_store, storage = env
+
+    async def scenario() -> None:
+        store = open_store()
+        in_unit, unit_cancelled, written = asyncio.Event(), asyncio.Event(), []
+
+        async def long_unit(run: Run, report: RunReporter) -> StoredResult:
+            run.total_steps = 1
+            await report(stage="denoising", message="step 1 of 1")
+            segment = f"results/{run.request_id}/e{run.epoch}/segment-0.mp4"  # a finished part of the video
+            run.uncommitted.add(segment)
+            await asyncio.to_thread(storage.put_bytes, segment, b"part", "video/mp4")
+            written.append(segment)
+            in_unit.set()
+            try:
+                await asyncio.Event().wait()  # the unit: ends only when the run is stopped
+            except asyncio.CancelledError:
+                unit_cancelled.set()
+                raise
+            raise AssertionError("the unit cannot finish")
+
+        runner = JobRunner(store, storage, args, "runner-a", long_unit)
+        submitted = await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)
+        runner.loop.ensure_running()
+        await asyncio.wait_for(in_unit.wait(), 10)
+        assert objects(storage) == written
+        assert await store.cancel(submitted.request_id) == "CANCELLATION_REQUESTED"
+        # heartbeats every 0.2 s: the bound is generous for a loaded machine, and a run nobody stops never ends
+        await asyncio.wait_for(unit_cancelled.wait(), 10)
+        await wait_until(lambda: store.sync.get(submitted.request_id).status == "COMPLETED")
+        job = store.sync.get(submitted.request_id)
+        assert job.error.error_type == "client_cancelled" and job.result is None and job.attempts == 1
+        await wait_until(lambda: not runner.runs and objects(storage) == [])
         await runner.stop()
 
     asyncio.run(scenario())
@@ -155,8 +213,12 @@ def test_a_runner_that_lost_its_lease_deletes_its_result_and_the_winner_keeps_on
         runner_b = JobRunner(store_b, storage, args, "runner-b", Pipeline(storage))
         runner_b.loop.ensure_running()  # claims the job once A's lease ran out (epoch 2) and finishes it
         await wait_until(lambda: store_b.sync.get(submitted.request_id).status == "COMPLETED", 15)
-        release_a.set()  # A wakes up, writes its result under epoch 1, and its completion is refused
-        await wait_until(lambda: not runner_a.runs, 10)
+        with logged_warnings() as warnings:
+            release_a.set()  # A wakes up, writes its result under epoch 1, and its completion is refused
+            # the run is dropped from ``runs`` before its clean-up deletes its object
+            await wait_until(lambda: not runner_a.runs and len(objects(storage)) == 1, 10)
+        assert f"job {submitted.request_id} (epoch 1): complete write refused by fencing, the lease moved on" in \
+            warnings  # counted too (stable_avatar_fenced_writes_total): the soak counts these lines
         job = store_b.sync.get(submitted.request_id)
         assert job.error is None and job.epoch == 2 and job.attempts == 2
         assert objects(storage) == job.result_keys == [result_key(submitted.request_id, 2)]

@@ -84,11 +84,11 @@ class Log:
 
 def test_the_plan_follows_the_replicas_the_minimum_and_the_decoders_reach():
     long = prepared(60.0)  # 376 latents
-    segments = finisher(None).plan(long)
+    segments = finisher(PostprocessorHandle({})).plan(long)
     assert len(segments) == 4 and segments[-1].frame_end == long.plan.output_frames
     assert [s.warm_up for s in segments] == [0, 38, 38, 38]  # the tiny preset's Wan VAE: a reach of 38
-    assert len(finisher(None).plan(prepared(4.0))) == 1  # 26 latents: one segment of at least 20 is all there is
-    assert len(finisher(None, replicas=1).plan(long)) == 1  # one replica: the serial path
+    assert len(finisher(PostprocessorHandle({})).plan(prepared(4.0))) == 1  # 26 latents: one segment of at least 20 is all there is
+    assert len(finisher(PostprocessorHandle({}), replicas=1).plan(long)) == 1  # one replica: the serial path
 
 
 def test_a_segment_whose_replica_died_is_sent_again_and_logged():

@@ -432,3 +432,53 @@ def test_relative_checkpoints_and_offload_folder_resolve_where_the_config_is_rea
     assert pinned.checkpoints == tmp_path / "checkpoints"
     assert pinned.pipeline.memory.offload_dir == tmp_path / "offload"
     assert pinned.pipeline.memory.mode == "block_offload" and pinned.pipeline.step_cache.max_bytes == 2**31
+
+
+# ------------------------------------------------------------------------------ parallel units (sp_degree)
+
+
+@pytest.mark.parametrize("where", sorted(CONFIGS))
+def test_every_config_keeps_one_gpu_per_denoiser_replica_and_takes_a_parallel_unit(where):
+    """The shipped configs run ``sp_degree: 1`` (no placement group: today's replicas); the same config with
+    ``denoiser.sp_degree: 2`` loads through Ray's schema and ``AppArgs`` and gives each replica one bundle per rank
+    (its per-rank CPUs, GPUs and memory), all on one node (STRICT_PACK)."""
+    from deployments.workers.denoiser import Denoiser
+
+    args = AppArgs.model_validate(CONFIGS[where]["applications"][0]["args"])
+    assert args.denoiser.sp_degree == 1 and "placement_group_bundles" not in args.denoiser.serve_options()
+    config = copy.deepcopy(CONFIGS[where])
+    denoiser = config["applications"][0]["args"]["denoiser"]
+    denoiser.update(sp_degree=2, num_gpus=max(1, denoiser.get("num_gpus", 0)))
+    assert not config_problems(config)
+    options = AppArgs.model_validate(config["applications"][0]["args"]).denoiser
+    rank = {"GPU": options.num_gpus} | ({"CPU": options.num_cpus} if options.num_cpus else {}) | (
+        {"memory": int(options.memory_gb * 2**30)} if options.memory_gb else {})
+    built = Denoiser.options(**options.serve_options())._replica_config
+    assert built.placement_group_bundles == [rank, rank]
+    assert built.placement_group_strategy == "STRICT_PACK"
+    assert built.ray_actor_options["num_gpus"] == options.num_gpus  # rank 0, the replica, fits bundle 0
+
+
+@pytest.mark.parametrize("denoiser,named", [
+    ({"sp_degree": 0, "num_gpus": 1}, "denoiser.sp_degree\n  Input should be greater than or equal to 1"),
+    ({"sp_degree": 22, "num_gpus": 1}, "denoiser.sp_degree: sp_degree must be between 2 and 21"),
+    ({"sp_degree": 2}, "denoiser.sp_degree 2 needs whole GPUs per rank"),
+    ({"sp_degree": 2, "num_gpus": 0.5}, "denoiser.sp_degree 2 needs whole GPUs per rank"),
+])
+def test_a_bad_sp_degree_is_refused_at_start_naming_the_field(denoiser, named):
+    with pytest.raises(ValidationError) as raised:
+        AppArgs.model_validate({"denoiser": denoiser})
+    assert named in str(raised.value)
+
+
+def test_sp_degree_names_the_attention_the_heads_allow_and_what_it_does_not_support():
+    from pipeline.sequence_parallel import ulysses_degrees
+
+    with pytest.raises(ValidationError, match=r"Ulysses attention at \[2\] \(the preset's 2 heads\)"):
+        AppArgs.model_validate({"denoiser": {"sp_degree": 22, "num_gpus": 1}})
+    assert ulysses_degrees(2) == [2]
+    AppArgs.model_validate({"denoiser": {"sp_degree": 3, "num_gpus": 1}})  # 2 heads: ring attention
+    with pytest.raises(ValidationError, match="denoiser.sp_degree > 1 does not support pipeline.compile"):
+        AppArgs.model_validate({"denoiser": {"sp_degree": 2, "num_gpus": 1}, "pipeline": {"compile": True}})
+    with pytest.raises(ValidationError, match="postprocessor.sp_degree: only the denoiser"):
+        AppArgs.model_validate({"postprocessor": {"sp_degree": 2}})

@@ -207,7 +207,7 @@ class RunReporter:
                 cancel = await self.store.log_batch(run.request_id, run.epoch, lines, stage=stage, progress=progress,
                                                     lease_s=None if run.stalled else self.lease_s)
             except FencedError:
-                run.fenced = True
+                refused(run, "log")
                 return False
             except Exception as exc:
                 self._last_write = time.monotonic()
@@ -238,6 +238,15 @@ def job_error(exc: BaseException) -> JobError:
     message = detail if isinstance(detail, str) else detail[0]["msg"]
     return JobError(status_code=status, detail=detail, message=message,
                     error_type="internal_error" if status >= 500 else "validation_error")
+
+
+def refused(run: Run, write: str) -> None:
+    """A write of ``run`` was refused by fencing (its lease moved on): the run stops, and the refusal is counted and
+    logged (a stalled or partitioned replica's late writes are visible, and countable, per replica)."""
+    run.fenced = True
+    metrics.fenced_writes_total().inc(tags={"write": write})
+    logger.warning("job %s (epoch %d): %s write refused by fencing, the lease moved on", run.request_id, run.epoch,
+                   write)
 
 
 async def _fixed(value: str) -> str:
@@ -414,7 +423,7 @@ class JobRunner:
                     run.cancel_requested |= await self.store.heartbeat(run.request_id, run.epoch,
                                                                        self.dispatch.lease_s)
                 except FencedError:
-                    run.fenced = True
+                    refused(run, "heartbeat")
                 except Exception:  # noqa: BLE001 - a database hiccup: the lease has room for a few misses
                     logger.warning("runner %s: heartbeat of %s failed; retrying", self.runner_id, run.request_id,
                                    exc_info=True)
@@ -434,7 +443,7 @@ class JobRunner:
         try:
             replaced = await self.store.record_checkpoint(run.request_id, run.epoch, key, steps_done)
         except FencedError:
-            run.fenced = True
+            refused(run, "checkpoint")
             raise
         except Exception as exc:
             if not is_database_fault(exc):
@@ -458,7 +467,7 @@ class JobRunner:
             job = await self.store.complete(run.request_id, run.epoch, result=stored.model_dump(),
                                             result_keys=[key])
         except FencedError:  # another runner finished it, or it was cancelled meanwhile: ours is surplus
-            run.fenced = True
+            refused(run, "complete")
             raise
         except Exception as exc:
             if not is_database_fault(exc):
@@ -487,7 +496,7 @@ class JobRunner:
                 return await self.store.complete(run.request_id, run.epoch, result=stored.model_dump(),
                                                  result_keys=[key])
             except FencedError:  # finished by the store or another runner, not by us: ours is surplus
-                run.fenced = True
+                refused(run, "complete")
                 raise
             except Exception as exc:
                 if not is_database_fault(exc) or time.monotonic() > give_up:
@@ -556,7 +565,7 @@ class JobRunner:
             try:
                 return await write()
             except FencedError:
-                run.fenced = True
+                refused(run, what)
                 return None
             except Exception as exc:
                 if not is_database_fault(exc):

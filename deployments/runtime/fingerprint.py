@@ -18,6 +18,7 @@ No torch, no Ray: the Gateway's process imports what this module imports.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -47,7 +48,11 @@ def weights_identity(checkpoints: Path | None) -> list[tuple[str, int, int]]:
 
 
 def _named(value: Any) -> Any:
-    """JSON-able, with callables (a benchmark's stand-in factories) by their qualified name."""
+    """JSON-able, with callables (a benchmark's stand-in factories) by their qualified name; a
+    ``functools.partial`` by its function's name and the arguments bound to it, which may change the output."""
+    if isinstance(value, functools.partial):
+        return {"partial": _named(value.func), "args": [_named(a) for a in value.args],
+                "keywords": {k: _named(v) for k, v in sorted(value.keywords.items())}}
     if callable(value):
         return f"{value.__module__}.{value.__qualname__}"
     return value

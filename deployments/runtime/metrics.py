@@ -22,6 +22,13 @@ def jobs_total() -> Counter:
 
 
 @cache
+def fenced_writes_total() -> Counter:
+    return Counter("stable_avatar_fenced_writes_total", description="Writes of a runner that had lost its lease "
+                   "(another runner or the store took the job over), refused by fencing, by write: heartbeat, log, "
+                   "checkpoint, complete, retry, release.", tag_keys=("write",))
+
+
+@cache
 def queue_length() -> Gauge:
     return Gauge("stable_avatar_queue_length", description="Jobs waiting in the queue.")
 

@@ -18,6 +18,12 @@ placement keeps warm:
 ``free(request_id, slot)`` drops both for a finished or cancelled request; the Orchestrator sends it to every rank,
 and whatever a free misses (a replica that served the request before a scale event) ages out of the LRUs.
 
+With ``denoiser.sp_degree`` n > 1 a replica owns n GPUs (a placement group of n bundles on one node): it is rank 0
+of a parallel unit whose other ranks are actors it starts (:mod:`deployments.workers.rank_group`), and every unit
+runs on all n ranks in lock-step, split by latent frames (``pipeline.sequence_parallel``). Everything above stays
+the replica's own (queue, conditioning cache, stats); the step cache is rank 0's shard store. With ``sp_degree: 1``
+none of it exists: no process group, no actors, the same forward as before.
+
 A hung replica (a forward that never returns: a wedged GPU, a driver fault) is not a dead one: Serve would keep
 routing to it. The Orchestrator cancels a unit after ``timeouts.unit_s`` and sends it to another replica; this
 replica's health check then fails while a forward has run longer than that, so Serve replaces the replica.
@@ -39,9 +45,11 @@ from ray.serve.config import RequestRouterConfig
 from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.contracts import UnitKey
 from deployments.runtime import metrics
-from deployments.runtime.replica import replica_name
+from deployments.runtime.replica import limit_heap_retention, replica_name
+from deployments.workers.fault_hooks import claim_hook
 from deployments.workers.models import load_replica_models
 from deployments.workers.placement import StickyBalancedRouter
+from deployments.workers.rank_group import RankGroup, RankInfo, rank_info
 from deployments.workers.unit_queue import UnitQueue
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
@@ -59,12 +67,18 @@ UNITS_KEEP = 256  # requests whose unit counts a replica remembers (stats)
                   request_router_config=RequestRouterConfig(request_router_class=StickyBalancedRouter))
 class Denoiser:
     def __init__(self, args: AppArgs):
+        limit_heap_retention()  # units and their outputs churn through window-sized buffers all job long
         bundle = load_replica_models(args, args.denoiser, ["transformer"])
         settings = args.pipeline
         self.placement = bundle.placement  # never released: the DiT stays placed between units
-        self.denoiser = WindowDenoiser(bundle.transformer, compile=settings.compile)
         self.step_cache_settings = settings.step_cache
-        self.step_cache = StepCache.from_settings(settings.step_cache)
+        self.ranks: RankGroup | None = None  # sp_degree > 1: this replica's other ranks and its process group
+        if args.denoiser.sp_degree == 1:
+            self.denoiser = WindowDenoiser(bundle.transformer, compile=settings.compile)
+            self.step_cache = StepCache.from_settings(settings.step_cache)
+        else:
+            self.ranks = RankGroup(args, bundle.transformer, args.torch_device(args.denoiser.num_gpus))
+            self.denoiser, self.step_cache = self.ranks.rank.denoiser, self.ranks.rank.step_cache
         self.cache: OrderedDict[str, RequestConditioning] = OrderedDict()
         self.cache_size = args.conditioning_cache_size
         self._gpu = UnitQueue(args.unit_order, args.unit_ageing_s, args.unit_anticipation)
@@ -88,6 +102,8 @@ class Denoiser:
         if since is not None and time.monotonic() - since > self.unit_timeout_s:
             raise RuntimeError(f"a unit has been running for {time.monotonic() - since:.0f} s, over "
                                f"timeouts.unit_s ({self.unit_timeout_s:g} s): this replica is hung")
+        if self.ranks is not None:
+            await self.ranks.check()
 
     async def _conditioning(self, request_id: str, ref: ray.ObjectRef) -> RequestConditioning:
         if request_id in self.cache:
@@ -110,9 +126,12 @@ class Denoiser:
             # The forward runs in a thread so the replica stays responsive; if the request is cancelled while it
             # runs, keep the GPU until it has finished, so a cancelled job never overlaps the next unit.
             started = time.perf_counter()
-            hang_s = (await asyncio.to_thread(self._claim_hook, self._hang_file, work)
+            hang_s = (await asyncio.to_thread(claim_hook, self._hang_file, work)
                       if self._hang_file is not None else None)
-            task = asyncio.ensure_future(asyncio.to_thread(self._forward, cond, work, hang_s))
+            forward = asyncio.to_thread(self._forward, cond, work, hang_s)
+            if self.ranks is not None:  # every rank runs the unit; rank 0 (this replica) returns it
+                forward = self.ranks.lockstep(forward, request_id, conditioning, unit)
+            task = asyncio.ensure_future(forward)
             self._forward_since = time.monotonic()
             try:
                 result = await asyncio.shield(task)
@@ -135,6 +154,8 @@ class Denoiser:
         """Drop a finished or cancelled request's conditioning and residuals; returns the residuals dropped.
         (Async, like ``stats``: it runs on the replica's event loop, where ``step`` uses the conditioning cache.)"""
         self.cache.pop(request_id, None)
+        if self.ranks is not None:
+            self.ranks.free(request_id)
         return self.step_cache.free(request_id)
 
     async def stats(self, request_id: str, slot: int) -> dict:
@@ -142,6 +163,10 @@ class Denoiser:
         return {"replica": self.replica_id, "units": self.units.get(request_id, 0),
                 "step_cache": self.step_cache.stats.as_dict(), "residuals": len(self.step_cache),
                 "residual_bytes": self.step_cache.nbytes, "conditioning_cached": list(self.cache)}
+
+    async def ranks_placement(self, request_id: str, slot: int) -> list[RankInfo]:
+        """Where this replica's ranks run, rank 0 first (one rank with ``sp_degree: 1``)."""
+        return self.ranks.ranks() if self.ranks is not None else [rank_info(0)]
 
     def _forward(self, cond: RequestConditioning, work: WindowStep, hang_s: float | None) -> torch.Tensor:
         if hang_s:  # test hook: a wedged forward
@@ -157,25 +182,6 @@ class Denoiser:
         """Test hook: the replica running the unit named in the crash file exits while holding it. It waits
         ``CRASH_DELAY_S`` first: Serve's router re-sends by itself a request whose replica dies before its
         acceptance has reached the caller, so an immediate exit would sometimes test the router, not our retry."""
-        if self._crash_file is not None and await asyncio.to_thread(self._claim_hook, self._crash_file, work):
+        if self._crash_file is not None and await asyncio.to_thread(claim_hook, self._crash_file, work):
             await asyncio.sleep(CRASH_DELAY_S)
             os._exit(1)
-
-    @staticmethod
-    def _claim_hook(hook: Path | None, work: WindowStep) -> float | None:
-        """The hook file's ``hang_s`` (1.0 if absent) when ``work`` is its unit and this replica claimed it."""
-        import json
-
-        if hook is None:
-            return None
-        try:
-            target = json.loads(hook.read_text())
-        except (OSError, ValueError):  # none (left), or being written
-            return None
-        if (work.step, work.window) != (target["step"], target["window"]):
-            return None
-        try:
-            hook.rename(hook.with_suffix(".claimed"))  # exactly one replica claims it
-        except OSError:
-            return None
-        return float(target.get("hang_s", 1.0))

@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 
 from deployments.config import AppArgs, DeploymentOptions
-from deployments.runtime.replica import limit_heap_retention
 from pipeline.loading import Component, ModelBundle, load_models
 
 logger = logging.getLogger("ray.serve")
 
 
 def load_replica_models(args: AppArgs, options: DeploymentOptions, components: list[Component]) -> ModelBundle:
-    """Load the components this replica needs, once, in its constructor (which also sets the heap's policy)."""
-    limit_heap_retention()
+    """Load the components this replica needs, once, in its constructor (each deployment sets its heap policy
+    itself: :mod:`deployments.runtime.replica`)."""
     device = args.torch_device(options.num_gpus)
     bundle = load_models(args.model_preset(), components, checkpoints=args.checkpoints, device=device,
                          variant=args.variant, dtype_policy=args.replica_dtype_policy(options),

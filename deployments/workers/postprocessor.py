@@ -23,7 +23,7 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.config import AppArgs
 from deployments.contracts import PostprocessResult, SegmentVideo
-from deployments.runtime.replica import replica_name
+from deployments.runtime.replica import releases_freed_heap, replica_name
 from deployments.runtime.transport import take_tensor
 from deployments.storage import make_storage
 from deployments.workers.models import load_replica_models
@@ -54,6 +54,7 @@ class Postprocessor:
         return {"deployment": "Postprocessor", "replica": replica_name(),
                 "memory": self.pipeline.models.placement.describe()}
 
+    @releases_freed_heap
     async def finish(self, prepared: PreparedRequest, latents: torch.Tensor | list[ray.ObjectRef],
                      key: str) -> PostprocessResult:
         """Encode and upload the mp4 as ``key`` (``storage.keys.result_key``). ``latents``: the tensor, or (the
@@ -69,6 +70,7 @@ class Postprocessor:
         return PostprocessResult(key=key, file_size=size, frames=result.frames,
                                  encode_s=result.timings.get("decode_encode", 0.0))
 
+    @releases_freed_heap
     async def finish_segment(self, request_id: str, segment: LatentSegment, latents: list[ray.ObjectRef],
                              width: int, height: int) -> SegmentVideo:
         """Decode and encode one segment of ``request_id``'s video (``latents``: the whole latents' reference,
@@ -84,6 +86,7 @@ class Postprocessor:
         return SegmentVideo(index=segment.index, frames=result.frames, data=data,
                             decode_encode_s=result.timings["decode_encode"], replica=replica_name())
 
+    @releases_freed_heap
     async def stitch(self, prepared: PreparedRequest, segments: list[LatentSegment], videos: list[ray.ObjectRef],
                      key: str) -> PostprocessResult:
         """Join the segments' mp4s (``videos[i]``: the reference to ``finish_segment``'s answer for

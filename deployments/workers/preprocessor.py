@@ -22,7 +22,7 @@ from ray import serve
 from deployments.config import AppArgs
 from deployments.runtime.fingerprint import model_fingerprint
 from deployments.runtime.metrics import PromptCacheMetrics
-from deployments.runtime.replica import replica_name
+from deployments.runtime.replica import releases_freed_heap, replica_name
 from deployments.storage import StorageNotFoundError, StorageTooLargeError, make_storage
 from deployments.storage.s3_inputs import S3InputReader
 from deployments.workers.models import load_replica_models
@@ -77,6 +77,7 @@ class Preprocessor:
             raise FetchError(f"{field} is empty (0 bytes)", field=field)
         return data
 
+    @releases_freed_heap
     async def prepare(self, request_id: str, request: StableAvatarInput, seed: int | None = None,
                       stored: dict[str, str] | None = None) -> PreparedRequest:
         """``stored`` maps fields to the storage keys that stand for them (``JobInput.stored``)."""

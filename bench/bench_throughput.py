@@ -1,0 +1,98 @@
+"""Jobs per minute of the whole service under one load probe, for several commits side by side in one run.
+
+Each commit (by default the store before the jobs database, ``fffc418``, and this working tree) is unpacked
+(:mod:`bench.trees`) and runs :mod:`bench.throughput_probe` in a process and Ray cluster of its own, one after the
+other: the same queued tiny jobs (1 step, 1 s of audio, data-URI inputs, submitted at once), the same status
+polling rate, each tree's defaults otherwise. Reported per commit: jobs per minute (completed jobs over the span
+from the first job's start to the last one's end, from the jobs' own log lines) and the median prepare, decode +
+encode and total times per job, with the load average around each run (the machine is shared: compare commits
+within one run, not across runs), and each Serve actor's CPU seconds per job (by thread in the JSON);
+``--profile`` adds each actor's busiest Python stacks.
+
+    python bench/bench_throughput.py [--jobs 150] [--commits fffc418 working-tree] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.stats import load_average  # noqa: E402
+from bench.trees import WORKING_TREE, describe, run_in_tree, unpack  # noqa: E402
+
+PROBE = ROOT / "bench" / "throughput_probe.py"
+OLD_STORE_COMMIT = "fffc418"  # the last commit with the single JobQueue replica (before the jobs database)
+
+
+def probe(commit: str, tmp: Path, jobs: int, poll_hz: float, profile: bool) -> dict[str, Any]:
+    tree = unpack(commit, tmp / commit)
+    argv = [str(PROBE), "--jobs", str(jobs), "--poll-hz", str(poll_hz)] + (["--profile"] if profile else [])
+    started = time.monotonic()
+    result = run_in_tree(tree, argv, "PROBE_RESULT", timeout_s=3600)
+    result |= {"commit": commit, "describe": describe(commit), "wall_s": round(time.monotonic() - started, 1)}
+    print(f"{commit}: {result['jobs_per_min']} jobs/min, medians {result['median_s']}, load "
+          f"{result['load_avg']}", flush=True)
+    return result
+
+
+def text_report(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    lines = [report["what"], f"machine: {report['machine']}", "",
+             f"{'commit':<14} | {'jobs/min':>8} | {'prepare':>7} | {'decode+encode':>13} | {'total':>6} | "
+             f"{'submit p50':>10} | {'status p95':>10} | load avg before -> after"]
+    for r in runs:
+        m = r["median_s"]
+        lines.append(f"{r['commit']:<14} | {r['jobs_per_min']:>8.1f} | {m['prepare_s']:>6.2f}s | "
+                     f"{m['decode_encode_s']:>12.2f}s | {m['total_s']:>5.2f}s | {r['submit_p50_ms']:>8.1f}ms | "
+                     f"{r['status_p95_ms']:>8.1f}ms | {r['load_avg']['before']} -> {r['load_avg']['after']}")
+    lines.append("(prepare, decode+encode, total: medians per job)")
+    lines += [f"  {r['commit']}: {r['describe']}; {r['completed']}/{r['jobs']} completed in {r['span_s']} s"
+              for r in runs]
+    base = runs[0]
+    for r in runs[1:]:
+        lines.append(f"  {r['commit']} / {base['commit']}: {r['jobs_per_min'] / base['jobs_per_min']:.2f}x jobs/min")
+    lines += ["", "CPU seconds per completed job, by Serve actor (all its threads):"]
+    for r in runs:
+        per_actor = {actor.split("#")[1] if "#" in actor else actor.split("-")[0].removeprefix("SERVE_"):
+                     sum(p["cpu_s_by_thread"].values()) / r["completed"] for actor, p in r["profile"].items()}
+        lines.append(f"  {r['commit']:<14} " + ", ".join(f"{a} {s:.2f}" for a, s in sorted(per_actor.items())))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=150)
+    parser.add_argument("--poll-hz", type=float, default=4.0, help="status requests per second while jobs run")
+    parser.add_argument("--commits", nargs="+", default=[OLD_STORE_COMMIT, WORKING_TREE],
+                        help=f"commits to compare, the first is the baseline ({WORKING_TREE}: this checkout)")
+    parser.add_argument("--profile", action="store_true", help="sample stacks and thread CPU in every Serve actor")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
+    args = parser.parse_args()
+    started, load_start = time.monotonic(), load_average()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        for commit in args.commits:
+            runs.append(probe(commit, Path(tmp), args.jobs, args.poll_hz, args.profile))
+    report = {"what": f"{args.jobs} queued tiny jobs (1 step, 1 s audio, data-URI inputs, submitted at once), status "
+                      f"polled {args.poll_hz:g}/s; each commit in its own process and Ray cluster, one after the other",
+              "machine": {"cpus": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": load_average(),
+                          "shared": "other sessions run on this machine: compare commits within this run"},
+              "duration_s": round(time.monotonic() - started, 1), "runs": runs}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    text = text_report(report)
+    args.json.with_suffix(".txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
