@@ -56,7 +56,7 @@ def service(tmp_path_factory, serve_cluster):
         "storage": serve_cluster.local_storage(root),
         "gateway": {"num_replicas": 2},
         "denoiser": {"num_replicas": 1, "num_gpus": 1, "max_ongoing_requests": 1},
-    }, env={"STABLE_AVATAR_TEST_KEYS": f"{KEY_A},{KEY_B}"})
+    }, env={"STABLE_AVATAR_TEST_KEYS": f"{KEY_A},{KEY_B},{KEY_C}"})
     store = make_sync_job_store(SqliteJobsConfig(path=root / "jobs.sqlite3"), root / "unused")
     try:
         yield {"base": serve_cluster.base, "root": root, "store": store}

@@ -39,7 +39,8 @@ def deploy_service(cluster: RayServeCluster, storage_root: Path, scheme: str = "
     """The app (tiny preset, CPU, one job at a time so a queue forms) on ``cluster``; returns the base URL."""
     assert cluster.base.startswith(scheme + "://")
     cluster.deploy({
-        "device": "cpu", "max_running_jobs": 1, "storage": cluster.local_storage(storage_root),
+        "device": "cpu", "max_running_jobs": 1, "short_job_slots": 0,  # later jobs stay queued
+        "storage": cluster.local_storage(storage_root),
         "denoiser": {"num_replicas": 1, "max_ongoing_requests": 1},
     })
     return cluster.base

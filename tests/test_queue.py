@@ -44,7 +44,7 @@ def service(tmp_path_factory, postgres, serve_cluster):
         with pytest.MonkeyPatch.context() as patch:  # this process's own store reads it too
             patch.setenv(DSN_ENV, dsn)
             config = {
-                "device": "cpu", "max_running_jobs": 1, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
+                "device": "cpu", "max_running_jobs": 1, "short_job_slots": 0, "checkpoint_every_steps": 2, "webhook_first_delay_s": 0.2,
                 "jobs": {"kind": "postgres", "dsn_env": DSN_ENV, "pool_max_size": 4, "connect_timeout_s": 5},
                 # lease: short enough that the killed runner's job is reclaimed quickly, long enough that a replica
                 # starved of CPU on a loaded 2-core machine still renews it in time

@@ -25,8 +25,9 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.config import APP_NAME  # noqa: E402
-from deployments.contracts import request_offset  # noqa: E402
+from deployments.contracts import rank_slot  # noqa: E402
 from deployments.workers.denoiser import CRASH_FILE_ENV, HANG_FILE_ENV  # noqa: E402
+from deployments.workers.placement import place_units  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from testing.http import http_bytes, http_json  # noqa: E402
@@ -151,10 +152,10 @@ def run_queued(cluster, body: dict) -> tuple[bytes, list[str]]:
 
 
 def denoiser_stats(request_id: str, replicas: int) -> dict[str, dict]:
-    """Each Denoiser replica's stats for ``request_id`` (slots offset..offset+N-1 reach every replica once)."""
+    """Each Denoiser replica's stats for ``request_id`` (``replicas`` consecutive rank slots reach each once)."""
     handle = serve.get_deployment_handle("Denoiser", APP_NAME)
-    offset = request_offset(request_id)
-    answers = [handle.stats.remote(request_id, offset + i).result(timeout_s=60) for i in range(replicas)]
+    answers = [handle.stats.remote(request_id, rank_slot(request_id, i)).result(timeout_s=60)
+               for i in range(replicas)]
     return {answer["replica"]: answer for answer in answers}
 
 
@@ -235,9 +236,9 @@ def test_http_output_equals_cli_with_three_denoisers_that_all_worked(cluster, in
     assert video == cli_reference(tmp_path, inputs["short"])
     stats = denoiser_stats(request_id, 3)
     assert len(stats) == 3
-    # 9 s: 5 windows, one unit each per step, placed on sorted(replicas)[(offset + window) mod 3] at every step
-    offset, ids = request_offset(request_id), sorted(stats)
-    expected = {replica: STEPS * sum(1 for w in range(5) if ids[(offset + w) % 3] == replica) for replica in ids}
+    # 9 s: 5 windows, one unit each per step, placed by the router's rule (rendezvous, load cap) at every step
+    placement = place_units(request_id, 5, sorted(stats))
+    expected = {replica: STEPS * placement.count(replica) for replica in sorted(stats)}
     assert {replica: s["units"] for replica, s in stats.items()} == expected
     assert sorted(expected.values()) == [STEPS, 2 * STEPS, 2 * STEPS]
     assert all(request_id not in s["conditioning_cached"] for s in stats.values())  # freed when it finished

@@ -47,6 +47,7 @@ def test_the_tests_without_ray_run_first_and_the_soak_last_or_the_reverse_on_xdi
 def test_ray_is_refused_outside_the_serve_tier():
     import ray
 
+    connected = ray.is_initialized()  # an xdist worker may hold the shared cluster of an earlier module
     with pytest.raises(RayInUnmarkedTest, match="not in the serve tier"):
         ray.init(address="local", num_cpus=1)
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == connected
