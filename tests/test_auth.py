@@ -49,7 +49,7 @@ def service(tmp_path_factory, serve_cluster):
 
     root = tmp_path_factory.mktemp("auth-data")
     serve_cluster.deploy({
-        "device": "cpu", "max_running_jobs": 1,
+        "device": "cpu", "max_running_jobs": 1, "short_job_slots": 0,  # one runner: later jobs stay queued
         "auth": {"keys_env": "STABLE_AVATAR_TEST_KEYS", "submit_burst": 3, "submit_rate_per_minute": 0.1,
                  "max_queued_per_key": 2, "max_running_per_key": 1},
         "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
@@ -170,7 +170,9 @@ def test_each_429_names_the_limit_it_hit(service, long_audio):
     http_json("PUT", f"{base}/{APP}/requests/{queued_b[0][1]['request_id']}/cancel", headers=B)
     assert "too many requests" in refused(submit(B), "rate_limited")
     for key, rid in ((A, running["request_id"]), (A, queued_a["request_id"]), (B, queued_b[1][1]["request_id"])):
-        assert http_json("PUT", f"{base}/{APP}/requests/{rid}/cancel", headers=key)[0] == 202
+        code, answer, _ = http_json("PUT", f"{base}/{APP}/requests/{rid}/cancel", headers=key)
+        finished = http_json("GET", f"{base}/{APP}/requests/{rid}/status", headers=key)[1]["status"] == "COMPLETED"
+        assert code == 202 or (code == 400 and finished), answer  # on an idle box the long job may be done by now
 
 
 def test_uploads_land_only_under_the_callers_prefix(service):
