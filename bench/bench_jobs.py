@@ -80,8 +80,9 @@ APP_NAME = "bench-jobs"
 KEYS_ENV = "STABLE_AVATAR_BENCH_KEYS"
 KEY = "bench-key-0"
 RUNNING_CAP = 4
-OLD_STORE_REFERENCE = {"what": "old store (single JobQueue replica, commit ddcf32e and earlier), 150 queued tiny jobs "
-                               "with data-URI inputs, 1 step, 2 cores, as quoted in issue 10",
+# The figures issue 10 quoted for the single-replica JobQueue store (OLD_COMMIT), printed beside the measured run.
+OLD_STORE_REFERENCE = {"what": "single JobQueue replica, 150 queued tiny jobs with data-URI inputs, 1 step, 2 cores, "
+                               "as quoted in issue 10",
                        "submit_p50_ms": 167, "submit_p95_ms": 294, "status_p50_ms": 22, "status_p95_ms": 45,
                        "bytes_left_per_job": 430_000}
 

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -82,3 +83,22 @@ def scrape(url: str) -> dict[str, float]:
         key = name + "".join(f"[{v}]" for _, v in keep)
         values[key] = values.get(key, 0.0) + float(value)
     return values
+
+
+def queued_video(base: str, body: dict, timeout_s: float = 600) -> tuple[bytes, list[str]]:
+    """Submit ``body`` to the fal queue at ``base``, wait for it to complete: (the mp4, the job's log messages)."""
+    code, submitted, _ = http_json("POST", f"{base}/fal-ai/stable-avatar", body)
+    assert code == 200, submitted
+    status_url = submitted["status_url"] + "?logs=1"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code, state, _ = http_json("GET", status_url)
+        assert code in (200, 202), state
+        if state["status"] == "COMPLETED":
+            break
+        assert time.monotonic() < deadline, f"the job did not finish within {timeout_s:g} s: {state}"
+        time.sleep(0.3)
+    assert "error" not in state, state
+    code, output, _ = http_json("GET", submitted["response_url"])
+    assert code == 200, output
+    return http_bytes(output["video"]["url"]), [entry["message"] for entry in state["logs"]]

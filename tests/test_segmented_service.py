@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from pipeline.loading import load_models  # noqa: E402
 from pipeline.media.ffmpeg_bin import ffmpeg_path  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import http_bytes, http_json  # noqa: E402
+from testing.http import queued_video  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
 from testing.ray_serve import ray_serve_cluster  # noqa: E402
 
@@ -75,20 +74,7 @@ def audio(tmp_path_factory):
 def run_queued(base: str, audio_path: Path) -> tuple[bytes, list[str]]:
     body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(audio_path, "audio/wav"),
             "prompt": PROMPT, "num_inference_steps": STEPS, "seed": SEED, "aspect_ratio": "1:1"}
-    code, submitted, _ = http_json("POST", f"{base}/fal-ai/stable-avatar", body)
-    assert code == 200, submitted
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        code, state, _ = http_json("GET", submitted["status_url"] + "?logs=1")
-        if state["status"] == "COMPLETED":
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail("the job did not finish")
-    assert "error" not in state, state
-    code, output, _ = http_json("GET", submitted["response_url"])
-    assert code == 200, output
-    return http_bytes(output["video"]["url"]), [entry["message"] for entry in state["logs"]]
+    return queued_video(base, body, timeout_s=900)
 
 
 @pytest.fixture(scope="module")

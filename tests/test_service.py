@@ -30,7 +30,7 @@ from deployments.workers.denoiser import CRASH_FILE_ENV, HANG_FILE_ENV  # noqa: 
 from deployments.workers.placement import place_units  # noqa: E402
 from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import http_bytes, http_json  # noqa: E402
+from testing.http import http_bytes, http_json, queued_video  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
 
 STEPS, SEED = 3, 5
@@ -133,22 +133,7 @@ def run_sync(cluster, body: dict) -> tuple[bytes, str]:
 
 def run_queued(cluster, body: dict) -> tuple[bytes, list[str]]:
     """Through the fal queue: (the mp4, the job's log messages)."""
-    code, submitted, _ = http_json("POST", f"{cluster}/fal-ai/stable-avatar", body)
-    assert code == 200, submitted
-    status_url = submitted["status_url"] + "?logs=1"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        code, state, _ = http_json("GET", status_url)
-        assert code in (200, 202), state
-        if state["status"] == "COMPLETED":
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail("the job did not finish")
-    assert "error" not in state, state
-    code, output, _ = http_json("GET", submitted["response_url"])
-    assert code == 200, output
-    return http_bytes(output["video"]["url"]), [entry["message"] for entry in state["logs"]]
+    return queued_video(cluster, body)
 
 
 def denoiser_stats(request_id: str, replicas: int) -> dict[str, dict]:
