@@ -3,8 +3,10 @@ free ports, process groups, metrics scrapes."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -13,19 +15,49 @@ import time
 import urllib.error
 import urllib.request
 
+# Ports below the kernel's ephemeral range (32768-60999 here) and above Ray's worker ports (10002-19999): a port
+# handed out from the ephemeral range can be taken by any outgoing connection (Ray opens many) before the server
+# that was meant to have it binds it.
+_PORT_RANGE = (20000, 32768)
+_recently_handed_out: collections.deque[int] = collections.deque(maxlen=512)
+
+
+def _worker_port_range() -> range:
+    """This process's share of :data:`_PORT_RANGE`: each pytest-xdist worker has its own slice, so two workers
+    never pick the same port between checking it and binding it."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low, high = _PORT_RANGE
+    width = (high - low) // max(count, 1)
+    start = low + (index % max(count, 1)) * width
+    return range(start, start + width)
+
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all held open together, so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on, from this process's slice of a range no
+    outgoing connection uses, and none handed out by this process recently."""
+    candidates = _worker_port_range()
+    offset = random.randrange(len(candidates))
+    ports: list[int] = []
+    for step in range(len(candidates)):
+        port = candidates[(offset + step) % len(candidates)]
+        if port in _recently_handed_out or not _bindable(port):
+            continue
+        ports.append(port)
+        _recently_handed_out.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"fewer than {n} free ports in {candidates}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
