@@ -374,6 +374,6 @@ def stitch_segments(prepared: PreparedRequest, segments: Sequence[LatentSegment]
     edges = [0, *(end for _, end in bounds)]
     if len(files) != len(segments) or [start for start, _ in bounds] != edges[:-1] or edges[-1] != frames:
         raise ValueError(f"segments {bounds} with {len(files)} files do not cover frames 0..{frames - 1} in order")
-    stitch_videos(files, [s.frames for s in segments], out_path, FPS, audio_track)
+    stitch_videos(files, [s.frames for s in segments], audio_track, out_path, FPS)
     return VideoResult(out_path, frames, prepared.width, prepared.height, out_path.stat().st_size,
                        {"stitch": time.perf_counter() - started})

@@ -362,7 +362,7 @@ def test_stitch_refuses_segments_that_do_not_fit(pipeline, videos, tmp_path):
         stitch_segments(prepared, segments, [files[0], other, *files[2:]], track, out)
     wrong_count = dataclasses.replace(segments[1], frame_end=segments[1].frame_end - 1)
     with pytest.raises(FFmpegError, match="presentation times"):
-        stitch_videos(files[:2], [segments[0].frames, wrong_count.frames], out)
+        stitch_videos(files[:2], [segments[0].frames, wrong_count.frames], track, out)
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

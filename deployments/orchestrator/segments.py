@@ -18,8 +18,8 @@ takes longer than ``timeouts.postprocess_s`` ends the attempt (``StageTimeoutErr
 The audio track is encoded here, once, while the segments are in flight (``SegmentedFinish.audio_track``:
 :func:`~pipeline.media.audio_track.encode_audio_track_async`, the serial path's AAC settings cut to the video's
 duration), and ``stitch`` only copies its packets: the stitch's serial tail no longer grows with an AAC encode of
-the whole audio. The Orchestrator runs it (an ffmpeg child process, about 1 % of a core per second of audio on this
-box) rather than a Postprocessor call, which would hold a replica a segment may be waiting for. The track travels
+the whole audio. The Orchestrator runs it (an ffmpeg child process: a few CPU seconds for ten minutes of audio)
+rather than a Postprocessor call, which would hold a replica a segment may be waiting for. The track travels
 to ``stitch`` as a numpy buffer argument (Ray puts it into the object store; the replica reads it in place). An
 encode that fails is the job's error (:class:`PostprocessError`) before anything is stitched or uploaded, one that
 takes longer than ``timeouts.postprocess_s`` ends the attempt like a segment; the first of the segments and the
@@ -96,9 +96,10 @@ class SegmentedFinish:
                      uploading: Callable[[], contextlib.AbstractAsyncContextManager] = contextlib.nullcontext,
                      ) -> PostprocessResult:
         """Decode, encode and upload the video as ``key``: serially on one replica (``finish``: the CLI's bytes),
-        or in segments on several, stitched on one (``stitch``). ``latents``: the latents' reference (emptied: they
-        leave the object store). ``uploading()`` wraps the call that uploads (the Orchestrator's: a cancel waits
-        for the write, the key is deleted unless the completion that names it wins)."""
+        or in segments on several, stitched on one (``stitch``) with the audio track encoded here meanwhile.
+        ``latents``: the latents' reference (emptied: they leave the object store). ``uploading()`` wraps the call
+        that uploads (the Orchestrator's: a cancel waits for the write, the key is deleted unless the completion
+        that names it wins)."""
         segments = self.plan(prepared)
         videos: list[ray.ObjectRef] = []
         track: np.ndarray | None = None

@@ -107,8 +107,8 @@ def _concat_list(parts: Sequence[Path], frames: Sequence[int], fps: int) -> str:
         f"file {quoted(p)}\nduration {n / fps:.6f}\n" for p, n in zip(parts, frames, strict=True))
 
 
-def stitch_videos(parts: Sequence[Path], frames: Sequence[int], out_path: Path, fps: int = FPS,
-                  audio_track: Path | None = None) -> Path:
+def stitch_videos(parts: Sequence[Path], frames: Sequence[int], audio_track: Path, out_path: Path,
+                  fps: int = FPS) -> Path:
     """Join the video-only H.264 mp4 ``parts`` (in order; ``frames[i]`` frames each) into ``out_path``, with the
     first audio stream of ``audio_track`` (an mp4, :func:`~pipeline.media.audio_track.encode_audio_track` of the
     video's duration) copied beside it. Written to a hidden partial file and renamed into place only once checked:
@@ -129,10 +129,8 @@ def stitch_videos(parts: Sequence[Path], frames: Sequence[int], out_path: Path, 
     total = sum(frames)
     try:
         script.write_text(_concat_list(parts, frames, fps))
-        streams = [ffmpeg.input(str(script), format="concat", safe=0)["v:0"]]
-        if audio_track is not None:
-            streams.append(ffmpeg.input(str(audio_track))["a:0"])
-        copy_streams(streams, partial)
+        copy_streams([ffmpeg.input(str(script), format="concat", safe=0)["v:0"],
+                      ffmpeg.input(str(audio_track))["a:0"]], partial)
         starts = [0, *itertools.accumulate(frames[:-1])]
         check_continuous(read_video_packets(partial), fps, total, starts)
         os.replace(partial, out_path)
