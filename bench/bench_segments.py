@@ -4,8 +4,9 @@ Four parts (``--parts``; all by default):
 
 * ``decode`` ((b) of the issue): the real decoder in one process, segments against the serial path. Per case, the
   serial path (``StableAvatarPipeline.finish``) and the segment plans for several Postprocessor replica counts, run
-  here one segment after another: each segment's decode + encode (``finish_segment``) and the stitch
-  (``stitch_segments``), each warm-up on its own against its model (``DecoderReach.warm_up_cost``, in latents'
+  here one segment after another: the audio track (``encode_audio_track``, which the Orchestrator runs while the
+  segments decode), each segment's decode + encode (``finish_segment``) and the stitch (``stitch_segments``), each
+  warm-up on its own against its model (``DecoderReach.warm_up_cost``, in latents'
   worth of serial decoding), the largest difference of any pixel between the segments' frames and the serial frames
   (uint8 levels), and the stitched file's frame count and durations against the serial file's. Cases:
 
@@ -25,9 +26,11 @@ Four parts (``--parts``; all by default):
   once, segments on the replicas, stitched and uploaded. ``efficiency_vs_ideal`` = (frames x frame time / n) / wall.
 * ``post_cpu`` (what (a) cannot show on a shared box): the CPU seconds of the Serve parts' work without the
   simulated decoder's sleep, in one process: each segment of a video cut for 8 replicas (decode at 64x64 + x264),
-  the stitch, and within the stitch the AAC encode of the whole audio (an ffmpeg run of its own), beside the serial
-  path; and from them the efficiency 8 replicas would reach with a core each and nothing else running
-  (``estimate_8``: ideal / (slowest segment's frames x frame time + its CPU + the stitch's CPU)).
+  the audio track's AAC encode (the Orchestrator's, beside the segments), the stitch (stream copies), beside the
+  serial path; and from them the efficiency 8 replicas would reach with a core each and nothing else running
+  (``estimate_8``: ideal / (the longer of the slowest segment's frames x frame time + its CPU and the audio track's
+  CPU, + the stitch's CPU); ``estimate_8_audio_in_stitch``: the same parts with the AAC encode after the segments,
+  in the stitch, as a stitch that encodes the audio itself would have it).
 * ``end_to_end`` ((c)): a 60 s video through the whole service (Gateway to result, the ``simulated-decoder-dit``
   preset, 4 Denoisers), once with one Postprocessor (the serial post path) and once with 8 (segmented), same run.
 
@@ -35,8 +38,8 @@ Four parts (``--parts``; all by default):
     python bench/bench_segments.py --quick   # under 10 minutes; the last line is JSON with
                                              # post_efficiency_vs_ideal_8 and max_pixel_diff
 
-In the ``decode`` part, the "parallel estimate" is the slowest segment plus the stitch: what n replicas would take with nothing else
-competing. Everything runs on a shared 2-core box, so timings are noisy (each row records the load average).
+In the ``decode`` part, the "parallel estimate" is the longer of the slowest segment and the audio track, plus the stitch:
+what n replicas would take with nothing else competing. Everything runs on a shared 2-core box, so timings are noisy (each row records the load average).
 """
 
 from __future__ import annotations
@@ -64,10 +67,11 @@ import bench.simulated  # noqa: E402  (registers the simulated-realsize preset)
 from bench import segments_serve  # noqa: E402
 from bench.simulated import SIMULATED_FRAME_S  # noqa: E402
 from bench.stats import load_average  # noqa: E402
-from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments  # noqa: E402
+from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments, video_seconds  # noqa: E402
 from pipeline.loading import load_models  # noqa: E402
+from pipeline.media.audio_track import encode_audio_track  # noqa: E402
 from pipeline.media.stitch import read_video_packets  # noqa: E402
-from pipeline.media.video import ffmpeg_path, probe_media  # noqa: E402
+from pipeline.media.video import probe_media  # noqa: E402
 from pipeline.models.vae import StreamingVaeDecoder, decoder_reach  # noqa: E402
 from pipeline.presets import get_preset, register_preset  # noqa: E402
 from pipeline.segment_plan import DecoderReach, LatentSegment, first_frame, plan_segments  # noqa: E402
@@ -122,6 +126,15 @@ def timed_cpu(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return value, wall, cpu_seconds() - cpu
 
 
+def audio_track(prepared: PreparedRequest, workdir: Path) -> tuple[Path, float]:
+    """The request's audio track, as the Orchestrator encodes it while the segments decode, and its CPU seconds."""
+    source = workdir / f"{prepared.request_id}-audio"
+    source.write_bytes(prepared.audio_bytes)
+    track, _, cpu = timed_cpu(lambda: encode_audio_track(source, video_seconds(prepared),
+                                                         workdir / f"{prepared.request_id}-audio.m4a"))
+    return track, cpu
+
+
 def durations(path: Path) -> dict[str, float]:
     info = probe_media(path)
     return {"format": float(info["format"]["duration"]),
@@ -129,7 +142,8 @@ def durations(path: Path) -> dict[str, float]:
 
 
 def decode_case(case: Case, workdir: Path) -> list[dict]:
-    """The serial path, then each replica count's segments one after another, then the stitch."""
+    """The serial path, then the audio track and each replica count's segments one after another, then the
+    stitch."""
     pipeline = StableAvatarPipeline(load_models(get_preset(case.preset), ["vae"]))
     torch.set_num_threads(case.threads)
     prepared = request(case, workdir)
@@ -150,6 +164,7 @@ def decode_case(case: Case, workdir: Path) -> list[dict]:
         lambda: pipeline.finish(prepared, latents, workdir / f"{case.name}-serial.mp4"))
     serial_durations = durations(serial.path)
     latent_decode_cpu = serial_decode_cpu / plan.decoded_latent_frames
+    track, track_cpu = audio_track(prepared, workdir)
     rows = []
     for replicas in case.replicas:
         segments = pipeline.plan_segments(prepared, replicas, case.min_segment_latents)
@@ -173,10 +188,10 @@ def decode_case(case: Case, workdir: Path) -> list[dict]:
                 at += len(pixels)
         out = workdir / f"{case.name}-{replicas}-stitched.mp4"
         stitched, stitch_s, stitch_cpu = timed_cpu(
-            lambda s=segments, f=files, o=out: stitch_segments(prepared, s, f, o))
+            lambda s=segments, f=files, o=out: stitch_segments(prepared, s, f, track, o))
         frames = len(read_video_packets(stitched.path).packets)
         stitched_durations = durations(stitched.path)
-        slowest = max(segment_cpu)
+        longest = max(*segment_cpu, track_cpu)  # the audio track is encoded beside the segments
         warm_up_mean = sum(warm_up_cpu) / len(warm_up_cpu) if warm_up_cpu else 0.0
         rows.append({
             "case": case.name, "preset": case.preset, "size": f"{case.width}x{case.height}",
@@ -186,10 +201,11 @@ def decode_case(case: Case, workdir: Path) -> list[dict]:
             "serial_s": round(serial_s, 2), "serial_cpu_s": round(serial_cpu, 2),
             "serial_decode_cpu_s": round(serial_decode_cpu, 2),
             "segment_s": [round(s, 2) for s in segment_s], "segment_cpu_s": [round(s, 2) for s in segment_cpu],
-            "segments_cpu_s": round(sum(segment_cpu), 2), "stitch_s": round(stitch_s, 2),
+            "segments_cpu_s": round(sum(segment_cpu), 2), "audio_track_cpu_s": round(track_cpu, 2),
+            "stitch_s": round(stitch_s, 2),
             "stitch_cpu_s": round(stitch_cpu, 2), "overhead": round(sum(segment_cpu) / serial_cpu - 1, 3),
-            "parallel_estimate_cpu_s": round(slowest + stitch_cpu, 2),
-            "speedup_estimate": round(serial_cpu / (slowest + stitch_cpu), 2),
+            "parallel_estimate_cpu_s": round(longest + stitch_cpu, 2),
+            "speedup_estimate": round(serial_cpu / (longest + stitch_cpu), 2),
             "warm_up_cpu_s": round(warm_up_mean, 3),
             "warm_up_latents_measured": round(warm_up_mean / latent_decode_cpu, 2) if warm_up_cpu else None,
             "warm_up_latents_model": round(reach.warm_up_cost, 2),
@@ -296,18 +312,12 @@ def decode_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
     return result, summary
 
 
-def audio_encode_cpu(audio: Path, seconds: float) -> float:
-    """CPU seconds of the stitch's AAC encode of ``seconds`` of ``audio`` alone (the settings of ``mux_audio``)."""
-    cmd = [ffmpeg_path(), "-nostdin", "-loglevel", "error", "-t", f"{seconds:.6f}", "-i", str(audio), "-c:a", "aac",
-           "-b:a", "128k", "-ar", "48000", "-f", "null", "-"]
-    return timed_cpu(lambda: subprocess.run(cmd, check=True, capture_output=True))[2]
-
-
 def post_cpu_row(pipeline: StableAvatarPipeline, seconds: float, workdir: Path) -> dict:
-    """One video length cut for 8 replicas: each segment's CPU, the stitch's, its AAC encode's, the serial path's."""
+    """One video length cut for 8 replicas: each segment's CPU, the audio track's, the stitch's, the serial path's."""
     prepared = segments_serve.prepared_request(seconds, workdir)
     latents = torch.randn(prepared.latent_shape, generator=torch.Generator().manual_seed(0))
     segments = pipeline.plan_segments(prepared, 8, segments_serve.MIN_SEGMENT_LATENTS)
+    track, track_cpu = audio_track(prepared, workdir)
     files, segment_cpu = [], []
     for segment in segments:
         path = workdir / f"cpu-{seconds:g}-{segment.index}.mp4"
@@ -315,19 +325,20 @@ def post_cpu_row(pipeline: StableAvatarPipeline, seconds: float, workdir: Path) 
             s, latents, segments_serve.SIZE, segments_serve.SIZE, p))
         files.append(result.path)
         segment_cpu.append(cpu)
-    stitch_cpu = timed_cpu(lambda: stitch_segments(prepared, segments, files, workdir / "cpu-out.mp4"))[2]
+    stitch_cpu = timed_cpu(lambda: stitch_segments(prepared, segments, files, track, workdir / "cpu-out.mp4"))[2]
     serial_cpu = timed_cpu(lambda: pipeline.finish(prepared, latents, workdir / "cpu-serial.mp4"))[2]
     frames = prepared.plan.output_frames
     ideal = frames * SIMULATED_FRAME_S / 8
     paths = [(s.frame_end - s.frame_start + 4 * s.warm_up) * SIMULATED_FRAME_S + c
              for s, c in zip(segments, segment_cpu, strict=True)]  # decoded frames (warm-up included) + CPU
-    critical = max(paths) + stitch_cpu
+    critical = max(*paths, track_cpu) + stitch_cpu  # the audio track is encoded while the segments decode
+    audio_in_stitch = max(paths) + track_cpu + stitch_cpu  # the same parts, the AAC encode after the segments
     return {"video_s": seconds, "frames": frames, "segments": len(segments),
-            "segment_cpu_s": [round(c, 2) for c in segment_cpu], "stitch_cpu_s": round(stitch_cpu, 2),
-            "audio_encode_cpu_s": round(audio_encode_cpu(workdir / f"speech-{seconds:g}.wav", seconds), 2),
-            "serial_cpu_s": round(serial_cpu, 2), "ideal_8_s": round(ideal, 2),
+            "segment_cpu_s": [round(c, 2) for c in segment_cpu], "audio_track_cpu_s": round(track_cpu, 2),
+            "stitch_cpu_s": round(stitch_cpu, 2), "serial_cpu_s": round(serial_cpu, 2), "ideal_8_s": round(ideal, 2),
             "critical_path_8_s": round(critical, 2), "estimate_8": round(ideal / critical, 3),
-            "load_average": load_average()}
+            "critical_path_8_audio_in_stitch_s": round(audio_in_stitch, 2),
+            "estimate_8_audio_in_stitch": round(ideal / audio_in_stitch, 3), "load_average": load_average()}
 
 
 def post_cpu_part(quick: bool, workdir: Path) -> tuple[dict, dict]:
@@ -363,22 +374,26 @@ def text_report(results: dict, meta: dict) -> str:
 
 def post_cpu_report_lines(post: dict) -> list[str]:
     lines = ["", f"CPU work of (a) without the decoder's sleep (64x64, cut for 8 replicas, one process); estimate at 8 = "
-                 f"ideal / (slowest segment's decoded frames x {post['frame_s']} s + its CPU + the stitch's CPU), "
-                 "as with a core per replica and nothing else running",
-             "video s | segments | CPU s per segment | stitch CPU s | of it AAC | serial CPU s | ideal 8 s | "
-             "critical path 8 s | estimate at 8 | load"]
+                 f"ideal / (the longer of the slowest segment's decoded frames x {post['frame_s']} s + its CPU and the "
+                 "audio track's CPU, + the stitch's CPU), as with a core per replica and one for the Orchestrator and "
+                 "nothing else running; \"audio in the stitch\": the same parts with the AAC encode after the "
+                 "segments",
+             "video s | segments | CPU s per segment | audio track CPU s | stitch CPU s | serial CPU s | ideal 8 s | "
+             "critical path 8 s | estimate at 8 | audio in the stitch: critical path, estimate | load"]
     for r in post["rows"]:
         lines.append(f"{r['video_s']:>7g} | {r['segments']:>8} | {min(r['segment_cpu_s']):.2f}-{max(r['segment_cpu_s']):.2f}"
-                     f"{'':>8} | {r['stitch_cpu_s']:>12.2f} | {r['audio_encode_cpu_s']:>9.2f} | {r['serial_cpu_s']:>12.2f} | "
-                     f"{r['ideal_8_s']:>9.2f} | {r['critical_path_8_s']:>17.2f} | {r['estimate_8']:>13.3f} | "
-                     f"{r['load_average'][0]}")
+                     f"{'':>8} | {r['audio_track_cpu_s']:>17.2f} | {r['stitch_cpu_s']:>12.2f} | "
+                     f"{r['serial_cpu_s']:>12.2f} | {r['ideal_8_s']:>9.2f} | {r['critical_path_8_s']:>17.2f} | "
+                     f"{r['estimate_8']:>13.3f} | {r['critical_path_8_audio_in_stitch_s']:>34.2f}, "
+                     f"{r['estimate_8_audio_in_stitch']:.3f} | {r['load_average'][0]}")
     return lines
 
 
 def decode_report_lines(results: dict, meta: dict) -> list[str]:
     lines = ["", "(b) the real decoder, one segment after another in one process", meta["note"],
              "CPU s: this process and its ffmpeg children (the work, whatever else ran); speedup est.: serial CPU "
-             "/ (slowest segment + stitch), as if each segment had its own idle replica; overhead: all segments' "
+             "/ (the longer of the slowest segment and the audio track's encode, + stitch), as if each segment had its "
+             "own idle replica and the Orchestrator a core; overhead: all segments' "
              "CPU against the serial path's", ""]
     lines.append("case               | size    | video s | latents | replicas | lengths (warm-ups)                 "
                  "     | serial CPU s (wall) | segments CPU s | slowest | stitch | speedup est. | overhead | "

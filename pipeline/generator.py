@@ -32,6 +32,7 @@ from pipeline.denoise import (
 )
 from pipeline.loading import ModelBundle
 from pipeline.media.audio import decode_audio
+from pipeline.media.audio_track import encode_audio_track
 from pipeline.media.errors import MediaError
 from pipeline.media.image import choose_size, load_image, resize_cover
 from pipeline.media.stitch import stitch_videos
@@ -316,17 +317,21 @@ class StableAvatarPipeline:
 
     def finish_in_segments(self, prepared: PreparedRequest, latents: torch.Tensor, out_path: Path,
                            replicas: int, min_segment_latents: int) -> VideoResult:
-        """What the Postprocessor replicas do together, one segment after another in this process: plan, decode
-        and encode each segment, stitch. One segment is :meth:`finish` itself (the same bytes)."""
+        """What the Orchestrator and the Postprocessor replicas do together, one thing after another in this
+        process: plan, encode the audio track, decode and encode each segment, stitch. One segment is
+        :meth:`finish` itself (the same bytes)."""
         segments = self.plan_segments(prepared, replicas, min_segment_latents)
         if len(segments) == 1:
             return self.finish(prepared, latents, out_path)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="stable-avatar-segments-") as tmp:
+            audio = Path(tmp) / "audio"
+            audio.write_bytes(prepared.audio_bytes)
+            track = encode_audio_track(audio, video_seconds(prepared), Path(tmp) / "audio.m4a")
             files = [self.finish_segment(segment, latents, prepared.width, prepared.height,
                                          Path(tmp) / f"segment-{segment.index:04d}.mp4").path
                      for segment in segments]
-            result = stitch_segments(prepared, segments, files, out_path)
+            result = stitch_segments(prepared, segments, files, track, out_path)
         prepared.timings["decode_encode"] = time.perf_counter() - started
         result.timings = dict(prepared.timings)
         return result
@@ -338,6 +343,11 @@ class StableAvatarPipeline:
         executor = executor_factory(prepared) if executor_factory else None
         latents = await self.denoise(prepared, executor)
         return prepared, self.finish(prepared, latents, out_path, progress=progress)
+
+
+def video_seconds(prepared: PreparedRequest) -> float:
+    """The video's exact duration: its frames at :data:`FPS` (what the serial path cuts the audio to)."""
+    return prepared.plan.output_frames / FPS
 
 
 def segment_latents(latents: torch.Tensor, segment: LatentSegment) -> torch.Tensor:
@@ -353,19 +363,17 @@ def segment_latents(latents: torch.Tensor, segment: LatentSegment) -> torch.Tens
 
 
 def stitch_segments(prepared: PreparedRequest, segments: Sequence[LatentSegment], files: Sequence[Path],
-                    out_path: Path) -> VideoResult:
+                    audio_track: Path, out_path: Path) -> VideoResult:
     """Join the segments' mp4s (``files[i]`` from :meth:`StableAvatarPipeline.finish_segment` of ``segments[i]``)
-    into the final mp4 at ``out_path``, with the request's audio muxed once: the serial path's frame count,
-    duration and streams. The segments must cover the video's frames once, in order."""
+    into the final mp4 at ``out_path``, with the request's ``audio_track`` (:func:`encode_audio_track` of
+    :func:`video_seconds`) copied in: the serial path's frame count, duration, streams and audio packets. The
+    segments must cover the video's frames once, in order."""
     started = time.perf_counter()
     frames = prepared.plan.output_frames
     bounds = [(s.frame_start, s.frame_end) for s in segments]
     edges = [0, *(end for _, end in bounds)]
     if len(files) != len(segments) or [start for start, _ in bounds] != edges[:-1] or edges[-1] != frames:
         raise ValueError(f"segments {bounds} with {len(files)} files do not cover frames 0..{frames - 1} in order")
-    with tempfile.TemporaryDirectory(prefix="stable-avatar-stitch-") as tmp:
-        audio_path = Path(tmp) / "audio"
-        audio_path.write_bytes(prepared.audio_bytes)
-        stitch_videos(files, [s.frames for s in segments], out_path, FPS, audio_path)
+    stitch_videos(files, [s.frames for s in segments], audio_track, out_path, FPS)
     return VideoResult(out_path, frames, prepared.width, prepared.height, out_path.stat().st_size,
                        {"stitch": time.perf_counter() - started})

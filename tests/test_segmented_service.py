@@ -3,8 +3,8 @@ cluster, the tiny preset, SQLite, local storage), against the CLI and the in-pro
 
 With ``min_segment_latents: 2`` a 12 s clip (76 latents) is cut into two segments, the second warming up from
 latent 5. The service's mp4 must be byte for byte what the in-process pipeline makes of the same latents in the
-same segments (``StableAvatarPipeline.finish_in_segments``: frames bit-identical to the serial stream,
-tests/test_segments.py), and have the frame count, durations and streams of ``stable-avatar generate``'s serial
+same segments (``StableAvatarPipeline.finish_in_segments``: frames bit-identical to the serial stream, audio
+packets the serial file's, tests/test_segments.py; the audio track encoded once, by the Orchestrator), and have the frame count, durations and streams of ``stable-avatar generate``'s serial
 mp4, whose decoded frames it matches up to the H.264 coding of two separately rate-controlled streams. A
 Postprocessor replica killed while it holds a segment (the test hook ``STABLE_AVATAR_TEST_POSTPROCESSOR_CRASH_FILE``)
 is retried elsewhere, logged, and the video does not change. A short clip stays one segment: the CLI's bytes.
@@ -117,6 +117,9 @@ def test_a_long_video_is_made_in_segments_on_two_replicas_like_the_serial_one(se
     assert any(m.startswith("decoding and encoding in 2 segments") for m in logs), logs
     done = [m for m in logs if m.startswith("segment ") and "decoded and encoded on" in m]
     assert len(done) == 2 and len({m.split(" on ")[1].split(" in ")[0] for m in done}) == 2, done  # two replicas
+    encoding = [i for i, m in enumerate(logs) if m == "encoding the audio track (12.00 s) while the 2 segments decode"]
+    encoded = [i for i, m in enumerate(logs) if m.startswith("audio track encoded (")]
+    assert len(encoding) == len(encoded) == 1 and encoding[0] < encoded[0], logs  # once, by the Orchestrator
     assert video == references["segmented-long"]  # the in-process segments' bytes
     cli = references["cli-long"]
     assert video != cli  # segments: H.264 bytes differ at the seam

@@ -1,5 +1,6 @@
 """Long videos in segments: the plan, the decoder's temporal reach, segmented decode against the serial stream,
-and the stitched mp4 (frame count, duration, one stream, plays to the end in a real Chromium).
+and the stitched mp4 (frame count, duration, one stream, the serial file's audio packets, plays to the end in a
+real Chromium).
 
 The tiny Wan VAE has the real decoder's layout (only the widths are smaller), so its reach is the real one;
 bench/bench_segments.py measures the same reach on the real widths (docs/long-videos.md).
@@ -7,11 +8,14 @@ bench/bench_segments.py measures the same reach on the real widths (docs/long-vi
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +23,11 @@ import pytest
 import torch
 
 from bench.simulated import UpsamplingVae
-from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments
+from pipeline.generator import PreparedRequest, StableAvatarPipeline, stitch_segments, video_seconds
 from pipeline.loading import load_models
+from pipeline.media.audio_track import encode_audio_track, encode_audio_track_async
 from pipeline.media.errors import FFmpegError
-from pipeline.media.ffmpeg_bin import ffprobe_path
+from pipeline.media.ffmpeg_bin import ffmpeg_path, ffprobe_path
 from pipeline.media.stitch import read_video_packets, stitch_videos
 from pipeline.media.video import VideoWriter
 from pipeline.models.vae import (
@@ -230,8 +235,9 @@ def videos(pipeline, tmp_path_factory):
     segments = pipeline.plan_segments(prepared, replicas=4, min_segment_latents=12)
     serial = pipeline.finish(prepared, latents, tmp / "serial.mp4")
     stitched = pipeline.finish_in_segments(prepared, latents, tmp / "stitched.mp4", 4, 12)
+    track = encode_audio_track(tmp / f"speech-{VIDEO_S}.wav", video_seconds(prepared), tmp / "track.m4a")
     return {"prepared": prepared, "latents": latents, "segments": segments, "serial": serial,
-            "stitched": stitched, "tmp": tmp}
+            "stitched": stitched, "track": track, "tmp": tmp}
 
 
 def test_segment_frames_equal_the_serial_frames(pipeline, videos):
@@ -282,6 +288,50 @@ def test_stitched_video_has_the_serial_frames_duration_and_streams(videos):
     assert {s.frame_start for s in videos["segments"]} <= keys  # each segment starts with a key frame
 
 
+def audio_packets(path: Path) -> list[str]:
+    """The first audio stream's packets as ffmpeg's ``framecrc`` lists them, copied (not decoded): per packet its
+    timestamps, duration, size and a checksum of its bytes, after the stream's header (time base, extradata)."""
+    out = subprocess.run([ffmpeg_path(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-c", "copy",
+                          "-f", "framecrc", "-"], check=True, capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line and not line.startswith("#software")]
+
+
+def decoded_audio(path: Path) -> tuple[int, str]:
+    """The first audio stream decoded as a player hears it (the encoder's priming cut off, as the mp4 edit list
+    says): its sample count per channel and a digest of the samples."""
+    pcm = subprocess.run([ffmpeg_path(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "s16le", "-ac", "1",
+                          "-"], check=True, capture_output=True).stdout
+    return len(pcm) // 2, hashlib.sha256(pcm).hexdigest()
+
+
+def test_stitched_audio_packets_are_the_serial_files(videos):
+    """The audio track, encoded on its own and copied in by the stitch, is packet for packet the audio the serial
+    path encodes while it muxes, with the same duration and the same decoded samples."""
+    serial, stitched = videos["serial"].path, videos["stitched"].path
+    packets = audio_packets(serial)
+    assert sum(not line.startswith("#") for line in packets) > 400  # 9.3 s of 1024-sample AAC frames at 48 kHz
+    assert audio_packets(stitched) == packets == audio_packets(videos["track"])
+    samples, digest = decoded_audio(serial)
+    assert samples == round(video_seconds(videos["prepared"]) * 48000)  # cut with -t to the video's duration
+    assert decoded_audio(stitched) == (samples, digest)
+    probes = [count_frames(path)["streams"][1] for path in (serial, stitched)]
+    for key in ("codec_name", "profile", "sample_rate", "channels", "duration", "duration_ts", "start_time",
+                "nb_frames", "nb_read_frames"):
+        assert probes[0][key] == probes[1][key], key
+
+
+def test_the_audio_track_encoded_in_an_event_loop_is_the_same_file(videos, tmp_path, monkeypatch):
+    """What the Orchestrator encodes while the segments decode (``encode_audio_track_async``) is byte for byte the
+    in-process track, and leaves no file behind."""
+    prepared = videos["prepared"]
+    tempdir = tmp_path / "tmp"
+    tempdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tempdir))  # where its temporary folder goes
+    data = asyncio.run(encode_audio_track_async(prepared.audio_bytes, video_seconds(prepared)))
+    assert data == videos["track"].read_bytes()
+    assert list(tempdir.iterdir()) == []
+
+
 def test_one_segment_is_the_serial_path_byte_for_byte(pipeline, videos, tmp_path):
     prepared, latents = videos["prepared"], videos["latents"]
     assert len(pipeline.plan_segments(prepared, 1, 12)) == 1
@@ -299,18 +349,20 @@ def test_stitch_refuses_segments_that_do_not_fit(pipeline, videos, tmp_path):
     files = [pipeline.finish_segment(s, videos["latents"], WIDTH, HEIGHT, tmp_path / f"s{s.index}.mp4").path
              for s in segments]
     out = tmp_path / "out.mp4"
+    track = videos["track"]
     with pytest.raises(ValueError, match="do not cover"):
-        stitch_segments(prepared, segments[:-1], files[:-1], out)
+        stitch_segments(prepared, segments[:-1], files[:-1], track, out)
     with pytest.raises(ValueError, match="do not cover"):
-        stitch_segments(prepared, [segments[1], segments[0], *segments[2:]], [files[1], files[0], *files[2:]], out)
+        stitch_segments(prepared, [segments[1], segments[0], *segments[2:]], [files[1], files[0], *files[2:]],
+                        track, out)
     other = tmp_path / "other.mp4"  # another size: other SPS/PPS
     with VideoWriter(other, WIDTH + 16, HEIGHT, num_frames=segments[1].frames) as writer:
         writer.write(np.zeros((segments[1].frames, HEIGHT, WIDTH + 16, 3), np.uint8))
     with pytest.raises(FFmpegError, match="other parameters"):
-        stitch_segments(prepared, segments, [files[0], other, *files[2:]], out)
+        stitch_segments(prepared, segments, [files[0], other, *files[2:]], track, out)
     wrong_count = dataclasses.replace(segments[1], frame_end=segments[1].frame_end - 1)
     with pytest.raises(FFmpegError, match="presentation times"):
-        stitch_videos(files[:2], [segments[0].frames, wrong_count.frames], out)
+        stitch_videos(files[:2], [segments[0].frames, wrong_count.frames], track, out)
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

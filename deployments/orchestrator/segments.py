@@ -14,6 +14,16 @@ sent again, to any replica (``window_step_retries`` times, each a WARN line in t
 segment is a pure function of the latents, so the retry cannot change a frame. A segment that still fails is the
 job's error (:class:`PostprocessError`, named in its logs); nothing is stitched or uploaded then. A segment that
 takes longer than ``timeouts.postprocess_s`` ends the attempt (``StageTimeoutError``: the job is retried).
+
+The audio track is encoded here, once, while the segments are in flight (``SegmentedFinish.audio_track``:
+:func:`~pipeline.media.audio_track.encode_audio_track_async`, the serial path's AAC settings cut to the video's
+duration), and ``stitch`` only copies its packets: the stitch's serial tail no longer grows with an AAC encode of
+the whole audio. The Orchestrator runs it (an ffmpeg child process: a few CPU seconds for ten minutes of audio)
+rather than a Postprocessor call, which would hold a replica a segment may be waiting for. The track travels
+to ``stitch`` as a numpy buffer argument (Ray puts it into the object store; the replica reads it in place). An
+encode that fails is the job's error (:class:`PostprocessError`) before anything is stitched or uploaded, one that
+takes longer than ``timeouts.postprocess_s`` ends the attempt like a segment; the first of the segments and the
+audio track to fail cancels the others, and a cancelled encode kills its ffmpeg and removes its files.
 """
 
 from __future__ import annotations
@@ -24,12 +34,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import ray
 
 from deployments.contracts import PostprocessResult, SegmentVideo
 from deployments.orchestrator.executor import RETRYABLE, awaited
 from deployments.orchestrator.faults import StageTimeoutError
-from pipeline.generator import PreparedRequest
+from pipeline.generator import PreparedRequest, video_seconds
+from pipeline.media.audio_track import encode_audio_track_async
+from pipeline.media.errors import FFmpegError
 from pipeline.models.vae import preset_decoder_reach
 from pipeline.presets import ModelPreset
 from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
@@ -48,7 +61,8 @@ WHOLE_VIDEO = DecoderReach((1,), (1.0,))
 
 
 class PostprocessError(RuntimeError):
-    """A segment failed on every replica it was tried on: the job fails, nothing partial is returned."""
+    """A segment failed on every replica it was tried on, or the audio track could not be encoded: the job fails,
+    nothing partial is returned."""
 
 
 class SegmentedFinish:
@@ -82,27 +96,63 @@ class SegmentedFinish:
                      uploading: Callable[[], contextlib.AbstractAsyncContextManager] = contextlib.nullcontext,
                      ) -> PostprocessResult:
         """Decode, encode and upload the video as ``key``: serially on one replica (``finish``: the CLI's bytes),
-        or in segments on several, stitched on one (``stitch``). ``latents``: the latents' reference (emptied: they
-        leave the object store). ``uploading()`` wraps the call that uploads (the Orchestrator's: a cancel waits
-        for the write, the key is deleted unless the completion that names it wins)."""
+        or in segments on several, stitched on one (``stitch``) with the audio track encoded here meanwhile.
+        ``latents``: the latents' reference (emptied: they leave the object store). ``uploading()`` wraps the call
+        that uploads (the Orchestrator's: a cancel waits for the write, the key is deleted unless the completion
+        that names it wins)."""
         segments = self.plan(prepared)
         videos: list[ray.ObjectRef] = []
+        track: np.ndarray | None = None
         try:
             if len(segments) > 1:
                 await report(stage="postprocessing", message=self.describe(segments))
-                videos = await self.encode(request_id, prepared, segments, latents, report)
+                videos, track = await self.encode_with_audio(request_id, prepared, segments, latents, report)
                 latents.clear()
             else:
                 await report(stage="postprocessing", message="decoding and encoding the video")
             async with uploading():
                 if videos:
                     return await call_stage("Postprocessor", lambda: self.postprocessor.stitch.remote(
-                        prepared, list(segments), videos, key), report)
+                        prepared, list(segments), videos, track, key), report)
                 return await call_stage(
                     "Postprocessor", lambda: self.postprocessor.finish.remote(prepared, latents, key), report)
         finally:
             latents.clear()
             videos.clear()  # the segments' mp4s leave the object store
+
+    async def encode_with_audio(self, request_id: str, prepared: PreparedRequest,
+                                segments: tuple[LatentSegment, ...], latents: list[ray.ObjectRef], report: Report,
+                                ) -> tuple[list[ray.ObjectRef], np.ndarray]:
+        """:meth:`encode` and :meth:`audio_track` at once: the segments' references and the audio track. The first
+        to fail cancels the other, and this returns only once both have ended (no ffmpeg left running)."""
+        tasks = (asyncio.ensure_future(self.encode(request_id, prepared, segments, latents, report)),
+                 asyncio.ensure_future(self.audio_track(prepared, len(segments), report)))
+        try:
+            videos, track = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        return videos, track
+
+    async def audio_track(self, prepared: PreparedRequest, count: int, report: Report) -> np.ndarray:
+        """The request's audio cut to the video's duration, encoded as the serial path encodes it, as an audio-only
+        mp4 (uint8) for ``stitch`` to copy."""
+        seconds = video_seconds(prepared)
+        await report(message=f"encoding the audio track ({seconds:.2f} s) while the {count} segments decode")
+        started = time.perf_counter()
+        try:
+            data = await asyncio.wait_for(encode_audio_track_async(prepared.audio_bytes, seconds),
+                                          self.segment_timeout_s)
+        except TimeoutError:
+            raise StageTimeoutError(f"the audio track's encode took longer than {self.segment_timeout_s:g} s") \
+                from None
+        except FFmpegError as exc:
+            reason = exc.stderr_tail.splitlines()[-1] if exc.stderr_tail else str(exc)
+            await report(message=f"the audio track could not be encoded: {reason}", level="ERROR")
+            raise PostprocessError(f"the audio track could not be encoded: {reason}") from exc
+        await report(message=f"audio track encoded ({len(data)} bytes) in {time.perf_counter() - started:.1f} s")
+        return np.frombuffer(data, np.uint8)
 
     async def encode(self, request_id: str, prepared: PreparedRequest, segments: tuple[LatentSegment, ...],
                      latents: list[ray.ObjectRef], report: Report) -> list[ray.ObjectRef]:

@@ -3,8 +3,9 @@
 A short video is one call, ``finish``: the serial path, the CLI's bytes. A long one is cut into segments
 (:mod:`deployments.orchestrator.segments`): ``finish_segment`` decodes and encodes one segment on any replica (its
 warm-up primes the decoder, so its frames are the serial stream's, bit for bit) and returns the segment's
-video-only mp4; ``stitch`` joins them without re-encoding, muxes the audio once and uploads one object. The
-:class:`~deployments.workers.segment_router.SegmentRouter` gives each segment a replica of its own.
+video-only mp4; ``stitch`` joins them and the audio track the Orchestrator encoded meanwhile, copying both (nothing
+is re-encoded), and uploads one object. The :class:`~deployments.workers.segment_router.SegmentRouter` gives each
+segment a replica of its own.
 """
 
 from __future__ import annotations
@@ -88,10 +89,13 @@ class Postprocessor:
 
     @releases_freed_heap
     async def stitch(self, prepared: PreparedRequest, segments: list[LatentSegment], videos: list[ray.ObjectRef],
-                     key: str) -> PostprocessResult:
+                     audio_track: np.ndarray, key: str) -> PostprocessResult:
         """Join the segments' mp4s (``videos[i]``: the reference to ``finish_segment``'s answer for
-        ``segments[i]``) into one mp4 with the request's audio and upload it as ``key``."""
+        ``segments[i]``) and ``audio_track`` (the request's audio-only mp4, uint8, read in place from the object
+        store) into one mp4, copying both, and upload it as ``key``."""
         with tempfile.TemporaryDirectory(prefix="stable-avatar-stitch-") as tmp:
+            track = Path(tmp) / "audio.m4a"
+            await asyncio.to_thread(audio_track.tofile, track)
             files = []
             for segment, ref in zip(segments, videos, strict=True):
                 video: SegmentVideo = await ref
@@ -102,7 +106,7 @@ class Postprocessor:
                 await asyncio.to_thread(video.data.tofile, files[-1])
                 del video
             out = Path(tmp) / "output.mp4"
-            result = await asyncio.to_thread(stitch_segments, prepared, segments, files, out)
+            result = await asyncio.to_thread(stitch_segments, prepared, segments, files, track, out)
             size = await asyncio.to_thread(self.storage.put_file, key, out, "video/mp4")
         return PostprocessResult(key=key, file_size=size, frames=result.frames,
                                  encode_s=result.timings.get("stitch", 0.0))

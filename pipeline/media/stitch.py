@@ -1,12 +1,13 @@
-"""Join H.264 segment files into one mp4 without re-encoding, and mux the audio once over the whole.
+"""Join H.264 segment files into one mp4 without re-encoding, with the video's audio track copied in.
 
 Each segment is a video-only mp4 from :class:`~pipeline.media.video.VideoWriter`, all with the same x264
 settings: every segment starts with an IDR frame and x264's GOPs are closed, so no frame refers across a seam.
 ffmpeg's concat demuxer reads the segments back to back, shifting each one's timestamps by the frames before it
-(given exactly, as ``duration`` lines), and the packets are copied, not decoded. The audio is cut to the video's
-length and encoded once, exactly as ``VideoWriter`` does for a serial video, so a stitched file has the serial
-file's frame count, duration and streams; only the H.264 bytes near the seams differ (each segment's rate control
-starts afresh).
+(given exactly, as ``duration`` lines), and the packets are copied, not decoded. The audio comes already encoded
+(:mod:`pipeline.media.audio_track`: cut to the video's length and encoded as ``VideoWriter`` does for a serial
+video, while the segments were made) and is copied too, so a stitched file has the serial file's frame count,
+duration, streams and audio packets; only the H.264 bytes near the seams differ (each segment's rate control starts
+afresh).
 
 Before and after joining, the packets are read with ffmpeg's ``framecrc`` muxer (nothing is decoded; no ffprobe
 needed): every segment must have the codec parameters of the first (extradata, time base, size) and its promised
@@ -31,7 +32,7 @@ from pipeline.media._proc import stderr_tail
 from pipeline.media.errors import FFmpegError
 from pipeline.media.ffmpeg_bin import ffmpeg_path
 from pipeline.media.rates import FPS
-from pipeline.media.video import MUX_TIMEOUT_S, copy_video, mux_audio
+from pipeline.media.video import MUX_TIMEOUT_S, copy_streams
 
 _HEADER = re.compile(r"^#(\w+) 0: *(.*)$")
 _PACKET = re.compile(r"^0, *(-?\d+), *(-?\d+), *(\d+), *(\d+), *0x[0-9a-fA-F]+(?:, *F=(0x[0-9a-fA-F]+))?")
@@ -106,12 +107,12 @@ def _concat_list(parts: Sequence[Path], frames: Sequence[int], fps: int) -> str:
         f"file {quoted(p)}\nduration {n / fps:.6f}\n" for p, n in zip(parts, frames, strict=True))
 
 
-def stitch_videos(parts: Sequence[Path], frames: Sequence[int], out_path: Path, fps: int = FPS,
-                  audio_path: Path | None = None, *, audio_bitrate: str = "128k",
-                  audio_sample_rate: int = 48000) -> Path:
-    """Join the video-only H.264 mp4 ``parts`` (in order; ``frames[i]`` frames each) into ``out_path``, with
-    ``audio_path`` cut to the video's length and muxed once. Written to a hidden partial file and renamed into
-    place only once checked: ``out_path`` never holds a partial or inconsistent video."""
+def stitch_videos(parts: Sequence[Path], frames: Sequence[int], audio_track: Path, out_path: Path,
+                  fps: int = FPS) -> Path:
+    """Join the video-only H.264 mp4 ``parts`` (in order; ``frames[i]`` frames each) into ``out_path``, with the
+    first audio stream of ``audio_track`` (an mp4, :func:`~pipeline.media.audio_track.encode_audio_track` of the
+    video's duration) copied beside it. Written to a hidden partial file and renamed into place only once checked:
+    ``out_path`` never holds a partial or inconsistent video."""
     if not parts or len(parts) != len(frames):
         raise ValueError(f"need one frame count per part, got {len(parts)} parts and {len(frames)} counts")
     first = read_video_packets(parts[0])
@@ -128,11 +129,8 @@ def stitch_videos(parts: Sequence[Path], frames: Sequence[int], out_path: Path, 
     total = sum(frames)
     try:
         script.write_text(_concat_list(parts, frames, fps))
-        video = ffmpeg.input(str(script), format="concat", safe=0)["v:0"]
-        if audio_path is not None:
-            mux_audio(video, audio_path, total / fps, partial, audio_bitrate, audio_sample_rate)
-        else:
-            copy_video(video, partial)
+        copy_streams([ffmpeg.input(str(script), format="concat", safe=0)["v:0"],
+                      ffmpeg.input(str(audio_track))["a:0"]], partial)
         starts = [0, *itertools.accumulate(frames[:-1])]
         check_continuous(read_video_packets(partial), fps, total, starts)
         os.replace(partial, out_path)

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -35,7 +36,8 @@ from pipeline.media.rates import FPS
 
 MUX_TIMEOUT_S = 600.0
 ENCODE_WAIT_S = 600.0
-_BITEXACT = {"fflags": "+bitexact", "map_metadata": "-1"}
+AUDIO_BITRATE, AUDIO_SAMPLE_RATE = "128k", 48000  # AAC
+BITEXACT = {"fflags": "+bitexact", "map_metadata": "-1"}
 _BT709 = {"color_primaries": "bt709", "color_trc": "bt709", "colorspace": "bt709"}
 
 
@@ -60,8 +62,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         x264_threads: int = 4,
-        audio_bitrate: str = "128k",
-        audio_sample_rate: int = 48000,
+        audio_bitrate: str = AUDIO_BITRATE,
+        audio_sample_rate: int = AUDIO_SAMPLE_RATE,
     ):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even for yuv420p, got {width}x{height}")
@@ -124,7 +126,7 @@ class VideoWriter:
             "r": self.fps,
             "flags:v": "+bitexact",
             **_BT709,
-            **_BITEXACT,
+            **BITEXACT,
         }
         if self.audio_path is None:
             out_kwargs["movflags"] = "+faststart"
@@ -230,44 +232,45 @@ class VideoWriter:
         self._video_only.unlink(missing_ok=True)
 
 
-def mux_audio(video: Any, audio_path: Path, duration: float, out: Path, audio_bitrate: str = "128k",
-              audio_sample_rate: int = 48000) -> None:
+def cut_audio(audio_path: Path, duration: float) -> Any:
+    """``audio_path``'s first audio stream cut to ``duration`` seconds (``-t`` on the input: an exact cut, where
+    ``-shortest`` would not be), as an ffmpeg-python stream."""
+    return ffmpeg.input(str(audio_path), t=f"{duration:.6f}")["a:0"]
+
+
+def aac_options(bitrate: str = AUDIO_BITRATE, sample_rate: int = AUDIO_SAMPLE_RATE) -> dict[str, Any]:
+    """The output options of every AAC encode: the serial path's and a stitched video's audio track are the same."""
+    return {"c:a": "aac", "b:a": bitrate, "flags:a": "+bitexact", "ar": sample_rate}
+
+
+def ffmpeg_command(output: Any) -> list[str]:
+    """The command line of an ffmpeg-python output: quiet, no stdin, overwriting."""
+    return (output.global_args("-hide_banner", "-nostdin", "-loglevel", "error")
+            .overwrite_output().compile(cmd=ffmpeg_path()))
+
+
+def run_ffmpeg(output: Any, action: str) -> None:
+    """Run an ffmpeg-python output to its end (at most ``MUX_TIMEOUT_S``); :class:`FFmpegError` says which
+    ``action`` failed, with ffmpeg's last lines."""
+    proc = subprocess.run(ffmpeg_command(output), capture_output=True, timeout=MUX_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        raise FFmpegError(f"ffmpeg failed {action} (exit code {proc.returncode})", stderr_tail(proc.stderr))
+
+
+def mux_audio(video: Any, audio_path: Path, duration: float, out: Path, audio_bitrate: str = AUDIO_BITRATE,
+              audio_sample_rate: int = AUDIO_SAMPLE_RATE) -> None:
     """Write ``out`` (mp4): the H.264 ``video`` (an ffmpeg-python input stream) copied, plus ``audio_path`` cut to
     ``duration`` seconds and encoded to AAC; ``+faststart``, bit-exact muxers."""
-    audio = ffmpeg.input(str(audio_path), t=f"{duration:.6f}")["a:0"]
-    cmd = (
-        ffmpeg.output(
-            video,
-            audio,
-            str(out),
-            format="mp4",
-            **{"c:v": "copy", "c:a": "aac", "b:a": audio_bitrate, "flags:a": "+bitexact"},
-            ar=audio_sample_rate,
-            movflags="+faststart",
-            **_BITEXACT,
-        )
-        .global_args("-hide_banner", "-nostdin", "-loglevel", "error")
-        .overwrite_output()
-        .compile(cmd=ffmpeg_path())
-    )
-    proc = subprocess.run(cmd, capture_output=True, timeout=MUX_TIMEOUT_S, check=False)
-    if proc.returncode != 0:
-        raise FFmpegError(
-            f"ffmpeg failed muxing audio (exit code {proc.returncode})", stderr_tail(proc.stderr)
-        )
+    run_ffmpeg(ffmpeg.output(video, cut_audio(audio_path, duration), str(out), format="mp4", **{"c:v": "copy"},
+                             **aac_options(audio_bitrate, audio_sample_rate), movflags="+faststart", **BITEXACT),
+               "muxing audio")
 
 
-def copy_video(video: Any, out: Path) -> None:
-    """Write ``out`` (mp4): the H.264 ``video`` (an ffmpeg-python input stream) copied; ``+faststart``, bit-exact."""
-    cmd = (
-        ffmpeg.output(video, str(out), format="mp4", **{"c:v": "copy"}, movflags="+faststart", **_BITEXACT)
-        .global_args("-hide_banner", "-nostdin", "-loglevel", "error")
-        .overwrite_output()
-        .compile(cmd=ffmpeg_path())
-    )
-    proc = subprocess.run(cmd, capture_output=True, timeout=MUX_TIMEOUT_S, check=False)
-    if proc.returncode != 0:
-        raise FFmpegError(f"ffmpeg failed copying video (exit code {proc.returncode})", stderr_tail(proc.stderr))
+def copy_streams(streams: Sequence[Any], out: Path) -> None:
+    """Write ``out`` (mp4): ``streams`` (ffmpeg-python input streams: H.264 video, AAC audio) copied, not
+    re-encoded; ``+faststart``, bit-exact muxer."""
+    run_ffmpeg(ffmpeg.output(*streams, str(out), format="mp4", c="copy", movflags="+faststart", **BITEXACT),
+               "copying streams")
 
 
 # -- probing -------------------------------------------------------------------------------------------
