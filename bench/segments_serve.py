@@ -22,8 +22,8 @@ from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from deployments.orchestrator.segments import SegmentedFinish  # noqa: E402
 from deployments.runtime.transport import put_tensor  # noqa: E402
 from deployments.workers.postprocessor import Postprocessor  # noqa: E402
-from pipeline.generator import PreparedRequest  # noqa: E402
 from pipeline.media.video import probe_media  # noqa: E402
+from pipeline.request import PreparedRequest  # noqa: E402
 from pipeline.windows import SAMPLE_RATE, plan_windows  # noqa: E402
 from testing.http import http_bytes, http_json  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402

@@ -30,8 +30,8 @@ from typing import Protocol
 
 import torch
 
+from pipeline.models.block_residual import BlockResidual
 from pipeline.models.devices import compute_device
-from pipeline.models.transformer import BlockResidual
 from pipeline.raw_tensor import RawTensor
 from pipeline.schedule import SigmaSchedule, guided_step, sigma_schedule
 from pipeline.step_cache import (

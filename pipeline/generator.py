@@ -7,7 +7,6 @@ different deployments (Preprocessor, Denoiser replicas driven by the Orchestrato
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import tempfile
 import time
 import uuid
@@ -40,55 +39,13 @@ from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
 from pipeline.models.vae import StreamingVaeDecoder, decoder_reach, frames_to_uint8
 from pipeline.prompt_cache import PromptEmbeddingCache
-from pipeline.schema import AspectRatio, resolve_seed
+from pipeline.request import PATCH, VAE_SPATIAL, GenerationParams, PreparedRequest, video_seconds
+from pipeline.schema import resolve_seed
 from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
 from pipeline.settings import PipelineSettings
-from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
+from pipeline.step_cache import StepCache, StepCachePlan
 from pipeline.text import PromptEncoder
-from pipeline.windows import FPS, SAMPLE_RATE, WindowPlan, plan_windows
-
-LATENT_CHANNELS = 16
-VAE_SPATIAL = 8
-PATCH = 2
-
-
-@dataclass
-class GenerationParams:
-    """One request's resolved parameters (the fal input minus the URLs)."""
-
-    prompt: str
-    aspect_ratio: AspectRatio = "auto"
-    guidance_scale: float = 5.0
-    audio_guidance_scale: float = 4.0
-    num_inference_steps: int = 50
-    seed: int | None = None
-    acceleration: AccelerationLevel | None = None  # None: the pipeline settings' default
-
-
-@dataclass
-class PreparedRequest:
-    """Output of ``prepare``: the conditioning for the window-steps plus what ``finish`` needs."""
-
-    request_id: str
-    seed: int
-    width: int
-    height: int
-    plan: WindowPlan
-    conditioning: RequestConditioning | None
-    audio_bytes: bytes  # the original audio, muxed into the mp4
-    audio_seconds: float
-    timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # human-readable progress lines from preprocessing
-    input_bytes: int = 0  # bytes of image + audio as received
-    acceleration: AccelerationLevel = "none"  # the request's step-cache level, resolved
-
-    def without_conditioning(self) -> PreparedRequest:
-        """A light copy for the decode stage, which needs the geometry and the audio but not the tensors."""
-        return dataclasses.replace(self, conditioning=None, timings=dict(self.timings))
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int, int]:
-        return (1, LATENT_CHANNELS, self.plan.latent_frames, self.height // VAE_SPATIAL, self.width // VAE_SPATIAL)
+from pipeline.windows import FPS, SAMPLE_RATE, plan_windows
 
 
 @dataclass
@@ -343,11 +300,6 @@ class StableAvatarPipeline:
         executor = executor_factory(prepared) if executor_factory else None
         latents = await self.denoise(prepared, executor)
         return prepared, self.finish(prepared, latents, out_path, progress=progress)
-
-
-def video_seconds(prepared: PreparedRequest) -> float:
-    """The video's exact duration: its frames at :data:`FPS` (what the serial path cuts the audio to)."""
-    return prepared.plan.output_frames / FPS
 
 
 def segment_latents(latents: torch.Tensor, segment: LatentSegment) -> torch.Tensor:

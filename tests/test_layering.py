@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -107,6 +111,27 @@ def test_the_gateway_and_the_configuration_load_no_model_library(module):
     """The Gateway runs no model: importing torch, diffusers and transformers cost each of its replicas 5.6 s and
     449 MiB at start, against 2.0 s and 133 MiB without them (``bench/results/imports.txt``)."""
     assert measure(module, REPO_ROOT)["model_libraries"] == []
+
+
+MODEL_CODE = ("transformers", "diffusers.models.transformers", "diffusers.models.autoencoders",
+              "pipeline.models.transformer", "pipeline.models.vae", "pipeline.generator")
+
+
+def loaded_model_code(module: str) -> list[str]:
+    """Which of :data:`MODEL_CODE` a fresh interpreter has loaded after importing ``module``."""
+    code = f"import json, sys, {module}; print(json.dumps([m for m in {MODEL_CODE!r} if m in sys.modules]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_orchestrator_loads_no_model_code():
+    """The Orchestrator runs the step loop (torch, diffusers' scheduler) but no model: the transformer, the VAE,
+    the encoders and the pipeline that holds them stay out of its replicas (seconds of CPU at every start,
+    ``bench/results/imports.txt``); a segmented finish imports the VAE's module when it is configured."""
+    assert loaded_model_code("deployments.orchestrator.deployment") == []
+    seen = set(loaded_model_code("deployments.workers.postprocessor"))  # the probe sees a model worker's
+    assert {"diffusers.models.autoencoders", "pipeline.models.vae", "pipeline.generator"} <= seen
 
 
 def test_the_model_library_probe_sees_torch():

@@ -44,7 +44,7 @@ from deployments.runtime.service_state import open_service_state
 from deployments.runtime.transport import put_tensor
 from deployments.storage.keys import result_key
 from pipeline.denoise import denoise, initial_noise
-from pipeline.generator import PreparedRequest
+from pipeline.request import PreparedRequest
 from pipeline.windows import FPS
 
 logger = logging.getLogger("ray.serve")

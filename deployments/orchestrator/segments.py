@@ -17,7 +17,7 @@ takes longer than ``timeouts.postprocess_s`` ends the attempt (``StageTimeoutErr
 
 The audio track is encoded here, once, while the segments are in flight (``SegmentedFinish.audio_track``:
 :func:`~pipeline.media.audio_track.encode_audio_track_async`, the serial path's AAC settings cut to the video's
-duration), and ``stitch`` only copies its packets: the stitch's serial tail no longer grows with an AAC encode of
+duration), and ``stitch`` only copies its packets: so the stitch's serial tail does not grow with an AAC encode of
 the whole audio. The Orchestrator runs it (an ffmpeg child process: a few CPU seconds for ten minutes of audio)
 rather than a Postprocessor call, which would hold a replica a segment may be waiting for. The track travels
 to ``stitch`` as a numpy buffer argument (Ray puts it into the object store; the replica reads it in place). An
@@ -40,11 +40,10 @@ import ray
 from deployments.contracts import PostprocessResult, SegmentVideo
 from deployments.orchestrator.executor import RETRYABLE, awaited
 from deployments.orchestrator.faults import StageTimeoutError
-from pipeline.generator import PreparedRequest, video_seconds
 from pipeline.media.audio_track import encode_audio_track_async
 from pipeline.media.errors import FFmpegError
-from pipeline.models.vae import preset_decoder_reach
 from pipeline.presets import ModelPreset
+from pipeline.request import PreparedRequest, video_seconds
 from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
 
 Report = Callable[..., Awaitable[None]]
@@ -58,6 +57,14 @@ async def call_once(_deployment: str, call: Callable[[], Awaitable[Any]], _repor
 
 # What a plan for one replica is given as the reach: one segment, the whole video, has no warm-up whatever the reach.
 WHOLE_VIDEO = DecoderReach((1,), (1.0,))
+
+
+def _decoder_reach(preset: ModelPreset) -> DecoderReach:
+    """The preset's decoder reach, its VAE built on the meta device; imported here, not at the top: the VAE's
+    module loads diffusers' models, which an Orchestrator without segments never needs."""
+    from pipeline.models.vae import preset_decoder_reach
+
+    return preset_decoder_reach(preset)
 
 
 class PostprocessError(RuntimeError):
@@ -78,7 +85,7 @@ class SegmentedFinish:
         self.postprocessor = postprocessor.options(_by_reference=True)
         self.replicas, self.min_segment_latents, self.retries = replicas, min_segment_latents, retries
         self.segment_timeout_s = segment_timeout_s
-        self.reach = preset_decoder_reach(preset) if replicas > 1 else WHOLE_VIDEO
+        self.reach = _decoder_reach(preset) if replicas > 1 else WHOLE_VIDEO
 
     def plan(self, prepared: PreparedRequest) -> tuple[LatentSegment, ...]:
         plan = prepared.plan

@@ -32,7 +32,7 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     By default glibc serves large buffers from its heaps once it has seen one freed (the mmap threshold grows with
     every large free, up to 32 MiB), and keeps what is freed there for reuse. A replica that churns through
     tensor-sized buffers (units, their outputs, fused states) then holds what it freed: 3.3 GiB of a 600 s job's
-    Orchestrator at 480x832 (bench/bench_long_video.py, branch longvideo; ``malloc_trim`` released it). A fixed
+    Orchestrator at 480x832 (bench/bench_long_video.py; ``malloc_trim`` released it). A fixed
     threshold also stops the adjustment. Returns False where the C library is not glibc (nothing to do).
     """
     try:

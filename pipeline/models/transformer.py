@@ -30,7 +30,6 @@ fp32 and modulation sums are formed in fp32 (stock diffusers behaviour; upstream
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +49,7 @@ from diffusers.utils import apply_lora_scale
 from torch import Tensor, nn
 
 from .audio_split import AUDIO_EXPAND_LENGTH, latent_slot_count, split_audio_sequence
+from .block_residual import BlockResidual
 from .devices import compute_device, weights_onloaded
 from .vocal_projector import VocalProjector
 
@@ -64,15 +64,6 @@ __all__ = [
 ]
 
 TEXT_LEN = 512  # text context rows; diffusers' Wan processor hard-codes this split too
-
-
-@dataclass
-class BlockResidual:
-    """The step cache's slot in one forward: the residual to reuse (the blocks are skipped), or where the blocks'
-    residual (``output - input`` of the 30 blocks, ``[B, seq_len, C]`` in the model dtype) is written."""
-
-    reuse: Tensor | None = None
-    computed: Tensor | None = None
 
 
 def pad_rotary(freqs_cos: Tensor, freqs_sin: Tensor, num_pad: int) -> tuple[Tensor, Tensor]:
