@@ -66,6 +66,10 @@ class DeploymentOptions(BaseModel):
     max_ongoing_requests: int | None = Field(None, ge=1)
     sp_degree: int = Field(1, ge=1, description="denoiser only: GPUs (ranks) one replica splits each unit over "
                            "(sequence parallelism, docs/many-gpus.md); num_cpus/num_gpus/memory_gb are per rank")
+    health_check_period_s: float | None = Field(
+        None, gt=0, description="seconds between Serve's health checks of a replica (Serve's default: 10); a replica "
+        "that fails three in a row is replaced, so this sets how soon a wedged one (a Denoiser past timeouts.unit_s) "
+        "goes")
 
     @property
     def max_replicas(self) -> int:
@@ -98,6 +102,8 @@ class DeploymentOptions(BaseModel):
             options["num_replicas"] = self.num_replicas
         if self.max_ongoing_requests is not None:
             options["max_ongoing_requests"] = self.max_ongoing_requests
+        if self.health_check_period_s is not None:
+            options["health_check_period_s"] = self.health_check_period_s
         return options
 
 

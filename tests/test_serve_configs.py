@@ -281,6 +281,19 @@ def test_denoisers_accept_a_steps_units_and_autoscale_on_them(where):
     assert "deployments" not in CONFIGS[where]["applications"][0]  # no override replaces what args built
 
 
+def test_a_deployments_health_check_period_reaches_serve_and_defaults_to_serves():
+    """``health_check_period_s`` sets how often Serve checks a replica (so how soon a wedged Denoiser is replaced);
+    left out, Serve's own default stands; zero or less is refused naming the field."""
+    from deployments.workers.denoiser import Denoiser
+
+    args = AppArgs.model_validate({"denoiser": {"health_check_period_s": 2.5}})
+    assert Denoiser.options(**args.denoiser.serve_options())._deployment_config.health_check_period_s == 2.5
+    default = Denoiser.options(**AppArgs().denoiser.serve_options())._deployment_config.health_check_period_s
+    assert "health_check_period_s" not in AppArgs().denoiser.serve_options() and default == 10
+    with pytest.raises(ValidationError, match="health_check_period_s"):
+        AppArgs.model_validate({"denoiser": {"health_check_period_s": 0}})
+
+
 @pytest.mark.parametrize("where", sorted(CONFIGS))
 def test_postprocessors_take_one_segment_each_and_autoscale_on_them(where):
     """Every shipped config routes Postprocessor calls through the segment router (one segment per replica at a

@@ -96,10 +96,11 @@ _service: dict = {}  # "cluster": the RayServeCluster, "env": the replicas' envi
 
 
 def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pipeline: dict | None = None,
-           timeouts: dict | None = None) -> None:
-    """Deploy (or keep) the app with this Denoiser count, storage, pipeline and timeouts blocks; redeploys only on
-    change. Jobs live in SQLite under ``root`` (with S3 storage too: one machine)."""
-    key = f"{denoisers}/{storage}/{pipeline}/{timeouts}"
+           timeouts: dict | None = None, health_check_period_s: float | None = None) -> None:
+    """Deploy (or keep) the app with this Denoiser count, storage, pipeline and timeouts blocks (and the Denoisers'
+    health-check period); redeploys only on change. Jobs live in SQLite under ``root`` (with S3 storage too: one
+    machine)."""
+    key = f"{denoisers}/{storage}/{pipeline}/{timeouts}/{health_check_period_s}"
     if _deployed and _deployed[-1] == key:
         return
     _deployed.append(key)
@@ -108,7 +109,7 @@ def deploy(base_url: str, root, denoisers: int, storage: dict | None = None, pip
         "storage": storage or {"kind": "local", "root": str(root), "public_base_url": base_url},
         "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
         "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
-        "denoiser": {"num_replicas": denoisers, "num_gpus": 1},
+        "denoiser": {"num_replicas": denoisers, "num_gpus": 1, "health_check_period_s": health_check_period_s},
         "pipeline": pipeline or {},
         "timeouts": timeouts or {},
     }, env=_service["env"])
@@ -250,7 +251,7 @@ def test_a_hung_denoiser_replica_is_bypassed_and_replaced(cluster, inputs, tmp_p
     ``timeouts.unit_s`` and sent to the next replica, the video does not change, and the hung replica's health
     check fails until Serve replaces it."""
     unit_s = 20.0
-    deploy(cluster, tmp_path / "data", 2, timeouts={"unit_s": unit_s})
+    deploy(cluster, tmp_path / "data", 2, timeouts={"unit_s": unit_s}, health_check_period_s=3)
     before = denoiser_replicas()
     assert len(before) == 2
     hang_file.write_text(json.dumps({"step": 1, "window": 1, "hang_s": 600}))
@@ -259,7 +260,7 @@ def test_a_hung_denoiser_replica_is_bypassed_and_replaced(cluster, inputs, tmp_p
     hang_file.with_suffix(".claimed").unlink()
     assert any(m.startswith("window 1 step 2 ") and "overran its timeout" in m for m in logs), logs
     assert video == cli_reference(tmp_path, inputs["short"])
-    deadline = time.monotonic() + 240  # 3 failed health checks 10 s apart, a graceful stop, a new replica
+    deadline = time.monotonic() + 240  # 3 failed health checks 3 s apart, a graceful stop, a new replica
     while True:
         now = denoiser_replicas()
         status = serve.status().applications[APP_NAME].deployments["Denoiser"].replica_states
