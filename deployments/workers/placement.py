@@ -28,7 +28,7 @@ then all their units. The router decides a job's placement once, at its first st
   weigh most on it (and those they displace) and one that leaves gives up its own (and those they displace): about
   1/N of a step's units move, where ``slot mod N`` moved nearly all. For a lone job that is rendezvous hashing's
   1.2-2.0x the ideal share; beside other jobs the loads narrow the units' choices, and a cap change displaces more:
-  1.4-2.5x (``tests/test_placement.py`` checks both bounds; the benchmark counts the cache warm-ups moved,
+  1.2-2.5x (``tests/test_placement.py`` checks both bounds; the benchmark counts the cache warm-ups moved,
   ``bench/bench_fanout.py``). A unit that moved finds a cold cache and rebuilds what it needs from its anchor
   latents: it costs time, never bits.
 
