@@ -24,11 +24,13 @@ places with :class:`deployments.workers.placement.StickyBalancedRouter`. Replica
 Every timed run starts after the replicas are running, the caller's router has seen all of them, and one
 warm-up step has filled their conditioning caches.
 
-    python bench/bench_fanout.py [--quick] [--compare-fifo] [--json bench/results/fanout.json]
+    python bench/bench_fanout.py [--quick] [--compare-fifo] [--only SECTION ...] [--json bench/results/fanout.json]
 
 ``--quick`` (about 12 minutes on a quiet 2-core box) runs the fan-out job for 2 steps, the fairness jobs for 5,
-and the short clip (always 10 steps) on 2 and 6 replicas only. The last line printed is one JSON object of the
-headline numbers.
+and the short clip (always 10 steps) on 2 and 6 replicas only. ``--only`` runs some sections (``fanout``,
+``short``, ``fairness``, ``scale``) and replaces just theirs in an existing ``--json`` file (and its table): the
+others keep their figures, and ``sources`` in the JSON says which run (time, ``--quick``, load average) each
+section's figures come from. The last line printed is one JSON object of the headline numbers.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ from testing.media import EXAMPLE_IMAGE, synthetic_speech  # noqa: E402
 
 APP = "bench-fanout"
 SECTIONS = ("fanout", "short", "fairness", "scale")
+SECTION_KEYS = {  # the result keys each section writes
+    "fanout": ("fanout", "fanout_steps", "fanout_identical"),
+    "short": ("short_clip", "short_steps", "short_clip_identical", "short_clip_speedup_6_vs_2",
+              "short_clip_split_gain_6"),
+    "fairness": ("fairness", "fairness_steps", "fairness_replicas", "short_jobs_first"),
+    "scale": ("scale",),
+}
 UNIT_S = {True: SIMULATED_ROW_S, False: 3 * SIMULATED_ROW_S}  # split rows: 1 row per unit; batch 3: 3 rows
 PLAN_REPLICAS = (1, 2, 4, 5, 6, 8)  # every replica count a section deploys
 
@@ -241,7 +250,9 @@ def short_jobs_first(rows: list[dict], unit_order: str) -> dict:
     mine = [r for r in rows if r["unit_order"] == unit_order]
     long, shorts = mine[0], mine[1:]
     short_work = sum(r["work_s"] for r in shorts)
+    replicas = [{replica for replica, _n in r["placement"]} for r in shorts]
     return {"unit_order": unit_order, "short_vs_alone_max": max(r["vs_alone"] for r in shorts),
+            "shorts_shared_replicas": len(set.intersection(*replicas)),
             "long_growth_s": round(long["wall_s"] - long["alone_s"], 2), "short_work_s": short_work,
             "short_work_per_replica_s": short_work / 4}
 
@@ -278,51 +289,78 @@ def scale_events(bench: Bench, prepared: PreparedRequest) -> dict:
     return row
 
 
+def source_line(results: dict, section: str) -> str:
+    """Which run a section's figures come from: its time, ``--quick`` and the load average around it."""
+    run = results["sources"][section]
+    return (f"({run['at']}{', --quick' if run['quick'] else ''}; load average {run['load_before']} before, "
+            f"{run['load_after']} after{'; ' + run['note'] if run.get('note') else ''})")
+
+
 def report(results: dict, out: Path) -> list[str]:
     lines = [f"fan-out benchmark: simulated Denoisers ({SIMULATED_ROW_S} s per guidance row: batch-3 unit "
              f"{UNIT_S[False]} s, split-row unit {UNIT_S[True]} s), fake GPUs, the loop in a Serve replica",
-             f"machine: {os.cpu_count()} CPUs, load average {results['load_before']} before, "
-             f"{results['load_after']} after (other work shares this machine: wall times are noisy)",
-             "", f"1. one job of 24 windows x {results['fanout_steps']} steps, batch-3 units",
-             "replicas | wall s | ideal s | vs ideal | T1/(N*TN) | overhead/step s | units per replica | "
-             "caller CPU/step s | caller CPU/wall"]
-    for r in results["fanout"]:
-        lines.append(f"{r['replicas']:>8} | {r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | {r['efficiency_vs_ideal']:>8.3f}"
-                     f" | {r['efficiency'] if r['efficiency'] is not None else '-':>9} | "
-                     f"{r['overhead_per_step_s']:>15.3f} | {r['units_per_replica']} | "
-                     f"{r['caller_cpu_s_per_step']:>17.4f} | {r['caller_cpu_fraction']:.4f}")
-    lines.append(f"identical latents on every replica count: {results['fanout_identical']}")
-    lines += ["", f"2. short clip: 2 windows x {results['short_steps']} steps",
-              "replicas | split rows | units/step | wall s | ideal s | caller CPU/wall"]
-    for r in results["short_clip"]:
-        lines.append(f"{r['replicas']:>8} | {str(r['split_rows']):>10} | {r['units_per_step']:>10} | "
-                     f"{r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | {r['caller_cpu_fraction']:.4f}")
-    lines.append(f"speed-up 6 vs 2 replicas, split rows: {results['short_clip_speedup_6_vs_2']}x (ideal 3.0); "
-                 f"split vs batch-3 on 6 replicas: {results['short_clip_split_gain_6']}x; identical latents "
-                 f"per setting on every replica count: {results['short_clip_identical']}")
-    lines += ["", f"3. three jobs at once on {results['fairness_replicas']} replicas, {results['fairness_steps']} "
-              "steps, batch-3 units, each also alone; fair share = completion under ideal max-min sharing",
-              "unit order         | job     | windows | wall s | alone s | vs alone | fair share s | vs fair share | "
-              "units per replica (last step)"]
-    for r in results["fairness"]:
-        lines.append(f"{r['unit_order']:<18} | {r['job']:<7} | {r['windows']:>7} | {r['wall_s']:>6.2f} | "
-                     f"{r['alone_s']:>7.2f} | {r['vs_alone']:>8.3f} | {r['fair_share_s']:>12.2f} | "
-                     f"{r['vs_fair_share']:>13.3f} | {[n for _, n in r['placement']]}")
-    for t in results["short_jobs_first"]:
-        lines.append(f"{t['unit_order']}: a short job beside the long one took at most {t['short_vs_alone_max']}x its "
-                     f"time alone (target 1.1x); the long job grew by {t['long_growth_s']} s against the short "
-                     f"jobs' {t['short_work_s']} replica-seconds of work ({t['short_work_per_replica_s']} s per "
-                     "replica)")
+             f"machine: {os.cpu_count()} CPUs; other work shares this machine: wall times are noisy, and each "
+             "section says the run and load average its figures come from"]
+    if results.get("fanout"):
+        lines += ["", f"1. one job of 24 windows x {results['fanout_steps']} steps, batch-3 units",
+                  source_line(results, "fanout"),
+                  "replicas | wall s | ideal s | vs ideal | T1/(N*TN) | overhead/step s | units per replica | "
+                  "caller CPU/step s | caller CPU/wall"]
+        for r in results["fanout"]:
+            lines.append(f"{r['replicas']:>8} | {r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | "
+                         f"{r['efficiency_vs_ideal']:>8.3f} | {r['efficiency'] if r['efficiency'] is not None else '-':>9}"
+                         f" | {r['overhead_per_step_s']:>15.3f} | {r['units_per_replica']} | "
+                         f"{r['caller_cpu_s_per_step']:>17.4f} | {r['caller_cpu_fraction']:.4f}")
+        lines.append(f"identical latents on every replica count: {results['fanout_identical']}")
+    if results.get("short_clip"):
+        lines += ["", f"2. short clip: 2 windows x {results['short_steps']} steps", source_line(results, "short"),
+                  "replicas | split rows | units/step | wall s | ideal s | caller CPU/wall"]
+        for r in results["short_clip"]:
+            lines.append(f"{r['replicas']:>8} | {str(r['split_rows']):>10} | {r['units_per_step']:>10} | "
+                         f"{r['wall_s']:>6.2f} | {r['ideal_s']:>7.2f} | {r['caller_cpu_fraction']:.4f}")
+        lines.append(f"speed-up 6 vs 2 replicas, split rows: {results['short_clip_speedup_6_vs_2']}x (ideal 3.0); "
+                     f"split vs batch-3 on 6 replicas: {results['short_clip_split_gain_6']}x; identical latents "
+                     f"per setting on every replica count: {results['short_clip_identical']}")
+    if results.get("fairness"):
+        lines += ["", f"3. three jobs at once on {results['fairness_replicas']} replicas, "
+                      f"{results['fairness_steps']} steps, batch-3 units, each also alone; fair share = completion "
+                      "under ideal max-min sharing", source_line(results, "fairness"),
+                  "unit order         | job     | windows | wall s | alone s | vs alone | fair share s | "
+                  "vs fair share | units per replica (last step)"]
+        for r in results["fairness"]:
+            lines.append(f"{r['unit_order']:<18} | {r['job']:<7} | {r['windows']:>7} | {r['wall_s']:>6.2f} | "
+                         f"{r['alone_s']:>7.2f} | {r['vs_alone']:>8.3f} | {r['fair_share_s']:>12.2f} | "
+                         f"{r['vs_fair_share']:>13.3f} | {[n for _, n in r['placement']]}")
+        for t in results["short_jobs_first"]:
+            lines.append(f"{t['unit_order']}: a short job beside the long one took at most {t['short_vs_alone_max']}x "
+                         f"its time alone (target 1.1x); the long job grew by {t['long_growth_s']} s against the "
+                         f"short jobs' {t['short_work_s']} replica-seconds of work ({t['short_work_per_replica_s']} "
+                         f"s per replica); replicas the short jobs shared: {t.get('shorts_shared_replicas', '-')}")
     scale = results.get("scale")
     if scale:
         lines += ["", f"4. scale events: the {scale['units']}-unit job on 4 replicas, a fifth joins, then leaves "
-                      "(units that changed replica = cold caches there)",
+                      "(units that changed replica = cold caches there)", source_line(results, "scale"),
                   f"rendezvous placement, measured through Serve: {scale['moved_join']} moved when it joined (the "
                   f"rule says {scale['rule_join']}), {scale['moved_leave']} when it left; slot mod N on the same "
                   f"replicas: {scale['modulo_join']} and {scale['modulo_leave']}; the least any balanced placement "
                   f"moves: {scale['ideal_join']} and {scale['ideal_leave']}"]
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     return lines
+
+
+def merged(results: dict, sections: list[str], path: Path) -> dict:
+    """``results`` of the ``sections`` run now, over the other sections' figures in ``path`` (if any): the file's
+    ``sources`` say which run each section comes from (a file without them: its own run for every section)."""
+    if set(sections) == set(SECTIONS) or not path.exists():
+        return results
+    old = json.loads(path.read_text())
+    whole_run = {k: old.get(k) for k in ("at", "quick", "load_before", "load_after")} | {"at": "an earlier run"}
+    sources = old.get("sources") or dict.fromkeys(SECTIONS, whole_run)
+    out = {key: value for key, value in old.items() if key not in ("quick", "load_before", "load_after")}
+    out.update(sources={**sources, **results["sources"]}, total_s=results["total_s"])  # one run's: in sources
+    for section in sections:
+        out.update({key: results[key] for key in SECTION_KEYS[section]})
+    return out
 
 
 def main() -> None:
@@ -374,31 +412,41 @@ def main() -> None:
     def ratio(a, b):
         return round(wall[a] / wall[b], 3) if a in wall and b in wall else None
 
+    run = {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
+           "load_before": load_before, "load_after": load_average(1)}
     results = {
         "quick": args.quick, "fanout_steps": fanout_steps, "short_steps": short_steps, "fairness_steps": fair_steps,
         "fairness_replicas": 4, "row_s": SIMULATED_ROW_S, "load_before": load_before,
-        "load_after": load_average(1), "fanout": fan, "short_clip": clip, "fairness": fair, "scale": scale,
+        "load_after": run["load_after"], "fanout": fan, "short_clip": clip, "fairness": fair, "scale": scale,
         "short_jobs_first": [short_jobs_first(fair, order) for order in dict.fromkeys(r["unit_order"] for r in fair)],
         "fanout_identical": len({r["latents_sha256"] for r in fan}) == 1 if fan else None,
         "short_clip_identical": all(len({r["latents_sha256"] for r in clip if r["split_rows"] == s}) == 1
                                     for s in (False, True)) if clip else None,
         "short_clip_speedup_6_vs_2": ratio((2, True), (6, True)),
         "short_clip_split_gain_6": ratio((6, False), (6, True)),
-        "total_s": round(time.perf_counter() - started, 1),
+        "total_s": round(time.perf_counter() - started, 1), "sources": dict.fromkeys(args.only, run),
     }
+    results = merged(results, args.only, args.json)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(report(results, args.json)))
+    print(json.dumps(headline(results)))
+
+
+def headline(results: dict) -> dict:
+    fan, clip, fair = (results[k] or [] for k in ("fanout", "short_clip", "fairness"))
+    scale = results["scale"]
     rr = [r for r in fair if r["unit_order"] == "shortest_remaining"]
     targets = {t["unit_order"]: t for t in results["short_jobs_first"]}
     at8 = next((r for r in fan if r["replicas"] == 8), {})
-    headline = {
+    return {
         "efficiency_vs_ideal_8": at8.get("efficiency_vs_ideal"), "efficiency_8": at8.get("efficiency"),
         "short_clip_speedup_6_vs_2": results["short_clip_speedup_6_vs_2"],
         "fairness_worst_vs_fair_share": max((r["vs_fair_share"] for r in rr), default=None),
         "short_vs_alone_max": targets.get("shortest_remaining", {}).get("short_vs_alone_max"),
         "long_growth_s": targets.get("shortest_remaining", {}).get("long_growth_s"),
         "short_work_s": targets.get("shortest_remaining", {}).get("short_work_s"),
+        "shorts_shared_replicas": targets.get("shortest_remaining", {}).get("shorts_shared_replicas"),
         "round_robin_short_vs_alone_max": targets.get("round_robin", {}).get("short_vs_alone_max"),
         "scale_moved_join": scale and scale["moved_join"], "scale_modulo_join": scale and scale["modulo_join"],
         "fifo_worst_vs_fair_share": max((r["vs_fair_share"] for r in fair if r["unit_order"] == "fifo"),
@@ -408,7 +456,6 @@ def main() -> None:
         "identical": results["fanout_identical"] is not False and results["short_clip_identical"] is not False,
         "total_s": results["total_s"],
     }
-    print(json.dumps(headline))
 
 
 if __name__ == "__main__":

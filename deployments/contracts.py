@@ -95,8 +95,9 @@ OFFSET_RANGE = 1 << 16  # request offsets lie in [0, 65536): any replica count u
 class UnitKey:
     """A unit's routing key: ``index`` of the ``units`` of its step places it (rendezvous hashing with a load cap,
     :mod:`deployments.workers.placement`); ``remaining`` (guidance rows its job still runs, this step's included)
-    orders it on the replica, shortest remaining first; ``continues``: the job sends another step after this one,
-    so the replica may hold itself briefly for the job's next unit (:mod:`deployments.workers.unit_queue`);
+    orders it on the replica, shortest remaining first, and tells the router which other jobs go before it;
+    ``continues``: the job sends another step after this one, so the replica may hold itself briefly for the job's
+    next unit (:mod:`deployments.workers.unit_queue`) and the router keeps counting the job as load;
     ``detour``: go that many replicas past the placed one in id order (a unit that overran its replica, which hangs
     but is still live, is sent to the next one)."""
 

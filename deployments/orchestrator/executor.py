@@ -9,8 +9,9 @@ which is still in the set) is cancelled and sent one replica further (``UnitKey.
 
 Unit ``i`` of a step is called as ``step(request_id, key, [conditioning], [unit])`` with ``key`` its
 :class:`~deployments.contracts.UnitKey` (``unit_keys``): Serve's router places it by rendezvous hashing with a load
-cap (:mod:`deployments.workers.placement`), so a step is spread evenly, each unit stays on its replica from step to
-step, and a scale event moves few units; the replica's queue serves it by its job's remaining work.
+cap, the router's other jobs counted as load (:mod:`deployments.workers.placement`), so a step is spread evenly and
+away from other jobs' units where there is room, each unit stays on its replica from step to step, and a scale event
+moves few units; the replica's queue serves it by its job's remaining work.
 
 A unit is put in the object store once and its call carries only the reference (in a list, so Ray hands it on
 unresolved and the replica fetches it once it has accepted the call). Serve serializes a call's arguments again at
