@@ -393,9 +393,11 @@ class JobRunner:
         finally:
             keeper.cancel()
             report.close()
-            self.runs.pop(run.request_id, None)
-            metrics.running_jobs().set(len(self.runs))
-            await self._clean_up(run)
+            try:  # a run counts as running until what it left is cleaned up (a stop waits for its runs)
+                await self._clean_up(run)
+            finally:
+                self.runs.pop(run.request_id, None)
+                metrics.running_jobs().set(len(self.runs))
 
     async def _execute(self, run: Run, report: RunReporter) -> StoredResult:
         if time.monotonic() >= run.deadline:  # claimed again after its deadline passed: do not start
