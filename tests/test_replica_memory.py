@@ -21,13 +21,16 @@ CREEP_PER_JOB = 140 * 1024  # about the most a healthy replica's floor rose per 
 SPAN = WARMUP_JOBS + WINDOW_JOBS + MIN_JUDGED_JOBS + 1  # the fewest jobs of a judged replica
 
 
-def series(jobs: int, per_job: int, seed: int = 7, warmup_growth: int = 60 * 2**20) -> list[tuple[int, int]]:
-    """(jobs done, RSS) of a replica: its warm-up grows the RSS, then a floor rising by ``per_job`` per job, with
-    0-40 MiB of in-flight buffers on three samples out of four."""
+def series(jobs: int, per_job: int, seed: int = 7, warmup_growth: int = 60 * 2**20,
+           step: tuple[int, int] = (0, 0)) -> list[tuple[int, int]]:
+    """(jobs done, RSS) of a replica: its warm-up grows the RSS, then a floor rising by ``per_job`` per job (and by
+    ``step[1]`` bytes at once after job ``step[0]``), with 0-40 MiB of in-flight buffers on three samples out of
+    four."""
     rng, out = random.Random(seed), []
     for i in range(jobs * SAMPLES_PER_JOB):
         done = i // SAMPLES_PER_JOB
         floor = BASE + min(done, WARMUP_JOBS) * warmup_growth // WARMUP_JOBS + max(0, done - WARMUP_JOBS) * per_job
+        floor += step[1] if step[1] and done > step[0] else 0
         transient = rng.randrange(40 * 2**20) if rng.random() < 0.75 else rng.randrange(256 * 1024)
         out.append((done, floor + transient))
     return out
@@ -47,6 +50,24 @@ def test_a_leak_of_250_kib_per_job_fails_and_transients_or_warm_up_creep_pass():
             assert flat is not None and flat.judged and not flat.leaked, flat.describe()
             assert creeping is not None and not creeping.leaked, creeping.describe()
             assert leaking is not None and leaking.judged and leaking.leaked, leaking.describe()
+
+
+STEP = 13 * 2**20  # the largest one-off move of a healthy replica's floor seen in the soak (12.7 MiB)
+
+
+def test_a_one_off_step_of_the_floor_passes_and_a_leak_with_a_step_still_fails():
+    """An allocator arena taken into use raises the floor once, by as much as the leak adds over the whole span: it
+    rises on one side of the split just before it, a leak on both sides of every split, with a step or not."""
+    for seed in range(20):
+        for jobs in (SPAN, 2 * SPAN):
+            for at in range(WARMUP_JOBS + 1, jobs - 1, 4):
+                stepped = floor_growth(series(jobs, 0, seed, step=(at, STEP)))
+                assert stepped is not None and not stepped.leaked, (at, stepped.describe())
+                if at == jobs // 2:  # a bound on the whole span's rise alone would call it a leak
+                    assert stepped.growth > BOUND_PER_JOB * stepped.jobs, stepped.describe()
+            for at in range(WARMUP_JOBS + 1, jobs - 1, 4):
+                leaking = floor_growth(series(jobs, LEAK_PER_JOB, seed, step=(at, STEP)))
+                assert leaking is not None and leaking.leaked, (at, leaking.describe())
 
 
 def test_the_check_of_two_single_samples_would_miss_that_leak():
