@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 from deployments.contracts import PostprocessResult, SegmentVideo
 from deployments.orchestrator.segments import PostprocessError, SegmentedFinish
 from pipeline.generator import PreparedRequest, video_seconds
-from pipeline.media.audio_track import encode_audio_track
+from pipeline.media.audio_track import encode_audio_track, encode_audio_track_async
 from pipeline.presets import get_preset
 from pipeline.windows import SAMPLE_RATE, plan_windows
 from testing.media import synthetic_speech
@@ -261,4 +261,34 @@ def test_cancelling_the_job_kills_the_audio_encode_and_removes_its_files(tmp_pat
 
     running = asyncio.run(run())
     assert running and handle.stitch.calls == []
+    assert ffmpeg_children() == [] and list(tempdir.iterdir()) == []
+
+
+def test_a_cancel_while_ffmpeg_starts_leaves_no_ffmpeg_and_no_file(tmp_path, tempdir, monkeypatch):
+    """The cancel arrives after ffmpeg was started but before the encode has its handle (the event loop is slow to
+    come back to it on a loaded machine): the encode still kills and reaps it and removes its files."""
+    started_ffmpeg = asyncio.create_subprocess_exec
+    started = []
+
+    async def slow_to_return(*args, **kwargs):
+        proc = await started_ffmpeg(*args, **kwargs)
+        started.append(proc.pid)
+        await asyncio.sleep(2)  # the loop comes back late: ffmpeg runs, nobody holds its handle yet
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", slow_to_return)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(encode_audio_track_async(synthetic_speech(tmp_path / "s.wav", 601.0)
+                                                              .read_bytes(), 600.0))
+        for _ in range(3000):  # until ffmpeg was started (a bound, not a timing)
+            if started:
+                break
+            await asyncio.sleep(0.01)
+        assert ffmpeg_children() == started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
     assert ffmpeg_children() == [] and list(tempdir.iterdir()) == []

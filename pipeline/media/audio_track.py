@@ -14,8 +14,10 @@ cancelling the coroutine kills it and removes its files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,9 @@ async def encode_audio_track_async(audio: bytes, duration: float) -> bytes:
     try:
         source, out = Path("audio"), Path("track.m4a")  # in ``tmp``: ffmpeg's messages name no temporary path
         await asyncio.to_thread((tmp / source).write_bytes, audio)
-        proc = await asyncio.create_subprocess_exec(
+        proc = await _spawned(asyncio.create_subprocess_exec(
             *ffmpeg_command(audio_track_output(source, duration, out)), cwd=tmp, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
         try:
             _, stderr = await proc.communicate()
         finally:
@@ -61,3 +63,17 @@ async def encode_audio_track_async(audio: bytes, duration: float) -> bytes:
         return await asyncio.to_thread((tmp / out).read_bytes)
     finally:  # shielded: a second cancel cannot leave the folder behind
         await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmp, True))
+
+
+async def _spawned(spawn: Awaitable[asyncio.subprocess.Process]) -> asyncio.subprocess.Process:
+    """The started process. A cancel that arrives while it is being started (ffmpeg may run already, before the
+    caller has its handle) waits for the start, kills the process and reaps it before it goes on."""
+    starting = asyncio.ensure_future(spawn)
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            late = await starting
+            late.kill()
+            await late.wait()
+        raise
