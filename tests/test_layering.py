@@ -108,8 +108,8 @@ def test_the_checker_sees_a_violation(tmp_path):
 
 @pytest.mark.parametrize("module", ["deployments.gateway.deployment", "deployments.config", "pipeline.settings"])
 def test_the_gateway_and_the_configuration_load_no_model_library(module):
-    """The Gateway runs no model: importing torch, diffusers and transformers cost each of its replicas 5.6 s and
-    449 MiB at start, against 2.0 s and 133 MiB without them (``bench/results/imports.txt``)."""
+    """The Gateway runs no model: importing torch, diffusers and transformers would cost each of its replicas
+    seconds of CPU and some 300 MiB more at every start (``bench/results/imports.txt``)."""
     assert measure(module, REPO_ROOT)["model_libraries"] == []
 
 
