@@ -43,12 +43,15 @@ wall, cpu = time.perf_counter(), time.process_time()
 import {module}
 print(json.dumps({{"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                   "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "model_libraries": sorted(set({libraries}) & {{n.split(".")[0] for n in sys.modules}})}}))
+                  "model_libraries": sorted(set({libraries}) & {{n.split(".")[0] for n in sys.modules}}),
+                  "loaded": sorted(set({watched}) & set(sys.modules))}}))
 """
 
 
-def measure(module: str, root: Path) -> dict:
-    code = PROBE.format(module=module, libraries=MODEL_LIBRARIES)
+def measure(module: str, root: Path, watched: tuple[str, ...] = ()) -> dict:
+    """Import ``module`` in a fresh interpreter: its cost, the model libraries it pulled in, and which of the
+    ``watched`` modules it loaded."""
+    code = PROBE.format(module=module, libraries=MODEL_LIBRARIES, watched=watched)
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -47,7 +47,7 @@ class FloorGrowth:
     jobs: int  # jobs it ran between its two windows: what a leak per job raises the floor over
     first_floor: int  # bytes: the lowest sample over its first WINDOW_JOBS jobs after warm-up
     last_floor: int  # ... and over its last WINDOW_JOBS jobs
-    flattest_side: float = 0.0  # bytes per job: the least rise, over the splits, of either side of the split
+    flattest_side: float  # bytes per job: the least rise, over the splits, of either side of the split
 
     @property
     def growth(self) -> int:
@@ -100,5 +100,6 @@ def _flattest_side(warm: Sequence[tuple[int, int]], head: tuple[int, int], tail:
         floor_from[jobs] = lowest
     third = (end - start) / 3
     splits = [j for j in floor_from if start + third <= j <= end - third]
-    return min(min((floor_from[j] - head_floor) / (j - start), (tail_floor - floor_from[j]) / (end - j))
-               for j in splits)
+    # no sampled job in the middle third (jobs ended faster than the samples): no split to tell a step by
+    return min((min((floor_from[j] - head_floor) / (j - start), (tail_floor - floor_from[j]) / (end - j))
+                for j in splits), default=math.inf)

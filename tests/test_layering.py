@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -119,10 +115,7 @@ MODEL_CODE = ("transformers", "diffusers.models.transformers", "diffusers.models
 
 def loaded_model_code(module: str) -> list[str]:
     """Which of :data:`MODEL_CODE` a fresh interpreter has loaded after importing ``module``."""
-    code = f"import json, sys, {module}; print(json.dumps([m for m in {MODEL_CODE!r} if m in sys.modules]))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return measure(module, REPO_ROOT, watched=MODEL_CODE)["loaded"]
 
 
 def test_the_orchestrator_loads_no_model_code():

@@ -4,6 +4,7 @@ floor, tens of MiB of transient buffers on most samples)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 from testing.replica_memory import (
@@ -85,3 +86,17 @@ def test_a_replica_that_ran_too_few_jobs_is_not_judged():
     assert short is not None and not short.judged and not short.leaked
     assert floor_growth(series(WARMUP_JOBS + 2 * WINDOW_JOBS - 1, 0)) is None  # no two windows after its warm-up
     assert floor_growth([]) is None
+
+
+def test_a_replica_with_no_sample_in_the_middle_third_is_judged_by_its_whole_rise():
+    """Jobs that ended faster than the samples leave no split to tell a step by: the check falls back to the bound
+    on the whole rise (a leak still fails, a flat floor passes) instead of failing on an empty middle."""
+    def gapped(per_job: int) -> list[tuple[int, int]]:
+        samples = series(2 * SPAN, per_job)
+        first, last = WARMUP_JOBS, samples[-1][0] - WINDOW_JOBS
+        third = (last - first) / 3
+        return [(j, rss) for j, rss in samples if not first + third - 1 <= j <= last - third + 1]
+
+    leaking, flat = floor_growth(gapped(LEAK_PER_JOB)), floor_growth(gapped(0))
+    assert leaking.flattest_side == flat.flattest_side == math.inf  # no split there
+    assert leaking.leaked and not flat.leaked

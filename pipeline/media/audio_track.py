@@ -55,8 +55,7 @@ async def encode_audio_track_async(audio: bytes, duration: float) -> bytes:
             _, stderr = await proc.communicate()
         finally:
             if proc.returncode is None:  # cancelled (or the wait failed): no ffmpeg outlives its caller
-                proc.kill()
-                await asyncio.shield(proc.wait())
+                await asyncio.shield(_kill_and_reap(proc))
         if proc.returncode != 0:
             raise FFmpegError(f"ffmpeg failed encoding the audio track (exit code {proc.returncode})",
                               stderr_tail(stderr))
@@ -72,8 +71,12 @@ async def _spawned(spawn: Awaitable[asyncio.subprocess.Process]) -> asyncio.subp
     try:
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            late = await starting
-            late.kill()
-            await late.wait()
+        with contextlib.suppress(Exception):  # a start that failed left nothing to kill
+            await _kill_and_reap(await starting)
         raise
+
+
+async def _kill_and_reap(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile: only reaping is left
+        proc.kill()
+    await proc.wait()
