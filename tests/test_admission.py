@@ -131,7 +131,7 @@ def job_input(work: int) -> dict:
 
 def test_a_short_job_submitted_behind_two_long_ones_finishes_first(tmp_path: Path):
     args = AppArgs(storage=LocalStorageConfig(root=tmp_path / "data"), max_running_jobs=1, short_job_slots=1,
-                   dispatch={"lease_s": 2.0, "heartbeat_s": 0.5, "poll_interval_s": 0.05, "webhook_lease_s": 20})
+                   dispatch={"lease_s": 10.0, "heartbeat_s": 0.5, "poll_interval_s": 0.05, "webhook_lease_s": 20})
     storage = LocalStorage(args.storage)
     store = make_job_store(SqliteJobsConfig(synchronous="NORMAL"), tmp_path / "jobs.sqlite3", args.job_limits())
 
