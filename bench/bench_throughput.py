@@ -10,6 +10,7 @@ within one run, not across runs), and each Serve actor's CPU seconds per job (by
 ``--profile`` adds each actor's busiest Python stacks.
 
     python bench/bench_throughput.py [--jobs 150] [--commits fffc418 working-tree] [--profile]
+        [--variant LABEL COMMIT JSON]   # e.g. the working tree with other app args, in the same run
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ PROBE = ROOT / "bench" / "throughput_probe.py"
 OLD_STORE_COMMIT = "fffc418"  # the last commit with the single JobQueue replica (before the jobs database)
 
 
-def probe(commit: str, tmp: Path, jobs: int, poll_hz: float, profile: bool) -> dict[str, Any]:
-    tree = unpack(commit, tmp / commit)
-    argv = [str(PROBE), "--jobs", str(jobs), "--poll-hz", str(poll_hz)] + (["--profile"] if profile else [])
+def probe(label: str, commit: str, app_args: dict[str, Any], tmp: Path, jobs: int, poll_hz: float,
+          profile: bool) -> dict[str, Any]:
+    tree = tmp / commit if (tmp / commit).exists() else unpack(commit, tmp / commit)  # a variant reuses it
+    argv = [str(PROBE), "--jobs", str(jobs), "--poll-hz", str(poll_hz), "--app-args", json.dumps(app_args)]
     started = time.monotonic()
-    result = run_in_tree(tree, argv, "PROBE_RESULT", timeout_s=3600)
-    result |= {"commit": commit, "describe": describe(commit), "wall_s": round(time.monotonic() - started, 1)}
-    print(f"{commit}: {result['jobs_per_min']} jobs/min, medians {result['median_s']}, load "
+    result = run_in_tree(tree, argv + (["--profile"] if profile else []), "PROBE_RESULT", timeout_s=3600)
+    result |= {"commit": label, "tree": commit, "app_args": app_args, "describe": describe(commit),
+               "wall_s": round(time.monotonic() - started, 1)}
+    print(f"{label}: {result['jobs_per_min']} jobs/min, medians {result['median_s']}, load "
           f"{result['load_avg']}", flush=True)
     return result
 
@@ -55,8 +58,8 @@ def text_report(report: dict[str, Any]) -> str:
                      f"{m['decode_encode_s']:>12.2f}s | {m['total_s']:>5.2f}s | {r['submit_p50_ms']:>8.1f}ms | "
                      f"{r['status_p95_ms']:>8.1f}ms | {r['load_avg']['before']} -> {r['load_avg']['after']}")
     lines.append("(prepare, decode+encode, total: medians per job)")
-    lines += [f"  {r['commit']}: {r['describe']}; {r['completed']}/{r['jobs']} completed in {r['span_s']} s"
-              for r in runs]
+    lines += [f"  {r['commit']}: {r['describe']}{' with ' + json.dumps(r['app_args']) if r.get('app_args') else ''}; "
+              f"{r['completed']}/{r['jobs']} completed in {r['span_s']} s" for r in runs]
     base = runs[0]
     for r in runs[1:]:
         lines.append(f"  {r['commit']} / {base['commit']}: {r['jobs_per_min'] / base['jobs_per_min']:.2f}x jobs/min")
@@ -74,14 +77,19 @@ def main() -> None:
     parser.add_argument("--poll-hz", type=float, default=4.0, help="status requests per second while jobs run")
     parser.add_argument("--commits", nargs="+", default=[OLD_STORE_COMMIT, WORKING_TREE],
                         help=f"commits to compare, the first is the baseline ({WORKING_TREE}: this checkout)")
+    parser.add_argument("--variant", nargs=3, action="append", default=[], metavar=("LABEL", "COMMIT", "JSON"),
+                        help="one more run after the commits: COMMIT with JSON merged over the probe's app args, "
+                             "reported as LABEL (e.g. wt-no-short working-tree '{\"short_job_slots\": 0}')")
     parser.add_argument("--profile", action="store_true", help="sample stacks and thread CPU in every Serve actor")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     args = parser.parse_args()
     started, load_start = time.monotonic(), load_average()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
-        for commit in args.commits:
-            runs.append(probe(commit, Path(tmp), args.jobs, args.poll_hz, args.profile))
+        plan = [(commit, commit, {}) for commit in args.commits]
+        plan += [(label, commit, json.loads(app_args)) for label, commit, app_args in args.variant]
+        for label, commit, app_args in plan:
+            runs.append(probe(label, commit, app_args, Path(tmp), args.jobs, args.poll_hz, args.profile))
     report = {"what": f"{args.jobs} queued tiny jobs (1 step, 1 s audio, data-URI inputs, submitted at once), status "
                       f"polled {args.poll_hz:g}/s; each commit in its own process and Ray cluster, one after the other",
               "machine": {"cpus": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": load_average(),

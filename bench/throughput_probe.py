@@ -2,7 +2,7 @@
 its own, with that tree first on ``PYTHONPATH`` and this repository's ``testing`` package after it).
 
 It starts a Ray cluster, deploys the tree's application with its defaults (tiny preset, CPU, local storage; only
-the submit limits opened), submits ``--jobs`` queued jobs at once (data-URI image and audio, 1 step), polls their
+the submit limits opened, ``--app-args`` merged over them), submits ``--jobs`` queued jobs at once (data-URI image and audio, 1 step), polls their
 status at a fixed rate until all are done, and prints one ``PROBE_RESULT`` JSON line: jobs per minute and, per
 job, the stages read from its own log lines (which every tree writes the same way):
 
@@ -157,7 +157,7 @@ def median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def run(jobs: int, poll_hz: float, profile: bool, audio_s: float) -> dict[str, Any]:
+def run(jobs: int, poll_hz: float, profile: bool, audio_s: float, app_args: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from testing.http import http_json
@@ -170,7 +170,7 @@ def run(jobs: int, poll_hz: float, profile: bool, audio_s: float) -> dict[str, A
         cluster.deploy({"device": "cpu", "storage": cluster.local_storage(root / "storage"),
                         "max_queue_length": 100_000,
                         "auth": {"submit_rate_per_minute": 1e6, "submit_burst": 1_000_000,
-                                 "max_queued_per_key": 1_000_000}})
+                                 "max_queued_per_key": 1_000_000}} | app_args)
         base = cluster.base + "/fal-ai/stable-avatar"
         body = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": audio, "prompt": "a person talking",
                 "num_inference_steps": 1, "aspect_ratio": "1:1"}
@@ -229,10 +229,12 @@ def main() -> None:
     parser.add_argument("--poll-hz", type=float, default=4.0)
     parser.add_argument("--audio-s", type=float, default=1.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--app-args", type=json.loads, default={},
+                        help="JSON merged over the probe's app args (top-level keys), e.g. '{\"short_job_slots\": 0}'")
     args = parser.parse_args()
     for attempt in range(STARTS):
         try:
-            result = run(args.jobs, args.poll_hz, args.profile, args.audio_s)
+            result = run(args.jobs, args.poll_hz, args.profile, args.audio_s, args.app_args)
             break
         except Exception as exc:  # Ray gives its raylet 30 s to register, which a loaded shared box can exceed
             if "timed out during startup" not in str(exc) or attempt == STARTS - 1:
