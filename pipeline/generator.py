@@ -39,6 +39,7 @@ from pipeline.media.video import VideoWriter
 from pipeline.models.audio_encoder import audio_features
 from pipeline.models.vae import StreamingVaeDecoder, decoder_reach, frames_to_uint8
 from pipeline.prompt_cache import PromptEmbeddingCache
+from pipeline.reference_cache import ReferenceConditioningCache, reference_key
 from pipeline.request import PATCH, VAE_SPATIAL, GenerationParams, PreparedRequest, video_seconds
 from pipeline.schema import resolve_seed
 from pipeline.segment_plan import DecoderReach, LatentSegment, plan_segments
@@ -70,6 +71,7 @@ class StableAvatarPipeline:
         self._prompt_encoder: PromptEncoder | None = None
         self._window_denoiser: WindowDenoiser | None = None
         self.prompt_cache = PromptEmbeddingCache(self.settings.prompt_cache_bytes)
+        self.reference_cache = ReferenceConditioningCache(self.settings.reference_cache_bytes)
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -121,10 +123,9 @@ class StableAvatarPipeline:
         picture = image if isinstance(image, Image.Image) else load_image(image)
         width, height = choose_size(params.aspect_ratio, picture.width, picture.height, models.preset.resolutions)
         image_u8 = resize_cover(picture, width, height)  # [H, W, 3] uint8
-        y = build_y(models.vae, image_u8)  # [1, 20, 21, h, w]
-        clip_context = build_clip_context(models.image_encoder, image_u8)  # [1, 257, image_dim]
+        y, clip_context, cached = self._reference_conditioning(image_u8)
         timings["image"] = time.perf_counter() - started
-        say(f"conditioned on the image at {width}x{height}")
+        say(f"conditioned on the image at {width}x{height}" + (" (reference cache hit)" if cached else ""))
 
         started = time.perf_counter()
         positive = self.prompt_encoder.encode(params.prompt)
@@ -144,6 +145,17 @@ class StableAvatarPipeline:
             plan=plan, conditioning=conditioning, audio_bytes=audio_bytes, audio_seconds=seconds, timings=timings,
             acceleration=params.acceleration or settings.acceleration,
         )
+
+    def _reference_conditioning(self, image_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(y [1, 20, 21, h, w], CLIP tokens [1, 257, image_dim], whether the reference cache held them)."""
+        key = reference_key(image_u8)
+        cached = self.reference_cache.get(key)
+        if cached is not None:
+            y, clip_context = cached
+            return y, clip_context, True
+        y, clip_context = self.reference_cache.put(key, (build_y(self.models.vae, image_u8),
+                                                         build_clip_context(self.models.image_encoder, image_u8)))
+        return y, clip_context, False
 
     # -- stage 2: denoise -----------------------------------------------------------------------------------
     def initial_latents(self, prepared: PreparedRequest) -> torch.Tensor:

@@ -165,3 +165,6 @@ class PipelineSettings(BaseModel):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     prompt_cache_bytes: int = Field(
         64 << 20, ge=0, description="Bytes of T5 prompt embeddings kept per process (LRU by prompt text; 0: off).")
+    reference_cache_bytes: int = Field(
+        256 << 20, ge=0, description="Bytes of reference-image conditioning (VAE latents and CLIP tokens) kept per "
+        "process (LRU by the resized image's pixels; 0: off).")

@@ -645,6 +645,7 @@ def test_the_dashboard_and_the_metrics_table_name_the_metrics_the_service_define
 
     source = (REPO_ROOT / "deployments" / "runtime" / "metrics.py").read_text()
     defined = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(stable_avatar_\w+)"', source))
+    defined |= set(re.findall(r'"(stable_avatar_\w+_cache_\w+)"', source))  # the caches' series, in one table
     dashboard = (K8S_DIR / "grafana" / "stable-avatar-dashboard.json").read_text()
     queried = {re.sub(r"_(bucket|count|sum)$", "", name) for name in re.findall(r"ray_(stable_avatar_\w+)", dashboard)}
     documented = set(re.findall(r"`ray_(stable_avatar_\w+)", (REPO_ROOT / "docs" / "operations.md").read_text()))

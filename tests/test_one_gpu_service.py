@@ -134,25 +134,34 @@ def test_a_job_on_the_one_gpu_shape_equals_generate_with_the_same_settings(one_g
     assert abs(float(info["format"]["duration"]) - AUDIO_S) < 0.1
 
 
-def test_a_repeated_prompt_is_a_prompt_cache_hit(one_gpu, speech):
-    """Per Preprocessor replica (the example has one): the first request with a prompt runs T5 (a miss), the
-    second finds its embedding (a hit); the counters and gauges reach Prometheus."""
-    before = readiness("Preprocessor")["prompt_cache"]
+def test_a_repeated_prompt_and_image_are_cache_hits(one_gpu, speech):
+    """Per Preprocessor replica (the example has one): the first request with a prompt runs T5 and the first with a
+    reference image (at a size) runs the VAE and CLIP on it (misses), the second finds both (hits); the counters and
+    gauges of both caches reach Prometheus."""
+    caches = ("prompt_cache", "reference_cache")
+    before = {cache: readiness("Preprocessor")[cache] for cache in caches}
     prompt = "the same prompt, twice"
     run_sync(one_gpu["base"], body(speech, prompt))
-    first = readiness("Preprocessor")["prompt_cache"]
-    assert (first["misses"], first["hits"], first["entries"]) == (before["misses"] + 1, before["hits"],
-                                                                  before["entries"] + 1)
+    first = {cache: readiness("Preprocessor")[cache] for cache in caches}
+    # the image may have come before this test: then the first request is already a reference-cache hit
+    image_new = first["reference_cache"]["misses"] - before["reference_cache"]["misses"]
+    assert image_new in (0, 1)
+    assert (first["prompt_cache"]["misses"], first["prompt_cache"]["hits"], first["prompt_cache"]["entries"]) == (
+        before["prompt_cache"]["misses"] + 1, before["prompt_cache"]["hits"], before["prompt_cache"]["entries"] + 1)
+    assert (first["reference_cache"]["hits"], first["reference_cache"]["entries"]) == (
+        before["reference_cache"]["hits"] + 1 - image_new, before["reference_cache"]["entries"] + image_new)
     run_sync(one_gpu["base"], body(speech, prompt))
-    second = readiness("Preprocessor")["prompt_cache"]
-    assert (second["misses"], second["hits"], second["entries"]) == (first["misses"], first["hits"] + 1,
-                                                                     first["entries"])
-    assert 0 < second["bytes"] <= one_gpu["deployed"].pipeline.prompt_cache_bytes
+    second = {cache: readiness("Preprocessor")[cache] for cache in caches}
+    for cache in caches:
+        assert (second[cache]["misses"], second[cache]["hits"], second[cache]["entries"]) == (
+            first[cache]["misses"], first[cache]["hits"] + 1, first[cache]["entries"]), cache
+    pipeline = one_gpu["deployed"].pipeline
+    assert 0 < second["prompt_cache"]["bytes"] <= pipeline.prompt_cache_bytes
+    assert 0 < second["reference_cache"]["bytes"] <= pipeline.reference_cache_bytes
 
-    wanted = {"stable_avatar_prompt_cache_hits_total": second["hits"],
-              "stable_avatar_prompt_cache_misses_total": second["misses"],
-              "stable_avatar_prompt_cache_entries": second["entries"],
-              "stable_avatar_prompt_cache_bytes": second["bytes"]}
+    wanted = {f"stable_avatar_{cache}_{name}": second[cache][stat] for cache in caches
+              for name, stat in (("hits_total", "hits"), ("misses_total", "misses"), ("entries", "entries"),
+                                 ("bytes", "bytes"))}
     deadline = time.monotonic() + 90
     while True:  # replicas push metrics to the node's agent every few seconds
         seen = {name: scrape(one_gpu["metrics"]).get(name) for name in wanted}

@@ -88,55 +88,64 @@ def retention_failed_total() -> Counter:
                    tag_keys=("kind",))
 
 
-@cache
-def prompt_cache_hits() -> Counter:
-    return Counter("stable_avatar_prompt_cache_hits_total",
-                   description="Prompts whose T5 embedding a Preprocessor replica found in its prompt cache.")
+# What each Preprocessor cache holds, for the metrics' descriptions: (what it is keyed by, what an entry is, its bound).
+CACHE_SUBJECTS = {
+    "prompt": ("Prompts", "T5 embedding", "pipeline.prompt_cache_bytes"),
+    "reference": ("Reference images", "VAE latents and CLIP tokens", "pipeline.reference_cache_bytes"),
+}
+
+
+# Each cache's series, written out so that a search for a metric's name finds it here.
+CACHE_METRIC_NAMES: dict[str, dict[str, str]] = {
+    "prompt": {"hits": "stable_avatar_prompt_cache_hits_total", "misses": "stable_avatar_prompt_cache_misses_total",
+               "evictions": "stable_avatar_prompt_cache_evictions_total",
+               "entries": "stable_avatar_prompt_cache_entries", "bytes": "stable_avatar_prompt_cache_bytes"},
+    "reference": {"hits": "stable_avatar_reference_cache_hits_total",
+                  "misses": "stable_avatar_reference_cache_misses_total",
+                  "evictions": "stable_avatar_reference_cache_evictions_total",
+                  "entries": "stable_avatar_reference_cache_entries",
+                  "bytes": "stable_avatar_reference_cache_bytes"},
+}
 
 
 @cache
-def prompt_cache_misses() -> Counter:
-    return Counter("stable_avatar_prompt_cache_misses_total",
-                   description="Prompts a Preprocessor replica ran T5 for (not in its prompt cache).")
+def cache_counter(name: str, event: str) -> Counter:
+    """Hits, misses or evictions of a Preprocessor's ``name`` cache."""
+    keys, entry, bound = CACHE_SUBJECTS[name]
+    meaning = {"hits": f"{keys} whose {entry} a Preprocessor replica found in its {name} cache.",
+               "misses": f"{keys} a Preprocessor replica computed the {entry} of (not in its {name} cache).",
+               "evictions": f"Entries ({entry}) dropped from a Preprocessor's {name} cache to stay within {bound}."}
+    return Counter(CACHE_METRIC_NAMES[name][event], description=meaning[event])
 
 
 @cache
-def prompt_cache_evictions() -> Counter:
-    return Counter("stable_avatar_prompt_cache_evictions_total",
-                   description="Embeddings dropped from a Preprocessor's prompt cache to stay within its bytes.")
+def cache_gauge(name: str, content: str) -> Gauge:
+    """The entries or bytes a Preprocessor's ``name`` cache holds now."""
+    keys, entry, bound = CACHE_SUBJECTS[name]
+    meaning = {"entries": f"{keys} held in a Preprocessor's {name} cache.",
+               "bytes": f"Bytes of {entry} held in a Preprocessor's {name} cache (bound: {bound})."}
+    return Gauge(CACHE_METRIC_NAMES[name][content], description=meaning[content])
 
 
-@cache
-def prompt_cache_entries() -> Gauge:
-    return Gauge("stable_avatar_prompt_cache_entries", description="Prompts held in a Preprocessor's prompt cache.")
+CACHE_EVENTS = ("hits", "misses", "evictions")
 
 
-@cache
-def prompt_cache_bytes() -> Gauge:
-    return Gauge("stable_avatar_prompt_cache_bytes",
-                 description="Bytes of embeddings held in a Preprocessor's prompt cache (bound: "
-                 "pipeline.prompt_cache_bytes).")
+class CacheMetrics:
+    """Publishes a replica's cache statistics (``pipeline.host_cache.CacheStats.as_dict()``) as the ``name``
+    cache's series (:data:`CACHE_METRIC_NAMES`): the cache counts from the replica's start, a Prometheus counter takes
+    increments, so each report adds what changed since the last one; the gauges take the current content."""
 
-
-PROMPT_CACHE_COUNTERS = {"hits": prompt_cache_hits, "misses": prompt_cache_misses,
-                         "evictions": prompt_cache_evictions}
-
-
-class PromptCacheMetrics:
-    """Publishes a replica's prompt-cache statistics (``pipeline.prompt_cache.PromptCacheStats.as_dict()``): the
-    cache counts from the replica's start, a Prometheus counter takes increments, so each report adds what
-    changed since the last one; the gauges take the current content."""
-
-    def __init__(self) -> None:
-        self._reported = dict.fromkeys(PROMPT_CACHE_COUNTERS, 0)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._reported = dict.fromkeys(CACHE_EVENTS, 0)
 
     def report(self, stats: Mapping[str, int]) -> None:
-        for name, counter in PROMPT_CACHE_COUNTERS.items():
-            if stats[name] > self._reported[name]:
-                counter().inc(stats[name] - self._reported[name])
-                self._reported[name] = stats[name]
-        prompt_cache_entries().set(stats["entries"])
-        prompt_cache_bytes().set(stats["bytes"])
+        for event in CACHE_EVENTS:
+            if stats[event] > self._reported[event]:
+                cache_counter(self.name, event).inc(stats[event] - self._reported[event])
+                self._reported[event] = stats[event]
+        for content in ("entries", "bytes"):
+            cache_gauge(self.name, content).set(stats[content])
 
 
 def record_retention(report) -> None:

@@ -5,8 +5,10 @@ Inputs are untrusted: objects in our own storage are read only when the Gateway 
 the bytes through :mod:`pipeline.media.validate` before the models see them, image first (cheap) so a bad image
 is refused before a large audio file is downloaded. Every refusal is an ``InputError`` naming the field.
 
-Each replica keeps the pipeline's prompt-embedding cache (``pipeline.prompt_cache_bytes``, LRU by prompt text), so a
-prompt reused across requests costs one T5 forward per replica; its counters go to the metrics after every request.
+Each replica keeps the pipeline's prompt-embedding cache (``pipeline.prompt_cache_bytes``, LRU by prompt text) and
+reference-image cache (``pipeline.reference_cache_bytes``, LRU by the resized image's pixels), so a prompt or an
+avatar reused across requests costs one T5 forward, or one VAE encode and CLIP forward, per replica; their counters
+go to the metrics after every request.
 
 It also answers the application's model fingerprint (:mod:`deployments.runtime.fingerprint`): it sees the weights,
 which the Orchestrators and Gateways (CPU pods) may not, and unlike the Denoisers it does not scale to zero.
@@ -21,7 +23,7 @@ from ray import serve
 
 from deployments.config import AppArgs
 from deployments.runtime.fingerprint import model_fingerprint
-from deployments.runtime.metrics import PromptCacheMetrics
+from deployments.runtime.metrics import CacheMetrics
 from deployments.runtime.replica import releases_freed_heap, replica_name
 from deployments.storage import StorageNotFoundError, StorageTooLargeError, make_storage
 from deployments.storage.s3_inputs import S3InputReader
@@ -44,16 +46,22 @@ class Preprocessor:
         self.inputs = args.inputs
         self.guard = args.inputs.guard()
         self.s3_inputs = S3InputReader(self.storage)
-        self.prompt_cache_metrics = PromptCacheMetrics()
-        self.prompt_cache_metrics.report(self.pipeline.prompt_cache.stats.as_dict())
+        self.cache_metrics = {"prompt": CacheMetrics("prompt"), "reference": CacheMetrics("reference")}
+        self._report_caches()
         self.fingerprint = model_fingerprint(args)
 
     def ready(self) -> dict:
         """Readiness: answering at all means the constructor, which loads the models, has finished. Says where
-        the models live (the memory mode) and what the prompt cache holds."""
+        the models live (the memory mode) and what the prompt and reference caches hold."""
         return {"deployment": "Preprocessor", "replica": replica_name(),
                 "memory": self.pipeline.models.placement.describe(),
-                "prompt_cache": self.pipeline.prompt_cache.stats.as_dict()}
+                "prompt_cache": self.pipeline.prompt_cache.stats.as_dict(),
+                "reference_cache": self.pipeline.reference_cache.stats.as_dict()}
+
+    def _report_caches(self) -> None:
+        caches = {"prompt": self.pipeline.prompt_cache, "reference": self.pipeline.reference_cache}
+        for name, metrics in self.cache_metrics.items():
+            metrics.report(caches[name].stats.as_dict())
 
     def model_fingerprint(self) -> str:
         return self.fingerprint
@@ -106,7 +114,7 @@ class Preprocessor:
                 prepared = await asyncio.to_thread(self.pipeline.prepare, picture, audio, params, request_id,
                                                    notes.append, checked.samples)
             finally:
-                self.prompt_cache_metrics.report(self.pipeline.prompt_cache.stats.as_dict())
+                self._report_caches()
         prepared.notes = notes
         prepared.input_bytes = len(image) + len(audio)
         return prepared
