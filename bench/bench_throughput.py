@@ -49,12 +49,13 @@ def probe(label: str, commit: str, app_args: dict[str, Any], tmp: Path, jobs: in
 
 def text_report(report: dict[str, Any]) -> str:
     runs = report["runs"]
+    width = max(14, *(len(r["commit"]) for r in runs))
     lines = [report["what"], f"machine: {report['machine']}", "",
-             f"{'commit':<14} | {'jobs/min':>8} | {'prepare':>7} | {'decode+encode':>13} | {'total':>6} | "
+             f"{'commit':<{width}} | {'jobs/min':>8} | {'prepare':>7} | {'decode+encode':>13} | {'total':>6} | "
              f"{'submit p50':>10} | {'status p95':>10} | load avg before -> after"]
     for r in runs:
         m = r["median_s"]
-        lines.append(f"{r['commit']:<14} | {r['jobs_per_min']:>8.1f} | {m['prepare_s']:>6.2f}s | "
+        lines.append(f"{r['commit']:<{width}} | {r['jobs_per_min']:>8.1f} | {m['prepare_s']:>6.2f}s | "
                      f"{m['decode_encode_s']:>12.2f}s | {m['total_s']:>5.2f}s | {r['submit_p50_ms']:>8.1f}ms | "
                      f"{r['status_p95_ms']:>8.1f}ms | {r['load_avg']['before']} -> {r['load_avg']['after']}")
     lines.append("(prepare, decode+encode, total: medians per job)")
@@ -67,7 +68,7 @@ def text_report(report: dict[str, Any]) -> str:
     for r in runs:
         per_actor = {actor.split("#")[1] if "#" in actor else actor.split("-")[0].removeprefix("SERVE_"):
                      sum(p["cpu_s_by_thread"].values()) / r["completed"] for actor, p in r["profile"].items()}
-        lines.append(f"  {r['commit']:<14} " + ", ".join(f"{a} {s:.2f}" for a, s in sorted(per_actor.items())))
+        lines.append(f"  {r['commit']:<{width}} " + ", ".join(f"{a} {s:.2f}" for a, s in sorted(per_actor.items())))
     return "\n".join(lines) + "\n"
 
 
