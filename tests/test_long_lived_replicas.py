@@ -67,14 +67,14 @@ def run(serve_cluster, tmp_path_factory) -> dict:
     deadline = time.monotonic() + TIMEOUT_S
     while finished < JOBS:
         assert time.monotonic() < deadline, f"{finished} of {JOBS} jobs finished in {TIMEOUT_S:.0f} s"
-        while submitted < JOBS and submitted - finished < IN_FLIGHT:
+        finished = finished_jobs(database)
+        for name, pid in pids.items():
+            samples[name].append((finished, anonymous_rss(pid)))  # a replica that died fails the test
+        while submitted < JOBS and submitted - finished < IN_FLIGHT:  # the next job as soon as one finished
             code, answer, _ = http_json("POST", url, dict(body, seed=submitted))
             assert code == 200, answer
             ids.append(answer["request_id"])
             submitted += 1
-        finished = finished_jobs(database)
-        for name, pid in pids.items():
-            samples[name].append((finished, anonymous_rss(pid)))  # a replica that died fails the test
         time.sleep(SAMPLE_S)
     assert {name: found[0] for name, found in replica_processes(APP).items()} == pids  # none was restarted
     if os.environ.get("LONG_LIVED_RESULTS"):
