@@ -2,9 +2,9 @@
 its own, with that tree first on ``PYTHONPATH`` and this repository's ``testing`` package after it).
 
 It starts a Ray cluster, deploys the tree's application with its defaults (tiny preset, CPU, local storage; only
-the submit limits opened, ``--app-args`` merged over them), submits ``--jobs`` queued jobs at once (data-URI image and audio, 1 step), polls their
-status at a fixed rate until all are done, and prints one ``PROBE_RESULT`` JSON line: jobs per minute and, per
-job, the stages read from its own log lines (which every tree writes the same way):
+the submit limits opened, ``--app-args`` merged over them), submits ``--jobs`` queued jobs at once (data-URI image
+and audio, 1 step), polls their status at a fixed rate until all are done, and prints one ``PROBE_RESULT`` JSON
+line: jobs per minute and, per job, the stages read from its own log lines (which every tree writes the same way):
 
 - prepare: the ``prepared in X s`` line (the Preprocessor call, timed by the Orchestrator);
 - decode + encode: the ``encoded N frames in X s`` line (timed by the Postprocessor);

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.host_cache import CacheStats, HostTensorCache, tensor_bytes
-
-__all__ = ["PromptCacheStats", "PromptEmbeddingCache", "tensor_bytes"]
-
-PromptCacheStats = CacheStats
+from pipeline.host_cache import HostTensorCache
 
 
 class PromptEmbeddingCache(HostTensorCache[torch.Tensor]):

@@ -5,7 +5,7 @@ A replica's resident anonymous memory (:func:`anonymous_rss`), sampled every sec
 keeps) plus transient buffers of the jobs in flight at that instant (tens of MiB in the Pre/Postprocessor: decoded
 frames, VAE activations). Comparing two single samples compares two transients; the floor does not move with them.
 So the check takes, after a warm-up, the floor (:func:`low_floor`: the lowest sample but for the lowest tenth) over
-the replica's first ``window_jobs`` jobs and over its last ``window_jobs`` jobs, and bounds how far the second rose
+the replica's first ``WINDOW_JOBS`` jobs and over its last ``WINDOW_JOBS`` jobs, and bounds how far the second rose
 above the first by the check's bound per job times the jobs the replica ran between the two windows: 80 % of the
 leak it catches, so such a leak breaks the bound by itself, whatever else moves (:class:`LeakCheck`).
 
@@ -51,8 +51,8 @@ def low_floor(samples: Sequence[int]) -> int:
 
 def anonymous_rss(pid: int) -> int:
     """The process's resident anonymous memory (``RssAnon``, bytes): its heaps and buffers, where a leak grows. The
-    whole RSS also counts mapped files (libraries, models), whose pages the kernel reclaims and faults back in:
-    dips of several MiB that are no change in what the process keeps."""
+    whole RSS also counts pages of mapped files (libraries, models), which the kernel may drop and read back at any
+    time, whatever the process keeps."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("RssAnon:"):
@@ -91,7 +91,7 @@ class FloorGrowth:
     jobs: int  # jobs it ran between its two windows: what a leak per job raises the floor over
     first_floor: int  # bytes: the floor over its first WINDOW_JOBS jobs after the check's warm-up
     last_floor: int  # ... and over its last WINDOW_JOBS jobs
-    flattest_side: float  # bytes per job: the median, over the splits, of the lesser rise of the split's two sides
+    lesser_side: float  # bytes per job: the median, over the splits, of the lesser rise of the split's two sides
     check: LeakCheck
 
     @property
@@ -108,38 +108,37 @@ class FloorGrowth:
 
     @property
     def leaked(self) -> bool:
-        return self.judged and self.growth > self.bound and self.flattest_side > self.check.side_rate_per_job
+        return self.judged and self.growth > self.bound and self.lesser_side > self.check.side_rate_per_job
 
     def describe(self) -> str:
         per_job = self.growth / self.jobs / 1024 if self.jobs else math.nan
         return (f"{self.jobs} jobs: floor {self.first_floor / 2**20:.1f} -> {self.last_floor / 2**20:.1f} MiB "
                 f"({self.growth / 2**20:+.1f}, {per_job:+.0f} KiB/job, the lesser side of the median split "
-                f"{self.flattest_side / 1024:+.0f} KiB/job; bound {self.bound / 2**20:.1f} MiB"
+                f"{self.lesser_side / 1024:+.0f} KiB/job; bound {self.bound / 2**20:.1f} MiB"
                 f"{'' if self.judged else ', too few jobs to judge'})")
 
 
-def floor_growth(samples: Sequence[tuple[int, int]], check: LeakCheck,
-                 window_jobs: int = WINDOW_JOBS) -> FloorGrowth | None:
+def floor_growth(samples: Sequence[tuple[int, int]], check: LeakCheck) -> FloorGrowth | None:
     """``samples``: (jobs the replica had run, RSS bytes), in time order. None when, after the warm-up, it did not
     run jobs enough for two windows that do not overlap."""
     if not samples:
         return None
     warm = [(jobs, rss) for jobs, rss in samples if jobs >= samples[0][0] + check.warmup_jobs]
-    if not warm or warm[-1][0] - warm[0][0] < 2 * window_jobs:
+    if not warm or warm[-1][0] - warm[0][0] < 2 * WINDOW_JOBS:
         return None
     first, last = warm[0][0], warm[-1][0]
-    head = low_floor([rss for jobs, rss in warm if jobs < first + window_jobs])
-    tail = low_floor([rss for jobs, rss in warm if jobs > last - window_jobs])
-    return FloorGrowth(last - first - window_jobs, head, tail,
-                       _flattest_side(warm, (first, head), (last - window_jobs + 1, tail)), check)
+    head = low_floor([rss for jobs, rss in warm if jobs < first + WINDOW_JOBS])
+    tail = low_floor([rss for jobs, rss in warm if jobs > last - WINDOW_JOBS])
+    return FloorGrowth(last - first - WINDOW_JOBS, head, tail,
+                       _median_lesser_side(warm, (first, head), (last - WINDOW_JOBS + 1, tail)), check)
 
 
-def _flattest_side(warm: Sequence[tuple[int, int]], head: tuple[int, int], tail: tuple[int, int]) -> float:
-    """The median, over the splits of the middle third between ``head`` and ``tail`` (job, floor: the lowest of a
-    window, first reached at about its first job), of the lesser rise per job of the split's two sides: from
-    ``head`` to the floor at the split (over the ``SPLIT_WINDOW_JOBS`` jobs from it), and from there to ``tail``. A leak raises both sides of every split; a one-off step leaves one side of every split flat; a dip (a
-    moment the replica held less than usual) moves only the splits whose window holds it, which the median passes
-    over."""
+def _median_lesser_side(warm: Sequence[tuple[int, int]], head: tuple[int, int], tail: tuple[int, int]) -> float:
+    """The median, over the splits of the middle third between ``head`` and ``tail`` (job, the floor of its window),
+    of the lesser rise per job of the split's two sides: from ``head`` to the floor at the split (over the
+    ``SPLIT_WINDOW_JOBS`` jobs from it), and from there to ``tail``. A leak raises both sides of every split; a
+    one-off step leaves one side of every split flat; a dip (a moment the replica held less than usual) moves only
+    the splits whose window holds it, which the median passes over."""
     (start, head_floor), (end, tail_floor) = head, tail
     third = (end - start) / 3
     splits = sorted({j for j, _ in warm if start + third <= j <= end - third})

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from pipeline.generator import GenerationParams, StableAvatarPipeline
+from pipeline.host_cache import tensor_bytes
 from pipeline.loading import load_models
 from pipeline.presets import get_preset
-from pipeline.prompt_cache import PromptEmbeddingCache, tensor_bytes
+from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.settings import PipelineSettings
 from pipeline.text import PromptEncoder
 from testing.media import EXAMPLE_IMAGE, synthetic_speech

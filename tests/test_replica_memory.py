@@ -100,7 +100,8 @@ def test_the_check_of_two_single_samples_would_miss_that_leak(check):
 def test_a_replica_that_ran_too_few_jobs_is_not_judged(check):
     short = floor_growth(series(check, span(check) - 2, check.leak_per_job), check)
     assert short is not None and not short.judged and not short.leaked
-    assert floor_growth(series(check, check.warmup_jobs + 2 * WINDOW_JOBS - 1, 0), check) is None  # no two windows after warm-up
+    too_short = series(check, check.warmup_jobs + 2 * WINDOW_JOBS - 1, 0)
+    assert floor_growth(too_short, check) is None  # no two windows after warm-up
     assert floor_growth([], check) is None
 
 
@@ -115,7 +116,7 @@ def test_a_replica_with_no_sample_in_the_middle_third_is_judged_by_its_whole_ris
         return [(j, rss) for j, rss in samples if not first + third - 1 <= j <= last - third + 1]
 
     leaking, flat = floor_growth(gapped(check.leak_per_job), check), floor_growth(gapped(0), check)
-    assert leaking.flattest_side == flat.flattest_side == math.inf  # no split there
+    assert leaking.lesser_side == flat.lesser_side == math.inf  # no split there
     assert leaking.leaked and not flat.leaked
 
 

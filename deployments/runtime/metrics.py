@@ -7,6 +7,7 @@ Ray exports them from each node's metrics agent (``ray start --metrics-export-po
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -88,43 +89,48 @@ def retention_failed_total() -> Counter:
                    tag_keys=("kind",))
 
 
-# What each Preprocessor cache holds, for the metrics' descriptions: (what it is keyed by, what an entry is, its bound).
-CACHE_SUBJECTS = {
-    "prompt": ("Prompts", "T5 embedding", "pipeline.prompt_cache_bytes"),
-    "reference": ("Reference images", "VAE latents and CLIP tokens", "pipeline.reference_cache_bytes"),
-}
+@dataclass(frozen=True)
+class CacheSeries:
+    """A Preprocessor cache's Prometheus series, each name written out so that a search for it finds it here, and
+    what their descriptions say: what the cache is keyed by, what an entry is, what bounds it."""
+
+    keys: str
+    entry: str
+    bound: str
+    names: dict[str, str]  # hits, misses, evictions (counters); entries, bytes (gauges)
 
 
-# Each cache's series, written out so that a search for a metric's name finds it here.
-CACHE_METRIC_NAMES: dict[str, dict[str, str]] = {
-    "prompt": {"hits": "stable_avatar_prompt_cache_hits_total", "misses": "stable_avatar_prompt_cache_misses_total",
-               "evictions": "stable_avatar_prompt_cache_evictions_total",
-               "entries": "stable_avatar_prompt_cache_entries", "bytes": "stable_avatar_prompt_cache_bytes"},
-    "reference": {"hits": "stable_avatar_reference_cache_hits_total",
-                  "misses": "stable_avatar_reference_cache_misses_total",
-                  "evictions": "stable_avatar_reference_cache_evictions_total",
-                  "entries": "stable_avatar_reference_cache_entries",
-                  "bytes": "stable_avatar_reference_cache_bytes"},
+CACHES = {
+    "prompt": CacheSeries("Prompts", "T5 embedding", "pipeline.prompt_cache_bytes", {
+        "hits": "stable_avatar_prompt_cache_hits_total", "misses": "stable_avatar_prompt_cache_misses_total",
+        "evictions": "stable_avatar_prompt_cache_evictions_total",
+        "entries": "stable_avatar_prompt_cache_entries", "bytes": "stable_avatar_prompt_cache_bytes"}),
+    "reference": CacheSeries("Reference images", "VAE latents and CLIP tokens", "pipeline.reference_cache_bytes", {
+        "hits": "stable_avatar_reference_cache_hits_total", "misses": "stable_avatar_reference_cache_misses_total",
+        "evictions": "stable_avatar_reference_cache_evictions_total",
+        "entries": "stable_avatar_reference_cache_entries", "bytes": "stable_avatar_reference_cache_bytes"}),
 }
 
 
 @cache
 def cache_counter(name: str, event: str) -> Counter:
     """Hits, misses or evictions of a Preprocessor's ``name`` cache."""
-    keys, entry, bound = CACHE_SUBJECTS[name]
-    meaning = {"hits": f"{keys} whose {entry} a Preprocessor replica found in its {name} cache.",
-               "misses": f"{keys} a Preprocessor replica computed the {entry} of (not in its {name} cache).",
-               "evictions": f"Entries ({entry}) dropped from a Preprocessor's {name} cache to stay within {bound}."}
-    return Counter(CACHE_METRIC_NAMES[name][event], description=meaning[event])
+    series = CACHES[name]
+    meaning = {
+        "hits": f"{series.keys} whose {series.entry} a Preprocessor replica found in its {name} cache.",
+        "misses": f"{series.keys} a Preprocessor replica computed the {series.entry} of (not in its {name} cache).",
+        "evictions": f"Entries ({series.entry}) dropped from a Preprocessor's {name} cache to stay within "
+                     f"{series.bound}."}
+    return Counter(series.names[event], description=meaning[event])
 
 
 @cache
 def cache_gauge(name: str, content: str) -> Gauge:
     """The entries or bytes a Preprocessor's ``name`` cache holds now."""
-    keys, entry, bound = CACHE_SUBJECTS[name]
-    meaning = {"entries": f"{keys} held in a Preprocessor's {name} cache.",
-               "bytes": f"Bytes of {entry} held in a Preprocessor's {name} cache (bound: {bound})."}
-    return Gauge(CACHE_METRIC_NAMES[name][content], description=meaning[content])
+    series = CACHES[name]
+    meaning = {"entries": f"{series.keys} held in a Preprocessor's {name} cache.",
+               "bytes": f"Bytes of {series.entry} held in a Preprocessor's {name} cache (bound: {series.bound})."}
+    return Gauge(series.names[content], description=meaning[content])
 
 
 CACHE_EVENTS = ("hits", "misses", "evictions")
@@ -132,7 +138,7 @@ CACHE_EVENTS = ("hits", "misses", "evictions")
 
 class CacheMetrics:
     """Publishes a replica's cache statistics (``pipeline.host_cache.CacheStats.as_dict()``) as the ``name``
-    cache's series (:data:`CACHE_METRIC_NAMES`): the cache counts from the replica's start, a Prometheus counter takes
+    cache's series (:data:`CACHES`): the cache counts from the replica's start, a Prometheus counter takes
     increments, so each report adds what changed since the last one; the gauges take the current content."""
 
     def __init__(self, name: str) -> None:

@@ -46,7 +46,8 @@ class Preprocessor:
         self.inputs = args.inputs
         self.guard = args.inputs.guard()
         self.s3_inputs = S3InputReader(self.storage)
-        self.cache_metrics = {"prompt": CacheMetrics("prompt"), "reference": CacheMetrics("reference")}
+        self.caches = {name: (cache, CacheMetrics(name)) for name, cache in (
+            ("prompt", self.pipeline.prompt_cache), ("reference", self.pipeline.reference_cache))}
         self._report_caches()
         self.fingerprint = model_fingerprint(args)
 
@@ -55,13 +56,11 @@ class Preprocessor:
         the models live (the memory mode) and what the prompt and reference caches hold."""
         return {"deployment": "Preprocessor", "replica": replica_name(),
                 "memory": self.pipeline.models.placement.describe(),
-                "prompt_cache": self.pipeline.prompt_cache.stats.as_dict(),
-                "reference_cache": self.pipeline.reference_cache.stats.as_dict()}
+                **{f"{name}_cache": cache.stats.as_dict() for name, (cache, _) in self.caches.items()}}
 
     def _report_caches(self) -> None:
-        caches = {"prompt": self.pipeline.prompt_cache, "reference": self.pipeline.reference_cache}
-        for name, metrics in self.cache_metrics.items():
-            metrics.report(caches[name].stats.as_dict())
+        for cache, metrics in self.caches.values():
+            metrics.report(cache.stats.as_dict())
 
     def model_fingerprint(self) -> str:
         return self.fingerprint
