@@ -250,12 +250,14 @@ def run_job(base: str, body: dict, timeout_s: float) -> JobTrace:
 
 def stage_seconds(trace: JobTrace) -> dict[str, float]:
     """Wall time per stage from the polled stage transitions (resolution: the poll interval)."""
-    marks = {"queued": trace.submitted}
-    for stage in ("preprocessing", "denoising", "postprocessing"):
-        seen = next((t for t, status, st in trace.polls if st == stage or status == "COMPLETED"), None)
-        marks[stage] = seen if seen is not None else trace.polls[-1][0]
-    marks["completed"] = trace.polls[-1][0]
     order = ["queued", "preprocessing", "denoising", "postprocessing", "completed"]
+    # A stage shorter than the poll interval is never seen: it starts when a later one is first seen, so the
+    # marks never go backwards and a skipped stage counts 0 s.
+    reached = [(t, 4 if status == "COMPLETED" else order.index(st) if st in order else 0)
+               for t, status, st in trace.polls]
+    marks = {"queued": trace.submitted}
+    for rank, stage in enumerate(order[1:], start=1):
+        marks[stage] = next((t for t, at in reached if at >= rank), trace.polls[-1][0])
     out = {f"{a}_s": round(marks[b] - marks[a], 2) for a, b in zip(order, order[1:], strict=False)}
     out["total_s"] = round(marks["completed"] - trace.submitted, 2)
     return out
