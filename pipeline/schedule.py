@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 FLOW_SHIFT = 5.0
 NUM_TRAIN_TIMESTEPS = 1000
@@ -36,6 +35,10 @@ class SigmaSchedule:
 
 @lru_cache(maxsize=64)
 def sigma_schedule(num_steps: int, shift: float = FLOW_SHIFT) -> SigmaSchedule:
+    # Imported here: importing diffusers costs seconds of CPU in every process that loads this module (the
+    # Orchestrator plans steps with it but runs no model), and the table is computed once per step count.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift, use_dynamic_shifting=False,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,

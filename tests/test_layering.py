@@ -119,10 +119,12 @@ def loaded_model_code(module: str) -> list[str]:
 
 
 def test_the_orchestrator_loads_no_model_code():
-    """The Orchestrator runs the step loop (torch, diffusers' scheduler) but no model: the transformer, the VAE,
-    the encoders and the pipeline that holds them stay out of its replicas (seconds of CPU at every start,
-    ``bench/results/imports.txt``); a segmented finish imports the VAE's module when it is configured."""
+    """The Orchestrator runs the step loop (torch) but no model: the transformer, the VAE, the encoders and the
+    pipeline that holds them stay out of its replicas, and so does diffusers itself, whose scheduler computes a
+    sigma table only when a job first needs it (seconds of CPU at every start, ``bench/results/imports.txt``);
+    a segmented finish imports the VAE's module when it is configured."""
     assert loaded_model_code("deployments.orchestrator.deployment") == []
+    assert measure("deployments.orchestrator.deployment", REPO_ROOT)["model_libraries"] == ["torch"]
     seen = set(loaded_model_code("deployments.workers.postprocessor"))  # the probe sees a model worker's
     assert {"diffusers.models.autoencoders", "pipeline.models.vae", "pipeline.generator"} <= seen
 
