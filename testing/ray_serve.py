@@ -33,9 +33,10 @@ from deployments.app import build_app  # noqa: E402
 from deployments.config import APP_NAME, AppArgs  # noqa: E402
 from testing.http import free_port  # noqa: E402
 
-# The shared cluster's shape: enough fake GPUs for the largest Denoiser count a module deploys (3), CPUs for the
-# replicas that ask for some, and Prometheus metrics for the modules that read them.
-SHARED_SHAPE: dict[str, Any] = {"num_cpus": 4, "num_gpus": 3, "metrics": True}
+# The shared cluster's shape: enough fake GPUs for the largest Denoiser count a module deploys (4, the segments
+# benchmark's end-to-end part), CPUs for the replicas that ask for some, and Prometheus metrics for the modules
+# that read them.
+SHARED_SHAPE: dict[str, Any] = {"num_cpus": 4, "num_gpus": 4, "metrics": True}
 
 
 def with_env_vars(app: Application, env_vars: dict[str, str]) -> Application:

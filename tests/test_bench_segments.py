@@ -8,18 +8,17 @@ import pytest
 
 from bench.segments_serve import end_to_end_part, replicas_part, report_lines
 
-pytestmark = pytest.mark.serve  # the parts start clusters of their own (testing.ray_serve.ray_serve_cluster)
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, serve_cluster):
+    return replicas_part(False, tmp_path_factory.mktemp("post"), plan={8.0: (1, 2)}, min_segment_latents=4,
+                         cluster=serve_cluster)
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
-    return replicas_part(False, tmp_path_factory.mktemp("post"), plan={8.0: (1, 2)}, min_segment_latents=4)
-
-
-@pytest.fixture(scope="module")
-def end_to_end(tmp_path_factory):
+def end_to_end(tmp_path_factory, serve_cluster):
     return end_to_end_part(False, tmp_path_factory.mktemp("e2e"), seconds=3.0, steps=1, post_replicas=2,
-                           min_segment_latents=4)
+                           min_segment_latents=4, cluster=serve_cluster)
 
 
 def test_decode_and_encode_spread_over_the_replicas_with_the_same_video(replicas):

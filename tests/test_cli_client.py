@@ -180,9 +180,17 @@ def test_missing_or_wrong_key(service, audio):
     assert run.returncode == 3 and "API key is wrong" in run.stderr, run.stderr
 
 
+# A command typed at a shell gets Ctrl-C with SIGINT's default action and unblocked, whatever the test process
+# inherited (a child keeps an ignored or blocked SIGINT across exec, and Python then installs no handler): the
+# interpreter resets both and execs the CLI, as a shell does for a foreground command.
+AS_FROM_A_SHELL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                   "os.execv(sys.executable, [sys.executable, '-m', 'stable_avatar.cli', *sys.argv[1:]])")
+
+
 def _start(args: list[str], **popen) -> tuple[subprocess.Popen, str]:
-    """Start ``stable-avatar`` and return it once it printed the request id."""
-    proc = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", *args], cwd=REPO_ROOT, env=cli_env(),
+    """Start ``stable-avatar`` as from a shell and return it once it printed the request id."""
+    proc = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, *args], cwd=REPO_ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, text=True, **popen)
     line = proc.stdout.readline()
     match = REQUEST_ID.search(line)

@@ -57,8 +57,10 @@ class FakeOrchestrator:
     service: GatewayService | None = None
     fail: BaseException | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)  # the runs whose row the store created (calls it refused: not)
     fingerprint: str = ""  # the application's model fingerprint (the Gateway records it with every submit)
     hold: asyncio.Event | None = None  # set: runs wait for it before they finish
+    before_create: asyncio.Event | None = None  # set: runs wait for it before the store creates their row
 
     async def model_fingerprint(self) -> str:
         return self.fingerprint
@@ -68,8 +70,11 @@ class FakeOrchestrator:
         self.calls.append({"request_id": request_id, "owner": owner, "input_keys": input_keys, **options})
         assert self.service is not None
         store = self.service.store
+        if self.before_create is not None:
+            await self.before_create.wait()
         claimed = await store.create_sync(app_id=APP, input=job_input, seed=seed, runner_id="fake", lease_s=30,
                                           owner=owner, input_keys=input_keys, request_id=request_id, **options)
+        self.started.append(request_id)
         if self.fail is not None:
             await store.complete(request_id, claimed.epoch, error=JobError(
                 status_code=500, detail="failed", message="failed"))
@@ -758,7 +763,7 @@ async def test_a_retried_run_answers_the_first_runs_outcome_and_starts_no_other(
     async with make_gateway(auth={"submit_burst": 2, "submit_rate_per_minute": 0.001}) as gw:
         gw.orchestrator.hold = asyncio.Event()
         first = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("run-1")))
-        await wait_for(lambda: len(gw.orchestrator.calls) == 1)
+        await wait_for(lambda: len(gw.orchestrator.started) == 1)  # its row (and the key's record) committed
         # a retry while the first run is still going (the client timed out): it waits for that run
         retry = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("run-1")))
         await asyncio.sleep(0.3)
@@ -768,7 +773,8 @@ async def test_a_retried_run_answers_the_first_runs_outcome_and_starts_no_other(
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
         assert answers[0].headers["x-fal-request-id"] == answers[1].headers["x-fal-request-id"]
         video = [a.json()["video"] for a in answers]
-        assert video[0]["file_size"] == video[1]["file_size"] and len(gw.orchestrator.calls) == 1
+        assert video[0]["file_size"] == video[1]["file_size"]
+        assert len(gw.orchestrator.started) == len(gw.orchestrator.calls) == 1
         # one more retry after it finished, with the key's submit tokens spent: answered, not 429
         spent = await gw.client.post(f"/run/{APP}", json=job_body(seed=9), headers=A)  # the second token
         assert spent.status_code == 200
@@ -778,6 +784,23 @@ async def test_a_retried_run_answers_the_first_runs_outcome_and_starts_no_other(
         assert len(gw.orchestrator.calls) == 2
         other = await gw.client.post(f"/run/{APP}", json=job_body(seed=6), headers=keyed("run-1"))
         assert field_of(other) == ["header", "Idempotency-Key"]
+
+
+async def test_two_runs_with_one_key_at_the_same_moment_start_one_job_and_share_its_answer(make_gateway):
+    """Neither finds the other's record (both reach the Orchestrator before a row exists): the store creates one
+    row for the key and refuses the other, whose request then answers the winner's outcome."""
+    async with make_gateway() as gw:
+        gw.orchestrator.before_create = asyncio.Event()
+        first = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("race")))
+        await wait_for(lambda: len(gw.orchestrator.calls) == 1)
+        second = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("race")))
+        await wait_for(lambda: len(gw.orchestrator.calls) == 2)
+        gw.orchestrator.before_create.set()
+        answers = [await first, await second]
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert len(gw.orchestrator.started) == 1
+        assert {a.headers["x-fal-request-id"] for a in answers} == {gw.orchestrator.started[0]}
+        assert answers[0].json()["video"]["file_size"] == answers[1].json()["video"]["file_size"]
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -55,6 +55,18 @@ def test_the_long_lived_check_catches_100_kib_per_job():
     assert LONG_LIVED.leak_per_job == 100 * 1024 and SOAK.leak_per_job == 250 * 1024
 
 
+def test_a_floor_that_falls_does_not_hide_a_long_lived_leak():
+    """A healthy replica's floor may fall while it runs (freed warm-up state): 30 KiB per job under the leak,
+    more than any long-lived replica's floor fell, still leaves a leak that breaks the bound on both sides."""
+    check = LONG_LIVED
+    for seed in range(20):
+        for jobs in (span(check), 2 * span(check)):
+            falling = floor_growth(series(check, jobs, -30 * 1024, seed), check)
+            leaking = floor_growth(series(check, jobs, check.leak_per_job - 30 * 1024, seed), check)
+            assert falling is not None and falling.judged and not falling.leaked, falling.describe()
+            assert leaking is not None and leaking.leaked, leaking.describe()
+
+
 @CHECKS
 def test_a_leak_fails_and_transients_or_warm_up_creep_pass(check):
     for seed in range(20):

@@ -20,9 +20,6 @@ from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
 from deployments.workers.segment_router import SegmentRouter  # noqa: E402
-from testing.ray_serve import ray_serve_cluster  # noqa: E402
-
-pytestmark = pytest.mark.serve  # a cluster of its own
 
 SEGMENT_S = 1.5
 
@@ -66,11 +63,10 @@ class Caller:
 
 
 @pytest.fixture(scope="module")
-def caller():
-    with ray_serve_cluster(num_cpus=4):
-        handle = serve.run(Caller.bind(Segments.options(num_replicas=2).bind()), name="segments", route_prefix=None)
-        handle.run.remote(4).result(timeout_s=120)  # untimed: the caller's router learns of both replicas
-        yield handle
+def caller(serve_cluster):
+    handle = serve_cluster.run(Caller.bind(Segments.options(num_replicas=2).bind()), "segments", route_prefix=None)
+    handle.run.remote(4).result(timeout_s=120)  # untimed: the caller's router learns of both replicas
+    return handle
 
 
 def test_segments_go_one_per_replica_and_the_rest_wait_for_an_idle_one(caller):

@@ -32,9 +32,6 @@ from pipeline.presets import get_preset  # noqa: E402
 from stable_avatar.cli import main as cli_main  # noqa: E402
 from testing.http import queued_video  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
-from testing.ray_serve import ray_serve_cluster  # noqa: E402
-
-pytestmark = pytest.mark.serve  # a cluster of its own: one fake GPU
 
 STEPS, SEED, PROMPT = 2, 7, "talking"
 LONG_S, SHORT_S = 12.0, 1.5
@@ -47,21 +44,16 @@ def crash_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, crash_file):
-    os.environ[CRASH_FILE_ENV] = str(crash_file)  # replicas inherit the driver's environment
+def service(tmp_path_factory, crash_file, serve_cluster):
     root = tmp_path_factory.mktemp("data")
-    try:
-        with ray_serve_cluster(num_gpus=1) as cluster:
-            cluster.deploy({
-                "device": "cpu", "storage": cluster.local_storage(root),
-                "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
-                "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
-                "denoiser": {"num_replicas": 1, "num_gpus": 1},
-                "postprocessor": {"num_replicas": 2}, "min_segment_latents": 2,
-            })
-            yield cluster.base
-    finally:
-        os.environ.pop(CRASH_FILE_ENV, None)
+    serve_cluster.deploy({
+        "device": "cpu", "storage": serve_cluster.local_storage(root),
+        "jobs": {"kind": "sqlite", "path": str(root / "jobs.sqlite3")},
+        "dispatch": {"lease_s": 10, "heartbeat_s": 1, "poll_interval_s": 0.2},
+        "denoiser": {"num_replicas": 1, "num_gpus": 1},
+        "postprocessor": {"num_replicas": 2}, "min_segment_latents": 2,
+    }, env={CRASH_FILE_ENV: str(crash_file)})
+    return serve_cluster.base
 
 
 @pytest.fixture(scope="module")
