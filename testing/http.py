@@ -1,5 +1,5 @@
 """Loopback HTTP for tests and benchmarks: JSON requests that return 4xx/5xx answers instead of raising, and
-free ports, process groups, metrics scrapes."""
+free ports, metrics scrapes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import json
 import os
 import random
 import re
-import signal
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -90,17 +88,6 @@ def _parse(payload: bytes):
 def http_bytes(url: str, timeout: float = 60) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
-
-
-def stop_process_group(process: subprocess.Popen, timeout_s: float = 60) -> int:
-    """Ctrl-C to a server started with ``start_new_session=True`` (its whole group: Ray's processes too), then
-    SIGKILL if it has not exited within ``timeout_s``; returns its exit status."""
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        return process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -31,8 +31,9 @@ import yaml
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-from testing.http import free_port, http_json, stop_process_group  # noqa: E402
+from testing.http import free_port, http_json  # noqa: E402
 from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech  # noqa: E402
+from testing.processes import as_from_a_shell, stop_process_group  # noqa: E402
 from tests.cli_probe import run_cli  # noqa: E402
 from tests.tls import make_certificates  # noqa: E402
 
@@ -49,8 +50,8 @@ def cli_serve(config: dict, folder: Path, *options: str) -> Iterator[list[str]]:
     path = folder / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = cli_env() | {"RAY_ADDRESS": "local"}  # its own Ray instance, never another one on this machine
-    server = subprocess.Popen([sys.executable, "-m", "stable_avatar.cli", "serve", "--config", str(path), *options],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = subprocess.Popen(as_from_a_shell([sys.executable, "-m", "stable_avatar.cli", "serve", "--config",
+                                               str(path), *options]), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
@@ -180,17 +181,9 @@ def test_missing_or_wrong_key(service, audio):
     assert run.returncode == 3 and "API key is wrong" in run.stderr, run.stderr
 
 
-# A command typed at a shell gets Ctrl-C with SIGINT's default action and unblocked, whatever the test process
-# inherited (a child keeps an ignored or blocked SIGINT across exec, and Python then installs no handler): the
-# interpreter resets both and execs the CLI, as a shell does for a foreground command.
-AS_FROM_A_SHELL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                   "os.execv(sys.executable, [sys.executable, '-m', 'stable_avatar.cli', *sys.argv[1:]])")
-
-
 def _start(args: list[str], **popen) -> tuple[subprocess.Popen, str]:
     """Start ``stable-avatar`` as from a shell and return it once it printed the request id."""
-    proc = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, *args], cwd=REPO_ROOT, env=cli_env(),
+    proc = subprocess.Popen(as_from_a_shell([sys.executable, "-m", "stable_avatar.cli", *args]), cwd=REPO_ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, text=True, **popen)
     line = proc.stdout.readline()
     match = REQUEST_ID.search(line)

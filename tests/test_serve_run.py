@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testing.http import free_port, http_bytes, http_json, stop_process_group
+from testing.http import free_port, http_bytes, http_json
 from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe
+from testing.processes import as_from_a_shell, stop_process_group
 
 pytestmark = pytest.mark.serve  # `serve run` starts a cluster of its own in a subprocess
 
@@ -32,7 +33,7 @@ def test_serve_run_with_the_shipped_config(tmp_path):
     serve_bin = Path(sys.executable).with_name("serve")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")  # its own cluster, never another one
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([str(serve_bin), "run", str(config_path)], cwd=REPO_ROOT, env=env,
+    server = subprocess.Popen(as_from_a_shell([str(serve_bin), "run", str(config_path)]), cwd=REPO_ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
