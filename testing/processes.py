@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,12 +22,18 @@ def as_from_a_shell(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", _RESET_SIGINT_AND_EXEC, *argv]
 
 
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """``signum`` to the process group of ``process`` (started with ``start_new_session=True``), if any of it lives."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+
+
 def stop_process_group(process: subprocess.Popen, timeout_s: float = 60) -> int:
     """Ctrl-C to a server started with ``start_new_session=True`` (its whole group: Ray's processes too), then
     SIGKILL if it has not exited within ``timeout_s``; returns its exit status."""
-    os.killpg(process.pid, signal.SIGINT)
+    signal_group(process, signal.SIGINT)
     try:
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)
         return process.wait()

@@ -6,6 +6,7 @@ Only the port and the data folder are changed (a copy of the file), so the test 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,9 +17,42 @@ import yaml
 
 from testing.http import free_port, http_bytes, http_json
 from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe
-from testing.processes import as_from_a_shell, stop_process_group
+from testing.processes import as_from_a_shell, signal_group, stop_process_group
 
 pytestmark = pytest.mark.serve  # `serve run` starts a cluster of its own in a subprocess
+
+# Ray gives a new node a fixed 30 s to register with its GCS; on a 2-core box busy with another cluster (the soak)
+# that can run out before our application is even read. That start is tried once more; any other exit fails.
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+
+
+def start_serve_run(config_path: Path, log_path: Path, base: str, env: dict[str, str]) -> subprocess.Popen:
+    """``serve run`` as a user starts it, once healthy (a second try where Ray's own start timed out)."""
+    serve_bin = Path(sys.executable).with_name("serve")
+    for attempt in (1, 2):
+        with log_path.open("w") as log:
+            server = subprocess.Popen(as_from_a_shell([str(serve_bin), "run", str(config_path)]), cwd=REPO_ROOT,
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while True:
+            output = log_path.read_text()
+            if server.poll() is not None and RAY_START_TIMED_OUT in output and attempt == 1:
+                signal_group(server, signal.SIGKILL)  # what its Ray start left running
+                break
+            if server.poll() is not None or "Exception importing application" in output:
+                stop_process_group(server)
+                pytest.fail(output[-3000:])
+            try:
+                code, body, _ = http_json("GET", f"{base}/health", timeout=5)
+                if code == 200 and body["status"] == "ok":
+                    return server
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                stop_process_group(server)
+                pytest.fail("not healthy in time")
+            time.sleep(1)
+    raise AssertionError("unreachable: the second try returns or fails")
 
 
 def test_serve_run_with_the_shipped_config(tmp_path):
@@ -30,25 +64,10 @@ def test_serve_run_with_the_shipped_config(tmp_path):
     config_path = tmp_path / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
-    serve_bin = Path(sys.executable).with_name("serve")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")  # its own cluster, never another one
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(as_from_a_shell([str(serve_bin), "run", str(config_path)]), cwd=REPO_ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    server = start_serve_run(config_path, tmp_path / "serve.log", base, env)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            output = (tmp_path / "serve.log").read_text()
-            assert server.poll() is None and "Exception importing application" not in output, output[-3000:]
-            try:
-                code, body, _ = http_json("GET", f"{base}/health", timeout=5)
-                if code == 200 and body["status"] == "ok":
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "not healthy in time"
-            time.sleep(1)
         request = {"image_url": data_uri(EXAMPLE_IMAGE, "image/png"), "audio_url": data_uri(EXAMPLE_AUDIO, "audio/wav"),
                    "prompt": "a person talking", "num_inference_steps": 2}
         code, result, _ = http_json("POST", f"{base}/run/fal-ai/stable-avatar", request)
@@ -61,4 +80,3 @@ def test_serve_run_with_the_shipped_config(tmp_path):
         assert abs(float(info["format"]["duration"]) - 5.68) < 0.04
     finally:
         stop_process_group(server)
-        log.close()
