@@ -253,7 +253,7 @@ def stage_seconds(trace: JobTrace) -> dict[str, float]:
     order = ["queued", "preprocessing", "denoising", "postprocessing", "completed"]
     # A stage shorter than the poll interval is never seen: it starts when a later one is first seen, so the
     # marks never go backwards and a skipped stage counts 0 s.
-    reached = [(t, 4 if status == "COMPLETED" else order.index(st) if st in order else 0)
+    reached = [(t, order.index("completed") if status == "COMPLETED" else order.index(st) if st in order else 0)
                for t, status, st in trace.polls]
     marks = {"queued": trace.submitted}
     for rank, stage in enumerate(order[1:], start=1):

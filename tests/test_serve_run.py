@@ -5,6 +5,7 @@ Only the port and the data folder are changed (a copy of the file), so the test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,33 +27,36 @@ pytestmark = pytest.mark.serve  # `serve run` starts a cluster of its own in a s
 RAY_START_TIMED_OUT = "The current node timed out during startup"
 
 
+def healthy(server: subprocess.Popen, log_path: Path, base: str) -> bool:
+    """Wait until ``serve run`` answers healthy (True) or exited because Ray's own start timed out (False); any
+    other exit, a failed import or 240 s without health fails the test."""
+    deadline = time.monotonic() + 240
+    while True:
+        output = log_path.read_text()
+        if server.poll() is not None and RAY_START_TIMED_OUT in output:
+            signal_group(server, signal.SIGKILL)  # what its Ray start left running
+            return False
+        if server.poll() is not None or "Exception importing application" in output or time.monotonic() > deadline:
+            stop_process_group(server)
+            late = server.poll() is None and "Exception importing application" not in output
+            pytest.fail(("not healthy in time:\n" if late else "") + output[-3000:])
+        with contextlib.suppress(OSError):
+            code, body, _ = http_json("GET", f"{base}/health", timeout=5)
+            if code == 200 and body["status"] == "ok":
+                return True
+        time.sleep(1)
+
+
 def start_serve_run(config_path: Path, log_path: Path, base: str, env: dict[str, str]) -> subprocess.Popen:
     """``serve run`` as a user starts it, once healthy (a second try where Ray's own start timed out)."""
-    serve_bin = Path(sys.executable).with_name("serve")
-    for attempt in (1, 2):
+    argv = as_from_a_shell([str(Path(sys.executable).with_name("serve")), "run", str(config_path)])
+    for _ in range(2):
         with log_path.open("w") as log:
-            server = subprocess.Popen(as_from_a_shell([str(serve_bin), "run", str(config_path)]), cwd=REPO_ROOT,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240
-        while True:
-            output = log_path.read_text()
-            if server.poll() is not None and RAY_START_TIMED_OUT in output and attempt == 1:
-                signal_group(server, signal.SIGKILL)  # what its Ray start left running
-                break
-            if server.poll() is not None or "Exception importing application" in output:
-                stop_process_group(server)
-                pytest.fail(output[-3000:])
-            try:
-                code, body, _ = http_json("GET", f"{base}/health", timeout=5)
-                if code == 200 and body["status"] == "ok":
-                    return server
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                stop_process_group(server)
-                pytest.fail("not healthy in time")
-            time.sleep(1)
-    raise AssertionError("unreachable: the second try returns or fails")
+            server = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        if healthy(server, log_path, base):
+            return server
+    pytest.fail(f"Ray's own start timed out twice:\n{log_path.read_text()[-3000:]}")
 
 
 def test_serve_run_with_the_shipped_config(tmp_path):
