@@ -82,8 +82,6 @@ from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E40
 from testing.ray_serve import ray_serve_multinode_cluster  # noqa: E402
 from testing.replica_memory import SOAK, FloorGrowth, anonymous_rss, floor_growth  # noqa: E402
 
-pytestmark = pytest.mark.soak
-
 APP = "fal-ai/stable-avatar"
 SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
 DSN_ENV = "STABLE_AVATAR_SOAK_DSN"
@@ -97,6 +95,7 @@ UPLOAD_SHARE = 0.2  # jobs whose image is the key's own upload instead of a data
 SAMPLE_OUTPUTS = 5
 NODE_AWAY_S = 10.0  # a lost worker node is replaced by a fresh one this long after
 LOAD_TIMEOUT_S = 1500.0  # submitting and finishing every job (measured 8-15 min on the shared box, load 8-50)
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(LOAD_TIMEOUT_S + 900)]  # its setup and checks: <10 min
 PROMPT = "a person talking"
 LEASE_S = 8.0  # dispatch.lease_s of both applications
 # A killed or stalled Orchestrator is one running a job; for this long it is one whose job has a checkpoint (its

@@ -1,11 +1,30 @@
 """The suite's tiers (testing/tiers.py): every collected test is in one, by the fixtures it uses; Ray is refused
-outside the serve tier; the tests without Ray run first."""
+outside the serve tier; the tests without Ray run first; a test that hangs fails instead of stopping the run."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from testing.media import REPO_ROOT
 from testing.tiers import TIERS, RayInUnmarkedTest, in_xdist_worker, run_order
+
+# A test whose thread never ends (its own limit is 2 s), then one that passes.
+HUNG_MODULE = """
+import threading, time
+import pytest
+
+@pytest.mark.timeout(2)
+def test_waits_for_a_thread_that_never_ends():
+    stuck = threading.Thread(target=time.sleep, args=(120,), name="stuck-helper", daemon=True)
+    stuck.start()
+    stuck.join()
+
+def test_runs_after_it():
+    pass
+"""
 
 
 def markers(item: pytest.Item) -> set[str]:
@@ -51,3 +70,14 @@ def test_ray_is_refused_outside_the_serve_tier():
     with pytest.raises(RayInUnmarkedTest, match="not in the serve tier"):
         ray.init(address="local", num_cpus=1)
     assert ray.is_initialized() == connected
+
+
+def test_a_hung_test_fails_with_every_threads_stack_and_the_run_goes_on(request, tmp_path):
+    assert float(request.config.getini("timeout")) >= 600  # this suite's limit: above its slowest test
+    (tmp_path / "test_hung.py").write_text(HUNG_MODULE)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+                          str(REPO_ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_hung.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout
+    assert "Timeout (>2.0s)" in run.stdout and "Stack of stuck-helper" in run.stdout, run.stdout
+    assert "1 failed, 1 passed" in run.stdout, run.stdout
