@@ -13,6 +13,7 @@ import json
 import os
 import pty
 import re
+import selectors
 import signal
 import ssl
 import subprocess
@@ -185,6 +186,11 @@ def _start(args: list[str], **popen) -> tuple[subprocess.Popen, str]:
     """Start ``stable-avatar`` as from a shell and return it once it printed the request id."""
     proc = subprocess.Popen(as_from_a_shell([sys.executable, "-m", "stable_avatar.cli", *args]), cwd=REPO_ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, text=True, **popen)
+    with selectors.DefaultSelector() as selector:  # a CLI that never prints fails the test instead of hanging it
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=120):
+            proc.kill()
+            pytest.fail(f"the CLI printed nothing in 120 s: {' '.join(args)}")
     line = proc.stdout.readline()
     match = REQUEST_ID.search(line)
     assert match, line

@@ -769,7 +769,7 @@ async def test_a_retried_run_answers_the_first_runs_outcome_and_starts_no_other(
         await asyncio.sleep(0.3)
         assert not retry.done()
         gw.orchestrator.hold.set()
-        answers = [await first, await retry]
+        answers = await asyncio.wait_for(asyncio.gather(first, retry), 60)
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
         assert answers[0].headers["x-fal-request-id"] == answers[1].headers["x-fal-request-id"]
         video = [a.json()["video"] for a in answers]
@@ -796,7 +796,7 @@ async def test_two_runs_with_one_key_at_the_same_moment_start_one_job_and_share_
         second = asyncio.ensure_future(gw.client.post(f"/run/{APP}", json=job_body(), headers=keyed("race")))
         await wait_for(lambda: len(gw.orchestrator.calls) == 2)
         gw.orchestrator.before_create.set()
-        answers = [await first, await second]
+        answers = await asyncio.wait_for(asyncio.gather(first, second), 60)
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
         assert len(gw.orchestrator.started) == 1
         assert {a.headers["x-fal-request-id"] for a in answers} == {gw.orchestrator.started[0]}

@@ -29,16 +29,16 @@ async def _run_through(gate: UnitQueue, arrivals: list[tuple[str, int]], hold_s:
 
 def test_round_robin_and_fifo_orders():
     arrivals = [("a", 0)] * 6 + [("b", 0), ("c", 0), ("b", 0)]  # job a queued a whole step before b and c arrived
-    order = asyncio.run(_run_through(UnitQueue("round_robin"), arrivals))
+    order = asyncio.run(asyncio.wait_for(_run_through(UnitQueue("round_robin"), arrivals), 5))
     assert order == ["a0", "b6", "c7", "a1", "b8", "a2", "a3", "a4", "a5"]
-    fifo = asyncio.run(_run_through(UnitQueue("fifo"), arrivals))
+    fifo = asyncio.run(asyncio.wait_for(_run_through(UnitQueue("fifo"), arrivals), 5))
     assert fifo == ["a0", "a1", "a2", "a3", "a4", "a5", "b6", "c7", "b8"]  # b waits behind a's whole step
 
 
 def test_the_job_with_the_least_work_left_goes_first_and_a_job_keeps_its_arrival_order():
     # long job L (300 rows left) queued 4 units; then S (6 rows) and M (60 rows) arrive
     arrivals = [("L", 300)] * 4 + [("M", 60), ("S", 6), ("S", 6), ("M", 60)]
-    order = asyncio.run(_run_through(UnitQueue(anticipation=0), arrivals))
+    order = asyncio.run(asyncio.wait_for(_run_through(UnitQueue(anticipation=0), arrivals), 5))
     assert order == ["L0", "S5", "S6", "M4", "M7", "L1", "L2", "L3"]
 
 
