@@ -467,6 +467,83 @@ def test_a_lost_commit_reply_of_the_completion_keeps_the_committed_result(env):
     asyncio.run(scenario())
 
 
+def slow_reply(store: JobStore, name: str, delay_s: float = 0.5) -> asyncio.Event:
+    """``store.<name>`` commits at once but answers ``delay_s`` later (a slow network): a caller cancelled meanwhile
+    does not stop the write, which runs in a thread. Returns an event set once the write has committed."""
+    committed = asyncio.Event()
+    write = getattr(store.sync, name)
+    loop = asyncio.get_running_loop()
+
+    def commit_then_answer(*args: Any, **kwargs: Any) -> Any:
+        result = write(*args, **kwargs)
+        loop.call_soon_threadsafe(committed.set)
+        time.sleep(delay_s)
+        return result
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(commit_then_answer, *args, **kwargs)
+
+    setattr(store, name, slow)
+    return committed
+
+
+@pytest.mark.parametrize("interruption", ["the replica stops", "the sync caller leaves"])
+def test_an_interruption_while_the_completion_commits_keeps_the_result_it_names(env, interruption):
+    """The run is cancelled (the replica shuts down, the HTTP caller went away) after its completion committed but
+    before its reply came: the runner waits for that reply instead of deleting the video as unnamed, so the
+    succeeded job's result stays."""
+    args, open_store, storage = env
+
+    async def scenario() -> None:
+        store = open_store()
+        committed = slow_reply(store, "complete")
+        runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage))
+        if interruption == "the replica stops":
+            request_id = (await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)).request_id
+            runner.loop.ensure_running()
+            await asyncio.wait_for(committed.wait(), 10)
+            await runner.stop()
+        else:
+            claimed = await store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="runner-a", lease_s=1.0,
+                                              rate_limited=False)
+            request_id = claimed.request_id
+            caller = asyncio.ensure_future(runner.supervise(Run(claimed)))
+            await asyncio.wait_for(committed.wait(), 10)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        await wait_until(lambda: not runner.runs)
+        job = store.sync.get(request_id)
+        assert (job.status, job.error, job.result_keys) == ("COMPLETED", None, [result_key(request_id, 1)])
+        assert objects(storage) == job.result_keys, "the video the row names was deleted"
+        assert storage.get_bytes(job.result_keys[0]) == b"video"
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_while_a_checkpoint_is_recorded_keeps_the_checkpoint_the_row_names(env):
+    """The replica shuts down after a checkpoint's record committed but before its reply came: the job is handed
+    back naming that checkpoint, and the object is still there for the next runner to resume from."""
+    args, open_store, storage = env
+
+    async def scenario() -> None:
+        store = open_store()
+        committed = slow_reply(store, "record_checkpoint")
+        runner = checkpointing_runner(store, storage, args, "runner-a", Checkpointing(storage, steps=20))
+        request_id = (await store.submit(app_id="a", input=INPUT, seed=1, rate_limited=False)).request_id
+        runner.loop.ensure_running()
+        await asyncio.wait_for(committed.wait(), 10)
+        await runner.stop()
+        assert store.sync.get(request_id).status == "IN_QUEUE"  # handed back
+        job = store.sync.claim("runner-b", 30)  # as the next runner finds it
+        assert (job.request_id, job.checkpoint_step, job.checkpoint_key) == (
+            request_id, 1, checkpoint_key(request_id, 1, 1))
+        assert objects(storage, "checkpoints/") == [job.checkpoint_key], "the checkpoint the row names was deleted"
+        assert storage.get_bytes(job.checkpoint_key) == Checkpointing.content(request_id, 1, 1)
+
+    asyncio.run(scenario())
+
+
 def test_a_fenced_runner_never_deletes_the_checkpoint_the_new_runner_resumes_from(env):
     """Defect 3: a stalled runner that lost its lease wakes up, writes one more checkpoint and is refused; its
     clean-up must delete that object only, never the one the row names (which the new runner resumes from)."""

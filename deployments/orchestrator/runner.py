@@ -17,7 +17,9 @@ write (or heartbeat) and stops. Objects: every write gets a key of its own (chec
 results ``.../e<epoch>/``); a key a row names is deleted by the retention sweeper alone, so a runner deletes only
 what it wrote that no row names: a checkpoint once the row names a newer one, its own objects when its naming write
 was refused, and, after an ambiguous COMMIT (a driver error on the write), only what the database confirms no row
-names.
+names. A naming write (a completion, a checkpoint's record) is awaited to its end even when the run is cancelled
+meanwhile (the replica stops, a sync caller leaves): it goes on in its thread regardless, and only its outcome
+says whether its object is named.
 """
 
 from __future__ import annotations
@@ -54,6 +56,24 @@ logger = logging.getLogger("ray.serve")
 R = TypeVar("R")
 MAX_LINES_PER_WRITE = 500  # log lines per transaction (the store takes at most 1000)
 SETTLE_PAUSE_S = 0.5  # first pause between tries of a write that ends a run, doubling
+
+
+async def to_the_end(work: Awaitable[R]) -> R:
+    """Await ``work`` to its end even when the caller is cancelled meanwhile, then raise that cancellation. For a
+    database write whose outcome decides what happens to an object: the write goes on in its thread when its caller
+    is cancelled, so nothing may be deleted as unnamed before it answered."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # what it raised was settled inside it; the cancellation goes on
+        raise asyncio.CancelledError()
+    return task.result()
 
 
 @dataclass
@@ -442,6 +462,9 @@ class JobRunner:
         run.uncommitted.add(key)
         async with run.writing_objects():
             await asyncio.to_thread(save, key)
+        await to_the_end(self._name_checkpoint(run, key, steps_done))
+
+    async def _name_checkpoint(self, run: Run, key: str, steps_done: int) -> None:
         try:
             replaced = await self.store.record_checkpoint(run.request_id, run.epoch, key, steps_done)
         except FencedError:
@@ -463,6 +486,11 @@ class JobRunner:
 
     # -- how the run ended ---------------------------------------------------------------------------------------
     async def _commit(self, run: Run, report: RunReporter, stored: StoredResult) -> StoredResult:
+        """Complete the job with ``stored``, to the end even when the run is cancelled meanwhile (then the
+        cancellation is raised after): the video stays exactly when the row names it."""
+        return await to_the_end(self._complete(run, report, stored))
+
+    async def _complete(self, run: Run, report: RunReporter, stored: StoredResult) -> StoredResult:
         key = stored.video.key
         await report.flush()
         try:
