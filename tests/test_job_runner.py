@@ -7,9 +7,10 @@ that lost its lease deletes what it wrote and the winner's result is the only on
 its queued jobs back; a sync caller that leaves ends its job cancelled.
 
 And the faults of a real cluster (issue 18), injected where they strike: a transient database error from a
-progress report or a checkpoint record never fails the job; a lost COMMIT reply never deletes the committed result;
-a fenced runner never deletes the checkpoint the new runner resumes from; infrastructure faults are retried from
-the checkpoint with every attempt recorded, up to a dead letter an operator can re-queue, while input errors fail at
+progress report or a checkpoint record never fails the job; a lost COMMIT reply never deletes the committed result,
+nor does a replica stopping or a sync caller leaving while a completion or a checkpoint record commits; a fenced
+runner never deletes the checkpoint the new runner resumes from; infrastructure faults are retried from the
+checkpoint with every attempt recorded, up to a dead letter an operator can re-queue, while input errors fail at
 once; a stalled run lets go of its lease; a job past its deadline fails; claims take only their model's jobs; an
 idle runner on PostgreSQL claims a new job without waiting for its poll; log lines are written in batches.
 """
