@@ -3,6 +3,7 @@ outside the serve tier; the tests without Ray run first; a test that hangs fails
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -75,9 +76,10 @@ def test_ray_is_refused_outside_the_serve_tier():
 def test_a_hung_test_fails_with_every_threads_stack_and_the_run_goes_on(request, tmp_path):
     assert float(request.config.getini("timeout")) >= 600  # this suite's limit: above its slowest test
     (tmp_path / "test_hung.py").write_text(HUNG_MODULE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # the repo's config alone
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
                           str(REPO_ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_hung.py")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 1, run.stdout
     assert "Timeout (>2.0s)" in run.stdout and "Stack of stuck-helper" in run.stdout, run.stdout
     assert "1 failed, 1 passed" in run.stdout, run.stdout
