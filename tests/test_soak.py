@@ -95,7 +95,7 @@ UPLOAD_SHARE = 0.2  # jobs whose image is the key's own upload instead of a data
 SAMPLE_OUTPUTS = 5
 NODE_AWAY_S = 10.0  # a lost worker node is replaced by a fresh one this long after
 LOAD_TIMEOUT_S = 1500.0  # submitting and finishing every job (measured 8-15 min on the shared box, load 8-50)
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(LOAD_TIMEOUT_S + 900)]  # its setup and checks: <10 min
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(LOAD_TIMEOUT_S + 900)]  # the load, then its setup and checks
 PROMPT = "a person talking"
 LEASE_S = 8.0  # dispatch.lease_s of both applications
 # A killed or stalled Orchestrator is one running a job; for this long it is one whose job has a checkpoint (its
