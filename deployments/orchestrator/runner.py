@@ -46,6 +46,7 @@ from deployments.orchestrator.faults import (
 from deployments.runtime import metrics
 from deployments.runtime.background import BackgroundLoop
 from deployments.runtime.errors import error_response
+from deployments.runtime.to_the_end import to_the_end
 from deployments.storage import Storage
 from deployments.storage.keys import checkpoint_key
 
@@ -56,24 +57,6 @@ logger = logging.getLogger("ray.serve")
 R = TypeVar("R")
 MAX_LINES_PER_WRITE = 500  # log lines per transaction (the store takes at most 1000)
 SETTLE_PAUSE_S = 0.5  # first pause between tries of a write that ends a run, doubling
-
-
-async def to_the_end(work: Awaitable[R]) -> R:
-    """Await ``work`` to its end even when the caller is cancelled meanwhile, then raise that cancellation. For a
-    database write whose outcome decides what happens to an object: the write goes on in its thread when its caller
-    is cancelled, so nothing may be deleted as unnamed before it answered."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # what it raised was settled inside it; the cancellation goes on
-        raise asyncio.CancelledError()
-    return task.result()
 
 
 @dataclass

@@ -46,6 +46,7 @@ from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.contracts import UnitKey
 from deployments.runtime import metrics
 from deployments.runtime.replica import limit_heap_retention, replica_name
+from deployments.runtime.to_the_end import to_the_end
 from deployments.workers.fault_hooks import claim_hook
 from deployments.workers.models import load_replica_models
 from deployments.workers.placement import StickyBalancedRouter
@@ -134,10 +135,7 @@ class Denoiser:
             task = asyncio.ensure_future(forward)
             self._forward_since = time.monotonic()
             try:
-                result = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await asyncio.wait([task])
-                raise
+                result = await to_the_end(task)
             finally:
                 self._forward_since = None
         metrics.window_step_latency().observe(time.perf_counter() - started)
