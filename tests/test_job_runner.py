@@ -252,6 +252,41 @@ def test_a_stopping_runner_hands_its_queued_job_back(env):
 
 
 
+def test_a_stop_that_comes_as_a_run_ends_stops_the_claim_loop(env):
+    """A full runner's claim loop pauses until a run ends or the poll interval passes; the stop's cancellation
+    that arrives in the very tick the run's end wakes that pause must still end the loop (a swallowed one keeps it claiming, and
+    the replica's shutdown waits for ever)."""
+    args, open_store, storage = env
+
+    async def scenario() -> None:
+        store = open_store()
+        paused = asyncio.Event()
+        queue_length = store.queue_length
+
+        async def counted() -> int:  # the claim loop's last await before it pauses
+            try:
+                return await queue_length()
+            finally:
+                paused.set()
+
+        store.queue_length = counted  # type: ignore[method-assign]
+        runner = JobRunner(store, storage, runner_args(Path(args.storage.root).parent,
+                                                       dispatch={"poll_interval_s": 30.0}),
+                           "runner-a", Pipeline(storage), may_claim=lambda held: False)  # full: waits for a run
+        runner.loop.ensure_running()
+        await asyncio.wait_for(paused.wait(), 10)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop is inside its pause now
+        runner._run_ended(asyncio.get_running_loop().create_future())  # a run ends: the pause's wake-up ...
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ... is on its way to the claim loop when the stop comes (in this very step)
+        async with asyncio.timeout(5):
+            await runner.stop()
+        assert not runner.loop.alive
+
+    asyncio.run(scenario())
+
+
 async def start_slow_sync_job(store, storage, args):
     """A sync job (200 steps of 50 ms) supervised by runner-a, returned once it has made progress."""
     runner = JobRunner(store, storage, args, "runner-a", Pipeline(storage, steps=200, step_s=0.05))

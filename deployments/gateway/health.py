@@ -54,7 +54,8 @@ async def run_checks(checks: dict[str, Callable[[], Awaitable[Any]] | str],
             passed[name] = check
             return
         try:
-            await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await check()
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready", named
             failed[name] = failure_reason(exc, secrets)
         else:

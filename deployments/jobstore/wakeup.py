@@ -101,13 +101,15 @@ class Listener:
                 return True
             self._futures[model_fingerprint].append((asyncio.get_running_loop(), future))
         try:
-            await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await future
         except TimeoutError:
+            return False
+        finally:  # timed out or cancelled: no notification may resolve it any more
             with self._lock:
                 pending = self._futures[model_fingerprint]
                 if (asyncio.get_running_loop(), future) in pending:
                     pending.remove((asyncio.get_running_loop(), future))
-            return False
         with self._lock:
             self._take(model_fingerprint)
         return True

@@ -32,7 +32,7 @@ from deployments.config import AppArgs
 from deployments.contracts import JobInput, PostprocessResult, StoredResult, StoredVideo, request_offset
 from deployments.orchestrator.admission import DenoiseAdmission
 from deployments.orchestrator.checkpoints import load_checkpoint, save_checkpoint
-from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor, awaited
+from deployments.orchestrator.executor import RETRYABLE, RayDenoiserExecutor
 from deployments.orchestrator.faults import StageTimeoutError, UnitTimeoutError
 from deployments.orchestrator.retention import RetentionSweeper
 from deployments.orchestrator.runner import JobRunner, Run, RunReporter
@@ -112,8 +112,8 @@ class Orchestrator:
         return await asyncio.shield(self._fingerprint)
 
     async def _ask_fingerprint(self) -> str:
-        return await asyncio.wait_for(awaited(self.preprocessor.model_fingerprint.remote()),
-                                      self.args.timeouts.preprocess_s)
+        async with asyncio.timeout(self.args.timeouts.preprocess_s):
+            return await self.preprocessor.model_fingerprint.remote()
 
     def ready(self) -> dict[str, Any]:
         """Readiness: the replica is constructed (its store open), and its claim and webhook loops run."""
@@ -266,7 +266,8 @@ class Orchestrator:
             response = call()
             try:
                 with run.bounded(timeout_s):
-                    return await asyncio.wait_for(awaited(response), timeout_s)
+                    async with asyncio.timeout(timeout_s):
+                        return await response
             except TimeoutError:
                 response.cancel()
                 raise StageTimeoutError(f"the {deployment} call took longer than {timeout_s:g} s") from None
@@ -285,7 +286,8 @@ class Orchestrator:
             response = self.denoiser.step_cache_plan.remote(request_id, request_offset(request_id), cond.num_steps,
                                                             level)
             try:
-                step_cache = await asyncio.wait_for(awaited(response), self.args.timeouts.unit_s)
+                async with asyncio.timeout(self.args.timeouts.unit_s):
+                    step_cache = await response
             except TimeoutError:
                 response.cancel()
                 raise UnitTimeoutError(f"the step-cache plan took longer than {self.args.timeouts.unit_s:g} s") \

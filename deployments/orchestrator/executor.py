@@ -147,7 +147,8 @@ class RayDenoiserExecutor:
         if self.unit_timeout_s is None:
             return await response
         try:
-            return await asyncio.wait_for(awaited(response), self.unit_timeout_s)
+            async with asyncio.timeout(self.unit_timeout_s):
+                return await response
         except TimeoutError:
             response.cancel()
             raise UnitTimeoutError(f"a unit overran {self.unit_timeout_s:g} s (timeouts.unit_s) on every replica "
@@ -166,8 +167,3 @@ class RayDenoiserExecutor:
 
     async def _free(self, slot: int) -> int:
         return await self.handle.free.remote(self.request_id, slot)
-
-
-async def awaited(response: Any) -> Any:
-    """A handle's response as a coroutine (``asyncio.wait_for`` cancels the awaiting task, not the call)."""
-    return await response

@@ -326,7 +326,8 @@ class JobRunner:
         if full or not self.dispatch.listen:
             self._slot_freed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._slot_freed.wait()
             return
         try:
             await self.store.wait_for_job(timeout, model_fingerprint=await self.model_fingerprint())

@@ -38,7 +38,7 @@ import numpy as np
 import ray
 
 from deployments.contracts import PostprocessResult, SegmentVideo
-from deployments.orchestrator.executor import RETRYABLE, awaited
+from deployments.orchestrator.executor import RETRYABLE
 from deployments.orchestrator.faults import StageTimeoutError
 from pipeline.media.audio_track import encode_audio_track_async
 from pipeline.media.errors import FFmpegError
@@ -149,8 +149,8 @@ class SegmentedFinish:
         await report(message=f"encoding the audio track ({seconds:.2f} s) while the {count} segments decode")
         started = time.perf_counter()
         try:
-            data = await asyncio.wait_for(encode_audio_track_async(prepared.audio_bytes, seconds),
-                                          self.segment_timeout_s)
+            async with asyncio.timeout(self.segment_timeout_s):
+                data = await encode_audio_track_async(prepared.audio_bytes, seconds)
         except TimeoutError:
             raise StageTimeoutError(f"the audio track's encode took longer than {self.segment_timeout_s:g} s") \
                 from None
@@ -182,7 +182,8 @@ class SegmentedFinish:
                 response = self.postprocessor.finish_segment.remote(request_id, segment, latents, prepared.width,
                                                                     prepared.height)
                 ref = await response._to_object_ref()
-                video: SegmentVideo = await asyncio.wait_for(awaited(ref), self.segment_timeout_s)  # read in place
+                async with asyncio.timeout(self.segment_timeout_s):
+                    video: SegmentVideo = await ref  # read in place
             except TimeoutError:
                 response.cancel()
                 raise StageTimeoutError(f"{name}: the Postprocessor call took longer than "

@@ -187,7 +187,8 @@ class RankGroup:
             raise RuntimeError(f"this replica's parallel unit is broken: {self.broken}")
         for rank, actor in enumerate(self.actors, 1):
             try:
-                await asyncio.wait_for(_awaited(actor.ping.remote()), PING_TIMEOUT_S)
+                async with asyncio.timeout(PING_TIMEOUT_S):
+                    await actor.ping.remote()
             except (RayActorError, TimeoutError) as exc:
                 raise RuntimeError(f"rank {rank} of this replica's parallel unit does not answer "
                                    f"({type(exc).__name__}): the replica must be replaced") from exc
