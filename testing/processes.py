@@ -8,6 +8,11 @@ import signal
 import subprocess
 import sys
 
+# Ray gives a new node a fixed 30 s to register with its GCS (``ray/_private/node.py``); on a 2-core box busy with
+# other clusters (the soak's three nodes) that can run out before a command that starts its own Ray has done
+# anything of its own. The tests that start one try such a start once more; any other exit fails them.
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+
 # A foreground command typed at a shell gets SIGINT with its default action and unblocked. A test process may have
 # inherited it ignored or blocked (both survive fork and exec, and Python installs no KeyboardInterrupt handler for
 # an ignored SIGINT), so a command it starts directly could never see a Ctrl-C. This interpreter resets both and

@@ -18,13 +18,9 @@ import yaml
 
 from testing.http import free_port, http_bytes, http_json
 from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe
-from testing.processes import as_from_a_shell, signal_group, stop_process_group
+from testing.processes import RAY_START_TIMED_OUT, as_from_a_shell, signal_group, stop_process_group
 
 pytestmark = pytest.mark.serve  # `serve run` starts a cluster of its own in a subprocess
-
-# Ray gives a new node a fixed 30 s to register with its GCS; on a 2-core box busy with another cluster (the soak)
-# that can run out before our application is even read. That start is tried once more; any other exit fails.
-RAY_START_TIMED_OUT = "The current node timed out during startup"
 
 
 def healthy(server: subprocess.Popen, log_path: Path, base: str) -> bool:
