@@ -2,7 +2,8 @@
 segment whose replica died is sent again (a WARN line per retry), and one that keeps failing is the job's error
 after its retries, with the other segments cancelled and nothing handed on to be stitched. The audio track is
 encoded (real ffmpeg) while the segments are in flight and handed to the stitch; an audio track that cannot be
-encoded fails the job before anything is uploaded, and a cancelled job leaves no ffmpeg and no file behind.
+encoded fails the job before anything is uploaded, and a cancelled job leaves no ffmpeg and no file behind, even
+when it is cancelled again while it cleans up.
 
 The Postprocessor handle is a stand-in that mimics ``handle.options(...).finish_segment.remote(...)``: the call's
 ``_to_object_ref()`` and the reference's ``await``; its segments may wait for a gate to open before answering.
@@ -23,6 +24,7 @@ from ray.exceptions import RayActorError
 from deployments.contracts import PostprocessResult, SegmentVideo
 from deployments.orchestrator.segments import PostprocessError, SegmentedFinish
 from pipeline.generator import PreparedRequest, video_seconds
+from pipeline.media import audio_track
 from pipeline.media.audio_track import encode_audio_track, encode_audio_track_async
 from pipeline.presets import get_preset
 from pipeline.windows import SAMPLE_RATE, plan_windows
@@ -292,3 +294,33 @@ def test_a_cancel_while_ffmpeg_starts_leaves_no_ffmpeg_and_no_file(tmp_path, tem
 
     asyncio.run(run())
     assert ffmpeg_children() == [] and list(tempdir.iterdir()) == []
+
+
+def test_a_second_cancel_while_ffmpeg_is_killed_still_waits_for_it_and_its_files(tmp_path, tempdir, monkeypatch):
+    """A caller cancelled again while the encode cleans up (a gather that ends on its first cancelled child, then
+    cancels the rest once more) still gets control back only once ffmpeg is killed and reaped and its folder gone:
+    the kill is slow here, as on a loaded machine."""
+    kill_and_reap = audio_track._kill_and_reap
+
+    async def slow_kill_and_reap(proc) -> None:
+        await asyncio.sleep(0.5)
+        await kill_and_reap(proc)
+
+    monkeypatch.setattr(audio_track, "_kill_and_reap", slow_kill_and_reap)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(encode_audio_track_async(synthetic_speech(tmp_path / "s.wav", 601.0)
+                                                              .read_bytes(), 600.0))
+        for _ in range(3000):  # until the encode's ffmpeg runs (a bound, not a timing)
+            if ffmpeg_children():
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the encode is in its cleanup now, killing ffmpeg
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ffmpeg_children() == [] and list(tempdir.iterdir()) == []  # before its caller goes on
+
+    asyncio.run(run())

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from deployments.runtime.to_the_end import to_the_end
+from pipeline.to_the_end import to_the_end
 
 
 def test_a_caller_cancelled_twice_waits_for_the_work_then_is_cancelled():

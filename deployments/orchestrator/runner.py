@@ -46,9 +46,9 @@ from deployments.orchestrator.faults import (
 from deployments.runtime import metrics
 from deployments.runtime.background import BackgroundLoop
 from deployments.runtime.errors import error_response
-from deployments.runtime.to_the_end import to_the_end
 from deployments.storage import Storage
 from deployments.storage.keys import checkpoint_key
+from pipeline.to_the_end import to_the_end
 
 if TYPE_CHECKING:
     from pipeline.denoise import WindowStep

@@ -46,7 +46,6 @@ from deployments.config import DENOISER_MAX_ONGOING, AppArgs
 from deployments.contracts import UnitKey
 from deployments.runtime import metrics
 from deployments.runtime.replica import limit_heap_retention, replica_name
-from deployments.runtime.to_the_end import to_the_end
 from deployments.workers.fault_hooks import claim_hook
 from deployments.workers.models import load_replica_models
 from deployments.workers.placement import StickyBalancedRouter
@@ -54,6 +53,7 @@ from deployments.workers.rank_group import RankGroup, RankInfo, rank_info
 from deployments.workers.unit_queue import UnitQueue
 from pipeline.denoise import RequestConditioning, WindowDenoiser, WindowStep
 from pipeline.step_cache import AccelerationLevel, StepCache, StepCachePlan
+from pipeline.to_the_end import to_the_end
 
 # Test hooks (never set in production): a JSON file naming one unit {"step": s, "window": w}; the first replica that
 # receives that unit claims the file and exits while holding it (the crash file), or hangs in its forward for

@@ -26,6 +26,7 @@ import ffmpeg
 from pipeline.media._proc import stderr_tail
 from pipeline.media.errors import FFmpegError
 from pipeline.media.video import BITEXACT, aac_options, cut_audio, ffmpeg_command, run_ffmpeg
+from pipeline.to_the_end import to_the_end
 
 
 def audio_track_output(audio_path: Path, duration: float, out: Path) -> Any:
@@ -55,13 +56,13 @@ async def encode_audio_track_async(audio: bytes, duration: float) -> bytes:
             _, stderr = await proc.communicate()
         finally:
             if proc.returncode is None:  # cancelled (or the wait failed): no ffmpeg outlives its caller
-                await asyncio.shield(_kill_and_reap(proc))
+                await to_the_end(_kill_and_reap(proc))
         if proc.returncode != 0:
             raise FFmpegError(f"ffmpeg failed encoding the audio track (exit code {proc.returncode})",
                               stderr_tail(stderr))
         return await asyncio.to_thread((tmp / out).read_bytes)
-    finally:  # shielded: a second cancel cannot leave the folder behind
-        await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmp, True))
+    finally:  # to the end, however often the caller is cancelled meanwhile: no folder is left behind
+        await to_the_end(asyncio.to_thread(shutil.rmtree, tmp, True))
 
 
 async def _spawned(spawn: Awaitable[asyncio.subprocess.Process]) -> asyncio.subprocess.Process:
@@ -71,9 +72,13 @@ async def _spawned(spawn: Awaitable[asyncio.subprocess.Process]) -> asyncio.subp
     try:
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):  # a start that failed left nothing to kill
-            await _kill_and_reap(await starting)
+        await to_the_end(_kill_if_started(starting))
         raise
+
+
+async def _kill_if_started(starting: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    with contextlib.suppress(Exception):  # a start that failed left nothing to kill
+        await _kill_and_reap(await starting)
 
 
 async def _kill_and_reap(proc: asyncio.subprocess.Process) -> None:

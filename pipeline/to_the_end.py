@@ -1,6 +1,7 @@
-"""Work that a cancelled caller must still see finish: a write or a forward running in a thread goes on when the
-coroutine awaiting it is cancelled, so the caller waits for its outcome before it acts (deletes an object it thinks
-unnamed, gives the GPU to the next unit) and then lets the cancellation go on."""
+"""Work that a cancelled caller must still see finish: a write or a forward running in a thread, or an ffmpeg being
+killed, goes on when the coroutine awaiting it is cancelled, so the caller waits for its outcome before it acts
+(deletes an object it thinks unnamed, gives the GPU to the next unit, returns with no ffmpeg left) and then lets the
+cancellation go on. ``asyncio.shield`` alone is not enough: a second cancellation ends the caller's wait."""
 
 from __future__ import annotations
 
