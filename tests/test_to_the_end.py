@@ -1,4 +1,4 @@
-"""``deployments.runtime.to_the_end``: a caller cancelled (even twice) while its work runs waits for that work to
+"""``pipeline.to_the_end``: a caller cancelled (even twice) while its work runs waits for that work to
 finish, then is cancelled; without a cancellation it gets the work's result or error."""
 
 from __future__ import annotations

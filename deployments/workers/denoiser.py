@@ -132,10 +132,9 @@ class Denoiser:
             forward = asyncio.to_thread(self._forward, cond, work, hang_s)
             if self.ranks is not None:  # every rank runs the unit; rank 0 (this replica) returns it
                 forward = self.ranks.lockstep(forward, request_id, conditioning, unit)
-            task = asyncio.ensure_future(forward)
             self._forward_since = time.monotonic()
             try:
-                result = await to_the_end(task)
+                result = await to_the_end(forward)
             finally:
                 self._forward_since = None
         metrics.window_step_latency().observe(time.perf_counter() - started)
