@@ -58,7 +58,8 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedFS) -> SeaweedFS:
 
 @pytest.fixture(scope="session")
 def _shared_ray_cluster() -> Iterator[None]:
-    """Stops the shared Ray cluster when the session ends (it starts on first use)."""
+    """Stops the shared Ray cluster when the session ends, if the last test that used it has not (it starts on first
+    use)."""
     from testing.ray_serve import stop_shared_cluster
 
     try:
@@ -77,3 +78,16 @@ def serve_cluster(_shared_ray_cluster: None) -> Iterator:
 
     with shared_cluster_for_a_module() as cluster:
         yield cluster
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Stops the shared Ray cluster after the last test that uses it, not at the session's end: the tests a worker
+    runs after it need no Ray (:mod:`testing.tiers` orders them last), and an idle cluster with its Serve
+    controller and proxy still costs a few CPU-seconds a minute on a 2-core machine."""
+    result = yield
+    if "serve_cluster" in item.fixturenames and (nextitem is None or "serve_cluster" not in nextitem.fixturenames):
+        from testing.ray_serve import stop_shared_cluster
+
+        stop_shared_cluster()
+    return result

@@ -3,10 +3,10 @@
 A process is the driver of one Ray cluster at a time, so there is one cluster at a time here too:
 
 - :func:`shared_cluster`: the cluster the Serve tests share (fake GPUs, a metrics port), started on first use and
-  kept for the session. Each test module deploys its applications under their own names, with what their
-  replicas read from the environment passed per application (:func:`with_env_vars`), and deletes them at its end
-  (:func:`delete_applications`). Starting Ray and Serve takes tens of seconds on a loaded 2-core machine: paid
-  once, not per module.
+  kept until the last test that uses it (``testing.fixtures``). Each test module deploys its applications under
+  their own names, with what their replicas read from the environment passed per application
+  (:func:`with_env_vars`), and deletes them at its end (:func:`delete_applications`). Starting Ray and Serve
+  takes tens of seconds on a loaded 2-core machine: paid once, not per module.
 - :func:`ray_serve_cluster`: a cluster of one's own, for what is set for a whole cluster: an HTTPS proxy, an
   object store size a benchmark measures against. It stops the shared cluster first.
 - :func:`ray_serve_multinode_cluster`: a head node and worker nodes with fake GPUs (the soak), likewise.

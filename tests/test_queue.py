@@ -33,6 +33,9 @@ APP = "fal-ai/stable-avatar"
 DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (their runtime_env)
 SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+# A status read crosses the proxy and the Gateway (about 10 ms of CPU on this box): the waits for a job's end poll
+# 4 times a second; wait_progress, which must catch a short window, polls faster.
+STATUS_POLL_S = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def wait_status(base: str, request_id: str, want=("COMPLETED",), timeout_s: floa
             body = {"status": None}
         if body.get("status") in want and all(body.get(k) == v for k, v in check.items()):
             return body
-        time.sleep(0.05)
+        time.sleep(STATUS_POLL_S)
     raise AssertionError(f"{request_id} did not reach {want}: {body}")
 
 
@@ -160,7 +163,7 @@ def test_submit_status_result_roundtrip(service):
         assert code == 202
         if body["status"] == "IN_QUEUE":
             assert body["queue_position"] == 0
-        time.sleep(0.05)
+        time.sleep(STATUS_POLL_S)
     assert isinstance(body["logs"], list) and body["metrics"]["inference_time"] > 0 and "error" not in body
     lines = messages(body)
     assert any(m.startswith("downloaded image") for m in lines)
@@ -483,8 +486,9 @@ def test_an_upgrade_that_changes_the_model_finishes_each_applications_jobs_on_it
             for rid in rids:
                 done = wait_status(base, rid)
                 assert "error" not in done, done
-                (started,) = [m for m in messages(done) if m.startswith("running on ")]
-                assert started.split()[2].split("#")[0] == app, (app, started)
+                # Every claim, a second one too (a lease that ran out on a loaded box), is by this application.
+                started = [m for m in messages(done) if m.startswith("running on ")]
+                assert started and all(m.split()[2].split("#")[0] == app for m in started), (app, started)
     finally:
         serve.delete(SECOND_APP)
 

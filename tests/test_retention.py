@@ -752,7 +752,7 @@ def test_the_service_sweeps_what_expired_and_answers_410(tmp_path: Path, serve_c
     assert code == 200, submitted
     request_id = submitted["request_id"]
     status_url = f"{serve_cluster.base}/{app}/requests/{request_id}/status"
-    _until("the job completes", lambda: http_json("GET", status_url)[1]["status"] == "COMPLETED", 240, 0.05)
+    _until("the job completes", lambda: http_json("GET", status_url)[1]["status"] == "COMPLETED", 240, 0.25)
     code, result, _ = http_json("GET", f"{serve_cluster.base}/{app}/requests/{request_id}")
     served_at = time.time()
     assert code == 200, result

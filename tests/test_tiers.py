@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +84,25 @@ def test_a_hung_test_fails_with_every_threads_stack_and_the_run_goes_on(request,
     assert run.returncode == 1, run.stdout
     assert "Timeout (>2.0s)" in run.stdout and "Stack of stuck-helper" in run.stdout, run.stdout
     assert "1 failed, 1 passed" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("next_uses_it,stopped", [(True, False), (False, True), (None, True)])
+def test_the_shared_cluster_stops_after_the_last_test_that_uses_it(monkeypatch, next_uses_it, stopped):
+    """``None``: the session's last test. A test that needs no cluster ends nothing."""
+    import testing.ray_serve
+    from testing.fixtures import pytest_runtest_teardown
+
+    stops: list[str] = []
+    monkeypatch.setattr(testing.ray_serve, "stop_shared_cluster", lambda: stops.append("stopped"))
+
+    def item(uses: bool) -> SimpleNamespace:
+        return SimpleNamespace(fixturenames=["tmp_path", *(["serve_cluster"] if uses else [])])
+
+    nextitem = None if next_uses_it is None else item(next_uses_it)
+    for this_uses_it, expected in ((True, ["stopped"] if stopped else []), (False, [])):
+        stops.clear()
+        teardown = pytest_runtest_teardown(item(this_uses_it), nextitem)
+        next(teardown)  # pytest's own teardown runs here
+        with pytest.raises(StopIteration):
+            teardown.send(None)
+        assert stops == expected
