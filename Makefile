@@ -98,6 +98,7 @@ bench: setup
 	$(BIN)/python bench/bench_step_cache.py
 	$(BIN)/python bench/bench_split_rows.py
 	$(BIN)/python bench/bench_imports.py --compare-rev ecb6b37  # the last commit whose Gateway imported torch
+	$(BIN)/python bench/bench_serve_costs.py --compare-control-loop
 
 # 10 s, 60 s and 600 s of audio at 480x832 through the service (about an hour on 2 CPU cores); --quick: 10 s, 60 s.
 bench-long: setup

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.stats import load_average  # noqa: E402
+from bench.stats import load_average, write_results  # noqa: E402
 
 MODULES = {
     "Gateway": "deployments.gateway.deployment",
@@ -119,10 +119,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "imports")
     args = parser.parse_args()
     result = run(args.repeat, args.compare_rev)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = table(result)
-    args.out.with_suffix(".txt").write_text(text + "\n")
+    write_results(args.out, result, text)
     print(text)
 
 
