@@ -84,7 +84,7 @@ def serve_cluster(_shared_ray_cluster: None) -> Iterator:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """Stops the shared Ray cluster after the last test that uses it, not at the session's end: the tests a worker
     runs after it need no Ray (:mod:`testing.tiers` orders them last), and an idle cluster with its Serve
-    controller and proxy still costs a few CPU-seconds a minute on a 2-core machine."""
+    controller and proxy still costs CPU every minute (``bench/results/serve_costs.txt``)."""
     result = yield
     if "serve_cluster" in item.fixturenames and (nextitem is None or "serve_cluster" not in nextitem.fixturenames):
         from testing.ray_serve import stop_shared_cluster

@@ -33,8 +33,8 @@ APP = "fal-ai/stable-avatar"
 DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (their runtime_env)
 SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-# A status read crosses the proxy and the Gateway (about 10 ms of CPU on this box): the waits for a job's end poll
-# 4 times a second; wait_progress, which must catch a short window, polls faster.
+# A status read crosses the proxy and the Gateway (its CPU: bench/results/serve_costs.txt): the waits for a job's end
+# poll 4 times a second; wait_progress, which must catch a short window, polls faster.
 STATUS_POLL_S = 0.25
 
 
