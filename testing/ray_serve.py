@@ -15,7 +15,6 @@ A process is the driver of one Ray cluster at a time, so there is one cluster at
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from testing.ray_env import use_test_cluster_env
+
+use_test_cluster_env()
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
