@@ -79,7 +79,7 @@ test: setup js-deps
 
 # The developer loop: every test without Ray (unit, golden, database), modules spread over two workers.
 test-fast: $(STAMP) system-deps postgres-deps
-	$(BIN)/pytest -q -m "not serve" -n 2 --dist loadfile
+	$(BIN)/pytest -q -m "not serve" -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: setup-demo
 	$(BIN)/python examples/run_demo.py
@@ -98,7 +98,7 @@ bench: setup
 	$(BIN)/python bench/bench_step_cache.py
 	$(BIN)/python bench/bench_split_rows.py
 	$(BIN)/python bench/bench_imports.py --compare-rev ecb6b37  # the last commit whose Gateway imported torch
-	$(BIN)/python bench/bench_serve_costs.py --compare-control-loop
+	$(BIN)/python bench/bench_serve_costs.py --compare-test-env
 
 # 10 s, 60 s and 600 s of audio at 480x832 through the service (about an hour on 2 CPU cores); --quick: 10 s, 60 s.
 bench-long: setup

@@ -4,10 +4,11 @@ application, a status read and a tiny job, on a cluster of the test suite's shap
 The suite is CPU-bound on a 2-core box, so its wall time is the sum of these costs over what it does; this
 measures them one at a time, with nothing else running, to tell which lever is worth pulling.
 
-    python bench/bench_serve_costs.py [--compare-control-loop]   # -> bench/results/serve_costs.{json,txt}
+    python bench/bench_serve_costs.py [--compare-test-env]   # -> bench/results/serve_costs.{json,txt}
 
-``--compare-control-loop`` also repeats the deploy-and-run part with Serve's controller loop at 0.25 s instead of
-Ray's 0.1 s default (``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``), alternating, each on a fresh cluster.
+The cluster runs with the test clusters' settings (``testing/ray_env.py``). ``--compare-test-env`` also repeats the
+deploy-and-run part and the idle application with Serve's own defaults for those settings, then with the test
+clusters', alternating, each on a fresh cluster.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ from ray import serve  # noqa: E402
 from bench.stats import load_average, write_results  # noqa: E402
 from testing.http import http_json  # noqa: E402
 from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
+from testing.ray_env import TEST_CLUSTER_ENV  # noqa: E402
 from testing.ray_serve import RayServeCluster, replica_processes, shared_cluster, stop_shared_cluster  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
 IDLE_S = 60.0
 STATUS_READS = 300
 DEPLOYS = 3
-CONTROL_LOOP_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
+# Serve's defaults for what testing/ray_env.py sets (ray/serve/_private/constants.py).
+SERVE_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -181,7 +184,7 @@ def on_a_fresh_cluster(measure: Callable[[RayServeCluster], dict], env: dict[str
                 os.environ[name] = value
 
 
-def run(compare_control_loop: bool) -> dict:
+def run(compare_test_env: bool) -> dict:
     root = Path(tempfile.mkdtemp(prefix="serve-costs-"))
 
     def everything(cluster: RayServeCluster) -> dict:
@@ -194,12 +197,19 @@ def run(compare_control_loop: bool) -> dict:
         result["job_cpu_by_replica"] = job_cpu_by_replica(cluster, root)
         return result
 
+    def deploys_then_idle(cluster: RayServeCluster, folder: Path) -> dict:
+        measured = deploys_and_jobs(cluster, folder)
+        measured["idle_cpu_s_per_minute"] = idle_application(cluster)["total_cpu_s_per_minute"]
+        return measured
+
     result = on_a_fresh_cluster(everything)
-    if compare_control_loop:
-        result["control_loop"] = [
-            {"control_loop_s": float(interval),
-             **on_a_fresh_cluster(partial(deploys_and_jobs, root=root / f"loop-{i}"), {CONTROL_LOOP_ENV: interval})}
-            for i, interval in enumerate(("0.1", "0.25", "0.1", "0.25"))]
+    if compare_test_env:
+        test_env = {name: TEST_CLUSTER_ENV[name] for name in SERVE_DEFAULTS}
+        result["test_env"] = [
+            {"settings": label, "env": env,
+             **on_a_fresh_cluster(partial(deploys_then_idle, folder=root / f"env-{i}"), env)}
+            for i, (label, env) in enumerate([("Serve's defaults", SERVE_DEFAULTS), ("the test clusters'", test_env)]
+                                             * 2)]
     result["load_average"] = load_average()
     return result
 
@@ -219,18 +229,19 @@ def table(result: dict) -> str:
     for i, job in enumerate(jobs["runs"]):
         lines.append(f"a {jobs['audio_s']:g} s, {jobs['steps']}-step job (run {i + 1}; the image cached), "
                      f"{job['wall_s']} s: " + ", ".join(f"{k[8:]} {v}" for k, v in job["cpu_s"].items()))
-    for row in result.get("control_loop", []):
-        lines.append(f"controller loop {row['control_loop_s']} s: {row['busy_cpu_s']} busy CPU-s for "
-                     f"{row['deploys']} deploys and jobs; deploy wall s {row['deploy_wall_s']}")
+    for row in result.get("test_env", []):
+        lines.append(f"{row['settings']} settings {row['env']}: {row['busy_cpu_s']} busy CPU-s for {row['deploys']} "
+                     f"deploys and jobs (deploy wall s {row['deploy_wall_s']}), then idle "
+                     f"{row['idle_cpu_s_per_minute']} CPU-s a minute")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare-control-loop", action="store_true")
+    parser.add_argument("--compare-test-env", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "serve_costs")
     args = parser.parse_args()
-    result = run(args.compare_control_loop)
+    result = run(args.compare_test_env)
     text = table(result)
     write_results(args.out, result, text)
     print(text)

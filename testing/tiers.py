@@ -20,7 +20,9 @@ modules with a cluster of their own (each stops the shared one), then the soak. 
 --no-loadscope-reorder``) in the reverse order, the longest first: the soak, the modules with a cluster of their
 own, those on the shared cluster (each worker starts its own), the rest. The Serve tests' waiting for replicas,
 leases and clients then overlaps with the CPU work of the others, and no worker is left alone with the soak at
-the end. A worker drives at most one Ray cluster at a time.
+the end. A worker drives at most one Ray cluster at a time. Within a tier, on xdist workers, the modules marked
+``long`` (``pytestmark = pytest.mark.long``: a minute or more, whole tools in subprocesses) go first, for the same
+reason; ``make test-fast`` keeps this order too.
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ def in_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")  # pytest-xdist's mark of a worker process
 
 
-def run_order(item: pytest.Item) -> int:
-    """Where ``item`` runs: ascending in one process, descending on xdist workers (the longest modules first)."""
-    order = _run_order(item)
-    return -order if in_xdist_worker(item.config) else order
+def run_order(item: pytest.Item) -> tuple[int, int]:
+    """Where ``item`` runs, as a sort key: tiers ascending in one process; on xdist workers the tiers descending and
+    the ``long`` modules first within each (the longest work first, so the workers end together)."""
+    if not in_xdist_worker(item.config):
+        return _run_order(item), 0
+    return -_run_order(item), 0 if item.get_closest_marker("long") is not None else 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

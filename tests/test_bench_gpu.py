@@ -8,10 +8,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.bench_gpu import PHASES, dit_flops
 from pipeline.models.audio_split import AUDIO_EXPAND_LENGTH, split_audio_sequence
 from pipeline.presets import REAL_TRANSFORMER, TINY_TRANSFORMER
 from testing.media import REPO_ROOT
+
+pytestmark = pytest.mark.long  # the whole benchmark at tiny size: the longest test without Ray
 
 
 def test_flop_count_matches_the_reference_estimate():

@@ -16,6 +16,8 @@ import pytest
 from bench import bench_gpu
 from testing.media import REPO_ROOT
 
+pytestmark = pytest.mark.long  # the device scripts end to end at tiny size, a minute or more in all
+
 # What the service needs and the GPU image lacks; the benchmark must not import any of it.
 SERVICE_ONLY = ("ray", "boto3", "botocore", "psycopg", "psycopg_pool", "fastapi", "starlette", "uvicorn", "fal_client")
 

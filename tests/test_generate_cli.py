@@ -13,6 +13,8 @@ from pipeline.presets import TINY_RESOLUTIONS
 from stable_avatar.cli import main
 from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, probe, synthetic_speech
 
+pytestmark = pytest.mark.long  # some 30 tiny generations, a minute or more in all
+
 
 @pytest.mark.parametrize("seconds", [1.0, 3.3, 5.0, 12.0])
 @pytest.mark.parametrize("aspect_ratio", ["16:9", "9:16", "1:1"])

@@ -65,6 +65,27 @@ def test_the_tests_without_ray_run_first_and_the_soak_last_or_the_reverse_on_xdi
         assert request.session.items.index(soak[0]) == (0 if in_xdist_worker(request.config) else len(order) - 1)
 
 
+class FakeItem:
+    """What :func:`run_order` reads of a test: its markers, fixtures and whether it runs on an xdist worker."""
+
+    def __init__(self, markers: set[str], fixtures: tuple[str, ...] = (), on_a_worker: bool = True) -> None:
+        self.markers, self.fixturenames = markers, fixtures
+        self.config = SimpleNamespace(workerinput={}) if on_a_worker else SimpleNamespace()
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return name if name in self.markers else None
+
+
+def test_long_modules_run_first_in_their_tier_on_xdist_workers_and_change_nothing_in_one_process():
+    unit, long_unit = FakeItem({"unit"}), FakeItem({"unit", "long"})
+    shared, long_shared = FakeItem({"serve"}, ("serve_cluster",)), FakeItem({"serve", "long"}, ("serve_cluster",))
+    soak = FakeItem({"soak", "serve"})
+    on_workers = sorted([unit, shared, long_unit, soak, long_shared], key=run_order)
+    assert on_workers == [soak, long_shared, shared, long_unit, unit]
+    in_one_process = [FakeItem(item.markers, item.fixturenames, on_a_worker=False) for item in on_workers]
+    assert [run_order(item) for item in in_one_process] == [(3, 0), (1, 0), (1, 0), (0, 0), (0, 0)]
+
+
 def test_ray_is_refused_outside_the_serve_tier():
     import ray
 
