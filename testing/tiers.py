@@ -21,7 +21,7 @@ modules with a cluster of their own (each stops the shared one), then the soak. 
 own, those on the shared cluster (each worker starts its own), the rest. The Serve tests' waiting for replicas,
 leases and clients then overlaps with the CPU work of the others, and no worker is left alone with the soak at
 the end. A worker drives at most one Ray cluster at a time. Within a tier, on xdist workers, the modules marked
-``long`` (``pytestmark = pytest.mark.long``: a minute or more, whole tools in subprocesses) go first, for the same
+``long`` (``pytestmark = pytest.mark.long``: a minute or more in all, whole tools at tiny size) go first, for the same
 reason; ``make test-fast`` keeps this order too.
 """
 
