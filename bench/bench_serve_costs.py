@@ -26,7 +26,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from testing.ray_env import TEST_CLUSTER_ENV, use_test_cluster_env  # noqa: E402
+
+use_test_cluster_env()  # the tests' cluster settings, before Ray is imported
 
 import psutil  # noqa: E402
 from ray import serve  # noqa: E402
@@ -34,7 +37,6 @@ from ray import serve  # noqa: E402
 from bench.stats import load_average, write_results  # noqa: E402
 from testing.http import http_json  # noqa: E402
 from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
-from testing.ray_env import TEST_CLUSTER_ENV  # noqa: E402
 from testing.ray_serve import RayServeCluster, replica_processes, shared_cluster, stop_shared_cluster  # noqa: E402
 
 APP = "fal-ai/stable-avatar"
@@ -43,6 +45,7 @@ STATUS_READS = 300
 DEPLOYS = 3
 # Serve's defaults for what testing/ray_env.py sets (ray/serve/_private/constants.py).
 SERVE_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
+assert SERVE_DEFAULTS.keys() == TEST_CLUSTER_ENV.keys() - {"RAY_AUTH_MODE"}, "compare every setting the tests change"
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from testing.http import http_bytes, http_json  # noqa: E402
-from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE  # noqa: E402
-from testing.ray_serve import replica_processes  # noqa: E402
-from tests.test_fetch import FileServer, drip, redirect, send, static, stream  # noqa: E402
-from tests.test_media_validation import encoded, make_media, png_declaring  # noqa: E402
+from testing.http import http_bytes, http_json
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE
+from testing.ray_serve import replica_processes
+from tests.test_fetch import FileServer, drip, redirect, send, static, stream
+from tests.test_media_validation import encoded, make_media, png_declaring
 
 APP = "fal-ai/stable-avatar"
 APP_NAME = "bad-inputs"  # its Serve application on the shared cluster

@@ -29,14 +29,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-from testing.http import free_port, http_json  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech  # noqa: E402
-from testing.processes import RAY_START_TIMED_OUT, as_from_a_shell, signal_group, stop_process_group  # noqa: E402
-from tests.cli_probe import run_cli  # noqa: E402
-from tests.tls import make_certificates  # noqa: E402
+from testing.http import free_port, http_json
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech
+from testing.processes import RAY_START_TIMED_OUT, as_from_a_shell, signal_group, stop_process_group
+from tests.cli_probe import run_cli
+from tests.tls import make_certificates
 
 API_KEY = "cli-test-key"
 AUDIO_S = 2.0

@@ -21,11 +21,8 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-from testing.media import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech  # noqa: E402
-from testing.ray_serve import RayServeCluster  # noqa: E402
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, probe, synthetic_speech
+from testing.ray_serve import RayServeCluster
 
 APP = "fal-ai/stable-avatar"
 PY_CHECK = REPO_ROOT / "tests" / "fal_python_client_check.py"

@@ -48,18 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from testing.http import free_port, http_bytes, http_json  # noqa: E402
-from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri  # noqa: E402
-from testing.ray_serve import stop_shared_cluster  # noqa: E402
-from tests.redis_server import Redis, redis_server  # noqa: E402, F401
+from deployments.app import build_app
+from deployments.config import APP_NAME, AppArgs
+from testing.http import free_port, http_bytes, http_json
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri
+from testing.ray_serve import stop_shared_cluster
+from tests.redis_server import Redis, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.serve  # a multi-node cluster of its own
 

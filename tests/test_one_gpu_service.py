@@ -12,24 +12,20 @@ the Prometheus metrics say so).
 from __future__ import annotations
 
 import copy
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import yaml
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from deployments.config import APP_NAME  # noqa: E402
-from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import http_bytes, http_json, scrape  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech  # noqa: E402
-from testing.ray_serve import ray_serve_cluster  # noqa: E402
+from deployments.config import APP_NAME
+from stable_avatar.cli import main as cli_main
+from testing.http import http_bytes, http_json, scrape
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, data_uri, probe, synthetic_speech
+from testing.ray_serve import ray_serve_cluster
 
 pytestmark = pytest.mark.serve  # a cluster of its own: one fake GPU, as on the one card
 

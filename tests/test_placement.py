@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import random
 import string
 import time
 
 import pytest
+import ray
 import torch
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from deployments.config import AppArgs  # noqa: E402
-from deployments.contracts import UnitKey, rank_slot, request_offset  # noqa: E402
-from deployments.orchestrator.executor import RayDenoiserExecutor  # noqa: E402
-from deployments.orchestrator.units import unit_keys  # noqa: E402
-from deployments.workers.denoiser import Denoiser  # noqa: E402
-from deployments.workers.placement import (  # noqa: E402
+from deployments.config import AppArgs
+from deployments.contracts import UnitKey, rank_slot, request_offset
+from deployments.orchestrator.executor import RayDenoiserExecutor
+from deployments.orchestrator.units import unit_keys
+from deployments.workers.denoiser import Denoiser
+from deployments.workers.placement import (
     JobPlacements,
     moved_units,
     place,
@@ -38,8 +34,8 @@ from deployments.workers.placement import (  # noqa: E402
     routing_key,
     unit_cap,
 )
-from pipeline.denoise import RequestConditioning, WindowStep  # noqa: E402
-from testing.ray_serve import object_store_stats  # noqa: E402
+from pipeline.denoise import RequestConditioning, WindowStep
+from testing.ray_serve import object_store_stats
 
 APP = "placement"
 ROW_S = 0.2  # the simulated-fast preset's seconds per guidance row

@@ -7,20 +7,16 @@ requires an API key: every request the page makes must stay under the prefix. Th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from ray import serve  # noqa: E402
-
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from deployments.gateway.deployment import Gateway  # noqa: E402
-from testing.browser import chromium  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech  # noqa: E402
+from deployments.config import APP_NAME, AppArgs
+from deployments.gateway.deployment import Gateway
+from testing.browser import chromium
+from testing.media import EXAMPLE_IMAGE, REPO_ROOT, synthetic_speech
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 AUDIO_S = 2.0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import re
 import shutil
 import threading
@@ -15,19 +14,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import ray
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from deployments.jobstore import PostgresJobsConfig, SyncJobStore, make_sync_job_store  # noqa: E402
-from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import http_bytes, http_json, scrape  # noqa: E402
-from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
-from testing.ray_serve import delete_applications  # noqa: E402
-from tests.test_webhook_signing import fal_receiver_accepts  # noqa: E402
+from deployments.config import APP_NAME, AppArgs
+from deployments.jobstore import PostgresJobsConfig, SyncJobStore, make_sync_job_store
+from stable_avatar.cli import main as cli_main
+from testing.http import http_bytes, http_json, scrape
+from testing.media import EXAMPLE_AUDIO, EXAMPLE_IMAGE, data_uri, synthetic_speech
+from testing.ray_serve import delete_applications
+from tests.test_webhook_signing import fal_receiver_accepts
 
 APP = "fal-ai/stable-avatar"
 DSN_ENV = "STABLE_AVATAR_TEST_QUEUE_DSN"  # the replicas read the DSN from here (their runtime_env)

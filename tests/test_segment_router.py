@@ -9,17 +9,13 @@ makes them (all of one request's calls share Serve's internal request id).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
+from ray import serve
+from ray.serve.config import RequestRouterConfig
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from ray import serve  # noqa: E402
-from ray.serve.config import RequestRouterConfig  # noqa: E402
-
-from deployments.workers.segment_router import SegmentRouter  # noqa: E402
+from deployments.workers.segment_router import SegmentRouter
 
 SEGMENT_S = 1.5
 

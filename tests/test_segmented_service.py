@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from deployments.config import AppArgs  # noqa: E402
-from deployments.workers.postprocessor import CRASH_FILE_ENV  # noqa: E402
-from pipeline.generator import GenerationParams, StableAvatarPipeline  # noqa: E402
-from pipeline.loading import load_models  # noqa: E402
-from pipeline.media.ffmpeg_bin import ffmpeg_path  # noqa: E402
-from pipeline.presets import get_preset  # noqa: E402
-from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import queued_video  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
+from deployments.config import AppArgs
+from deployments.workers.postprocessor import CRASH_FILE_ENV
+from pipeline.generator import GenerationParams, StableAvatarPipeline
+from pipeline.loading import load_models
+from pipeline.media.ffmpeg_bin import ffmpeg_path
+from pipeline.presets import get_preset
+from stable_avatar.cli import main as cli_main
+from testing.http import queued_video
+from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech
 
 STEPS, SEED, PROMPT = 2, 7, "talking"
 LONG_S, SHORT_S = 12.0, 1.5

@@ -11,27 +11,23 @@ a hung replica, which the unit timeout bypasses and Serve's health check replace
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.error
 
 import pytest
+import ray
 import yaml
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from deployments.config import APP_NAME  # noqa: E402
-from deployments.contracts import rank_slot  # noqa: E402
-from deployments.workers.denoiser import CRASH_FILE_ENV, HANG_FILE_ENV  # noqa: E402
-from deployments.workers.placement import place_units  # noqa: E402
-from pipeline.schema import StableAvatarInput, StableAvatarOutput  # noqa: E402
-from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import http_bytes, http_json, queued_video  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech  # noqa: E402
+from deployments.config import APP_NAME
+from deployments.contracts import rank_slot
+from deployments.workers.denoiser import CRASH_FILE_ENV, HANG_FILE_ENV
+from deployments.workers.placement import place_units
+from pipeline.schema import StableAvatarInput, StableAvatarOutput
+from stable_avatar.cli import main as cli_main
+from testing.http import http_bytes, http_json, queued_video
+from testing.media import EXAMPLE_IMAGE, data_uri, probe, synthetic_speech
 
 STEPS, SEED = 3, 5
 # Split rows and a step cache that skips on the tiny preset: its random time embedder moves e0 far outside

@@ -63,24 +63,21 @@ from typing import Any
 
 import psutil
 import pytest
+import ray
+from ray import serve
+from ray._private import state as ray_state  # the actor table (name -> pid) without a dashboard
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-from ray._private import state as ray_state  # noqa: E402 - the actor table (name -> pid) without a dashboard
-
-from deployments.app import build_app  # noqa: E402
-from deployments.config import APP_NAME, AppArgs  # noqa: E402
-from deployments.gateway.auth import fingerprint  # noqa: E402
-from deployments.jobstore import JobStore, PostgresJobsConfig, make_sync_job_store  # noqa: E402
-from deployments.orchestrator.retention import RetentionConfig, sweep_once  # noqa: E402
-from deployments.storage import S3Storage  # noqa: E402
-from stable_avatar.cli import main as cli_main  # noqa: E402
-from testing.http import http_bytes, http_json  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
-from testing.ray_serve import ray_serve_multinode_cluster  # noqa: E402
-from testing.replica_memory import SOAK, FloorGrowth, anonymous_rss, floor_growth  # noqa: E402
+from deployments.app import build_app
+from deployments.config import APP_NAME, AppArgs
+from deployments.gateway.auth import fingerprint
+from deployments.jobstore import JobStore, PostgresJobsConfig, make_sync_job_store
+from deployments.orchestrator.retention import RetentionConfig, sweep_once
+from deployments.storage import S3Storage
+from stable_avatar.cli import main as cli_main
+from testing.http import http_bytes, http_json
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech
+from testing.ray_serve import ray_serve_multinode_cluster
+from testing.replica_memory import SOAK, FloorGrowth, anonymous_rss, floor_growth
 
 APP = "fal-ai/stable-avatar"
 SECOND_APP, SECOND_PREFIX = "stable-avatar-b", "/b"

@@ -14,23 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from deployments.config import APP_NAME  # noqa: E402
-from deployments.contracts import UnitKey  # noqa: E402
-from deployments.workers.rank_group import RANK_CRASH_FILE_ENV  # noqa: E402
-from pipeline.denoise import WindowDenoiser, WindowStep  # noqa: E402
-from pipeline.loading import load_models  # noqa: E402
-from pipeline.presets import TINY_TRANSFORMER, get_preset  # noqa: E402
-from pipeline.sequence_parallel import choose_attention  # noqa: E402
-from testing.http import http_bytes, http_json  # noqa: E402
-from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech  # noqa: E402
-from testing.sp_scenarios import conditioning, window_latents  # noqa: E402
+from deployments.config import APP_NAME
+from deployments.contracts import UnitKey
+from deployments.workers.rank_group import RANK_CRASH_FILE_ENV
+from pipeline.denoise import WindowDenoiser, WindowStep
+from pipeline.loading import load_models
+from pipeline.presets import TINY_TRANSFORMER, get_preset
+from pipeline.sequence_parallel import choose_attention
+from testing.http import http_bytes, http_json
+from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech
+from testing.sp_scenarios import conditioning, window_latents
 
 TOLERANCE = 1e-5  # fp32 on the CPU, on the latents (docs/many-gpus.md)
 STEPS, SEED = 3, 5
