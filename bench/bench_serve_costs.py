@@ -1,5 +1,5 @@
-"""What the Serve tests' units of work cost in CPU on this machine: a replica's start, a deployment, an idle
-application, a status read and a tiny job, on a cluster of the test suite's shape (``testing.ray_serve``).
+"""What the Serve tests' units of work cost in CPU on this machine: a replica's start, a deployment, a redeploy
+that replaces every replica, an idle application, a status read and a tiny job, on a cluster of the test suite's shape (``testing.ray_serve``).
 
 The suite is CPU-bound on a 2-core box, so its wall time is the sum of these costs over what it does; this
 measures them one at a time, with nothing else running, to tell which lever is worth pulling.
@@ -43,6 +43,7 @@ APP = "fal-ai/stable-avatar"
 IDLE_S = 60.0
 STATUS_READS = 300
 DEPLOYS = 3
+REDEPLOY_SETTLE_S = 8.0  # after serve.run returns, the replaced replicas stop
 # Serve's defaults for what testing/ray_env.py sets (ray/serve/_private/constants.py).
 SERVE_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
 assert SERVE_DEFAULTS.keys() == TEST_CLUSTER_ENV.keys() - {"RAY_AUTH_MODE"}, "compare every setting the tests change"
@@ -98,6 +99,15 @@ def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
     return {kind: round(cpu, 2) for kind, cpu in sorted(spent.items(), key=lambda item: -item[1])}
 
 
+def cpu_since(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between the two samples by the processes alive at the second, one that started in between
+    counted whole (a replica that stopped in between is missed: the last of its stopping)."""
+    spent: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        spent[kind] = spent.get(kind, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
+    return {kind: round(cpu, 2) for kind, cpu in sorted(spent.items(), key=lambda item: -item[1])}
+
+
 def tiny_config(root: Path, cluster: RayServeCluster, running: int = 1) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     return {"device": "cpu", "storage": cluster.local_storage(root / "storage"), "max_running_jobs": running,
@@ -134,6 +144,20 @@ def deploys_and_jobs(cluster: RayServeCluster, root: Path) -> dict:
         jobs.append(round(run_job(cluster, job_body(seed=i)), 1))
     return {"deploys": DEPLOYS, "busy_cpu_s": round(busy_cpu_s() - busy, 1), "deploy_wall_s": walls,
             "job_wall_s": jobs}
+
+
+def redeploys(cluster: RayServeCluster, root: Path) -> dict:
+    """``DEPLOYS`` redeploys of the running tiny application, each with other app args (so Serve replaces every
+    replica) and no job: the CPU of each, by process kind, from the call until the old replicas stopped."""
+    runs = []
+    for i in range(DEPLOYS):
+        before, started = process_cpu(), time.monotonic()
+        cluster.deploy(tiny_config(root / "redeploys", cluster, running=10 + i))
+        wall = time.monotonic() - started
+        time.sleep(REDEPLOY_SETTLE_S)
+        spent = cpu_since(before, process_cpu())
+        runs.append({"wall_s": round(wall, 1), "cpu_s": round(sum(spent.values()), 1), "cpu_s_by_kind": spent})
+    return {"redeploys": DEPLOYS, "runs": runs}
 
 
 def idle_application(cluster: RayServeCluster) -> dict:
@@ -194,6 +218,7 @@ def run(compare_test_env: bool) -> dict:
         result = {"trivial_replica_start": trivial_replica_start(cluster),
                   "deploys_and_jobs": deploys_and_jobs(cluster, root)}
         cluster.deploy(tiny_config(root / "app", cluster))
+        result["redeploys"] = redeploys(cluster, root)
         run_job(cluster, job_body())  # the first job's one-time costs are not idle
         result["idle_application"] = idle_application(cluster)
         result["status_read"] = status_reads(cluster)
@@ -226,6 +251,9 @@ def table(result: dict) -> str:
              f"{deploys['deploys']} deployments of the tiny application, each followed by a 1 s job: "
              f"{deploys['busy_cpu_s']} busy CPU-s in all; deploy wall s {deploys['deploy_wall_s']}, "
              f"job wall s {deploys['job_wall_s']}",
+             *(f"a redeploy that replaces every replica (no job): {run['cpu_s']} CPU-s, wall {run['wall_s']} s: "
+               + ", ".join(f"{k} {v}" for k, v in run["cpu_s_by_kind"].items() if v >= 0.1)
+               for run in result["redeploys"]["runs"]),
              f"an idle application: {idle['total_cpu_s_per_minute']} CPU-s a minute: "
              + ", ".join(f"{k} {v}" for k, v in idle["cpu_s_per_minute"].items()),
              f"a status read (proxy, Gateway, this client): {reads['cpu_ms_per_read']} ms of CPU"]
