@@ -440,7 +440,7 @@ def _ft(**options: Any) -> Callable[[dict[str, Any]], None]:
 
 _GROUPS = "spec.rayClusterConfig.workerGroupSpecs[1]"
 _APP = "spec.serveConfigV2.applications[0]"
-_DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
+_FIRST_OVERRIDE = f"{_APP}.deployments[0]"
 
 
 @pytest.mark.parametrize(("mutate", "expected"), [
@@ -450,9 +450,9 @@ _DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
     (_group(1, "minReplicas", 12), [f"{_GROUPS}.minReplicas: 12 is above maxReplicas (11)"]),
     (_group(1, "maxReplicas", 4), ["need 10.5 GPUs at their maximum scale but the pods offer at most 4"]),
     (_override(name="Denoizer", max_ongoing_requests=1),
-     [f"{_DENOISER_OVERRIDE}.name: 'Denoizer' is not a deployment of application 'stable-avatar'"]),
+     [f"{_FIRST_OVERRIDE}.name: 'Denoizer' is not a deployment of application 'stable-avatar'"]),
     (_override(name="Denoiser", max_ongoing_request=1),
-     [f"{_DENOISER_OVERRIDE}.max_ongoing_request: unknown field (did you mean 'max_ongoing_requests'?)"]),
+     [f"{_FIRST_OVERRIDE}.max_ongoing_request: unknown field (did you mean 'max_ongoing_requests'?)"]),
     (_args("preset", "nope"), [f"{_APP}.args: Value error, unknown preset 'nope'"]),
     (_args("denoiser.num_gpu", 1), [f"{_APP}.args.denoiser.num_gpu: Extra inputs are not permitted"]),
     (_args("denoiser.autoscaling.min_replicas", 9),
@@ -461,17 +461,24 @@ _DENOISER_OVERRIDE = f"{_APP}.deployments[0]"
      ["<Denoiser as built from args>.autoscaling_config.target_ongoing_requests: 100.0 is above "
       "max_ongoing_requests (64)"]),
     (_override(name="Denoiser", autoscaling_config={"min_replicas": 3, "max_replicas": 2}),
-     [f"{_DENOISER_OVERRIDE}.autoscaling_config: Value error, max_replicas (2) must be greater than or equal "
+     [f"{_FIRST_OVERRIDE}.autoscaling_config: Value error, max_replicas (2) must be greater than or equal "
       "to min_replicas (3)"]),
     (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 0}),
-     [f"{_DENOISER_OVERRIDE}.autoscaling_config.max_replicas: Input should be greater than 0"]),
+     [f"{_FIRST_OVERRIDE}.autoscaling_config.max_replicas: Input should be greater than 0"]),
     (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 2, "initial_replicas": 5}),
      ["must be greater than or equal to initial_replicas (5)"]),
     (_override(name="Denoiser", max_ongoing_requests=1,
                autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 3}),
-     [f"{_DENOISER_OVERRIDE}.autoscaling_config.target_ongoing_requests: 3.0 is above max_ongoing_requests"]),
+     [f"{_FIRST_OVERRIDE}.autoscaling_config.target_ongoing_requests: 3.0 is above max_ongoing_requests"]),
     (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 2, "max_replica": 3}),
-     [f"{_DENOISER_OVERRIDE}.autoscaling_config.max_replica: unknown field (did you mean 'max_replicas'?)"]),
+     [f"{_FIRST_OVERRIDE}.autoscaling_config.max_replica: unknown field (did you mean 'max_replicas'?)"]),
+    (_override(name="Denoiser", autoscaling_config={"min_replicas": 0, "max_replicas": 12,
+                                                    "target_ongoing_requests": 1}),
+     [f"{_FIRST_OVERRIDE}.autoscaling_config.max_replicas: 12 is above the 8 replicas that args.denoiser "
+      "allows, which the app plans with; raise it there"]),
+    (_override(name="Postprocessor", autoscaling_config={"min_replicas": 1, "max_replicas": 5}),
+     [f"{_FIRST_OVERRIDE}.autoscaling_config.max_replicas: 5 is above the 4 replicas that args.postprocessor "
+      "allows"]),
     (_serve(lambda c: c.__setitem__("http_option", {})),
      ["spec.serveConfigV2.http_option: unknown field (did you mean 'http_options'?)"]),
     (_serve(lambda c: c["http_options"].__setitem__("host", "127.0.0.1")),
@@ -521,6 +528,15 @@ def test_corrupted_rayservice_fails_with_the_field_named(report: TreeReport, sch
     problems = "\n".join(check_manifest(doc, schemas))
     for text in expected:
         assert text in problems, problems
+
+
+def test_a_deployments_entry_that_scales_within_the_ceilings_in_args_passes(report: TreeReport,
+                                                                            schemas: CrdSchemas) -> None:
+    """The in-place rescale k8s/README.md shows (Scale): Denoiser bounds moved below ``args``' ceiling."""
+    doc = rayservice(report, "k8s/base")
+    _override(name="Denoiser", max_ongoing_requests=64,
+              autoscaling_config={"min_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 1})(doc)
+    assert check_manifest(doc, schemas) == []
 
 
 # ---------------------------------------------------------------------------------- PodDisruptionBudgets

@@ -294,6 +294,32 @@ def test_a_deployments_health_check_period_reaches_serve_and_defaults_to_serves(
         AppArgs.model_validate({"denoiser": {"health_check_period_s": 0}})
 
 
+def test_a_deployments_entry_there_from_the_first_deploy_rescales_in_place_and_args_restart_every_replica():
+    """What k8s/README.md (Scale) tells operators, against the installed Ray: a config deploy replaces every
+    replica when the application's code version changes, and that version hashes the ``args`` and the list of the
+    ``deployments:`` entries' autoscaling policies, not their bounds. So moving the bounds of an entry that was
+    already there keeps every replica (Serve scales in place); adding the first such entry, or changing any
+    ``args``, restarts them all (a live cluster showed the same: every pid kept, or every pid new)."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    def version(app: dict) -> str:
+        return get_app_code_version(ServeApplicationSchema.model_validate(app))
+
+    shipped = CONFIGS["serve_config.yaml"]["applications"][0]
+    entry = {"name": "Denoiser", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
+                                                        "target_ongoing_requests": 1}}
+    with_entry = copy.deepcopy(shipped) | {"deployments": [entry]}
+    rescaled = copy.deepcopy(with_entry)
+    rescaled["deployments"][0]["autoscaling_config"].update(min_replicas=2, max_replicas=2)
+    other_args = copy.deepcopy(with_entry)
+    other_args["args"]["retention"]["sweep_interval_s"] += 1
+
+    assert version(rescaled) == version(with_entry)
+    assert version(with_entry) != version(shipped)
+    assert version(other_args) != version(with_entry)
+
+
 @pytest.mark.parametrize("where", sorted(CONFIGS))
 def test_postprocessors_take_one_segment_each_and_autoscale_on_them(where):
     """Every shipped config routes Postprocessor calls through the segment router (one segment per replica at a

@@ -14,8 +14,9 @@
    field is an error. CEL rules (``x-kubernetes-validations``) are not evaluated.
 3. **Serve config** embedded in ``serveConfigV2``: unknown keys (Ray's schema allows them silently), Ray's
    ``ServeDeploySchema``, the builder's typed args (``AppArgs``), the deployment names of a ``deployments:``
-   list against the bound application, and every effective ``autoscaling_config`` (Ray accepts e.g.
-   ``max_replicas: 0`` or a target above ``max_ongoing_requests`` there).
+   list against the bound application, every effective ``autoscaling_config`` (Ray accepts e.g.
+   ``max_replicas: 0`` or a target above ``max_ongoing_requests`` there), and no entry scaling the Denoiser or
+   the Postprocessor beyond the ceiling in ``args`` that the app plans with.
 4. **Cluster fit**: each Serve replica fits some worker pod (CPU, GPU, Ray memory), the GPUs of all replicas
    at their maxima fit the GPU groups' ``maxReplicas``, worker-group replica bounds are ordered, and
    ``rayVersion`` matches the installed Ray.
@@ -548,7 +549,7 @@ def _check_application(app: dict[str, Any], path: tuple[Any, ...], result: Serve
             continue
         j, override = overrides.get(name, (None, {}))
         where = (*path, "deployments", j) if j is not None else (*path, f"<{name} as built from args>")
-        _check_deployment(name, dep, override, where, result)
+        _check_deployment(name, dep, override, where, result, _ceiling_in_args(args, name))
 
 
 def app_deployments(application: Any) -> dict[str, Any]:
@@ -585,9 +586,23 @@ def deployment_names_in_source(package_dir: Path = REPO_ROOT / "deployments") ->
     return {m for f in package_dir.rglob("*.py") for m in pattern.findall(f.read_text())}
 
 
+# Deployments whose replica ceiling the app plans with from its args: the Orchestrator frees a job's state on
+# ``denoiser.max_replicas`` rank slots and cuts a long video into at most ``postprocessor.max_replicas`` segments
+# (deployments/orchestrator/deployment.py). A ``deployments:`` entry that scales beyond it leaves the extra
+# Denoisers holding finished jobs' conditioning until their LRU drops it, and the extra Postprocessors idle.
+CEILINGS_PLANNED_FROM_ARGS = {"Denoiser": "denoiser", "Postprocessor": "postprocessor"}
+
+
+def _ceiling_in_args(args: Any, name: str) -> int | None:
+    field = CEILINGS_PLANNED_FROM_ARGS.get(name)
+    options = getattr(args, field, None) if field else None
+    return getattr(options, "max_replicas", None)
+
+
 def _check_deployment(name: str, dep: Any, override: dict[str, Any], path: tuple[Any, ...],
-                      result: ServeConfigResult) -> None:
-    """Checks of the effective options: the builder's, with the config's ``deployments:`` entry on top."""
+                      result: ServeConfigResult, ceiling: int | None = None) -> None:
+    """Checks of the effective options: the builder's, with the config's ``deployments:`` entry on top;
+    ``ceiling``: the most replicas the app plans for (:data:`CEILINGS_PLANNED_FROM_ARGS`)."""
     config = dep._deployment_config
     max_ongoing = override.get("max_ongoing_requests", dep.max_ongoing_requests)
     autoscaling: Any = override.get("autoscaling_config", config.autoscaling_config)
@@ -603,6 +618,11 @@ def _check_deployment(name: str, dep: Any, override: dict[str, Any], path: tuple
             result.problems.append(f"{_path_str((*path, 'num_replicas'))}: a number cannot be combined with "
                                    "autoscaling_config (use \"auto\" or leave it out)")
         max_replicas = _check_autoscaling(autoscaling, max_ongoing, where, result.problems)
+    if ceiling is not None and max_replicas > ceiling and override:
+        field = "autoscaling_config.max_replicas" if autoscaling is not None else "num_replicas"
+        result.problems.append(
+            f"{_path_str((*path, *field.split('.')))}: {max_replicas} is above the {ceiling} replicas that "
+            f"args.{CEILINGS_PLANNED_FROM_ARGS[name]} allows, which the app plans with; raise it there")
     result.demands.append(ReplicaDemand(name, float(actor.get("num_cpus", 1) or 0),
                                         float(actor.get("num_gpus", 0) or 0),
                                         float(actor.get("memory", 0) or 0), max_replicas))
