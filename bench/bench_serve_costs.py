@@ -1,5 +1,6 @@
 """What the Serve tests' units of work cost in CPU on this machine: a replica's start, a deployment, a redeploy
-that replaces every replica, an idle application, a status read and a tiny job, on a cluster of the test suite's shape (``testing.ray_serve``).
+that replaces every replica, an idle application, a status read and a tiny job, on a cluster of the test suite's
+shape (``testing.ray_serve``).
 
 The suite is CPU-bound on a 2-core box, so its wall time is the sum of these costs over what it does; this
 measures them one at a time, with nothing else running, to tell which lever is worth pulling.

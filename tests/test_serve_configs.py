@@ -299,7 +299,7 @@ def test_a_deployments_entry_there_from_the_first_deploy_rescales_in_place_and_a
     replica when the application's code version changes, and that version hashes the ``args`` and the list of the
     ``deployments:`` entries' autoscaling policies, not their bounds. So moving the bounds of an entry that was
     already there keeps every replica (Serve scales in place); adding the first such entry, or changing any
-    ``args``, restarts them all (a live cluster showed the same: every pid kept, or every pid new)."""
+    ``args``, restarts them all."""
     from ray.serve._private.deploy_utils import get_app_code_version
     from ray.serve.schema import ServeApplicationSchema
 
