@@ -105,6 +105,9 @@ def test_priority_hint_and_start_timeout_take_effect(server, tls, media):
     late = line["late_result"]
     assert late["raised"] == "FalClientHTTPError" and late["status_code"] == 504, late
     assert late["timeout_type"] == "user" and late["error_type"] == "request_timeout", late
+    # The blocker is cancelled while it runs, or it had just finished: nothing else is an answer to that cancel.
+    cancel = line["blocker_cancel"]
+    assert cancel["raised"] is None or (cancel["status_code"] == 400 and "ALREADY_COMPLETED" in cancel["message"]), cancel
     assert line["normal_has_video"]
 
 
