@@ -90,22 +90,13 @@ def process_cpu() -> dict[int, tuple[str, float]]:
     return found
 
 
-def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds spent between the two samples by the processes in both (one that started or ended in between,
-    a replica of an earlier deployment still stopping, would count its whole life or nothing)."""
+def cpu_by_kind(before: dict, after: dict, with_new: bool = False) -> dict[str, float]:
+    """CPU seconds spent between the two samples by the processes in both; ``with_new``: also those that started in
+    between, counted whole. A process that ended in between is missed (a replaced replica's last seconds)."""
     spent: dict[str, float] = {}
     for pid, (kind, cpu) in after.items():
-        if pid in before:
-            spent[kind] = spent.get(kind, 0.0) + cpu - before[pid][1]
-    return {kind: round(cpu, 2) for kind, cpu in sorted(spent.items(), key=lambda item: -item[1])}
-
-
-def cpu_since(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds spent between the two samples by the processes alive at the second, one that started in between
-    counted whole (a replica that stopped in between is missed: the last of its stopping)."""
-    spent: dict[str, float] = {}
-    for pid, (kind, cpu) in after.items():
-        spent[kind] = spent.get(kind, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
+        if pid in before or with_new:
+            spent[kind] = spent.get(kind, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
     return {kind: round(cpu, 2) for kind, cpu in sorted(spent.items(), key=lambda item: -item[1])}
 
 
@@ -156,7 +147,7 @@ def redeploys(cluster: RayServeCluster, root: Path) -> dict:
         cluster.deploy(tiny_config(root / "redeploys", cluster, running=10 + i))
         wall = time.monotonic() - started
         time.sleep(REDEPLOY_SETTLE_S)
-        spent = cpu_since(before, process_cpu())
+        spent = cpu_by_kind(before, process_cpu(), with_new=True)
         runs.append({"wall_s": round(wall, 1), "cpu_s": round(sum(spent.values()), 1), "cpu_s_by_kind": spent})
     return {"redeploys": DEPLOYS, "runs": runs}
 
