@@ -1,6 +1,6 @@
 """Drives the official ``fal-client`` (PyPI, pinned in the ``dev`` extra) against a self-hosted stable-avatar-serve.
 
-    python tests/fal_python_client_check.py SCENARIO [SCENARIO...] --image PNG --audio WAV
+    python tests/fal_python_client_check.py SCENARIO [SCENARIO...] --image PNG --audio WAV --long-audio WAV
         [--queue-base URL] [--rest-base URL] [--steps N]
 
 It runs in its own process because fal_client reads ``FAL_RUN_HOST``/``FAL_QUEUE_RUN_HOST`` once, at import:
@@ -35,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("scenarios", nargs="+")
     parser.add_argument("--image", required=True)
     parser.add_argument("--audio", required=True)
+    parser.add_argument("--long-audio", required=True, help="speech for a job that must outlast a start timeout")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--queue-base", help="patch QUEUE_URL_FORMAT; RUN_URL_FORMAT becomes BASE/run/")
     parser.add_argument("--rest-base", help="patch REST_URL and CDN_URL (before the first upload)")
@@ -48,6 +49,7 @@ class Checks:
         self.args = args
         self.image_uri = fal_client.encode_file(args.image)
         self.audio_uri = fal_client.encode_file(args.audio)
+        self.long_audio_uri = fal_client.encode_file(args.long_audio)
 
     def input(self, **overrides: Any) -> dict[str, Any]:
         return {"image_url": self.image_uri, "audio_url": self.audio_uri, "prompt": "a person talking",
@@ -150,7 +152,7 @@ class Checks:
         """submit(hint=, start_timeout=, priority=) on a one-job server: while a long job runs, a job whose
         start_timeout (5 s) passes in the queue fails with fal's user timeout, and a low-priority job yields to a
         later normal one (the client sends X-Fal-Runner-Hint, X-Fal-Request-Timeout "5.0", X-Fal-Queue-Priority)."""
-        blocker = fal_client.submit(APP, arguments=self.input(num_inference_steps=100))
+        blocker = fal_client.submit(APP, arguments=self.input(audio_url=self.long_audio_uri, num_inference_steps=100))
         deadline = time.monotonic() + 120
         while not isinstance(blocker.status(), fal_client.InProgress):
             if time.monotonic() > deadline:

@@ -44,10 +44,12 @@ def deploy_service(cluster: RayServeCluster, storage_root: Path, scheme: str = "
 
 
 def make_media(folder: Path) -> dict[str, Path]:
-    """A portrait and one second of speech: each job takes a few seconds on CPU."""
+    """A portrait and one second of speech (each job takes a few seconds on CPU), and eight seconds of speech for
+    a job that must outlast another one's start timeout however loaded the machine is (it is cancelled then)."""
     image = folder / "portrait.png"
     shutil.copyfile(EXAMPLE_IMAGE, image)
-    return {"image": image, "audio": synthetic_speech(folder / "speech.wav", 1.0)}
+    return {"image": image, "audio": synthetic_speech(folder / "speech.wav", 1.0),
+            "long_audio": synthetic_speech(folder / "long_speech.wav", 8.0)}
 
 
 def parse_lines(stdout: str) -> dict[str, dict[str, Any]]:
@@ -69,7 +71,7 @@ def run_script(command: list[str], scenario: str, env: dict[str, str] | None = N
 
 def run_python_client(scenario: str, media: dict[str, Path], env: dict[str, str], *extra: str) -> dict[str, Any]:
     command = [sys.executable, str(PY_CHECK), scenario, "--image", str(media["image"]),
-               "--audio", str(media["audio"]), *extra]
+               "--audio", str(media["audio"]), "--long-audio", str(media["long_audio"]), *extra]
     return run_script(command, scenario, {"FAL_KEY": "anything", **env})
 
 

@@ -218,11 +218,23 @@ def test_a_header_lying_short_is_measured_by_decoding(media):
     assert "too long" in str(err) and err.status_code == 422
 
 
-def test_no_temporary_files_are_left_behind(media):
-    def ours() -> set[str]:
-        return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith((PROBE_PREFIX, "sa-audio-"))}
-    before = ours()
+def test_no_temporary_files_are_left_behind(media, tmp_path, monkeypatch):
+    """Validation writes each upload to a temporary file for ffmpeg and removes it, refused or not. The test
+    gives this process a temporary folder of its own, so files other processes make in /tmp meanwhile (the
+    service's replicas, other test workers) cannot be mistaken for ours."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made: list[str] = []
+    real = tempfile.NamedTemporaryFile
+
+    def recording(*args, **kwargs):
+        handle = real(*args, **kwargs)
+        made.append(handle.name)
+        return handle
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", recording)
     for name in ("short_wav", "two_hours_mp3", "corrupt_mp3", "video_no_audio", "good_mp3"):
         with contextlib.suppress(ValueError):
             validate_audio(media[name], LIMITS)
-    assert ours() <= before
+    assert len(made) == 5 and all(Path(n).name.startswith(PROBE_PREFIX) and Path(n).parent == tmp_path
+                                  for n in made), made
+    assert os.listdir(tmp_path) == []
