@@ -126,17 +126,20 @@ class Checks:
         }
 
     def cancel(self) -> dict[str, Any]:
-        """Three jobs on a one-job server: cancel the queued middle one, then a finished one (400). Positions are
-        read once the first job runs, so a runner claiming it between two reads cannot shift them."""
-        first, middle, last = (fal_client.submit(APP, arguments=self.input(seed=i)) for i in range(3))
+        """Three jobs on a one-job server: cancel the queued middle one, then the running first one, then a finished
+        one (400). The first job speaks the long audio at 100 steps, so it still runs while the others' positions
+        are read however loaded the machine is; it is cancelled once they are."""
+        first = fal_client.submit(APP, arguments=self.input(audio_url=self.long_audio_uri, num_inference_steps=100))
+        middle, last = (fal_client.submit(APP, arguments=self.input(seed=i)) for i in range(1, 3))
         first_running = self.wait_left_queue(first)
         before, last_before = middle.status(), last.status()
         middle.cancel()  # raises on a non-2xx answer
         after, last_after = middle.status(with_logs=True), last.status()
         cancelled_result = self.http_error(middle.get)
-        self.wait(first)
-        cancel_completed = self.http_error(first.cancel)
+        first.cancel()  # running: accepted
+        first_final = self.wait(first)
         self.wait(last)
+        cancel_completed = self.http_error(last.cancel)
         return {
             "first_running": type(first_running).__name__, "middle_before": type(before).__name__, "middle_position": getattr(before, "position", None),
             "last_position_before": getattr(last_before, "position", None),
@@ -144,21 +147,22 @@ class Checks:
                              "error_type": getattr(after, "error_type", None)},
             "last_position_after": getattr(last_after, "position", None),
             "cancelled_result": cancelled_result, "cancel_completed": cancel_completed,
+            "first_final_error_type": getattr(first_final, "error_type", None),
             "cancel_unknown": self.http_error(lambda: fal_client.cancel(APP, "no-such-request")),
             "last_result_has_video": "video" in last.get(),
         }
 
     def priority(self) -> dict[str, Any]:
         """submit(hint=, start_timeout=, priority=) on a one-job server: while a long job runs, a job whose
-        start_timeout (5 s) passes in the queue fails with fal's user timeout, and a low-priority job yields to a
-        later normal one (the client sends X-Fal-Runner-Hint, X-Fal-Request-Timeout "5.0", X-Fal-Queue-Priority)."""
+        start_timeout (10 s) passes in the queue fails with fal's user timeout, and a low-priority job yields to a
+        later normal one (the client sends X-Fal-Runner-Hint, X-Fal-Request-Timeout "10.0", X-Fal-Queue-Priority)."""
         blocker = fal_client.submit(APP, arguments=self.input(audio_url=self.long_audio_uri, num_inference_steps=100))
         deadline = time.monotonic() + 120
         while not isinstance(blocker.status(), fal_client.InProgress):
             if time.monotonic() > deadline:
                 raise TimeoutError("the blocking job never started")
             time.sleep(0.1)
-        late = fal_client.submit(APP, arguments=self.input(seed=3), start_timeout=5)
+        late = fal_client.submit(APP, arguments=self.input(seed=3), start_timeout=10)
         low = fal_client.submit(APP, arguments=self.input(seed=1), priority="low", start_timeout=60)
         normal = fal_client.submit(APP, arguments=self.input(seed=2), priority="normal", hint="any-runner")
         positions = {name: getattr(handle.status(), "position", None)

@@ -44,12 +44,13 @@ def deploy_service(cluster: RayServeCluster, storage_root: Path, scheme: str = "
 
 
 def make_media(folder: Path) -> dict[str, Path]:
-    """A portrait and one second of speech (each job takes a few seconds on CPU), and eight seconds of speech for
-    a job that must outlast another one's start timeout however loaded the machine is (it is cancelled then)."""
+    """A portrait and one second of speech (each job takes a few seconds on CPU), and twenty seconds of speech for
+    a job that must outlast what another scenario does meanwhile however loaded the machine is (it is cancelled
+    then)."""
     image = folder / "portrait.png"
     shutil.copyfile(EXAMPLE_IMAGE, image)
     return {"image": image, "audio": synthetic_speech(folder / "speech.wav", 1.0),
-            "long_audio": synthetic_speech(folder / "long_speech.wav", 8.0)}
+            "long_audio": synthetic_speech(folder / "long_speech.wav", 20.0)}
 
 
 def parse_lines(stdout: str) -> dict[str, dict[str, Any]]:
@@ -166,7 +167,7 @@ def node() -> str:
 
 def run_js(node: str, base: str, scenario: str, media: dict[str, Path]) -> dict[str, Any]:
     return run_script([node, str(JS_CHECK), base, scenario, "--image", str(media["image"]),
-                       "--audio", str(media["audio"])], scenario)
+                       "--audio", str(media["audio"]), "--long-audio", str(media["long_audio"])], scenario)
 
 
 def test_js_subscribe_polling(server, node, media, tmp_path):
@@ -214,6 +215,8 @@ def test_js_cancel_of_a_queued_request(server, node, media):
     assert line["last_after"] == {"status": "IN_QUEUE", "queue_position": 0}, line
     rejected = line["cancelled_result"]
     assert rejected["rejected"] and rejected["api_error"] and rejected["status"] == 499, rejected
+    assert line["cancel_running"] == {"rejected": False}, line
+    assert line["first_final"] == {"status": "COMPLETED", "error_type": "client_cancelled"}, line
     completed = line["cancel_completed"]
     assert completed["status"] == 400 and completed["body"] == {"status": "ALREADY_COMPLETED"}, completed
     assert line["last_result_has_video"]

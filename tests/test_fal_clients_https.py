@@ -90,6 +90,7 @@ def test_cancel_queued_and_completed(server, tls, media):
     assert line["last_position_after"] == 0, line
     cancelled = line["cancelled_result"]
     assert cancelled["status_code"] == 499 and cancelled["error_type"] == "client_cancelled", cancelled
+    assert line["first_final_error_type"] == "client_cancelled", line  # the running job, cancelled
     completed = line["cancel_completed"]
     assert completed["raised"] == "FalClientHTTPError" and completed["status_code"] == 400, completed
     assert line["cancel_unknown"]["status_code"] == 404
@@ -99,8 +100,8 @@ def test_cancel_queued_and_completed(server, tls, media):
 def test_priority_hint_and_start_timeout_take_effect(server, tls, media):
     line = python_https("priority", media, server, tls)
     assert line["positions"] == {"late": 0, "normal": 1, "low": 2}, line["positions"]
-    # The job that could not start within its 5 s failed with fal's timeout while the blocker (8 s of speech at
-    # 100 steps: far longer than 5 s on CPU, and cancelled below) still ran.
+    # The job that could not start within its 10 s failed with fal's timeout while the blocker (20 s of speech at
+    # 100 steps: far longer than 10 s on CPU, and cancelled below) still ran.
     assert line["blocker_while_late_failed"] == "InProgress", line
     assert line["late_status"]["error_type"] == "request_timeout", line["late_status"]
     late = line["late_result"]

@@ -280,7 +280,8 @@ async def test_the_status_stream_sends_only_new_log_lines_and_closes_at_complete
     async with make_gateway() as gw:
         rid = await submit(gw)
         stream = asyncio.create_task(gw.client.get(f"/{APP}/requests/{rid}/status/stream?logs=1", headers=A))
-        await asyncio.sleep(0.4)
+        await wait_for(lambda: gw.service.streams.open.get(fingerprint(KEY_A)) == 1)  # the stream is open
+        await asyncio.sleep(0.4)  # and has read the queued status (its first read follows at once)
         claimed = await gw.service.store.claim("runner", 30)
         assert claimed is not None
         for step in (1, 2):
@@ -531,13 +532,13 @@ async def test_status_streams_per_key_are_capped_and_every_ending_gives_the_slot
         rid = await submit(gw, A)
         url = f"/{APP}/requests/{rid}/status/stream"
         held = [asyncio.create_task(gw.client.get(url, headers=A)) for _ in range(2)]
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: gw.service.streams.open.get(fingerprint(KEY_A)) == 2)
         refused = await gw.client.get(url, headers=A)
         assert "open status streams" in assert_fal_error(refused, 429, "too_many_streams")["detail"]
         assert gw.service.streams.open == {fingerprint(KEY_A): 2}
         other = await submit(gw, B)
         b_stream = asyncio.create_task(gw.client.get(f"/{APP}/requests/{other}/status/stream", headers=B))
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: fingerprint(KEY_B) in gw.service.streams.open)
         assert gw.service.streams.open[fingerprint(KEY_B)] == 1  # B's streams are counted apart
         claimed = await gw.service.store.claim("runner", 30)
         assert claimed is not None and claimed.request_id == rid

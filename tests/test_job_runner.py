@@ -321,7 +321,9 @@ def test_a_cancel_request_reaches_a_sync_job_as_jobcancelled(env):
         await store.cancel(claimed.request_id)
         with pytest.raises(JobCancelled):
             await caller
-        assert time.monotonic() - started < 1.0  # seen at the next step report (or heartbeat)
+        # Seen at the next step report (or heartbeat): well before the 10 s the job would take, with room for a
+        # loaded machine.
+        assert time.monotonic() - started < 5.0
         assert store.sync.get(claimed.request_id).error.error_type == "client_cancelled"
         with pytest.raises(FencedError):  # the run is over: nothing more can be written under its epoch
             await store.heartbeat(claimed.request_id, claimed.epoch, 1.0)

@@ -57,19 +57,20 @@ def test_concurrent_retries_from_two_applications_create_one_job(env: Env):
 
 
 def test_an_idempotency_key_answers_for_its_window_only_and_goes_with_its_job(env: Env):
-    store = env.open(idempotency_ttl_s=0.3)
+    window_s = 1.0  # long enough for the few calls that must land inside it on a loaded database
+    store = env.open(idempotency_ttl_s=window_s)
     first = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", idempotency_key="k", body_hash=BODY,
                          rate_limited=False)
     leftover = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", idempotency_key="old", body_hash=BODY,
                             rate_limited=False)
-    time.sleep(0.4)
+    time.sleep(window_s + 0.1)
     second = store.submit(app_id="a", input=INPUT, seed=1, owner="k1", idempotency_key="k", body_hash=OTHER_BODY,
                           rate_limited=False)  # the window closed: the key starts a new job, with any body
     assert second.request_id != first.request_id and not second.replayed
     assert sql(store, "SELECT count(*) AS n FROM idempotency_keys")[0]["n"] == 1  # expired ones were pruned
     assert leftover.request_id not in {r["request_id"] for r in sql(store, "SELECT request_id FROM idempotency_keys")}
     assert store.prune_idempotency_keys() == 0
-    time.sleep(0.4)
+    time.sleep(window_s + 0.1)
     assert store.prune_idempotency_keys() == 1 and sql(store, "SELECT count(*) AS n FROM idempotency_keys")[0]["n"] == 0
 
     store = env.open(idempotency_ttl_s=3600)
@@ -116,7 +117,8 @@ def test_the_new_store_errors_survive_pickling_with_their_fields():
 
 # -- upload quota -------------------------------------------------------------------------------------------------
 def test_the_upload_quota_holds_across_gateways_and_counts_what_storage_keeps(env: Env):
-    stores = [env.open(upload_quota_bytes=1000, upload_ttl_s=0.6, max_uploads_per_owner=4) for _ in range(2)]
+    ttl_s = 2.0  # long enough for the calls below to land inside it on a loaded database
+    stores = [env.open(upload_quota_bytes=1000, upload_ttl_s=ttl_s, max_uploads_per_owner=4) for _ in range(2)]
     answers = together(8, lambda i: stores[i % 2].reserve_upload("k1", f"uploads/k1/u{i}/face.png", 300))
     assert sorted(a for a in answers if isinstance(a, int)) == [300, 300, 300]  # exact across two Gateways
     refused = [a for a in answers if isinstance(a, UploadQuotaError)]
@@ -132,24 +134,25 @@ def test_the_upload_quota_holds_across_gateways_and_counts_what_storage_keeps(en
     with pytest.raises(UploadQuotaError):
         store.reserve_upload("k1", "uploads/k1/one-more/b.wav", 1, fit=True)
     assert store.reserve_upload("k2", "uploads/k2/u/face.png", 1000) == 1000  # each key has its own quota
-    time.sleep(0.7)  # retention deleted those uploads by now: their bytes no longer count
+    time.sleep(ttl_s + 0.1)  # retention deleted those uploads by now: their bytes no longer count
     assert store.upload_usage("k1").bytes == 0
     assert store.reserve_upload("k1", "uploads/k1/later/face.png", 1000) == 1000
     assert sql(store, "SELECT count(*) AS n FROM upload_usage")[0]["n"] == 1  # the reservation pruned the rest
-    time.sleep(0.7)
+    time.sleep(ttl_s + 0.1)
     assert store.prune_upload_usage() == 1
     with pytest.raises(ValueError, match="size_bytes"):
         store.reserve_upload("k1", "uploads/k1/x", -1)
 
 
 def test_an_unsettled_reservation_frees_itself_and_the_upload_count_is_capped(env: Env):
-    store = env.open(upload_quota_bytes=1000, upload_ttl_s=60, upload_hold_s=0.3, max_uploads_per_owner=2)
+    hold_s = 1.0  # long enough for the call that must land inside it on a loaded database
+    store = env.open(upload_quota_bytes=1000, upload_ttl_s=60, upload_hold_s=hold_s, max_uploads_per_owner=2)
     store.reserve_upload("k1", "uploads/k1/a/x.png", 900)  # its Gateway dies before settling it
     with pytest.raises(UploadQuotaError, match="quota of 1000 bytes"):
         store.reserve_upload("k1", "uploads/k1/b/x.png", 200)
-    time.sleep(0.4)
+    time.sleep(hold_s + 0.1)
     assert store.reserve_upload("k1", "uploads/k1/b/x.png", 200) == 200  # the dead reservation no longer counts
-    time.sleep(0.4)  # settled after its hold ran out (a slow upload): it counts again, for the upload TTL
+    time.sleep(hold_s + 0.1)  # settled after its hold ran out (a slow upload): it counts again, for the upload TTL
     store.settle_upload("k1", "uploads/k1/b/x.png", 150)
     store.reserve_upload("k1", "uploads/k1/c/x.png", 10)
     assert store.upload_usage("k1") == UploadUsage(bytes=160, uploads=2)

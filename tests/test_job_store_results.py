@@ -23,17 +23,20 @@ def checkpoint_column(store: SyncJobStore, job_id: str) -> tuple[str | None, int
 def test_a_checkpoint_is_refused_once_the_job_finished_under_the_same_epoch(env: Env):
     """Finishing keeps the epoch: only the job's status tells a finished job from a running one."""
     store = env.open(max_attempts=1)
+    # Leases long enough that the claims below cannot expire the first two on a slow database, short enough
+    # to wait out.
+    lease_s = 1.5
     cancelled = submit(store)
-    job = store.claim("r", 0.2)
+    job = store.claim("r", lease_s)
     store.cancel(cancelled, "k1")
     out_of_attempts = submit(store)
-    lost = store.claim("r", 0.2)
+    lost = store.claim("r", lease_s)
     completed = submit(store)
     done = store.claim("r", 30)
     store.complete(completed, done.epoch, result={"video": "k"}, result_keys=["k"])
-    sync = store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="g", lease_s=0.2, owner="k1",
+    sync = store.create_sync(app_id="a", input=INPUT, seed=1, runner_id="g", lease_s=lease_s, owner="k1",
                              rate_limited=False)
-    time.sleep(0.3)
+    time.sleep(lease_s + 0.1)
     assert store.expire_leases() == 3  # cancelled, dead-lettered and failed, each at the epoch its runner holds
     for job_id, epoch in ((cancelled, job.epoch), (out_of_attempts, lost.epoch), (completed, done.epoch),
                           (sync.request_id, sync.epoch)):

@@ -234,9 +234,12 @@ def test_cancel_queued_and_running_and_completed(service, long_audio):
     code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")
     assert code == 202
     cancelled_at = time.monotonic()
-    done = wait_status(base, running, timeout_s=30)
+    done = wait_status(base, running, timeout_s=60)
     assert done["error_type"] == "client_cancelled"
-    assert time.monotonic() - cancelled_at < 10
+    # Interrupted, not run out: its last step never ran, and the cancel took effect within a few steps' time
+    # (bounded loosely: a loaded machine slows the step in flight, which is not interrupted).
+    assert not any(m.startswith("denoising step 40/40") for m in messages(done)), messages(done)
+    assert time.monotonic() - cancelled_at < 30
     assert http_json("GET", f"{base}/{APP}/requests/{running}")[0] == 499
     code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")
     assert (code, body) == (400, {"status": "ALREADY_COMPLETED"})

@@ -4,6 +4,7 @@ bounded, in order; unit i of a step carries its routing key (its place in the st
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import weakref
 
@@ -105,32 +106,39 @@ def test_release_reaches_every_slot_residue_and_survives_dead_or_silent_replicas
 def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_early_cancels_the_rest():
     finished: list[int] = []
 
-    class SlowHandle:
-        """Window k answers after 20·(delay(k)) ms with its latents + k."""
+    class GatedHandle:
+        """Window k answers its latents + k once the test opens its gate: the order of completion is the test's,
+        whatever the machine's load does to timers."""
 
-        def __init__(self, delay):
-            self.delay, self.step = delay, self
+        def __init__(self):
+            self.step, self.gates = self, collections.defaultdict(asyncio.Event)
 
         def remote(self, request_id, slot, refs, unit):
             work = unit[0]
 
             async def run():
-                await asyncio.sleep(0.02 * self.delay(work.window))
+                await self.gates[work.window].wait()
                 finished.append(work.window)
                 return work.latents + work.window
 
             return run()
 
-    executor = executor_for(SlowHandle(lambda k: 5 - k))
+    order = [4, 3, 2, 1, 0]
+    handle = GatedHandle()
+    executor = executor_for(handle)
 
     async def everything():
         arrived, alive = [], []
-        async with contextlib.aclosing(executor.as_completed(_steps(5))) as results:
+        handle.gates[order[0]].set()
+        # Bounded: an executor that waited for the units in their own order would wait for a gate never opened.
+        async with asyncio.timeout(10), contextlib.aclosing(executor.as_completed(_steps(5))) as results:
             async for position, output in results:
                 arrived.append((position, float(output.flatten()[0])))
                 alive.append(sum(ref() is not None for ref in refs))  # outputs handed on before this one
                 refs.append(weakref.ref(output))
                 del output
+                if len(arrived) < len(order):
+                    handle.gates[order[len(arrived)]].set()
         return arrived, alive
 
     refs: list[weakref.ref] = []
@@ -139,12 +147,16 @@ def test_as_completed_hands_on_each_output_as_it_returns_keeps_none_and_leaving_
     assert alive == [0, 0, 0, 0, 0]  # the executor keeps no output it has handed on
 
     finished.clear()
-    executor = executor_for(SlowHandle(lambda k: k + 1))
+    handle = GatedHandle()
+    executor = executor_for(handle)
 
     async def first_only():
+        handle.gates[0].set()
         async with contextlib.aclosing(executor.as_completed(_steps(4))) as results:
             first = await anext(results)
-        await asyncio.sleep(0.15)  # the other units would have finished by now, had they not been cancelled
+        for gate in range(4):  # a unit that was not cancelled would finish now
+            handle.gates[gate].set()
+        await asyncio.sleep(0.05)
         return first[0]
 
     assert asyncio.run(first_only()) == 0 and finished == [0]

@@ -531,7 +531,11 @@ def test_sweepers_in_many_replicas_take_turns_and_keep_deleting(tmp_path: Path):
         for n in range(12):
             await asyncio.to_thread(storage.put_bytes, f"uploads/k1/{n}/f.png", b"u", "image/png")
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)
+        # Until a sweep has started when every upload was past its TTL (bounded: the sweepers may be slow).
+        all_expired_at = time.monotonic() + retention.uploads_s + 0.1
+        while not any(start >= all_expired_at for start, *_ in list(windows)):
+            assert time.monotonic() < all_expired_at + 30, windows
+            await asyncio.sleep(0.05)
         for sweeper in sweepers:
             await sweeper.loop.stop()
             assert not sweeper.loop.alive and not sweeper.loop.ensure_running()  # stopped for good
@@ -544,7 +548,8 @@ def test_sweepers_in_many_replicas_take_turns_and_keep_deleting(tmp_path: Path):
         assert all(prev[1] <= nxt[0] + 1e-3 for prev, nxt in zip(windows, windows[1:], strict=False)), windows
         remaining = storage.list_keys("uploads/")
         assert sum(w[3] for w in windows) + len(remaining) == 12  # each deleted once, none lost otherwise
-        assert len(remaining) <= 4  # only uploads that were young at the last sweep (the last 1.0 s + a margin)
+        assert remaining == []  # the last sweep found every upload expired
+        assert sum(1 for w in windows if w[3]) >= 2, windows  # and earlier ones deleted while uploads came in
     finally:
         for sync in syncs:
             sync.close()

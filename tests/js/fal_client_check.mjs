@@ -1,6 +1,6 @@
 // Drives the official @fal-ai/client (pinned in package-lock.json) against a self-hosted stable-avatar-serve.
 //
-//   node fal_client_check.mjs BASE_URL SCENARIO [SCENARIO...] --image PNG --audio WAV [--steps N]
+//   node fal_client_check.mjs BASE_URL SCENARIO [SCENARIO...] --image PNG --audio WAV --long-audio WAV [--steps N]
 //
 // BASE_URL may also come from $FAL_BASE_URL. Scenarios: subscribe, streaming, queue, cancel, upload,
 // validation, run. Each prints one JSON line {"scenario", "ok", ...observations} on stdout; the pytest side
@@ -18,16 +18,16 @@ import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
 const APP = "fal-ai/stable-avatar";
 
 function parseArgs(argv) {
-  const opts = { scenarios: [], image: null, audio: null, steps: 2 };
+  const opts = { scenarios: [], image: null, audio: null, long_audio: null, steps: 2 };
   const positional = [];
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i];
-    if (flag === "--image" || flag === "--audio" || flag === "--steps") opts[flag.slice(2)] = argv[++i];
+    if (["--image", "--audio", "--long-audio", "--steps"].includes(flag)) opts[flag.slice(2).replace("-", "_")] = argv[++i];
     else positional.push(flag);
   }
   let base = process.env.FAL_BASE_URL;
   if (positional[0] && /^https?:\/\//.test(positional[0])) base = positional.shift();
-  if (!base) throw new Error("usage: fal_client_check.mjs BASE_URL SCENARIO... --image PNG --audio WAV");
+  if (!base) throw new Error("usage: fal_client_check.mjs BASE_URL SCENARIO... --image PNG --audio WAV --long-audio WAV");
   opts.base = base.replace(/\/$/, "");
   opts.scenarios = positional;
   opts.steps = Number(opts.steps);
@@ -178,11 +178,14 @@ const scenarios = {
     };
   },
 
-  /** Three jobs on a one-job server: cancel the queued middle one; cancelling a finished one is a 400.
-   * Positions are read once the first job runs, so a runner claiming it between two reads cannot shift them. */
+  /** Three jobs on a one-job server: cancel the queued middle one, then the running first one; cancelling a
+   * finished one is a 400. The first job speaks the long audio at 100 steps, so it still runs while the others'
+   * positions are read however loaded the machine is; it is cancelled once they are. */
   async cancel() {
-    const ids = [];
-    for (let i = 0; i < 3; i++) ids.push((await fal.queue.submit(APP, { input: input({ seed: i }) })).request_id);
+    const ids = [(await fal.queue.submit(APP, {
+      input: input({ audio_url: dataUri(opts.long_audio, "audio/wav"), num_inference_steps: 100 }),
+    })).request_id];
+    for (let i = 1; i < 3; i++) ids.push((await fal.queue.submit(APP, { input: input({ seed: i }) })).request_id);
     const [first, middle, last] = ids;
     const firstRunning = await waitLeftQueue(first);
     const before = await fal.queue.status(APP, { requestId: middle, logs: false });
@@ -191,9 +194,10 @@ const scenarios = {
     const after = await fal.queue.status(APP, { requestId: middle, logs: true });
     const lastAfter = await fal.queue.status(APP, { requestId: last, logs: false });
     const cancelledResult = await rejection(fal.queue.result(APP, { requestId: middle }));
-    await waitCompleted(first);
-    const cancelCompleted = await rejection(fal.queue.cancel(APP, { requestId: first }));
+    const cancelRunning = await rejection(fal.queue.cancel(APP, { requestId: first }));
+    const firstFinal = await waitCompleted(first);
     await waitCompleted(last);
+    const cancelCompleted = await rejection(fal.queue.cancel(APP, { requestId: last }));
     const lastResult = await fal.queue.result(APP, { requestId: last });
     return {
       first_running: firstRunning.status,
@@ -203,6 +207,8 @@ const scenarios = {
       middle_after: { status: after.status, error: after.error, error_type: after.error_type },
       last_after: { status: lastAfter.status, queue_position: lastAfter.queue_position },
       cancelled_result: cancelledResult,
+      cancel_running: cancelRunning,
+      first_final: { status: firstFinal.status, error_type: firstFinal.error_type },
       cancel_completed: cancelCompleted,
       last_result_has_video: Boolean(lastResult.data?.video?.url),
     };
