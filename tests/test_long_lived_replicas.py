@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.config import DENOISER_MAX_ONGOING
 from testing.http import http_json
 from testing.media import EXAMPLE_IMAGE, data_uri, synthetic_speech
 from testing.ray_serve import replica_processes
@@ -52,9 +53,14 @@ def run(serve_cluster, tmp_path_factory) -> dict:
         "jobs": {"kind": "sqlite", "path": str(database)},
         "dispatch": {"poll_interval_s": 0.2}, "max_queue_length": 10_000,
         "auth": {"submit_rate_per_minute": 1e6, "submit_burst": 1_000_000, "max_queued_per_key": 1_000_000},
+        # One Denoiser, not the default 1..2 autoscaling: a job's guidance rows in flight at once can scale it up,
+        # and a second replica would take some of the jobs whose memory this one is judged by.
+        "denoiser": {"num_replicas": 1, "max_ongoing_requests": DENOISER_MAX_ONGOING},
     }, name=APP, route_prefix=f"/{APP}", env=HEAP_ENV)
-    pids = {name: found[0] for name, found in replica_processes(APP).items()}
-    assert set(pids) == {"Gateway", "Orchestrator", "Preprocessor", "Denoiser", "Postprocessor"}, pids
+    processes = replica_processes(APP)
+    assert {name: len(found) for name, found in processes.items()} == dict.fromkeys(
+        ("Gateway", "Orchestrator", "Preprocessor", "Denoiser", "Postprocessor"), 1), processes
+    pids = {name: found[0] for name, found in processes.items()}
     for name, pid in pids.items():
         environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert all(f"{key}={value}".encode() in environment for key, value in HEAP_ENV.items()), name
@@ -76,7 +82,7 @@ def run(serve_cluster, tmp_path_factory) -> dict:
             ids.append(answer["request_id"])
             submitted += 1
         time.sleep(SAMPLE_S)
-    assert {name: found[0] for name, found in replica_processes(APP).items()} == pids  # none was restarted
+    assert replica_processes(APP) == {name: [pid] for name, pid in pids.items()}  # none was restarted or added
     if os.environ.get("LONG_LIVED_RESULTS"):
         Path(os.environ["LONG_LIVED_RESULTS"]).write_text(json.dumps(samples) + "\n")
     return {"samples": samples, "ids": ids, "url": url}
