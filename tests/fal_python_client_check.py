@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("scenarios", nargs="+")
     parser.add_argument("--image", required=True)
     parser.add_argument("--audio", required=True)
-    parser.add_argument("--long-audio", required=True, help="speech for a job that must outlast a start timeout")
+    parser.add_argument("--long-audio", required=True, help="speech for a job that must still run while the scenario "
+                        "makes its other calls")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--queue-base", help="patch QUEUE_URL_FORMAT; RUN_URL_FORMAT becomes BASE/run/")
     parser.add_argument("--rest-base", help="patch REST_URL and CDN_URL (before the first upload)")

@@ -62,7 +62,7 @@ const fal = createFalClient({
 });
 
 function file(path) {
-  if (!path) throw new Error("--image and --audio are required");
+  if (!path) throw new Error("--image, --audio and --long-audio are required");
   return readFileSync(path);
 }
 
