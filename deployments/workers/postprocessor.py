@@ -35,7 +35,9 @@ from pipeline.segment_plan import LatentSegment
 # Test hook (never set in production): a JSON file {"segment": i}; the first replica that receives segment i of any
 # job claims the file and exits while decoding it, so a test's kill lands on a replica that holds a segment.
 CRASH_FILE_ENV = "STABLE_AVATAR_TEST_POSTPROCESSOR_CRASH_FILE"
-CRASH_DELAY_S = 2.0  # past the call's acceptance: the Orchestrator's retry is tested, not Serve's re-send
+# Past the call's acceptance, so the Orchestrator's retry is tested, not Serve's re-send of a call whose replica died
+# before the caller's router read the acceptance: a caller busy on a loaded machine has taken over 2 s to read it.
+CRASH_DELAY_S = 5.0
 
 
 @serve.deployment(name="Postprocessor",
