@@ -224,7 +224,8 @@ def test_validation_errors(service):
 
 def test_cancel_queued_and_running_and_completed(service, long_audio):
     base = service["base"]
-    running = submit(base, job_body(long_audio, steps=40))["request_id"]
+    steps = 40
+    running = submit(base, job_body(long_audio, steps=steps))["request_id"]
     queued = submit(base, job_body())["request_id"]
     wait_progress(base, running, 0.02)
     assert status(base, queued)[1]["status"] == "IN_QUEUE"
@@ -238,7 +239,7 @@ def test_cancel_queued_and_running_and_completed(service, long_audio):
     assert done["error_type"] == "client_cancelled"
     # Interrupted, not run out: its last step never ran, and the cancel took effect within a few steps' time
     # (bounded loosely: a loaded machine slows the step in flight, which is not interrupted).
-    assert not any(m.startswith("denoising step 40/40") for m in messages(done)), messages(done)
+    assert not any(m.startswith(f"denoising step {steps}/{steps}") for m in messages(done)), messages(done)
     assert time.monotonic() - cancelled_at < 30
     assert http_json("GET", f"{base}/{APP}/requests/{running}")[0] == 499
     code, body, _ = http_json("PUT", f"{base}/{APP}/requests/{running}/cancel")

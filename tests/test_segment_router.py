@@ -44,8 +44,8 @@ class Caller:
     def __init__(self, segments):
         self.segments = segments
 
-    async def run(self, count: int) -> dict:
-        return {"answers": await asyncio.gather(*(self.segments.finish_segment.remote(i) for i in range(count)))}
+    async def run(self, count: int) -> list[tuple[int, str, float, float, float]]:
+        return await asyncio.gather(*(self.segments.finish_segment.remote(i) for i in range(count)))
 
     async def probe_while_busy(self) -> float:
         """A readiness call made while every replica decodes a segment: answered at once."""
@@ -66,7 +66,7 @@ def caller(serve_cluster):
 
 
 def test_segments_go_one_per_replica_and_the_rest_wait_for_an_idle_one(caller):
-    answers = caller.run.remote(4).result(timeout_s=120)["answers"]
+    answers = caller.run.remote(4).result(timeout_s=120)
     by_replica: dict[str, list[tuple[float, float, float]]] = {}
     for _, replica, arrived, started, ended in answers:
         by_replica.setdefault(replica, []).append((arrived, started, ended))
